@@ -1,0 +1,1 @@
+"""Encrypted file store (placeholder, being written)."""

@@ -1,0 +1,167 @@
+"""The exceptions credkeeper raises, and nothing else escapes its API.
+
+The tree::
+
+    CredkeeperError
+    ├── ConfigurationError (ValueError)      an option, URL or scheme is wrong; the message names it
+    │   └── UnknownSchemeError                no store is registered for a URL scheme
+    ├── CredentialsError (ValueError)         a credential document is malformed; the message names the field
+    ├── DecryptionError                       a sealed value failed to open (wrong key, tampered, moved)
+    ├── StoreError                            a credential store failed
+    │   ├── StoreUnavailable                  the store cannot be reached now; retrying later may work
+    │   ├── ConflictError                     compare-and-swap lost: the stored version moved
+    │   └── StoreCorrupted                    the stored data is not credkeeper's, or is damaged
+    ├── ProviderError                         the token endpoint answered something unusable
+    │   ├── InvalidGrant                      the refresh token was refused (``invalid_grant``)
+    │   └── ProviderUnavailable               429, 5xx or a timeout, after the retries allowed
+    ├── CredentialNotFound (KeyError)         no credential is stored under a key
+    ├── ReauthRequired                        the user must log in again; nothing was deleted
+    └── RefreshTimeout (TimeoutError)         another worker's refresh did not finish in time
+
+No message ever contains a token: messages name keys, fields and HTTP statuses, and provider
+bodies are quoted only after redaction.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "ConflictError",
+    "CredentialNotFound",
+    "CredentialsError",
+    "CredkeeperError",
+    "DecryptionError",
+    "InvalidGrant",
+    "ProviderError",
+    "ProviderUnavailable",
+    "ReauthRequired",
+    "RefreshTimeout",
+    "StoreCorrupted",
+    "StoreError",
+    "StoreUnavailable",
+    "UnknownSchemeError",
+]
+
+
+class CredkeeperError(Exception):
+    """Base of every exception credkeeper raises."""
+
+
+class ConfigurationError(CredkeeperError, ValueError):
+    """An option, URL or scheme is wrong; the message names it and the fix."""
+
+
+class UnknownSchemeError(ConfigurationError):
+    """No store is registered for a URL scheme; the message names the extra to install."""
+
+    def __init__(self, message: str, *, scheme: str) -> None:
+        super().__init__(message)
+        self.scheme = scheme
+
+
+class CredentialsError(CredkeeperError, ValueError):
+    """A credential document is malformed; ``field`` names the offending field."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class DecryptionError(CredkeeperError):
+    """A sealed value could not be opened.
+
+    Deliberately opaque, like ``cryptography.fernet.InvalidToken``: a wrong key, a tampered
+    ciphertext and a value moved to another key or field all look the same to the caller.
+    """
+
+
+class StoreError(CredkeeperError):
+    """A credential store failed; ``key`` names the credential concerned, when there is one."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached now (connection lost, timeout, throttled); retrying may work."""
+
+
+class ConflictError(StoreError):
+    """Compare-and-swap lost: the stored record's version is not the one the write expected."""
+
+
+class StoreCorrupted(StoreError):
+    """The stored data is damaged or belongs to something else; credkeeper will not overwrite it."""
+
+
+class ProviderError(CredkeeperError):
+    """The token endpoint answered something credkeeper cannot use.
+
+    ``status`` is the HTTP status (``None`` when no response came back) and ``excerpt`` a short,
+    redacted piece of the body.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, excerpt: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.excerpt = excerpt
+
+
+class InvalidGrant(ProviderError):
+    """The provider refused the refresh token (``invalid_grant``): it was used already or revoked."""
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider is throttling (429), failing (5xx) or not answering in time.
+
+    ``retry_after`` is the delay in seconds the provider asked for, when it did.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        excerpt: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status=status, excerpt=excerpt)
+        self.retry_after = retry_after
+
+
+class CredentialNotFound(CredkeeperError, KeyError):
+    """No credential is stored under ``key``."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+    def __str__(self) -> str:
+        return f"no credential is stored under key {self.key!r}; store one with put() first"
+
+
+class ReauthRequired(CredkeeperError):
+    """The provider refused the credential under ``key``; the user must log in again.
+
+    The stored record is kept, marked ``needs_reauth``; storing new credentials for the key
+    (``put``) makes it active again.
+    """
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"the credential under key {key!r} was refused by the provider (invalid_grant); "
+            "the user must log in again and the new credentials be stored with put()"
+        )
+        self.key = key
+
+
+class RefreshTimeout(CredkeeperError, TimeoutError):
+    """Another worker held the refresh lease for ``key`` and did not finish before the deadline."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"waited too long for another worker to refresh the credential under key {key!r}; "
+            "raise refresh_timeout or check that worker"
+        )
+        self.key = key

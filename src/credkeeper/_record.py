@@ -1,0 +1,140 @@
+"""``Record``: what a store keeps for one key. Stores know records, never OAuth."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ._credentials import from_epoch_ms, to_epoch_ms
+from ._exceptions import ConfigurationError, StoreCorrupted
+
+__all__ = ["MAX_KEY_LENGTH", "Record", "Status", "check_key"]
+
+MAX_KEY_LENGTH = 255
+
+
+class Status(enum.StrEnum):
+    """Whether a credential can be refreshed, or waits for the user to log in again."""
+
+    ACTIVE = "active"
+    NEEDS_REAUTH = "needs_reauth"
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it can name a credential in every store, else raise ConfigurationError."""
+    if not isinstance(key, str):
+        raise ConfigurationError(f"key must be a str, not {type(key).__name__}")
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise ConfigurationError(f"key must be 1 to {MAX_KEY_LENGTH} characters long")
+    if not key.isprintable() or key != key.strip():
+        raise ConfigurationError(
+            "key must be printable, without control characters or surrounding spaces"
+        )
+    return key
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Record:
+    """One stored credential with its coordination state.
+
+    ``access_token`` and ``refresh_token`` are opaque strings to a store: sealed ciphertexts
+    when the manager has a key ring. ``version`` is the store's compare-and-swap token: ``None``
+    on a record that was never stored; stores set it on every successful ``put``.
+    """
+
+    key: str
+    access_token: str
+    refresh_token: str
+    expires_at: datetime
+    scopes: tuple[str, ...] = ()
+    subscription_type: str | None = None
+    status: Status = Status.ACTIVE
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
+    failures: int = 0
+    cooldown_until: datetime | None = None
+    last_error: str | None = None
+    version: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Record(key={self.key!r}, expires_at={self.expires_at.isoformat()!r}, "
+            f"status={self.status.value!r}, lease_owner={self.lease_owner!r}, "
+            f"failures={self.failures}, version={self.version!r})"
+        )
+
+    def replace(self, **changes: Any) -> Record:
+        """A copy with ``changes`` applied (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_document(self) -> dict[str, Any]:
+        """A JSON-ready mapping of every field but ``key`` and ``version``; times in epoch ms.
+
+        Document stores (file, MongoDB, Secrets Manager) keep this shape.
+        """
+        return {
+            "access_token": self.access_token,
+            "refresh_token": self.refresh_token,
+            "expires_at": to_epoch_ms(self.expires_at),
+            "scopes": list(self.scopes),
+            "subscription_type": self.subscription_type,
+            "status": self.status.value,
+            "lease_owner": self.lease_owner,
+            "lease_until": None if self.lease_until is None else to_epoch_ms(self.lease_until),
+            "failures": self.failures,
+            "cooldown_until": (
+                None if self.cooldown_until is None else to_epoch_ms(self.cooldown_until)
+            ),
+            "last_error": self.last_error,
+        }
+
+    @classmethod
+    def from_document(cls, key: str, document: Mapping[str, Any], *, version: str) -> Record:
+        """The inverse of :meth:`to_document`; a field of the wrong type raises StoreCorrupted."""
+
+        def field(name: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
+            value = document.get(name)
+            if value is None and optional:
+                return None
+            if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+                raise StoreCorrupted(
+                    f"stored record for key {key!r} has a bad {name!r} field; "
+                    "it was not written by credkeeper",
+                    key=key,
+                )
+            return value
+
+        def moment(name: str, *, optional: bool = False) -> datetime | None:
+            value = field(name, int, optional=optional)
+            return None if value is None else from_epoch_ms(value)
+
+        scopes = field("scopes", list)
+        if not all(isinstance(item, str) for item in scopes):
+            raise StoreCorrupted(f"stored record for key {key!r} has a bad 'scopes' field", key=key)
+        try:
+            status = Status(field("status", str))
+        except ValueError:
+            raise StoreCorrupted(
+                f"stored record for key {key!r} has an unknown status", key=key
+            ) from None
+        expires_at = moment("expires_at")
+        assert expires_at is not None  # noqa: S101 - required field, checked above
+        return cls(
+            key=key,
+            access_token=field("access_token", str),
+            refresh_token=field("refresh_token", str),
+            expires_at=expires_at,
+            scopes=tuple(scopes),
+            subscription_type=field("subscription_type", str, optional=True),
+            status=status,
+            lease_owner=field("lease_owner", str, optional=True),
+            lease_until=moment("lease_until", optional=True),
+            failures=field("failures", int),
+            cooldown_until=moment("cooldown_until", optional=True),
+            last_error=field("last_error", str, optional=True),
+            version=version,
+        )

@@ -1,0 +1,42 @@
+"""Redaction of token-shaped text before it is logged or put into an exception."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+__all__ = ["excerpt", "redact"]
+
+_MASK = "[REDACTED]"
+
+# Anthropic tokens (sk-ant-oat01-..., sk-ant-ort01-...), JSON token fields, bearer headers,
+# and form-encoded token parameters: what a provider or wrapper error body is known to echo.
+_PATTERNS = (
+    re.compile(r"sk-ant-[A-Za-z0-9]+-[A-Za-z0-9_\-]+"),
+    re.compile(
+        r"""(?P<k>["']?(?:access_?token|refresh_?token|id_?token|client_?secret|accessToken|refreshToken|auth_token)["']?\s*[:=]\s*["']?)[^"'\s,&}]+""",
+        re.IGNORECASE,
+    ),
+    re.compile(r"(?P<k>[Bb]earer\s+)[A-Za-z0-9._~+/\-]+=*"),
+)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Return ``text`` with every known secret and every token-shaped substring masked."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, _MASK)
+    for pattern in _PATTERNS:
+        text = pattern.sub(
+            lambda m: (m.group("k") if "k" in m.groupdict() else "") + _MASK, text
+        )
+    return text
+
+
+def excerpt(text: str, secrets: Iterable[str] = (), *, limit: int = 200) -> str:
+    """A short, redacted, single-line piece of ``text`` fit for an exception message.
+
+    Redaction runs on the whole text first so that a token cut in half by the limit is still masked.
+    """
+    cleaned = " ".join(redact(text, secrets).split())
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"

@@ -1,0 +1,121 @@
+"""The store interfaces, and the thread-offload wrapper that gives async to sync-only stores."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from ._record import Record
+
+__all__ = ["AsyncCredentialStore", "CredentialStore", "ThreadOffloadStore", "as_async_store"]
+
+
+@runtime_checkable
+class CredentialStore(Protocol):
+    """**Protocol:** a synchronous credential store, one :class:`Record` per key.
+
+    A store knows nothing of OAuth; it keeps records and offers compare-and-swap on their
+    ``version``. Every method raises only credkeeper's ``StoreError`` family: driver exceptions
+    are translated at the store's boundary. Implementations must be safe to share between threads.
+    """
+
+    def get(self, key: str) -> Record | None:
+        """The record stored under ``key``, or ``None``."""
+        ...
+
+    def put(self, record: Record) -> Record:
+        """Store ``record`` if the stored version is still ``record.version``; return it re-versioned.
+
+        ``record.version is None`` means *create*: it fails with ``ConflictError`` when the key
+        exists. Otherwise the write succeeds only if the stored version equals ``record.version``
+        and raises ``ConflictError`` when it moved or the record was deleted.
+        """
+        ...
+
+    def delete(self, key: str) -> bool:
+        """Remove the record under ``key``; whether there was one."""
+        ...
+
+    def scan_due(self, before: datetime) -> Iterator[str]:
+        """Keys whose ``expires_at`` is at or before ``before``, streamed, in no set order."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and handles; the store is unusable afterwards."""
+        ...
+
+
+@runtime_checkable
+class AsyncCredentialStore(Protocol):
+    """**Protocol:** the asynchronous twin of :class:`CredentialStore`, with the same contract."""
+
+    async def get(self, key: str) -> Record | None:
+        """The record stored under ``key``, or ``None``."""
+        ...
+
+    async def put(self, record: Record) -> Record:
+        """Compare-and-swap ``record`` on its ``version``; see :meth:`CredentialStore.put`."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Remove the record under ``key``; whether there was one."""
+        ...
+
+    def scan_due(self, before: datetime) -> AsyncIterator[str]:
+        """Keys whose ``expires_at`` is at or before ``before``, streamed."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and handles."""
+        ...
+
+
+class ThreadOffloadStore:
+    """An :class:`AsyncCredentialStore` running a sync store's calls in worker threads.
+
+    The one way sync-only stores become async: each call goes through ``asyncio.to_thread``,
+    so the event loop never blocks on the store's I/O.
+    """
+
+    def __init__(self, store: CredentialStore) -> None:
+        self.sync_store = store
+
+    def __repr__(self) -> str:
+        return f"ThreadOffloadStore({self.sync_store!r})"
+
+    async def get(self, key: str) -> Record | None:
+        """See :meth:`CredentialStore.get`."""
+        return await asyncio.to_thread(self.sync_store.get, key)
+
+    async def put(self, record: Record) -> Record:
+        """See :meth:`CredentialStore.put`."""
+        return await asyncio.to_thread(self.sync_store.put, record)
+
+    async def delete(self, key: str) -> bool:
+        """See :meth:`CredentialStore.delete`."""
+        return await asyncio.to_thread(self.sync_store.delete, key)
+
+    async def scan_due(self, before: datetime) -> AsyncIterator[str]:
+        """See :meth:`CredentialStore.scan_due`; each key is fetched in a worker thread."""
+        iterator = await asyncio.to_thread(self.sync_store.scan_due, before)
+        done = object()
+        while (key := await asyncio.to_thread(next, iterator, done)) is not done:
+            yield key  # type: ignore[misc]
+
+    async def close(self) -> None:
+        """See :meth:`CredentialStore.close`."""
+        await asyncio.to_thread(self.sync_store.close)
+
+
+def as_async_store(store: CredentialStore | AsyncCredentialStore) -> AsyncCredentialStore:
+    """``store`` itself when it is async, else the same store behind a :class:`ThreadOffloadStore`."""
+    if isinstance(store, AsyncCredentialStore) and _is_async(store):
+        return store
+    return ThreadOffloadStore(store)  # type: ignore[arg-type]
+
+
+def _is_async(store: object) -> bool:
+    # runtime_checkable only checks names, which sync and async stores share.
+    return asyncio.iscoroutinefunction(getattr(store, "get", None))
