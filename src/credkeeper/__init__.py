@@ -21,9 +21,14 @@ from ._exceptions import (
     StoreUnavailable,
     UnknownSchemeError,
 )
+from ._journal import RescueJournal
+from ._keyring import KeyRing
+from ._manager import AsyncTokenManager, TokenManager
 from ._memory import MemoryStore
+from ._provider import Provider
 from ._record import Record, Status
 from ._registry import open_store
+from ._rekey import RekeyReport, rekey
 from ._secret import Secret
 from ._store import AsyncCredentialStore, CredentialStore, ThreadOffloadStore, as_async_store
 
@@ -31,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncCredentialStore",
+    "AsyncTokenManager",
     "Clock",
     "ConfigurationError",
     "ConflictError",
@@ -41,12 +47,16 @@ __all__ = [
     "CredkeeperError",
     "DecryptionError",
     "InvalidGrant",
+    "KeyRing",
     "MemoryStore",
+    "Provider",
     "ProviderError",
     "ProviderUnavailable",
     "ReauthRequired",
     "Record",
     "RefreshTimeout",
+    "RekeyReport",
+    "RescueJournal",
     "Secret",
     "Status",
     "StoreCorrupted",
@@ -54,8 +64,10 @@ __all__ = [
     "StoreUnavailable",
     "SystemClock",
     "ThreadOffloadStore",
+    "TokenManager",
     "UnknownSchemeError",
     "__version__",
     "as_async_store",
     "open_store",
+    "rekey",
 ]

@@ -21,14 +21,21 @@ __all__ = ["Credentials", "from_epoch_ms", "to_epoch_ms"]
 _MS_THRESHOLD = 100_000_000_000
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
+
+
 def to_epoch_ms(moment: datetime) -> int:
-    """Milliseconds since the Unix epoch, the unit every wire format here uses."""
-    return int(moment.timestamp() * 1000)
+    """Milliseconds since the Unix epoch, the unit every wire format here uses.
+
+    Integer arithmetic: ``timestamp() * 1000`` loses a millisecond to float rounding.
+    """
+    return (moment - _EPOCH) // _MILLISECOND
 
 
 def from_epoch_ms(value: int) -> datetime:
     """The aware UTC datetime of an epoch value in milliseconds."""
-    return datetime.fromtimestamp(value / 1000, tz=UTC)
+    return _EPOCH + value * _MILLISECOND
 
 
 def _aware(value: object, field_name: str) -> datetime:
@@ -69,11 +76,17 @@ def _scopes(value: object, field_name: str) -> tuple[str, ...]:
 
 
 def _number(value: object, field_name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise CredentialsError(
             f"{field_name} must be a number, got {type(value).__name__}", field=field_name
         )
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise CredentialsError(f"{field_name} must be a finite number", field=field_name)
+    return number
 
 
 def _epoch(value: object, field_name: str, *, seconds_allowed: bool) -> datetime:
@@ -106,7 +119,7 @@ def _document(data: object, what: str) -> Mapping[str, Any]:
     if isinstance(data, str | bytes | bytearray):
         try:
             data = json.loads(data)
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise CredentialsError(f"{what} is not valid JSON: {exc.__class__.__name__}") from None
     if not isinstance(data, Mapping):
         raise CredentialsError(f"{what} must be a JSON object, got {type(data).__name__}")
@@ -201,8 +214,9 @@ class Credentials:
                 )
             expires_at = now + timedelta(seconds=seconds)
         else:
-            raise CredentialsError(f"{what} has neither 'expires_in' nor 'expires_at'",
-                                   field="expires_in")
+            raise CredentialsError(
+                f"{what} has neither 'expires_in' nor 'expires_at'", field="expires_in"
+            )
         raw_scope = doc.get("scope", doc.get("scopes"))
         scopes = (
             _scopes(raw_scope, "scope")
@@ -233,8 +247,9 @@ class Credentials:
         return cls(
             access_token=_token(_require(doc, "access_token", what), "access_token"),
             refresh_token=_token(_require(doc, "refresh_token", what), "refresh_token"),
-            expires_at=_epoch(_require(doc, "expires_at", what), "expires_at",
-                              seconds_allowed=False),
+            expires_at=_epoch(
+                _require(doc, "expires_at", what), "expires_at", seconds_allowed=False
+            ),
             scopes=_scopes(doc["scopes"], "scopes") if doc.get("scopes") is not None else (),
             subscription_type=_optional_str(doc.get("subscription_type"), "subscription_type"),
         )
@@ -252,8 +267,9 @@ class Credentials:
         return cls(
             access_token=_token(_require(inner, "accessToken", what), "accessToken"),
             refresh_token=_token(_require(inner, "refreshToken", what), "refreshToken"),
-            expires_at=_epoch(_require(inner, "expiresAt", what), "expiresAt",
-                              seconds_allowed=False),
+            expires_at=_epoch(
+                _require(inner, "expiresAt", what), "expiresAt", seconds_allowed=False
+            ),
             scopes=_scopes(inner["scopes"], "scopes") if inner.get("scopes") is not None else (),
             subscription_type=_optional_str(inner.get("subscriptionType"), "subscriptionType"),
         )

@@ -5,10 +5,10 @@ The tree::
     CredkeeperError
     ├── ConfigurationError (ValueError)      an option, URL or scheme is wrong; the message names it
     │   └── UnknownSchemeError                no store is registered for a URL scheme
-    ├── CredentialsError (ValueError)         a credential document is malformed; the message names the field
-    ├── DecryptionError                       a sealed value failed to open (wrong key, tampered, moved)
+    ├── CredentialsError (ValueError)         a credential document is malformed; names the field
+    ├── DecryptionError                       a sealed value failed to open
     ├── StoreError                            a credential store failed
-    │   ├── StoreUnavailable                  the store cannot be reached now; retrying later may work
+    │   ├── StoreUnavailable                  cannot be reached now; retrying may work
     │   ├── ConflictError                     compare-and-swap lost: the stored version moved
     │   └── StoreCorrupted                    the stored data is not credkeeper's, or is damaged
     ├── ProviderError                         the token endpoint answered something unusable
@@ -109,7 +109,7 @@ class ProviderError(CredkeeperError):
 
 
 class InvalidGrant(ProviderError):
-    """The provider refused the refresh token (``invalid_grant``): it was used already or revoked."""
+    """The provider refused the refresh token (``invalid_grant``): used already, or revoked."""
 
 
 class ProviderUnavailable(ProviderError):

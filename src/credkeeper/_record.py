@@ -100,7 +100,7 @@ class Record:
             value = document.get(name)
             if value is None and optional:
                 return None
-            if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
                 raise StoreCorrupted(
                     f"stored record for key {key!r} has a bad {name!r} field; "
                     "it was not written by credkeeper",
@@ -110,7 +110,14 @@ class Record:
 
         def moment(name: str, *, optional: bool = False) -> datetime | None:
             value = field(name, int, optional=optional)
-            return None if value is None else from_epoch_ms(value)
+            if value is None:
+                return None
+            try:
+                return from_epoch_ms(value)
+            except (OverflowError, ValueError, OSError):
+                raise StoreCorrupted(
+                    f"stored record for key {key!r} has an out-of-range {name!r} field", key=key
+                ) from None
 
         scopes = field("scopes", list)
         if not all(isinstance(item, str) for item in scopes):
@@ -122,7 +129,7 @@ class Record:
                 f"stored record for key {key!r} has an unknown status", key=key
             ) from None
         expires_at = moment("expires_at")
-        assert expires_at is not None  # noqa: S101 - required field, checked above
+        assert expires_at is not None
         return cls(
             key=key,
             access_token=field("access_token", str),

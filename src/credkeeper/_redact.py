@@ -23,13 +23,12 @@ _PATTERNS = (
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """Return ``text`` with every known secret and every token-shaped substring masked."""
-    for secret in secrets:
+    # Longest first, so a secret that is a prefix of another cannot leave the other's tail.
+    for secret in sorted(set(secrets), key=len, reverse=True):
         if secret:
             text = text.replace(secret, _MASK)
     for pattern in _PATTERNS:
-        text = pattern.sub(
-            lambda m: (m.group("k") if "k" in m.groupdict() else "") + _MASK, text
-        )
+        text = pattern.sub(lambda m: (m.group("k") if "k" in m.groupdict() else "") + _MASK, text)
     return text
 
 

@@ -26,7 +26,7 @@ class CredentialStore(Protocol):
         ...
 
     def put(self, record: Record) -> Record:
-        """Store ``record`` if the stored version is still ``record.version``; return it re-versioned.
+        """Store ``record`` if the stored version is still ``record.version``; return it stored.
 
         ``record.version is None`` means *create*: it fails with ``ConflictError`` when the key
         exists. Otherwise the write succeeds only if the stored version equals ``record.version``
@@ -110,7 +110,7 @@ class ThreadOffloadStore:
 
 
 def as_async_store(store: CredentialStore | AsyncCredentialStore) -> AsyncCredentialStore:
-    """``store`` itself when it is async, else the same store behind a :class:`ThreadOffloadStore`."""
+    """``store`` itself when it is async, else ``store`` behind a :class:`ThreadOffloadStore`."""
     if isinstance(store, AsyncCredentialStore) and _is_async(store):
         return store
     return ThreadOffloadStore(store)  # type: ignore[arg-type]

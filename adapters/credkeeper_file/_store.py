@@ -1,0 +1,427 @@
+"""``FileStore``: many credentials in one JSON file, safe for threads and processes on one host."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from credkeeper import (
+    ConfigurationError,
+    ConflictError,
+    Record,
+    StoreCorrupted,
+    StoreUnavailable,
+)
+from credkeeper._record import check_key
+
+from ._format import Contents, decode, encode, record_of, version_of
+
+try:
+    import fcntl
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "credkeeper's file store needs POSIX file locks (the fcntl module), which this platform "
+        "does not have; use another store, e.g. sqlite:///path/to/creds.db with credkeeper[sql]"
+    ) from exc
+
+__all__ = ["FileStore"]
+
+_URL_FORM = "file:///absolute/path/to/creds.json (or file://localhost/absolute/path/to/creds.json)"
+_OPTIONS = ("create", "lock_timeout")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+# Lock polling: start short so an uncontended wait costs little, cap it so a waiter notices
+# a released lock within a few hundredths of a second.
+_FIRST_POLL = 0.001
+_MAX_POLL = 0.05
+
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
+
+
+def _describe(exc: OSError) -> str:
+    reason = exc.strerror or type(exc).__name__
+    return f"{reason} ({exc.filename})" if exc.filename else reason
+
+
+def _query_options(url: str, query: str) -> dict[str, Any]:
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise ConfigurationError(
+            f"file store URL {url!r} has a malformed query; use ?create=false&lock_timeout=5"
+        ) from None
+    options: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in options:
+            raise ConfigurationError(f"file store URL {url!r} gives {name!r} twice")
+        if name == "create":
+            if value.lower() not in _TRUE | _FALSE:
+                raise ConfigurationError(
+                    f"file store URL option create must be true or false, got {value!r}"
+                )
+            options[name] = value.lower() in _TRUE
+        elif name == "lock_timeout":
+            try:
+                options[name] = float(value)
+            except ValueError:
+                raise ConfigurationError(
+                    f"file store URL option lock_timeout must be a number of seconds, got {value!r}"
+                ) from None
+        else:
+            options[name] = value
+    return options
+
+
+class FileStore:
+    """A :class:`~credkeeper.CredentialStore` keeping every record in one JSON file.
+
+    The embedded default: no server, safe for many threads and processes on one host.
+    Writes take an exclusive ``flock`` on a sibling ``<path>.lock`` file, re-read the file
+    under it, compare versions, and replace the file atomically (temp file, ``fsync``,
+    ``os.replace``, directory ``fsync``); a crash leaves the old file or the new one, never
+    a mix. Reads take no lock: an atomic replace means they see one whole file or the other.
+
+    Token fields are kept as given; the engine seals them when it has a key ring.
+    The whole file is rewritten on every write, which suits up to a few thousand keys.
+
+    ``create``: a missing file reads as empty and its directory is made (mode 0700) on the
+    first write; with ``create=False`` a missing file raises ``StoreUnavailable``.
+    ``lock_timeout``: seconds a write waits for the lock before ``StoreUnavailable``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        lock_timeout: float = 10.0,
+    ) -> None:
+        raw = os.fspath(path) if isinstance(path, str | os.PathLike) else path
+        if not isinstance(raw, str):
+            raise ConfigurationError(
+                f"path must be a str or os.PathLike of str, not {type(raw).__name__}"
+            )
+        if not raw or "\x00" in raw or raw.endswith(os.sep):
+            raise ConfigurationError(
+                f"path must name a file, e.g. /var/lib/app/creds.json, got {raw!r}"
+            )
+        if not isinstance(create, bool):
+            raise ConfigurationError(f"create must be True or False, not {create!r}")
+        if (
+            isinstance(lock_timeout, bool)
+            or not isinstance(lock_timeout, int | float)
+            or not math.isfinite(lock_timeout)
+            or lock_timeout < 0
+        ):
+            raise ConfigurationError(
+                f"lock_timeout must be a finite number of seconds >= 0, got {lock_timeout!r}"
+            )
+        # The real path, so that two stores reaching one file through different symlinks
+        # share one lock file, and a replace never turns a symlink into a regular file.
+        self._path = os.path.realpath(raw)
+        self._dir, name = os.path.split(self._path)
+        self._lock_path = f"{self._path}.lock"
+        self._temp_prefix = f".{name}."
+        self._temp_name = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{16}}\.tmp")
+        self._create = create
+        self._lock_timeout = float(lock_timeout)
+        # Threads of one process queue here instead of all polling the file lock.
+        self._thread_lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> FileStore:
+        """Open ``file:///absolute/path.json``; ``create`` and ``lock_timeout`` may be given
+        as keyword options or in the query (``?create=false&lock_timeout=5``)."""
+        if not isinstance(url, str):
+            raise ConfigurationError(f"file store URL must be {_URL_FORM}, got {url!r}")
+        parts = urlsplit(url)
+        if (
+            not url.lower().startswith("file://")
+            or parts.netloc.lower() not in ("", "localhost")
+            or not parts.path.startswith("/")
+            or parts.path.endswith("/")
+            or parts.fragment
+        ):
+            raise ConfigurationError(f"file store URL must be {_URL_FORM}, got {url!r}")
+        from_query = _query_options(url, parts.query) if parts.query else {}
+        unknown = sorted(set(from_query) - set(_OPTIONS)) + sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise ConfigurationError(
+                f"unknown file store option(s) {', '.join(unknown)}; "
+                f"the options are {', '.join(_OPTIONS)}"
+            )
+        twice = sorted(set(from_query) & set(options))
+        if twice:
+            raise ConfigurationError(
+                f"file store option(s) {', '.join(twice)} given both in the URL and as keywords"
+            )
+        return cls(unquote(parts.path), **from_query, **options)
+
+    @property
+    def path(self) -> Path:
+        """The data file (symlinks resolved); its lock file is the same path plus ``.lock``."""
+        return Path(self._path)
+
+    def __repr__(self) -> str:
+        return f"FileStore({self._path!r})"
+
+    def __enter__(self) -> FileStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- the CredentialStore protocol ------------------------------------------------------
+
+    def get(self, key: str) -> Record | None:
+        """See :meth:`CredentialStore.get`; reads the file without locking."""
+        key = check_key(key)
+        self._check_open(key)
+        document = self._read(key).records.get(key)
+        return None if document is None else record_of(key, document)
+
+    def put(self, record: Record) -> Record:
+        """See :meth:`CredentialStore.put`; compares and writes under the file lock."""
+        if not isinstance(record, Record):
+            raise ConfigurationError(f"put() takes a Record, not {type(record).__name__}")
+        key = check_key(record.key)
+        self._check_open(key)
+        document = record.to_document()
+        try:
+            # What get() will return; a record that would not read back is never written.
+            readback = Record.from_document(key, document, version="0")
+        except StoreCorrupted as exc:
+            raise ConfigurationError(
+                f"the record for key {key!r} has a field of the wrong type and cannot be stored"
+            ) from exc
+        with self._locked(key):
+            contents = self._read(key)
+            current = contents.records.get(key)
+            stored = None if current is None else version_of(key, current)
+            if record.version != (None if stored is None else str(stored)):
+                raise self._conflict(key, expected=record.version, stored=stored)
+            version = contents.next_version(stored)
+            contents.records[key] = {**document, "version": version}
+            contents.last_version = version
+            self._write(contents, key)
+        return readback.replace(version=str(version))
+
+    def delete(self, key: str) -> bool:
+        """See :meth:`CredentialStore.delete`; a damaged record can be deleted too."""
+        key = check_key(key)
+        self._check_open(key)
+        # An absent key needs no lock: the lock-free read is a consistent snapshot.
+        if key not in self._read(key).records:
+            return False
+        with self._locked(key):
+            contents = self._read(key)
+            if contents.records.pop(key, None) is None:
+                return False
+            self._write(contents, key)
+        return True
+
+    def scan_due(self, before: datetime) -> Iterator[str]:
+        """See :meth:`CredentialStore.scan_due`; reads the file once, when called."""
+        if not isinstance(before, datetime) or before.utcoffset() is None:
+            raise ConfigurationError(
+                f"before must be an aware datetime, e.g. datetime.now(timezone.utc), got {before!r}"
+            )
+        self._check_open(None)
+        records = self._read(None).records
+        due = [key for key, doc in records.items() if record_of(key, doc).expires_at <= before]
+        return iter(due)
+
+    def close(self) -> None:
+        """Mark the store closed; it holds no handle between calls, so nothing else is released."""
+        self._closed = True
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _check_open(self, key: str | None) -> None:
+        if self._closed:
+            raise StoreUnavailable(f"{self!r} is closed; open a new store", key=key)
+
+    def _missing(self, key: str | None) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"{self._path} does not exist and the store was opened with create=False; "
+            "create the file or open the store with create=True",
+            key=key,
+        )
+
+    def _unavailable(self, action: str, key: str | None, exc: OSError) -> StoreUnavailable:
+        for_key = "" if key is None else f" for key {key!r}"
+        return StoreUnavailable(
+            f"could not {action} {self._path}{for_key}: {_describe(exc)}", key=key
+        )
+
+    def _read(self, key: str | None) -> Contents:
+        try:
+            with open(self._path, "rb") as file:
+                raw = file.read()
+        except FileNotFoundError as exc:
+            if self._create:
+                return Contents(records={}, last_version=0)
+            raise self._missing(key) from exc
+        except OSError as exc:
+            raise self._unavailable("read", key, exc) from exc
+        return decode(raw, path=self._path, key=key)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        deadline = time.monotonic() + self._lock_timeout
+        if not self._thread_lock.acquire(timeout=self._lock_timeout):
+            raise self._lock_timed_out(key)
+        try:
+            fd = self._open_lock_file(key)
+            try:
+                self._flock(fd, deadline, key)
+                yield
+            finally:
+                # Closing the only descriptor of this open file releases the flock.
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        finally:
+            self._thread_lock.release()
+
+    def _open_lock_file(self, key: str) -> int:
+        try:
+            if self._create:
+                self._make_directory()
+            elif not os.path.exists(self._path):
+                # Checked before creating a lock file, so a wrong path leaves nothing behind.
+                raise self._missing(key)
+            return os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        except FileNotFoundError as exc:
+            if not self._create:
+                raise self._missing(key) from exc
+            raise self._unavailable("lock", key, exc) from exc
+        except OSError as exc:
+            raise self._unavailable("lock", key, exc) from exc
+
+    def _make_directory(self) -> None:
+        missing: list[str] = []
+        directory = self._dir
+        while not os.path.exists(directory):
+            missing.append(directory)
+            directory = os.path.dirname(directory)
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory, _DIR_MODE)
+            except FileExistsError:
+                continue  # another process made it first
+            # The umask may have narrowed the mode; credentials want exactly 0700.
+            os.chmod(directory, _DIR_MODE)
+
+    def _flock(self, fd: int, deadline: float, key: str) -> None:
+        delay = _FIRST_POLL
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise self._unavailable("lock", key, exc) from exc
+            else:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._lock_timed_out(key)
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, _MAX_POLL)
+
+    def _lock_timed_out(self, key: str) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"waited {self._lock_timeout:g}s for the write lock {self._lock_path} for key "
+            f"{key!r}; another process holds it: find it or raise lock_timeout",
+            key=key,
+        )
+
+    def _conflict(self, key: str, *, expected: str | None, stored: int | None) -> ConflictError:
+        if expected is None:
+            reason = "already exists; get() it and put() with its version"
+        elif stored is None:
+            reason = f"was deleted since version {expected} was read"
+        else:
+            reason = f"changed since it was read: version {expected} is now {stored}"
+        return ConflictError(f"the record under key {key!r} {reason}", key=key)
+
+    def _write(self, contents: Contents, key: str) -> None:
+        """Replace the file with ``contents``; the caller holds the lock."""
+        payload = encode(contents)
+        try:
+            self._sweep_temp_files()
+            fd, temp = self._open_temp_file()
+            try:
+                with os.fdopen(fd, "wb") as file:
+                    file.write(payload)
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(temp, self._path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+                raise
+        except OSError as exc:
+            raise self._unavailable("write", key, exc) from exc
+        try:
+            self._fsync_directory()
+        except OSError as exc:
+            # The new file is in place and readers see it, but a power cut may undo the
+            # rename: say so, so the caller keeps its own copy until a later write lands.
+            raise StoreUnavailable(
+                f"wrote {self._path} for key {key!r} but could not sync its directory "
+                f"({_describe(exc)}); the write may not survive a power cut",
+                key=key,
+            ) from exc
+
+    def _open_temp_file(self) -> tuple[int, str]:
+        while True:
+            temp = os.path.join(self._dir, f"{self._temp_prefix}{secrets.token_hex(8)}.tmp")
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+            except FileExistsError:
+                continue
+            try:
+                os.fchmod(fd, _FILE_MODE)  # exactly 0600, whatever the umask
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+                raise
+            return fd, temp
+
+    def _sweep_temp_files(self) -> None:
+        # Temp files are only made under the lock, which the caller holds: any found now
+        # was left by a writer that was killed mid-write.
+        with contextlib.suppress(OSError), os.scandir(self._dir) as entries:
+            for entry in entries:
+                if self._temp_name.fullmatch(entry.name):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+
+    def _fsync_directory(self) -> None:
+        # Makes the rename itself durable: without it a power cut may bring the old file back.
+        fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # a filesystem that cannot sync directories
+                raise
+        finally:
+            os.close(fd)

@@ -1,0 +1,521 @@
+"""``TokenManager`` and ``AsyncTokenManager``: the drivers of the refresh flow.
+
+Each manager performs the effects ``_flow`` yields with its own kind of I/O, keeps an in-process
+cache of valid credentials, and merges concurrent refreshes of one key into one (single-flight).
+No policy lives here: a branch added to one driver would have to be added to the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import random
+import secrets
+import socket
+import threading
+from collections.abc import Callable, Coroutine, Hashable
+from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import httpx
+
+from ._clock import Clock, SystemClock
+from ._credentials import Credentials
+from ._exceptions import ConfigurationError, CredkeeperError, ReauthRequired, StoreUnavailable
+from ._flow import (
+    Effect,
+    Flow,
+    JournalDiscard,
+    JournalForget,
+    JournalPending,
+    JournalWrite,
+    Load,
+    Policy,
+    Remove,
+    Save,
+    Send,
+    Sleep,
+    delete_flow,
+    get_flow,
+    put_flow,
+)
+from ._journal import RescueJournal, default_journal_dir
+from ._keyring import KeyRing
+from ._provider import Provider
+from ._record import check_key
+from ._secret import Secret
+from ._store import AsyncCredentialStore, CredentialStore, as_async_store
+
+__all__ = ["AsyncTokenManager", "TokenManager"]
+
+T = TypeVar("T")
+
+DEFAULT_LEEWAY = timedelta(minutes=15)
+
+
+def _duration(value: timedelta | float, name: str, *, minimum: float = 0.0) -> timedelta:
+    if isinstance(value, bool) or not isinstance(value, timedelta | int | float):
+        raise ConfigurationError(f"{name} must be a timedelta or a number of seconds")
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if seconds < minimum:
+        raise ConfigurationError(f"{name} must be at least {minimum:g} seconds, got {seconds:g}")
+    return timedelta(seconds=seconds)
+
+
+class _Base:
+    """Settings and state shared by both managers; no I/O."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        *,
+        keyring: KeyRing | None,
+        leeway: timedelta | float,
+        lease_ttl: timedelta | float,
+        refresh_timeout: timedelta | float,
+        cooldown: timedelta | float,
+        journal: RescueJournal | str | os.PathLike[str] | None,
+        cache: bool,
+        clock: Clock | None,
+        rng: random.Random | None,
+        owner: str | None,
+    ) -> None:
+        if not isinstance(provider, Provider):
+            raise ConfigurationError(
+                "provider must be a credkeeper.Provider, e.g. Provider.claude_code()"
+            )
+        if keyring is not None and not isinstance(keyring, KeyRing):
+            raise ConfigurationError("keyring must be a credkeeper.KeyRing or None")
+        refresh = _duration(refresh_timeout, "refresh_timeout", minimum=0.1)
+        lease = _duration(lease_ttl, "lease_ttl", minimum=1.0)
+        if lease.total_seconds() <= refresh.total_seconds() + provider.timeout:
+            raise ConfigurationError(
+                "lease_ttl must exceed refresh_timeout plus the provider's timeout "
+                f"({refresh.total_seconds() + provider.timeout:g} s), or a slow refresh "
+                "could be taken over while it is still running"
+            )
+        if isinstance(journal, RescueJournal):
+            self.journal = journal
+        else:
+            directory = Path(journal) if journal is not None else default_journal_dir()
+            self.journal = RescueJournal(directory, keyring=keyring)
+        self._nonce = secrets.token_hex(4)
+        self._owner = owner
+        self._cache: dict[str, Credentials] | None = {} if cache else None
+        self.policy = Policy(
+            provider=provider,
+            keyring=keyring,
+            clock=clock or SystemClock(),
+            rng=rng or random.Random(),  # noqa: S311 - jitter, not secrecy
+            owner="",
+            leeway=_duration(leeway, "leeway"),
+            lease_ttl=lease,
+            refresh_timeout=refresh,
+            cooldown=_duration(cooldown, "cooldown", minimum=0.0),
+            max_cooldown=timedelta(minutes=10),
+        )
+
+    @property
+    def owner(self) -> str:
+        """This manager's lease owner id: host, process and a random suffix."""
+        return self._owner or f"{socket.gethostname()}:{os.getpid()}:{self._nonce}"
+
+    def _policy(self) -> Policy:
+        # The pid is read per call so a manager inherited through fork leases as its new process.
+        return self.policy if self.policy.owner == self.owner else self._bind_owner()
+
+    def _bind_owner(self) -> Policy:
+        self.policy = dataclasses.replace(self.policy, owner=self.owner)
+        return self.policy
+
+    def _cached(self, key: str) -> Credentials | None:
+        if self._cache is None:
+            return None
+        credentials = self._cache.get(key)
+        if credentials is None:
+            return None
+        if credentials.expires_within(self.policy.leeway, now=self.policy.now()):
+            return None
+        return credentials
+
+    def _remember(self, key: str, credentials: Credentials | None) -> None:
+        if self._cache is None:
+            return
+        if credentials is None:
+            self._cache.pop(key, None)
+        else:
+            self._cache[key] = credentials
+
+
+def _failed(failed: str | Secret | None) -> Secret | None:
+    if failed is None or isinstance(failed, Secret):
+        return failed
+    return Secret(failed)
+
+
+class _Flight:
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class TokenManager(_Base):
+    """Keeps credentials fresh for many keys in one :class:`CredentialStore`, from threads.
+
+    ``get(key)`` returns credentials valid for at least ``leeway`` (15 minutes by default, well
+    beyond the 5 minutes at which the wrapper's CLI would refresh by itself). A refresh happens
+    once per expiry across the threads of a process (single-flight) and across processes and
+    hosts (a compare-and-swap lease in the store). New tokens go to the rescue journal and the
+    store before any caller sees them.
+    """
+
+    def __init__(
+        self,
+        store: CredentialStore,
+        provider: Provider,
+        *,
+        keyring: KeyRing | None = None,
+        leeway: timedelta | float = DEFAULT_LEEWAY,
+        lease_ttl: timedelta | float = 60.0,
+        refresh_timeout: timedelta | float = 30.0,
+        cooldown: timedelta | float = 30.0,
+        journal: RescueJournal | str | os.PathLike[str] | None = None,
+        cache: bool = True,
+        http: httpx.Client | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        owner: str | None = None,
+    ) -> None:
+        super().__init__(
+            provider,
+            keyring=keyring,
+            leeway=leeway,
+            lease_ttl=lease_ttl,
+            refresh_timeout=refresh_timeout,
+            cooldown=cooldown,
+            journal=journal,
+            cache=cache,
+            clock=clock,
+            rng=rng,
+            owner=owner,
+        )
+        self.store = store
+        self._own_http = http is None
+        self._http = http or httpx.Client()
+        self._flights: dict[Hashable, _Flight] = {}
+        self._flights_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"TokenManager(store={self.store!r}, provider={self.policy.provider.name!r})"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def get(self, key: str) -> Credentials:
+        """Credentials for ``key`` valid beyond the leeway, refreshing them if needed."""
+        check_key(key)
+        cached = self._cached(key)
+        if cached is not None:
+            return cached
+        return self._once(
+            ("get", key), lambda: self._run_cached(key, get_flow(self._policy(), key))
+        )
+
+    def refresh(self, key: str, *, failed: str | Secret | None = None) -> Credentials:
+        """Refresh ``key`` now; with ``failed``, only if the store still holds that access token.
+
+        Pass the access token the wrapper refused as ``failed`` after an auth failure: when
+        another worker has refreshed meanwhile, its tokens are returned without a provider call.
+        """
+        check_key(key)
+        bad = _failed(failed)
+        flight = ("refresh", key, bad)
+        return self._once(
+            flight,
+            lambda: self._run_cached(
+                key, get_flow(self._policy(), key, failed=bad, force=bad is None)
+            ),
+        )
+
+    def put(self, key: str, credentials: Credentials) -> None:
+        """Store ``credentials`` under ``key`` (a login or re-login), replacing what is there."""
+        check_key(key)
+        if not isinstance(credentials, Credentials):
+            raise ConfigurationError("credentials must be a credkeeper.Credentials")
+        self._remember(key, None)
+        self._drive(put_flow(self._policy(), key, credentials))
+
+    def delete(self, key: str) -> bool:
+        """Remove the credential under ``key``; whether there was one."""
+        check_key(key)
+        self._remember(key, None)
+        return self._drive(delete_flow(self._policy(), key))
+
+    def close(self) -> None:
+        """Close the HTTP client if the manager made it, and the store."""
+        if self._own_http:
+            self._http.close()
+        self.store.close()
+
+    def _run_cached(self, key: str, flow: Flow[Credentials]) -> Credentials:
+        try:
+            credentials = self._drive(flow)
+        except ReauthRequired:
+            self._remember(key, None)
+            raise
+        self._remember(key, credentials)
+        return credentials
+
+    def _once(self, flight_key: Hashable, work: Callable[[], T]) -> T:
+        with self._flights_lock:
+            flight = self._flights.get(flight_key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[flight_key] = _Flight()
+        if not leader:
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.result  # type: ignore[no-any-return]
+        try:
+            flight.result = work()
+            return flight.result  # type: ignore[no-any-return]
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._flights_lock:
+                del self._flights[flight_key]
+            flight.done.set()
+
+    def _drive(self, flow: Flow[T]) -> T:
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                effect = flow.throw(error) if error is not None else flow.send(value)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            value, error = None, None
+            try:
+                value = self._perform(effect)
+            except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
+                error = exc
+
+    def _perform(self, effect: Effect) -> Any:
+        match effect:
+            case Load(key):
+                return _store_call(key, lambda: self.store.get(key))
+            case Save(record):
+                return _store_call(record.key, lambda: self.store.put(record))
+            case Remove(key):
+                return _store_call(key, lambda: self.store.delete(key))
+            case Send(request):
+                return self._http.send(request)
+            case Sleep(seconds):
+                return self.policy.clock.sleep(seconds)
+            case JournalPending(key, rescan):
+                return self.journal.pending(key, rescan=rescan)
+            case JournalWrite(entry):
+                return self.journal.write(entry)
+            case JournalDiscard(entry):
+                return self.journal.discard(entry)
+            case JournalForget(entry):
+                return self.journal.forget(entry)
+        raise AssertionError(f"unknown effect {effect!r}")  # pragma: no cover
+
+
+class AsyncTokenManager(_Base):
+    """The asyncio twin of :class:`TokenManager`: same flow, same guarantees, for tasks.
+
+    Sync-only stores are wrapped in a thread-offload store. A refresh runs in its own task, so
+    a caller cancelled mid-refresh does not abandon the store write. Use one manager per loop.
+    """
+
+    def __init__(
+        self,
+        store: AsyncCredentialStore | CredentialStore,
+        provider: Provider,
+        *,
+        keyring: KeyRing | None = None,
+        leeway: timedelta | float = DEFAULT_LEEWAY,
+        lease_ttl: timedelta | float = 60.0,
+        refresh_timeout: timedelta | float = 30.0,
+        cooldown: timedelta | float = 30.0,
+        journal: RescueJournal | str | os.PathLike[str] | None = None,
+        cache: bool = True,
+        http: httpx.AsyncClient | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        owner: str | None = None,
+    ) -> None:
+        super().__init__(
+            provider,
+            keyring=keyring,
+            leeway=leeway,
+            lease_ttl=lease_ttl,
+            refresh_timeout=refresh_timeout,
+            cooldown=cooldown,
+            journal=journal,
+            cache=cache,
+            clock=clock,
+            rng=rng,
+            owner=owner,
+        )
+        self.store = as_async_store(store)
+        self._own_http = http is None
+        self._http = http or httpx.AsyncClient()
+        self._flights: dict[Hashable, asyncio.Task[Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"AsyncTokenManager(store={self.store!r}, provider={self.policy.provider.name!r})"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def get(self, key: str) -> Credentials:
+        """Credentials for ``key`` valid beyond the leeway, refreshing them if needed."""
+        check_key(key)
+        cached = self._cached(key)
+        if cached is not None:
+            return cached
+        return await self._once(
+            ("get", key), lambda: self._run_cached(key, get_flow(self._policy(), key))
+        )
+
+    async def refresh(self, key: str, *, failed: str | Secret | None = None) -> Credentials:
+        """Refresh ``key`` now; with ``failed``, only if the store still holds that access token."""
+        check_key(key)
+        bad = _failed(failed)
+        return await self._once(
+            ("refresh", key, bad),
+            lambda: self._run_cached(
+                key, get_flow(self._policy(), key, failed=bad, force=bad is None)
+            ),
+        )
+
+    async def put(self, key: str, credentials: Credentials) -> None:
+        """Store ``credentials`` under ``key``, replacing what is there."""
+        check_key(key)
+        if not isinstance(credentials, Credentials):
+            raise ConfigurationError("credentials must be a credkeeper.Credentials")
+        self._remember(key, None)
+        await self._drive(put_flow(self._policy(), key, credentials))
+
+    async def delete(self, key: str) -> bool:
+        """Remove the credential under ``key``; whether there was one."""
+        check_key(key)
+        self._remember(key, None)
+        return await self._drive(delete_flow(self._policy(), key))
+
+    async def close(self) -> None:
+        """Close the HTTP client if the manager made it, and the store."""
+        if self._own_http:
+            await self._http.aclose()
+        await self.store.close()
+
+    async def _run_cached(self, key: str, flow: Flow[Credentials]) -> Credentials:
+        try:
+            credentials = await self._drive(flow)
+        except ReauthRequired:
+            self._remember(key, None)
+            raise
+        self._remember(key, credentials)
+        return credentials
+
+    async def _once(self, flight_key: Hashable, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        task = self._flights.get(flight_key)
+        if task is None:
+            task = asyncio.ensure_future(work())
+            self._flights[flight_key] = task
+
+            def finished(done: asyncio.Task[Any]) -> None:
+                self._flights.pop(flight_key, None)
+                if not done.cancelled():
+                    done.exception()  # retrieved here so an unawaited failure is not reported
+
+            task.add_done_callback(finished)
+        return await asyncio.shield(task)
+
+    async def _drive(self, flow: Flow[T]) -> T:
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                effect = flow.throw(error) if error is not None else flow.send(value)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            value, error = None, None
+            try:
+                value = await self._perform(effect)
+            except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
+                error = exc
+
+    async def _perform(self, effect: Effect) -> Any:
+        match effect:
+            case Load(key):
+                return await _astore_call(key, self.store.get(key))
+            case Save(record):
+                return await _astore_call(record.key, self.store.put(record))
+            case Remove(key):
+                return await _astore_call(key, self.store.delete(key))
+            case Send(request):
+                return await self._http.send(request)
+            case Sleep(seconds):
+                return await self.policy.clock.asleep(seconds)
+            case JournalPending(key, False) if not self.journal.has_pending(key):
+                return []
+            case JournalPending(key, rescan):
+                return await asyncio.to_thread(self.journal.pending, key, rescan=rescan)
+            case JournalWrite(entry):
+                return await asyncio.to_thread(self.journal.write, entry)
+            case JournalDiscard(entry):
+                return await asyncio.to_thread(self.journal.discard, entry)
+            case JournalForget(entry):
+                return self.journal.forget(entry)
+        raise AssertionError(f"unknown effect {effect!r}")  # pragma: no cover
+
+
+def _store_call(key: str, call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except CredkeeperError:
+        raise
+    except Exception as exc:
+        # A custom store let its driver's exception escape; the flow only knows StoreError.
+        raise StoreUnavailable(
+            f"the store failed on key {key!r} ({type(exc).__name__})", key=key
+        ) from exc
+
+
+async def _astore_call(key: str, call: Coroutine[Any, Any, T]) -> T:
+    try:
+        return await call
+    except CredkeeperError:
+        raise
+    except Exception as exc:
+        raise StoreUnavailable(
+            f"the store failed on key {key!r} ({type(exc).__name__})", key=key
+        ) from exc

@@ -1,0 +1,91 @@
+"""``rekey``: re-seal every stored token under the key ring's primary key, by compare-and-swap."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from ._exceptions import ConflictError, DecryptionError
+from ._keyring import KeyRing
+from ._record import Record
+from ._store import CredentialStore
+
+__all__ = ["RekeyReport", "rekey"]
+
+# The token fields and the names they are sealed under; the engine seals with the same names.
+_FIELDS = ("access_token", "refresh_token")
+# Every record expires before this. Whole seconds: a backend that keeps milliseconds would
+# round datetime.max's .999999 up into the year 10000.
+_END_OF_TIME = datetime.max.replace(microsecond=0, tzinfo=UTC)
+# A record that changes under us this many times in a row is being written in a loop;
+# give up on the run rather than spin.
+_MAX_ATTEMPTS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class RekeyReport:
+    """What :func:`rekey` did: records re-sealed, and records already under the primary key.
+
+    Records deleted while the run went on count in neither.
+    """
+
+    rekeyed: int
+    unchanged: int
+
+
+def rekey(store: CredentialStore, keyring: KeyRing) -> RekeyReport:
+    """Re-seal the tokens of every record in ``store`` under ``keyring``'s primary key.
+
+    Plain tokens get sealed, tokens under an older key get re-sealed, each record written by
+    compare-and-swap: when another writer got there first, the record is read again and the
+    other writer's change is kept. The plaintext never changes. Run it after every writer has
+    the new ring, since a writer with the old ring keeps sealing under the old primary key.
+    Raises :class:`DecryptionError` naming the record when a token does not open with
+    ``keyring`` (add the key it was sealed under), and :class:`ConflictError` when a record
+    kept changing through all the attempts.
+    """
+    # Take all keys before writing: a scan cursor left open across writes can block writers
+    # (SQLite) or see an updated row twice (document stores), and a key seen twice would be
+    # counted twice.
+    keys = list(dict.fromkeys(store.scan_due(_END_OF_TIME)))
+    rekeyed = unchanged = 0
+    for key in keys:
+        outcome = _rekey_one(store, keyring, key)
+        if outcome is True:
+            rekeyed += 1
+        elif outcome is False:
+            unchanged += 1
+    return RekeyReport(rekeyed=rekeyed, unchanged=unchanged)
+
+
+def _rekey_one(store: CredentialStore, keyring: KeyRing, key: str) -> bool | None:
+    """True when the record was re-sealed, False when it needed nothing, None when it is gone."""
+    attempts = 0
+    while True:
+        record = store.get(key)
+        if record is None:
+            return None
+        if not any(keyring.needs_rekey(getattr(record, field)) for field in _FIELDS):
+            return False
+        try:
+            store.put(_resealed(record, keyring))
+        except ConflictError:
+            attempts += 1
+            if attempts >= _MAX_ATTEMPTS:
+                raise
+        else:
+            return True
+
+
+def _resealed(record: Record, keyring: KeyRing) -> Record:
+    changes: dict[str, str] = {}
+    for field in _FIELDS:
+        try:
+            changes[field] = keyring.reseal(getattr(record, field), key=record.key, field=field)
+        except DecryptionError:
+            raise DecryptionError(
+                f"the {field} of the credential under key {record.key!r} could not be "
+                "decrypted; add the key it was sealed under to the key ring, or check that "
+                "the value was not altered or moved"
+            ) from None
+    return record.replace(**changes)

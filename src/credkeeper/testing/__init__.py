@@ -1,0 +1,56 @@
+"""Public test tooling for credkeeper and for code built on it.
+
+Fakes that behave like the real systems, over real loopback HTTP: :class:`FakeProvider` (a
+rotating OAuth token endpoint with a fault schedule) and :class:`FakeClock` (time that moves only
+when a test moves it); :class:`StoreConformance` and :class:`AsyncStoreConformance`, the suite
+every store passes (it needs pytest); :func:`run_storm`, the many-process refresh storm.
+Use them in your own tests; they are part of the supported API.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._clock import FakeClock
+from ._provider import FakeProvider, Fault, RefreshCall
+from ._storm import StormReport, run_storm
+
+if TYPE_CHECKING:
+    from ._conformance import (
+        AsyncStoreConformance,
+        BlockingStore,
+        KeySpace,
+        StoreConformance,
+        StoreFactory,
+    )
+
+__all__ = [
+    "AsyncStoreConformance",
+    "BlockingStore",
+    "FakeClock",
+    "FakeProvider",
+    "Fault",
+    "KeySpace",
+    "RefreshCall",
+    "StoreConformance",
+    "StoreFactory",
+    "StormReport",
+    "run_storm",
+]
+
+_CONFORMANCE = frozenset(
+    {"AsyncStoreConformance", "BlockingStore", "KeySpace", "StoreConformance", "StoreFactory"}
+)
+
+
+def __getattr__(name: str) -> Any:
+    # The conformance suite is made of pytest classes: import pytest only for those who use it,
+    # and register the module first so that its assertions show values when they fail.
+    if name in _CONFORMANCE:
+        import pytest  # noqa: PLC0415
+
+        pytest.register_assert_rewrite("credkeeper.testing._conformance")
+        from . import _conformance  # noqa: PLC0415
+
+        return getattr(_conformance, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,916 @@
+"""``FakeProvider``: a rotating OAuth token endpoint on loopback, faithful to Anthropic's.
+
+It serves ``POST /v1/oauth/token`` over real HTTP the way ``platform.claude.com`` does (see
+``wrapper-and-provider.md`` section 3): refresh tokens are single-use and rotate on every refresh,
+a reused one gets HTTP 400 ``invalid_grant``, and optional switches reproduce the suspected
+family revocation on reuse and the revocation of earlier access tokens. A fault schedule injects
+429/5xx answers, timeouts, non-JSON bodies and dropped connections; a latency knob forces
+concurrent refreshes into overlapping windows, which is how the races in section 4 happen.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import itertools
+import json
+import math
+import secrets
+import threading
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socketserver import TCPServer
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qs, unquote_plus, urlsplit
+
+from credkeeper._clock import Clock, SystemClock
+from credkeeper._credentials import Credentials
+from credkeeper._secret import Secret
+
+if TYPE_CHECKING:
+    from credkeeper._provider import Provider
+
+__all__ = ["AccessTokenState", "FakeProvider", "Fault", "RefreshCall", "RefreshTokenState"]
+
+AccessTokenState = Literal["valid", "expired", "revoked", "unknown"]
+RefreshTokenState = Literal["current", "used", "revoked", "unknown"]
+
+TOKEN_PATH = "/v1/oauth/token"
+LEGACY_TOKEN_PATH = "/legacy/v1/oauth/token"
+CLAUDE_CODE_CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
+MALFORMED_BODY = "<html>upstream error</html>"
+
+_MAX_BODY = 1 << 20
+_INVALID_REQUEST = {"error": "invalid_request", "error_description": "Invalid request format"}
+_INVALID_GRANT = {
+    "error": "invalid_grant",
+    "error_description": "Refresh token not found or invalid",
+}
+_UNSUPPORTED_GRANT = {
+    "error": "unsupported_grant_type",
+    "error_description": "Grant type not supported",
+}
+_INVALID_CLIENT = {"error": "invalid_client", "error_description": "Client authentication failed"}
+_NOT_FOUND = {"type": "error", "error": {"type": "not_found_error", "message": "Not found"}}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+# -- public value types ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fault:
+    """One scheduled misbehaviour of the token endpoint; build it with a classmethod.
+
+    ``consume`` says whether the refresh token is still rotated server-side, as when the provider
+    did the work and only the answer got lost: the client then holds a dead token.
+    """
+
+    kind: Literal["status", "timeout", "malformed", "drop"]
+    code: int | None = None
+    retry_after: float | str | None = None
+    body: str | None = None
+    seconds: float = 0.0
+    consume: bool = False
+
+    @classmethod
+    def status(
+        cls, code: int, *, retry_after: float | str | None = None, body: str | None = None
+    ) -> Fault:
+        """Answer with HTTP ``code`` (429, 500, 502, 503, ...) instead of refreshing.
+
+        ``retry_after`` becomes a ``Retry-After`` header (seconds; a string is sent verbatim, for
+        HTTP dates). ``body`` replaces the default Anthropic-style JSON error body.
+        """
+        if isinstance(code, bool) or not isinstance(code, int) or not 200 <= code <= 599:
+            raise ValueError(f"code must be an HTTP status between 200 and 599, got {code!r}")
+        if isinstance(retry_after, int | float) and (
+            isinstance(retry_after, bool) or not math.isfinite(retry_after) or retry_after < 0
+        ):
+            raise ValueError(f"retry_after must be a number of seconds >= 0, got {retry_after!r}")
+        return cls(kind="status", code=code, retry_after=retry_after, body=body)
+
+    @classmethod
+    def timeout(cls, seconds: float, *, consume: bool = False) -> Fault:
+        """Hold the answer ``seconds`` of real time, so a client with a shorter timeout gives up.
+
+        With ``consume`` the token is rotated when the request arrives and the normal answer is
+        sent after the delay; without it nothing changes server-side and the late answer is a 504.
+        """
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            raise TypeError(f"seconds must be a number, not {type(seconds).__name__}")
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise ValueError(f"seconds must be a positive number, got {seconds!r}")
+        return cls(kind="timeout", seconds=float(seconds), consume=consume)
+
+    @classmethod
+    def malformed(cls, *, consume: bool = False) -> Fault:
+        """Answer 200 with a body that is not JSON (``<html>upstream error</html>``)."""
+        return cls(kind="malformed", consume=consume)
+
+    @classmethod
+    def drop(cls, *, consume: bool = False) -> Fault:
+        """Close the connection without sending any response."""
+        return cls(kind="drop", consume=consume)
+
+    @property
+    def label(self) -> str:
+        """The outcome recorded for a request this fault answered: ``fault:<code|kind>``."""
+        return f"fault:{self.code if self.kind == 'status' else self.kind}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefreshCall:
+    """One request to the token endpoint, as the fake saw it.
+
+    ``outcome`` is ``"ok"``, ``"invalid_grant"``, ``"invalid_request"``,
+    ``"unsupported_grant_type"``, ``"invalid_client"`` or ``"fault:<code|timeout|malformed|drop>"``.
+    ``family`` names the token family of the presented refresh token (``None`` when unknown) and
+    ``rotated`` says whether this request consumed it. The presented token itself is kept as a
+    :class:`~credkeeper.Secret` and never appears in ``repr``; client secrets are not kept at all.
+    """
+
+    at: datetime
+    outcome: str
+    family: str | None = None
+    rotated: bool = False
+    refresh_token: Secret | None = field(default=None, repr=False)
+    client_id: str | None = None
+    client_auth: Literal["none", "client_secret_post", "client_secret_basic"] = "none"
+    body_format: Literal["json", "form", "unknown"] = "unknown"
+    scope: str | None = None
+    user_agent: str | None = None
+
+
+# -- internal state ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _AccessToken:
+    family: str
+    expires_at: datetime
+    revoked: bool = False
+
+
+@dataclass(slots=True)
+class _RefreshToken:
+    family: str
+    state: Literal["current", "used", "revoked"] = "current"
+
+
+@dataclass(slots=True, kw_only=True)
+class _Family:
+    name: str
+    scopes: tuple[str, ...]
+    subscription_type: str | None
+    account: dict[str, str]
+    organization: dict[str, str]
+    refresh_token: str
+    access_token: str
+    access_tokens: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True, kw_only=True)
+class _TokenRequest:
+    params: dict[str, str] | None
+    body_format: Literal["json", "form", "unknown"]
+    basic: tuple[str, str] | None
+    basic_malformed: bool
+    user_agent: str | None
+
+    @property
+    def refresh_token(self) -> str | None:
+        return None if self.params is None else self.params.get("refresh_token")
+
+    @property
+    def client_auth(self) -> Literal["none", "client_secret_post", "client_secret_basic"]:
+        if self.basic is not None or self.basic_malformed:
+            return "client_secret_basic"
+        if self.params is not None and "client_secret" in self.params:
+            return "client_secret_post"
+        return "none"
+
+    @property
+    def client_id(self) -> str | None:
+        if self.basic is not None:
+            return self.basic[0]
+        return None if self.params is None else self.params.get("client_id")
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _json_reply(status: int, document: object, *headers: tuple[str, str]) -> _Reply:
+    no_store = (("Cache-Control", "no-store"), ("Pragma", "no-cache"))
+    return _Reply(status, json.dumps(document).encode(), headers=no_store + headers)
+
+
+def _fault_body(code: int) -> object:
+    try:
+        message = HTTPStatus(code).phrase
+    except ValueError:
+        message = "Error"
+    return {
+        "type": "error",
+        "error": {"type": _ERROR_TYPES.get(code, "api_error"), "message": message},
+    }
+
+
+def _content_type_of(body: str) -> str:
+    try:
+        json.loads(body)
+    except ValueError:
+        return "text/html; charset=utf-8" if body.lstrip().startswith("<") else "text/plain"
+    return "application/json"
+
+
+def _token_value(token: str | Secret) -> str:
+    if isinstance(token, Secret):
+        return token.get_secret_value()
+    if isinstance(token, str):
+        return token
+    raise TypeError(f"expected a token string or Secret, not {type(token).__name__}")
+
+
+# -- HTTP plumbing -----------------------------------------------------------------------
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # Engine tests start dozens of concurrent refreshes; the default backlog of 5 would make
+    # some of them wait on SYN retries instead of racing.
+    request_queue_size = 128
+
+    def __init__(self, fake: FakeProvider) -> None:
+        self.fake = fake
+        self.stopping = threading.Event()
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host's FQDN, which can stall on a machine
+        # without working reverse DNS; a loopback fake needs no name.
+        TCPServer.server_bind(self)
+        self.server_name = "127.0.0.1"
+        self.server_port = self.server_address[1]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Silence BaseHTTPRequestHandler's stderr log: the fake never logs anything.
+        return
+
+    def do_POST(self) -> None:
+        body = self._read_body()
+        path = urlsplit(self.path).path
+        if path == TOKEN_PATH:
+            reply = self.server.fake._serve_token(self, body, self.server.stopping)
+        else:
+            reply = _json_reply(404, _NOT_FOUND)
+        self._send(reply)
+
+    def do_GET(self) -> None:
+        self._not_found()
+
+    def do_PUT(self) -> None:
+        self._not_found()
+
+    def do_PATCH(self) -> None:
+        self._not_found()
+
+    def do_DELETE(self) -> None:
+        self._not_found()
+
+    def _not_found(self) -> None:
+        self._read_body()
+        self._send(_json_reply(404, _NOT_FOUND))
+
+    def _read_body(self) -> bytes | None:
+        """The request body, or ``None`` when its length is missing, bad or too large."""
+        raw = self.headers.get("Content-Length")
+        try:
+            length = int(raw) if raw is not None else -1
+        except ValueError:
+            length = -1
+        if not 0 <= length <= _MAX_BODY:
+            self.close_connection = True
+            return None
+        return self.rfile.read(length)
+
+    def _send(self, reply: _Reply | None) -> None:
+        self.close_connection = True
+        if reply is None:
+            return
+        try:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", reply.content_type)
+            self.send_header("Content-Length", str(len(reply.body)))
+            for name, value in reply.headers:
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(reply.body)
+        except OSError:
+            # The client gave up (a timeout fault) and closed its end; nobody is listening.
+            return
+
+
+def _parse_request(handler: _Handler, body: bytes | None) -> _TokenRequest:
+    headers = handler.headers
+    content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    body_format: Literal["json", "form", "unknown"] = "unknown"
+    params: dict[str, str] | None = None
+    if content_type == "application/json" or content_type.endswith("+json"):
+        body_format = "json"
+        params = _parse_json(body)
+    elif content_type == "application/x-www-form-urlencoded":
+        body_format = "form"
+        params = _parse_form(body)
+    basic: tuple[str, str] | None = None
+    basic_malformed = False
+    authorization = headers.get("Authorization") or ""
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "basic":
+        basic = _parse_basic(credentials.strip())
+        basic_malformed = basic is None
+    return _TokenRequest(
+        params=params,
+        body_format=body_format,
+        basic=basic,
+        basic_malformed=basic_malformed,
+        user_agent=headers.get("User-Agent"),
+    )
+
+
+def _parse_json(body: bytes | None) -> dict[str, str] | None:
+    if body is None:
+        return None
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    params: dict[str, str] = {}
+    for key, value in document.items():
+        if isinstance(value, str):
+            params[key] = value
+        elif key in ("grant_type", "refresh_token", "client_id", "client_secret", "scope"):
+            return None
+    return params
+
+
+def _parse_form(body: bytes | None) -> dict[str, str] | None:
+    if body is None:
+        return None
+    try:
+        text = body.decode("ascii")
+        parsed = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    # RFC 6749 section 3.2: parameters must not be repeated.
+    if any(len(values) != 1 for values in parsed.values()):
+        return None
+    return {key: values[0] for key, values in parsed.items()}
+
+
+def _parse_basic(credentials: str) -> tuple[str, str] | None:
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    client_id, colon, client_secret = decoded.partition(":")
+    if not colon:
+        return None
+    # RFC 6749 section 2.3.1: both parts are form-encoded before base64.
+    return unquote_plus(client_id), unquote_plus(client_secret)
+
+
+# -- the fake ----------------------------------------------------------------------------
+
+
+class FakeProvider:
+    """An OAuth token endpoint with rotating, single-use refresh tokens, on ``127.0.0.1``.
+
+    Start it with :meth:`start` or a ``with`` block, mint credentials with :meth:`issue`, point a
+    client at :attr:`token_url`, and read what happened from :attr:`refresh_calls`,
+    :meth:`access_token_state` and :meth:`refresh_token_state`. ``latency`` real seconds pass
+    before each refresh request is checked, so concurrent refreshes overlap; ``clock`` decides
+    issue times and access-token expiry. Tokens are never printed, logged or shown in ``repr``.
+    """
+
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        access_token_lifetime: float = 28800.0,
+        clock: Clock | None = None,
+        revoke_family_on_reuse: bool = False,
+        revoke_previous_access_tokens: bool = False,
+        client_id: str = CLAUDE_CODE_CLIENT_ID,
+        require_client_id: bool = True,
+        client_secret: str | None = None,
+        scope: str = "user:inference user:profile user:sessions:claude_code",
+    ) -> None:
+        if not math.isfinite(latency) or latency < 0:
+            raise ValueError(f"latency must be a number of seconds >= 0, got {latency!r}")
+        if not math.isfinite(access_token_lifetime) or access_token_lifetime <= 0:
+            raise ValueError(
+                f"access_token_lifetime must be a positive number of seconds, "
+                f"got {access_token_lifetime!r}"
+            )
+        self.latency = float(latency)
+        self.access_token_lifetime = float(access_token_lifetime)
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        self.revoke_family_on_reuse = revoke_family_on_reuse
+        self.revoke_previous_access_tokens = revoke_previous_access_tokens
+        self.client_id = client_id
+        self.require_client_id = require_client_id
+        self._client_secret = client_secret
+        self.scope = scope
+
+        self._lock = threading.Condition(threading.Lock())
+        self._families: dict[str, _Family] = {}
+        self._access: dict[str, _AccessToken] = {}
+        self._refresh: dict[str, _RefreshToken] = {}
+        self._faults: deque[Fault] = deque()
+        self._calls: list[RefreshCall] = []
+        self._family_numbers = itertools.count(1)
+        self._in_flight = 0
+        self._max_in_flight = 0
+
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> FakeProvider:
+        """Bind a free port on ``127.0.0.1`` and serve in a daemon thread; a no-op if running."""
+        if self._server is not None:
+            return self
+        server = _Server(self)
+        thread = threading.Thread(
+            target=server.serve_forever,
+            # shutdown() waits up to one poll interval; keep stop() quick for per-test fakes.
+            kwargs={"poll_interval": 0.01},
+            name=f"FakeProvider:{server.server_port}",
+            daemon=True,
+        )
+        thread.start()
+        self._server, self._thread = server, thread
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the port; requests still sleeping are dropped. Idempotent."""
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._server = self._thread = None
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join()
+
+    def __enter__(self) -> FakeProvider:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        with self._lock:
+            calls = len(self._calls)
+            refreshes = sum(1 for call in self._calls if call.outcome == "ok")
+            families = len(self._families)
+        server = self._server
+        url = None if server is None else f"http://127.0.0.1:{server.server_port}"
+        return (
+            f"FakeProvider(url={url!r}, refresh_count={refreshes}, calls={calls}, "
+            f"families={families})"
+        )
+
+    @property
+    def url(self) -> str:
+        """The base URL, ``http://127.0.0.1:<port>``."""
+        if self._server is None:
+            raise RuntimeError("the FakeProvider is not running; call start() or use `with`")
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    @property
+    def token_url(self) -> str:
+        """The token endpoint, ``url + "/v1/oauth/token"``."""
+        return self.url + TOKEN_PATH
+
+    def provider(self, **overrides: Any) -> Provider:
+        """A Claude Code :class:`~credkeeper.Provider` profile pointed at this fake."""
+        from credkeeper._provider import Provider  # noqa: PLC0415
+
+        return Provider.claude_code(token_url=self.token_url, **overrides)
+
+    # -- faults and log ------------------------------------------------------------------
+
+    def fail_next(self, *faults: Fault) -> None:
+        """Queue ``faults``; each refresh request that arrives takes the next one, in order."""
+        for fault in faults:
+            if not isinstance(fault, Fault):
+                raise TypeError(f"expected Fault instances, got {type(fault).__name__}")
+        with self._lock:
+            self._faults.extend(faults)
+
+    def clear_faults(self) -> int:
+        """Drop every queued fault no request has taken yet; return how many were dropped."""
+        with self._lock:
+            dropped = len(self._faults)
+            self._faults.clear()
+            return dropped
+
+    @property
+    def pending_faults(self) -> int:
+        """How many queued faults no request has taken yet."""
+        with self._lock:
+            return len(self._faults)
+
+    @property
+    def refresh_calls(self) -> list[RefreshCall]:
+        """A snapshot of every token-endpoint request handled, in the order they were decided."""
+        with self._lock:
+            return list(self._calls)
+
+    @property
+    def refresh_count(self) -> int:
+        """How many refreshes succeeded (outcome ``"ok"``)."""
+        with self._lock:
+            return sum(1 for call in self._calls if call.outcome == "ok")
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most refresh requests being handled at the same time since start or reset_log()."""
+        with self._lock:
+            return self._max_in_flight
+
+    def reset_log(self) -> None:
+        """Forget :attr:`refresh_calls` and :attr:`max_in_flight`; tokens and faults stay."""
+        with self._lock:
+            self._calls.clear()
+            self._max_in_flight = self._in_flight
+
+    def wait_for_calls(self, count: int, *, timeout: float = 5.0) -> list[RefreshCall]:
+        """Block until at least ``count`` requests are logged; return the log.
+
+        For requests still in flight on the server's threads, such as a timeout fault the
+        client has already given up on. Raises ``TimeoutError`` after ``timeout`` real seconds.
+        """
+        with self._lock:
+            if not self._lock.wait_for(lambda: len(self._calls) >= count, timeout):
+                raise TimeoutError(
+                    f"the FakeProvider logged {len(self._calls)} calls, not {count}, "
+                    f"within {timeout} s"
+                )
+            return list(self._calls)
+
+    # -- tokens --------------------------------------------------------------------------
+
+    def issue(
+        self,
+        *,
+        expires_in: float | None = None,
+        expires_at: datetime | None = None,
+        scopes: Iterable[str] = ("user:inference", "user:profile"),
+        subscription_type: str | None = "max",
+    ) -> Credentials:
+        """Mint a new token family, as a login would, and return its credentials.
+
+        The access token expires ``expires_in`` seconds from the provider's clock (default: the
+        access-token lifetime; negative gives an already expired token), or at ``expires_at``.
+        """
+        if expires_in is not None and expires_at is not None:
+            raise ValueError("pass expires_in or expires_at, not both")
+        now = self.clock.now()
+        if expires_at is not None:
+            if expires_at.tzinfo is None or expires_at.utcoffset() is None:
+                raise ValueError(
+                    "expires_at is a naive datetime; pass an aware one, "
+                    "e.g. datetime(2026, 1, 1, 8, tzinfo=timezone.utc)"
+                )
+            expiry = expires_at.astimezone(UTC)
+        else:
+            seconds = self.access_token_lifetime if expires_in is None else expires_in
+            if not math.isfinite(seconds):
+                raise ValueError(f"expires_in must be a finite number of seconds, got {seconds!r}")
+            expiry = now + timedelta(seconds=seconds)
+        scope_tuple = (scopes,) if isinstance(scopes, str) else tuple(scopes)
+        with self._lock:
+            number = next(self._family_numbers)
+            name = f"family-{number}"
+            access, refresh = _new_access_token(), _new_refresh_token()
+            family = _Family(
+                name=name,
+                scopes=scope_tuple,
+                subscription_type=subscription_type,
+                account={"uuid": str(uuid.uuid4()), "email_address": f"user{number}@example.com"},
+                organization={"uuid": str(uuid.uuid4()), "name": f"Example Org {number}"},
+                refresh_token=refresh,
+                access_token=access,
+                access_tokens=[access],
+            )
+            self._families[name] = family
+            self._access[access] = _AccessToken(name, expiry)
+            self._refresh[refresh] = _RefreshToken(name)
+            return self._credentials_locked(family)
+
+    def rotate(self, refresh_token: str | Secret | Credentials) -> Credentials | None:
+        """Refresh in-process, as another client of the same account would; log it as a call.
+
+        Returns the new credentials, or ``None`` when the token is refused (``invalid_grant``,
+        with the same family revocation as over HTTP). For fakes that consume tokens behind the
+        client's back, like the wrapper's CLI refreshing by itself.
+        """
+        if isinstance(refresh_token, Credentials):
+            refresh_token = refresh_token.refresh_token
+        token = _token_value(refresh_token)
+        with self._lock:
+            outcome, family = self._grant_locked(token)
+            self._calls.append(
+                RefreshCall(
+                    at=self.clock.now(),
+                    outcome=outcome,
+                    family=family,
+                    rotated=outcome == "ok",
+                    refresh_token=Secret(token),
+                )
+            )
+            self._lock.notify_all()
+            if outcome != "ok" or family is None:
+                return None
+            return self._credentials_locked(self._families[family])
+
+    def access_token_state(self, token: str | Secret) -> AccessTokenState:
+        """An access token's state here: ``valid``, ``expired``, ``revoked`` or ``unknown``.
+
+        Expiry is judged by the provider's clock, so a :class:`FakeClock` can age a token.
+        """
+        value = _token_value(token)
+        now = self.clock.now()
+        with self._lock:
+            entry = self._access.get(value)
+            if entry is None:
+                return "unknown"
+            if entry.revoked:
+                return "revoked"
+            return "expired" if now >= entry.expires_at else "valid"
+
+    def refresh_token_state(self, token: str | Secret) -> RefreshTokenState:
+        """A refresh token's state: ``current`` (usable once), ``used``, ``revoked`` or ``unknown``.
+
+        A token is ``used`` once it has been refreshed with, ``revoked`` with its family.
+        """
+        value = _token_value(token)
+        with self._lock:
+            entry = self._refresh.get(value)
+            return "unknown" if entry is None else entry.state
+
+    def family_of(self, token: str | Secret | Credentials) -> str | None:
+        """The family name of an access or refresh token this fake issued, else ``None``."""
+        if isinstance(token, Credentials):
+            token = token.access_token
+        value = _token_value(token)
+        with self._lock:
+            return self._family_of_locked(value)
+
+    def revoke(self, token: str | Secret | Credentials) -> None:
+        """Revoke the whole family of a token: its current refresh token and every access token.
+
+        ``token`` is an access or refresh token, or credentials; one this fake never issued is
+        a ``KeyError``.
+        """
+        if isinstance(token, Credentials):
+            token = token.refresh_token
+        value = _token_value(token)
+        with self._lock:
+            name = self._family_of_locked(value)
+            if name is None:
+                raise KeyError("the token is not one this FakeProvider issued")
+            self._revoke_family_locked(self._families[name])
+
+    def all_tokens(self) -> set[str]:
+        """Every access and refresh token this fake ever issued, in clear.
+
+        For leak tests: search logs, reprs and files for each of them.
+        """
+        with self._lock:
+            return set(self._access) | set(self._refresh)
+
+    def current_credentials(self, family: str) -> Credentials:
+        """The latest credentials of ``family``, whatever their state."""
+        with self._lock:
+            try:
+                entry = self._families[family]
+            except KeyError:
+                raise KeyError(f"no token family named {family!r}") from None
+            return self._credentials_locked(entry)
+
+    # -- request handling (runs on server threads) ----------------------------------------
+
+    def _serve_token(
+        self, handler: _Handler, body: bytes | None, stopping: threading.Event
+    ) -> _Reply | None:
+        request = _parse_request(handler, body)
+        with self._lock:
+            fault = self._faults.popleft() if self._faults else None
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+        try:
+            if self.latency and stopping.wait(self.latency):
+                return None
+            if fault is None:
+                return self._answer(request, None)
+            if fault.kind == "status":
+                return self._answer_status_fault(request, fault)
+            if fault.consume:
+                reply = self._answer(request, fault.label)
+            else:
+                with self._lock:
+                    family = self._family_of_locked(request.refresh_token)
+                    self._record_locked(request, fault.label, family, rotated=False)
+                reply = _json_reply(504, _fault_body(504))
+            if fault.kind == "timeout":
+                return None if stopping.wait(fault.seconds) else reply
+            if fault.kind == "malformed":
+                return _Reply(200, MALFORMED_BODY.encode(), "text/html; charset=utf-8")
+            return None
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _answer_status_fault(self, request: _TokenRequest, fault: Fault) -> _Reply:
+        assert fault.code is not None
+        with self._lock:
+            family = self._family_of_locked(request.refresh_token)
+            self._record_locked(request, fault.label, family, rotated=False)
+        headers: list[tuple[str, str]] = []
+        if isinstance(fault.retry_after, str):
+            headers.append(("Retry-After", fault.retry_after))
+        elif fault.retry_after is not None:
+            value = fault.retry_after
+            headers.append(("Retry-After", str(int(value)) if value == int(value) else str(value)))
+        if fault.body is not None:
+            return _Reply(
+                fault.code, fault.body.encode(), _content_type_of(fault.body), tuple(headers)
+            )
+        return _json_reply(fault.code, _fault_body(fault.code), *headers)
+
+    def _answer(self, request: _TokenRequest, outcome_override: str | None) -> _Reply:
+        """Validate, rotate when the grant is good, log, and build the normal answer."""
+        with self._lock:
+            reply, outcome, family = self._decide_locked(request)
+            self._record_locked(
+                request, outcome_override or outcome, family, rotated=outcome == "ok"
+            )
+            return reply
+
+    def _decide_locked(self, request: _TokenRequest) -> tuple[_Reply, str, str | None]:
+        params = request.params
+        if params is None:
+            return _json_reply(400, _INVALID_REQUEST), "invalid_request", None
+        family = self._family_of_locked(request.refresh_token)
+        if request.basic_malformed:
+            return self._invalid_client(basic=True), "invalid_client", family
+        if request.basic is not None:
+            if "client_secret" in params:
+                # RFC 6749 section 2.3: a client must not use more than one auth method.
+                return _json_reply(400, _INVALID_REQUEST), "invalid_request", family
+            body_id = params.get("client_id")
+            if body_id is not None and body_id != request.basic[0]:
+                return self._invalid_client(basic=True), "invalid_client", family
+        if self._client_secret is not None:
+            presented = request.basic[1] if request.basic else params.get("client_secret")
+            if presented is None or not hmac.compare_digest(
+                presented.encode(), self._client_secret.encode()
+            ):
+                reply = self._invalid_client(basic=request.basic is not None)
+                return reply, "invalid_client", family
+        grant_type = params.get("grant_type")
+        if not grant_type:
+            return _json_reply(400, _INVALID_REQUEST), "invalid_request", family
+        if grant_type != "refresh_token":
+            return _json_reply(400, _UNSUPPORTED_GRANT), "unsupported_grant_type", family
+        token = params.get("refresh_token")
+        if not token:
+            return _json_reply(400, _INVALID_REQUEST), "invalid_request", family
+        if self.require_client_id and request.client_id != self.client_id:
+            return _json_reply(400, _INVALID_REQUEST), "invalid_request", family
+        outcome, family = self._grant_locked(token)
+        if outcome != "ok" or family is None:
+            return _json_reply(400, _INVALID_GRANT), outcome, family
+        entry = self._families[family]
+        document = {
+            "access_token": entry.access_token,
+            "refresh_token": entry.refresh_token,
+            "expires_in": int(self.access_token_lifetime),
+            "scope": self.scope,
+            "token_type": "Bearer",
+            "account": dict(entry.account),
+            "organization": dict(entry.organization),
+        }
+        return _json_reply(200, document), "ok", family
+
+    def _grant_locked(self, token: str) -> tuple[str, str | None]:
+        """Consume ``token`` if it is current; return the outcome and its family."""
+        entry = self._refresh.get(token)
+        if entry is None:
+            return "invalid_grant", None
+        family = self._families[entry.family]
+        if entry.state != "current":
+            if entry.state == "used" and self.revoke_family_on_reuse:
+                self._revoke_family_locked(family)
+            return "invalid_grant", family.name
+        entry.state = "used"
+        if self.revoke_previous_access_tokens:
+            for access in family.access_tokens:
+                self._access[access].revoked = True
+        access, refresh = _new_access_token(), _new_refresh_token()
+        expiry = self.clock.now() + timedelta(seconds=self.access_token_lifetime)
+        self._access[access] = _AccessToken(family.name, expiry)
+        self._refresh[refresh] = _RefreshToken(family.name)
+        family.access_tokens.append(access)
+        family.access_token, family.refresh_token = access, refresh
+        family.scopes = tuple(self.scope.split())
+        return "ok", family.name
+
+    def _revoke_family_locked(self, family: _Family) -> None:
+        current = self._refresh[family.refresh_token]
+        if current.state == "current":
+            current.state = "revoked"
+        for access in family.access_tokens:
+            self._access[access].revoked = True
+
+    def _family_of_locked(self, token: str | None) -> str | None:
+        if token is None:
+            return None
+        entry = self._refresh.get(token) or self._access.get(token)
+        return None if entry is None else entry.family
+
+    def _record_locked(
+        self, request: _TokenRequest, outcome: str, family: str | None, *, rotated: bool
+    ) -> None:
+        presented = request.refresh_token
+        params = request.params or {}
+        self._calls.append(
+            RefreshCall(
+                at=self.clock.now(),
+                outcome=outcome,
+                family=family,
+                rotated=rotated,
+                refresh_token=Secret(presented) if presented is not None else None,
+                client_id=request.client_id,
+                client_auth=request.client_auth,
+                body_format=request.body_format,
+                scope=params.get("scope"),
+                user_agent=request.user_agent,
+            )
+        )
+        self._lock.notify_all()
+
+    def _credentials_locked(self, family: _Family) -> Credentials:
+        return Credentials(
+            access_token=family.access_token,
+            refresh_token=family.refresh_token,
+            expires_at=self._access[family.access_token].expires_at,
+            scopes=family.scopes,
+            subscription_type=family.subscription_type,
+        )
+
+    @staticmethod
+    def _invalid_client(*, basic: bool) -> _Reply:
+        # RFC 6749 section 5.2: a client that tried the Authorization header gets a challenge.
+        challenge = (("WWW-Authenticate", 'Basic realm="fake-provider"'),) if basic else ()
+        return _json_reply(401, _INVALID_CLIENT, *challenge)
+
+
+def _new_access_token() -> str:
+    return "sk-ant-oat01-" + secrets.token_urlsafe(48)
+
+
+def _new_refresh_token() -> str:
+    return "sk-ant-ort01-" + secrets.token_urlsafe(48)

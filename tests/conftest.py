@@ -1,0 +1,28 @@
+"""Fixtures shared by every test: the fake provider and a clock."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from credkeeper.testing import FakeClock, FakeProvider
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run on asyncio, the loop credkeeper supports."""
+    return "asyncio"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A clock that moves only when told to, or when the engine sleeps."""
+    return FakeClock()
+
+
+@pytest.fixture
+def fake(clock: FakeClock) -> Iterator[FakeProvider]:
+    """A rotating-token provider on loopback sharing the test's clock."""
+    with FakeProvider(clock=clock) as provider:
+        yield provider

@@ -1,0 +1,87 @@
+"""The public surface: ``__all__`` of credkeeper and credkeeper.testing (httpx's idea)."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import pytest
+
+import credkeeper
+
+# Dunder names that belong in __all__ although they start with an underscore.
+PUBLIC_DUNDERS = {"__version__"}
+# Helpers a package imports for its own annotations (a lazy __getattr__ needs Any and
+# TYPE_CHECKING); they are not API, so they need not be exported.
+TYPING_MODULES = {"typing", "typing_extensions"}
+
+
+def public_names(module: ModuleType) -> set[str]:
+    """Public names bound in a package's namespace, minus submodules and typing helpers."""
+    return {
+        name
+        for name, value in vars(module).items()
+        if (not name.startswith("_") or name in PUBLIC_DUNDERS)
+        and not isinstance(value, ModuleType)
+        and type(value).__module__ != "__future__"  # from __future__ import annotations
+        and getattr(value, "__module__", None) not in TYPING_MODULES
+        and name != "TYPE_CHECKING"
+    }
+
+
+class TestCredkeeper:
+    def test_all_sorted(self) -> None:
+        """credkeeper.__all__ is sorted."""
+        assert sorted(credkeeper.__all__) == credkeeper.__all__
+
+    def test_all_unique(self) -> None:
+        """credkeeper.__all__ names each member once."""
+        assert len(set(credkeeper.__all__)) == len(credkeeper.__all__)
+
+    def test_all_importable(self) -> None:
+        """Every name in credkeeper.__all__ can be imported from credkeeper."""
+        namespace: dict[str, object] = {}
+        exec("from credkeeper import *", namespace)  # noqa: S102 - the star import is the subject
+
+        assert [] == [name for name in credkeeper.__all__ if name not in namespace]
+
+    def test_every_public_name_exported(self) -> None:
+        """Every public name defined in credkeeper's __init__ is in __all__."""
+        assert set() == public_names(credkeeper) - set(credkeeper.__all__)
+
+    def test_version(self) -> None:
+        """__version__ is exported and is a string."""
+        assert (True, True) == (
+            "__version__" in credkeeper.__all__,
+            isinstance(credkeeper.__version__, str),
+        )
+
+
+class TestTesting:
+    @pytest.fixture
+    def testing(self) -> ModuleType:
+        """credkeeper.testing, skipping only while the package or its __all__ does not exist."""
+        try:
+            module = importlib.import_module("credkeeper.testing")
+        except ModuleNotFoundError as exc:
+            if exc.name != "credkeeper.testing":
+                raise
+            pytest.skip("credkeeper.testing does not exist yet")
+        if not hasattr(module, "__all__"):
+            pytest.skip("credkeeper.testing defines no __all__ yet")
+        return module
+
+    def test_all_sorted(self, testing: ModuleType) -> None:
+        """credkeeper.testing.__all__ is sorted."""
+        assert sorted(testing.__all__) == testing.__all__
+
+    def test_all_importable(self, testing: ModuleType) -> None:
+        """Every name in credkeeper.testing.__all__ can be imported from it."""
+        namespace: dict[str, object] = {}
+        exec("from credkeeper.testing import *", namespace)  # noqa: S102 - the star import is the subject
+
+        assert [] == [name for name in testing.__all__ if name not in namespace]
+
+    def test_every_public_name_exported(self, testing: ModuleType) -> None:
+        """Every public name defined in credkeeper.testing's __init__ is in __all__."""
+        assert set() == public_names(testing) - set(testing.__all__)

@@ -1,0 +1,290 @@
+"""Record: the document shape stores keep, and the rules for keys."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from credkeeper import ConfigurationError, Record, Status, StoreCorrupted
+from credkeeper._record import MAX_KEY_LENGTH, check_key
+
+KEY = "user-42"
+ACCESS = "ck1:k1:SEALEDaccessQZXJ"
+REFRESH = "ck1:k1:SEALEDrefreshQZXJ"
+EXPIRES = datetime(2030, 5, 17, 8, 30, 15, 123000, tzinfo=UTC)
+
+
+def full_record() -> Record:
+    return Record(
+        key=KEY,
+        access_token=ACCESS,
+        refresh_token=REFRESH,
+        expires_at=EXPIRES,
+        scopes=("user:profile", "user:inference"),
+        subscription_type="max",
+        status=Status.NEEDS_REAUTH,
+        lease_owner="host-1:pid-7:abc",
+        lease_until=EXPIRES - timedelta(hours=8),
+        failures=3,
+        cooldown_until=EXPIRES - timedelta(hours=7, milliseconds=1),
+        last_error="invalid_grant",
+        version="v1",
+    )
+
+
+def minimal_record() -> Record:
+    return Record(key=KEY, access_token=ACCESS, refresh_token=REFRESH, expires_at=EXPIRES)
+
+
+def document(**changes: Any) -> dict[str, Any]:
+    doc = full_record().to_document()
+    doc.update(changes)
+    return doc
+
+
+class TestDocument:
+    def test_shape(self) -> None:
+        """The document holds every field but key and version, times in epoch milliseconds."""
+        assert {
+            "access_token": ACCESS,
+            "refresh_token": REFRESH,
+            "expires_at": 1_905_237_015_123,
+            "scopes": ["user:profile", "user:inference"],
+            "subscription_type": "max",
+            "status": "needs_reauth",
+            "lease_owner": "host-1:pid-7:abc",
+            "lease_until": 1_905_208_215_123,
+            "failures": 3,
+            "cooldown_until": 1_905_211_815_122,
+            "last_error": "invalid_grant",
+        } == full_record().to_document()
+
+    def test_round_trip(self) -> None:
+        """A full record survives to_document and from_document."""
+        assert full_record() == Record.from_document(KEY, full_record().to_document(), version="v1")
+
+    def test_round_trip_minimal(self) -> None:
+        """A record with every optional field unset survives the round trip."""
+        record = minimal_record()
+
+        assert record.replace(version="v9") == Record.from_document(
+            KEY, record.to_document(), version="v9"
+        )
+
+    def test_version_from_argument(self) -> None:
+        """from_document takes the key and version from its arguments."""
+        record = Record.from_document("other", document(), version="v2")
+
+        assert ("other", "v2") == (record.key, record.version)
+
+    def test_defaults(self) -> None:
+        """A new record is active, unleased, without failures and never stored."""
+        record = minimal_record()
+
+        assert (Status.ACTIVE, None, None, 0, None, None) == (
+            record.status,
+            record.lease_owner,
+            record.lease_until,
+            record.failures,
+            record.cooldown_until,
+            record.version,
+        )
+
+    def test_times_come_back_aware_utc(self) -> None:
+        """Times read from a document are aware UTC datetimes."""
+        record = Record.from_document(KEY, document(), version="v1")
+
+        assert (UTC, UTC, UTC) == (
+            record.expires_at.tzinfo,
+            record.lease_until.tzinfo if record.lease_until else None,
+            record.cooldown_until.tzinfo if record.cooldown_until else None,
+        )
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("access_token", 5),
+            ("access_token", None),
+            ("refresh_token", b"bytes"),
+            ("expires_at", "2030-05-17T08:30:15Z"),
+            ("expires_at", 1.5e12),
+            ("expires_at", True),
+            ("expires_at", None),
+            ("scopes", "user:profile"),
+            ("scopes", None),
+            ("subscription_type", 5),
+            ("status", 1),
+            ("status", None),
+            ("lease_owner", ["host"]),
+            ("lease_until", "soon"),
+            ("failures", "3"),
+            ("failures", True),
+            ("failures", None),
+            ("cooldown_until", 1.0),
+            ("last_error", {"code": 1}),
+        ],
+    )
+    def test_wrong_type(self, field: str, value: object) -> None:
+        """A field of the wrong type raises StoreCorrupted naming the key and the field."""
+        with pytest.raises(StoreCorrupted) as info:
+            Record.from_document(KEY, document(**{field: value}), version="v1")
+
+        assert (KEY, True, True) == (
+            info.value.key,
+            repr(KEY) in str(info.value),
+            repr(field) in str(info.value),
+        )
+
+    @pytest.mark.parametrize(
+        "field", ["access_token", "refresh_token", "expires_at", "scopes", "status", "failures"]
+    )
+    def test_missing_field(self, field: str) -> None:
+        """A missing required field raises StoreCorrupted naming the key and the field."""
+        doc = document()
+        del doc[field]
+
+        with pytest.raises(StoreCorrupted) as info:
+            Record.from_document(KEY, doc, version="v1")
+
+        assert (KEY, True) == (info.value.key, repr(field) in str(info.value))
+
+    @pytest.mark.parametrize(
+        "field",
+        ["subscription_type", "lease_owner", "lease_until", "cooldown_until", "last_error"],
+    )
+    def test_optional_field_absent(self, field: str) -> None:
+        """An absent optional field reads as None."""
+        doc = document()
+        del doc[field]
+
+        assert None is getattr(Record.from_document(KEY, doc, version="v1"), field)
+
+    def test_scopes_of_non_strings(self) -> None:
+        """Scopes holding a non-string raise StoreCorrupted naming scopes."""
+        with pytest.raises(StoreCorrupted) as info:
+            Record.from_document(KEY, document(scopes=["ok", 3]), version="v1")
+
+        assert (KEY, True) == (info.value.key, "'scopes'" in str(info.value))
+
+    def test_unknown_status(self) -> None:
+        """An unknown status raises StoreCorrupted naming the key and status."""
+        with pytest.raises(StoreCorrupted) as info:
+            Record.from_document(KEY, document(status="paused"), version="v1")
+
+        assert (KEY, True, True) == (
+            info.value.key,
+            repr(KEY) in str(info.value),
+            "status" in str(info.value),
+        )
+
+    @pytest.mark.xfail(
+        strict=True,
+        raises=(OSError, OverflowError, ValueError),
+        reason="from_document's moment() lets from_epoch_ms's OverflowError/OSError/ValueError "
+        "out for an int outside datetime's range",
+    )
+    @pytest.mark.parametrize("value", [10**20, -(10**20), 10**400], ids=["1e20", "-1e20", "1e400"])
+    def test_time_out_of_range(self, value: int) -> None:
+        """An epoch value outside datetime's range raises StoreCorrupted."""
+        with pytest.raises(StoreCorrupted):
+            Record.from_document(KEY, document(expires_at=value), version="v1")
+
+    def test_error_quotes_no_token(self) -> None:
+        """A StoreCorrupted message does not quote the stored tokens."""
+        with pytest.raises(StoreCorrupted) as info:
+            Record.from_document(KEY, document(failures="x"), version="v1")
+
+        assert "QZXJ" not in str(info.value)
+
+
+class TestRecord:
+    @pytest.mark.parametrize("render", [repr, str], ids=["repr", "str"])
+    def test_render_hides_tokens(self, render: Any) -> None:
+        """repr and str of a record contain neither token."""
+        assert "QZXJ" not in render(full_record())
+
+    def test_repr_shows_coordination_state(self) -> None:
+        """The repr shows the key, status, lease owner and version."""
+        text = repr(full_record())
+
+        assert (True, True, True, True) == (
+            repr(KEY) in text,
+            "'needs_reauth'" in text,
+            "host-1:pid-7:abc" in text,
+            "'v1'" in text,
+        )
+
+    def test_replace(self) -> None:
+        """replace returns a changed copy and leaves the original alone."""
+        record = minimal_record()
+
+        changed = record.replace(failures=2, status=Status.NEEDS_REAUTH)
+
+        assert ((2, Status.NEEDS_REAUTH), (0, Status.ACTIVE)) == (
+            (changed.failures, changed.status),
+            (record.failures, record.status),
+        )
+
+    def test_frozen(self) -> None:
+        """A record cannot be changed in place."""
+        with pytest.raises(AttributeError):
+            minimal_record().failures = 1  # type: ignore[misc]
+
+    def test_status_values(self) -> None:
+        """Status values are the strings stores keep."""
+        assert ["active", "needs_reauth"] == [status.value for status in Status]
+
+
+class TestCheckKey:
+    @pytest.mark.parametrize(
+        "key",
+        ["a", "x" * MAX_KEY_LENGTH, "user@example.com", "tenant/7:user 9", "ключ-ü-鍵"],
+        ids=["one", "max", "email", "inner-space", "unicode"],
+    )
+    def test_accepted(self, key: str) -> None:
+        """A key of 1 to 255 printable characters comes back unchanged."""
+        assert key == check_key(key)
+
+    def test_max_length(self) -> None:
+        """The longest key is 255 characters."""
+        assert 255 == MAX_KEY_LENGTH
+
+    @pytest.mark.parametrize(
+        "key",
+        [
+            "",
+            "x" * 256,
+            "a\nb",
+            "a\x00b",
+            "a\x7fb",
+            "tab\there",
+            " key",
+            "key ",
+            "\tkey",
+            "key\n",
+        ],
+        ids=[
+            "empty",
+            "256",
+            "newline",
+            "nul",
+            "del",
+            "tab",
+            "leading-space",
+            "trailing-space",
+            "leading-tab",
+            "trailing-newline",
+        ],
+    )
+    def test_rejected(self, key: str) -> None:
+        """An empty, overlong, unprintable or space-padded key raises ConfigurationError."""
+        with pytest.raises(ConfigurationError, match="key"):
+            check_key(key)
+
+    @pytest.mark.parametrize("key", [None, 42, b"key", ["key"]])
+    def test_not_a_string(self, key: object) -> None:
+        """A key that is not a str raises ConfigurationError."""
+        with pytest.raises(ConfigurationError, match="key must be a str"):
+            check_key(key)
