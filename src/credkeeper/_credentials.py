@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -75,7 +76,10 @@ def _scopes(value: object, field_name: str) -> tuple[str, ...]:
     )
 
 
-def _number(value: object, field_name: str) -> float:
+def _number(value: object, field_name: str, *, numeric_strings: bool = False) -> float:
+    if numeric_strings and isinstance(value, str) and value.strip().isascii():
+        with contextlib.suppress(ValueError):
+            value = float(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise CredentialsError(
             f"{field_name} must be a number, got {type(value).__name__}", field=field_name
@@ -206,7 +210,8 @@ class Credentials:
         if doc.get("expires_at") is not None:
             expires_at = _epoch(doc["expires_at"], "expires_at", seconds_allowed=True)
         elif doc.get("expires_in") is not None:
-            seconds = _number(doc["expires_in"], "expires_in")
+            # Some providers (Azure AD v1) send it as a string of digits.
+            seconds = _number(doc["expires_in"], "expires_in", numeric_strings=True)
             if seconds < 0 or seconds > 10 * 365 * 86400:
                 raise CredentialsError(
                     "expires_in must be a number of seconds between 0 and ten years",
@@ -280,9 +285,10 @@ class Credentials:
         target = Path(path) if path is not None else Path.home() / ".claude" / ".credentials.json"
         try:
             text = target.read_bytes()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "invalid path"
             raise CredentialsError(
-                f"cannot read Claude Code credentials at {target}: {exc.strerror}"
+                f"cannot read Claude Code credentials at {target}: {reason}"
             ) from None
         return cls.from_claude_code(text)
 

@@ -258,9 +258,12 @@ def put_flow(policy: Policy, key: str, credentials: Credentials) -> Flow[Record]
 
 def delete_flow(policy: Policy, key: str) -> Flow[bool]:
     """Remove ``key``; a rescue entry for it has nothing left to rescue."""
+    record = yield Load(key)
     removed = yield Remove(key)
+    stored = None if record is None else fingerprint(policy.credentials(record).refresh_token)
     for entry in (yield JournalPending(key)):
-        yield JournalDiscard(entry)
+        # Only entries for this store's record: the journal is shared by every store on the host.
+        yield (JournalDiscard if entry.replaces == stored else JournalForget)(entry)
     return bool(removed)
 
 
@@ -268,6 +271,9 @@ def _ensure_fresh(
     policy: Policy, key: str, record: Record | None, failed: Secret | None
 ) -> Flow[Credentials]:
     deadline = policy.now() + policy.refresh_timeout
+    # One lease id per flow, not per process: two flows of one manager (a get() and a forced
+    # refresh) must exclude each other exactly as two hosts do.
+    owner = f"{policy.owner}/{policy.rng.getrandbits(32):08x}"
     polls = 0
     while True:
         if record is None:
@@ -290,7 +296,7 @@ def _ensure_fresh(
                 retry_after=wait,
             )
         leased = record.lease_until is not None and record.lease_until > now
-        if leased and record.lease_owner != policy.owner:
+        if leased and record.lease_owner != owner:
             if now >= deadline:
                 if _usable(credentials, failed, now):
                     return credentials
@@ -301,7 +307,7 @@ def _ensure_fresh(
             continue
         try:
             record = yield Save(
-                record.replace(lease_owner=policy.owner, lease_until=now + policy.lease_ttl)
+                record.replace(lease_owner=owner, lease_until=now + policy.lease_ttl)
             )
         except ConflictError:
             record = yield Load(key)
@@ -327,7 +333,7 @@ def _refresh(
             fresh = policy.provider.parse_response(response, previous=credentials, now=policy.now())
         except InvalidGrant:
             logger.info("key %r: provider answered invalid_grant", key)
-            return (yield from _on_invalid_grant(policy, key, credentials))
+            return (yield from _on_invalid_grant(policy, key, credentials, record.lease_owner))
         except (ProviderUnavailable, httpx.TransportError) as exc:
             error = (
                 exc if isinstance(exc, ProviderUnavailable) else policy.provider.unavailable(exc)
@@ -357,7 +363,17 @@ def _persist(
         replaces=fingerprint(used.refresh_token),
         created_at=policy.now(),
     )
-    yield JournalWrite(entry)
+    journaled = True
+    try:
+        yield JournalWrite(entry)
+    except OSError as exc:
+        journaled = False
+        # The store write below is the tokens' one remaining chance: go on to it.
+        logger.warning(
+            "key %r: rescue journal unwritable (%s); writing the store only",
+            key,
+            type(exc).__name__,
+        )
     base = record
     failures = 0
     while True:
@@ -366,30 +382,47 @@ def _persist(
         except ConflictError:
             current = yield Load(key)
             if current is None:
-                yield JournalDiscard(entry)
+                yield from _discard(entry, journaled)
                 raise CredentialNotFound(key) from None
             if fingerprint(policy.credentials(current).refresh_token) == entry.replaces:
                 base = current  # only coordination fields moved (a lease taken over): write again
                 continue
             # Someone stored other tokens (a new login) while we refreshed: theirs win.
-            yield JournalDiscard(entry)
+            yield from _discard(entry, journaled)
             return (yield from _ensure_fresh(policy, key, current, None))
         except StoreUnavailable as exc:
             failures += 1
-            if failures >= policy.store_retries:
+            delay = policy.retry_delay(failures - 1, None)
+            # Retrying past the lease would let another host present the consumed token.
+            lease_left = (record.lease_until or policy.now()) - policy.now()
+            if failures >= policy.store_retries or delay + policy.provider.timeout >= (
+                lease_left.total_seconds()
+            ):
                 raise StoreUnavailable(
                     f"the store did not take the new tokens for key {key!r}; they are kept in "
                     "the rescue journal and will be written on the next use of the key",
                     key=key,
                 ) from exc
-            yield Sleep(policy.retry_delay(failures - 1, None))
+            yield Sleep(delay)
             continue
-        yield JournalDiscard(entry)
+        yield from _discard(entry, journaled)
         logger.info("key %r: refreshed, new tokens stored", key)
         return fresh
 
 
-def _on_invalid_grant(policy: Policy, key: str, used: Credentials) -> Flow[Credentials]:
+def _discard(entry: RescueEntry, journaled: bool) -> Flow[None]:
+    """Drop a rescue entry whose tokens the store now holds; a journal failure is only logged."""
+    if not journaled:
+        return
+    try:
+        yield JournalDiscard(entry)
+    except OSError as exc:
+        logger.warning("could not remove rescue entry %s (%s)", entry.id, type(exc).__name__)
+
+
+def _on_invalid_grant(
+    policy: Policy, key: str, used: Credentials, owner: str | None
+) -> Flow[Credentials]:
     """Tell a lost race (a newer token exists somewhere) from a dead credential."""
     while True:
         current = yield Load(key)
@@ -398,14 +431,13 @@ def _on_invalid_grant(policy: Policy, key: str, used: Credentials) -> Flow[Crede
         stored = policy.credentials(current)
         if stored.refresh_token != used.refresh_token:
             logger.info("key %r: a peer refreshed first; adopting its tokens", key)
-            if current.lease_owner == policy.owner:
+            if current.lease_owner == owner:
                 try:
                     current = yield Save(current.replace(lease_owner=None, lease_until=None))
                 except ConflictError:
                     continue
-            if current.status is Status.NEEDS_REAUTH:
-                raise ReauthRequired(key)
-            return stored
+            # The adopted tokens may be old themselves (a rescue entry from hours ago).
+            return (yield from _ensure_fresh(policy, key, current, None))
         # A crashed process on this host may have journalled the answer for this very token.
         if (yield from _apply_rescues(policy, key, rescan=True)):
             continue
@@ -471,7 +503,8 @@ def _apply_rescues(policy: Policy, key: str, *, rescan: bool) -> Flow[bool]:
         while True:
             current = yield Load(key)
             if current is None:
-                yield JournalDiscard(entry)
+                # Not in this store; the entry may be another store's only copy of its tokens.
+                yield JournalForget(entry)
                 break
             stored = policy.credentials(current).refresh_token
             if stored == entry.credentials.refresh_token:

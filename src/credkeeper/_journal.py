@@ -170,12 +170,13 @@ class RescueJournal:
         index: dict[str, dict[str, RescueEntry]] = {}
         if not self.directory.is_dir():
             return index
-        cutoff = datetime.now().astimezone() - _RETENTION
+        # Judged on file times, the wall clock's, whatever clock stamped the entries.
+        cutoff = time.time() - _RETENTION.total_seconds()
         for path in sorted(self.directory.glob("*.json")):
             entry = self._read(path)
             if entry is None:
                 continue
-            if entry.created_at < cutoff:
+            if _mtime(path) < cutoff:
                 logger.info(
                     "removing rescue entry %s for key %r past retention", path.name, entry.key
                 )
@@ -206,6 +207,13 @@ class RescueJournal:
         except (OSError, ValueError, KeyError, TypeError, AttributeError, CredentialsError):
             logger.warning("skipping unreadable rescue entry %s", path.name)
         return None
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return time.time()
 
 
 def _fsync_directory(directory: Path) -> None:

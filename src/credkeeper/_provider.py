@@ -7,12 +7,13 @@ drivers send, so the same provider serves the sync and the async manager.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 import httpx
 
@@ -49,6 +50,8 @@ AuthMethod = Literal["none", "client_secret_post", "client_secret_basic"]
 BodyFormat = Literal["form", "json"]
 
 _RETRYABLE = frozenset({408, 425, 429})
+# A Retry-After beyond a day is a broken header, not a plan; it would overflow datetimes too.
+_MAX_RETRY_AFTER = 86400.0
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
@@ -57,15 +60,15 @@ def _retry_after(response: httpx.Response, now: datetime) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        return min(float(value), _MAX_RETRY_AFTER)
     try:
         moment = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return max(0.0, (moment - now).total_seconds())
+    return min(max(0.0, (moment - now).total_seconds()), _MAX_RETRY_AFTER)
 
 
 class Provider:
@@ -90,12 +93,17 @@ class Provider:
         timeout: float = 15.0,
         name: str | None = None,
     ) -> None:
-        parts = urlsplit(token_url) if isinstance(token_url, str) else None
-        if parts is None or parts.scheme not in ("https", "http") or not parts.hostname:
+        parts: SplitResult | None = None
+        host: str | None = None
+        if isinstance(token_url, str):
+            with contextlib.suppress(ValueError):  # a malformed IPv6 host, e.g. https://[::1/x
+                parts = urlsplit(token_url)
+                host = parts.hostname
+        if parts is None or parts.scheme not in ("https", "http") or not host:
             raise ConfigurationError(
                 f"token_url must be an absolute http(s) URL, got {token_url!r}"
             )
-        if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+        if parts.scheme == "http" and host not in _LOOPBACK:
             raise ConfigurationError(
                 "token_url must use https (plain http is accepted only on loopback), "
                 f"got {token_url!r}"
@@ -131,7 +139,7 @@ class Provider:
         self.extra_params = dict(extra_params or {})
         self.headers = dict(headers or {})
         self.timeout = float(timeout)
-        self.name = name or (parts.hostname or token_url)
+        self.name = name or host
 
     def __repr__(self) -> str:
         return (
@@ -224,6 +232,9 @@ class Provider:
             try:
                 return Credentials.from_token_response(text, previous=previous, now=now)
             except CredentialsError as exc:
+                salvaged = _salvage(text, previous=previous, now=now, error=exc)
+                if salvaged is not None:
+                    return salvaged
                 raise ProviderError(
                     f"{self.name} answered {status} with a body credkeeper cannot use "
                     f"({exc}): {quoted}",
@@ -262,8 +273,34 @@ class Provider:
 def _error_code(text: str) -> str | None:
     try:
         body = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         return str(body["error"])
     return None
+
+
+def _salvage(
+    text: str, *, previous: Credentials, now: datetime, error: CredentialsError
+) -> Credentials | None:
+    """The tokens of an answer whose other fields are unreadable, treated as already due.
+
+    The provider has rotated the refresh token by the time it answers 200: refusing the whole
+    answer over an unreadable ``expires_in`` or ``scope`` would drop the only copy of the new
+    one. Scopes and subscription are kept from ``previous``.
+    """
+    if error.field in (None, "access_token", "refresh_token"):
+        return None
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    tokens = {name: document.get(name) for name in ("access_token", "refresh_token")}
+    try:
+        return Credentials.from_token_response(
+            {**tokens, "expires_in": 0}, previous=previous, now=now
+        )
+    except CredentialsError:
+        return None

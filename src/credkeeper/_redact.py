@@ -37,5 +37,7 @@ def excerpt(text: str, secrets: Iterable[str] = (), *, limit: int = 200) -> str:
 
     Redaction runs on the whole text first so that a token cut in half by the limit is still masked.
     """
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
     cleaned = " ".join(redact(text, secrets).split())
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"

@@ -438,12 +438,22 @@ class TestFromTokenResponse:
     )
     def test_bad_number(self, field: str, value: object) -> None:
         """A boolean, string, non-finite, negative or structured number raises for its field."""
+        if (field, value) == ("expires_in", "3600"):
+            pytest.skip("a digit string is a valid expires_in: see test_expires_in_as_digits")
         doc = {**without(token_response(), "expires_in"), field: value}
 
         with pytest.raises(CredentialsError) as info:
             Credentials.from_token_response(doc, now=NOW)
 
         assert field == info.value.field
+
+    def test_expires_in_as_digits(self) -> None:
+        """expires_in sent as a string of digits, as some providers do, is read as seconds."""
+        doc = {**token_response(), "expires_in": "3600"}
+
+        credentials = Credentials.from_token_response(doc, now=NOW)
+
+        assert NOW + timedelta(seconds=3600) == credentials.expires_at
 
     def test_nan_in_json_text(self) -> None:
         """NaN written in JSON text (which Python's json accepts) raises for its field."""
@@ -468,11 +478,6 @@ class TestFromTokenResponse:
 
         assert "expires_at" == info.value.field
 
-    @pytest.mark.xfail(
-        strict=True,
-        raises=OverflowError,
-        reason="_number calls math.isfinite/float on ints beyond float range: OverflowError",
-    )
     @pytest.mark.parametrize("field", ["expires_in", "expires_at"])
     def test_integer_beyond_float_range(self, field: str) -> None:
         """A JSON integer too large for a float raises CredentialsError for its field."""
@@ -520,11 +525,6 @@ class TestFromTokenResponse:
         with pytest.raises(CredentialsError, match="JSON object"):
             Credentials.from_token_response(data, now=NOW)
 
-    @pytest.mark.xfail(
-        strict=True,
-        raises=RecursionError,
-        reason="_document does not catch RecursionError from json.loads",
-    )
     def test_deeply_nested_json(self) -> None:
         """Deeply nested JSON raises CredentialsError rather than RecursionError."""
         with pytest.raises(CredentialsError):
@@ -720,11 +720,6 @@ class TestFromClaudeCode:
         with pytest.raises(CredentialsError):
             Credentials.from_claude_code_file(path)
 
-    @pytest.mark.xfail(
-        strict=True,
-        raises=ValueError,
-        reason="from_claude_code_file catches OSError only; a NUL byte gives ValueError",
-    )
     def test_path_with_nul(self, tmp_path: Path) -> None:
         """A path with a NUL byte raises CredentialsError."""
         with pytest.raises(CredentialsError):
@@ -733,11 +728,11 @@ class TestFromClaudeCode:
 
 # -- properties ------------------------------------------------------------------------------
 
-# Integers stay within 2**64: beyond float range is a known bug (TestFromTokenResponse).
 JSON_SCALARS = (
     st.none()
     | st.booleans()
-    | st.integers(min_value=-(2**64), max_value=2**64)
+    | st.integers()
+    | st.integers(min_value=10**300, max_value=10**320)
     | st.floats()
     | st.text(max_size=20)
 )

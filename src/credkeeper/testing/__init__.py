@@ -9,6 +9,7 @@ Use them in your own tests; they are part of the supported API.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ._clock import FakeClock
@@ -47,9 +48,10 @@ def __getattr__(name: str) -> Any:
     # The conformance suite is made of pytest classes: import pytest only for those who use it,
     # and register the module first so that its assertions show values when they fail.
     if name in _CONFORMANCE:
-        import pytest  # noqa: PLC0415
+        if f"{__name__}._conformance" not in sys.modules:
+            import pytest  # noqa: PLC0415
 
-        pytest.register_assert_rewrite("credkeeper.testing._conformance")
+            pytest.register_assert_rewrite(f"{__name__}._conformance")
         from . import _conformance  # noqa: PLC0415
 
         return getattr(_conformance, name)

@@ -1,0 +1,315 @@
+"""Engine hazards: races, outages and odd answers that must not cost a refresh token."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from credkeeper import (
+    AsyncTokenManager,
+    Credentials,
+    MemoryStore,
+    ProviderError,
+    ProviderUnavailable,
+    Record,
+    Status,
+    StoreUnavailable,
+    TokenManager,
+)
+from credkeeper._journal import RescueEntry, RescueJournal, fingerprint
+from credkeeper.testing import FakeClock, FakeProvider, Fault
+
+KEY = "user-review"
+
+
+def stored(store: MemoryStore, key: str = KEY) -> Record:
+    record = store.get(key)
+    assert record is not None
+    return record
+
+
+def wait_until_in_flight(fake: FakeProvider, timeout: float = 5.0) -> None:
+    """Block until the fake has started serving one refresh request."""
+    end = time.monotonic() + timeout
+    while fake.max_in_flight < 1:
+        assert time.monotonic() < end, "no refresh reached the provider"
+        time.sleep(0.005)
+
+
+class TestSameProcessLease:
+    def test_get_and_forced_refresh_in_one_process_refresh_once(self, tmp_path: Path) -> None:
+        """A get() and a refresh() racing in one manager present the refresh token once."""
+        store = MemoryStore()
+        with FakeProvider(latency=0.4, revoke_family_on_reuse=True) as slow:
+            manager = TokenManager(store, slow.provider(), journal=tmp_path / "j")
+            manager.put(KEY, slow.issue(expires_in=0))
+            results: list[Credentials] = []
+            errors: list[BaseException] = []
+
+            def run(call: object) -> None:
+                try:
+                    results.append(call())  # type: ignore[operator]
+                except BaseException as exc:  # noqa: BLE001
+                    errors.append(exc)
+
+            first = threading.Thread(target=run, args=(lambda: manager.get(KEY),))
+            first.start()
+            wait_until_in_flight(slow)
+            second = threading.Thread(target=run, args=(lambda: manager.refresh(KEY),))
+            second.start()
+            first.join(10)
+            second.join(10)
+
+            assert ["ok"] == [call.outcome for call in slow.refresh_calls]
+            assert [] == errors
+            assert "current" == slow.refresh_token_state(stored(store).refresh_token)
+
+    @pytest.mark.anyio
+    async def test_async_get_and_failed_refresh_in_one_manager_refresh_once(
+        self, tmp_path: Path
+    ) -> None:
+        """An async get() and refresh(failed=...) racing present the refresh token once."""
+        store = MemoryStore()
+        with FakeProvider(latency=0.4, revoke_family_on_reuse=True) as slow:
+            async with AsyncTokenManager(store, slow.provider(), journal=tmp_path / "j") as m:
+                old = slow.issue(expires_in=0)
+                await m.put(KEY, old)
+                first = asyncio.ensure_future(m.get(KEY))
+                await asyncio.to_thread(wait_until_in_flight, slow)
+                second = asyncio.ensure_future(m.refresh(KEY, failed=old.access_token))
+                await asyncio.gather(first, second, return_exceptions=True)
+
+            assert ["ok"] == [call.outcome for call in slow.refresh_calls]
+            assert "current" == slow.refresh_token_state(stored(store).refresh_token)
+
+
+class TestRotatedTokenKept:
+    def test_unwritable_journal_does_not_lose_the_rotated_token(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """With the journal directory unusable (read-only or full disk), the store still gets
+        the rotated refresh token the provider has already answered with."""
+        blocker = tmp_path / "not-a-directory"
+        blocker.write_text("")
+        store = MemoryStore()
+        manager = TokenManager(store, fake.provider(), journal=blocker / "j", clock=clock)
+        manager.put(KEY, fake.issue(expires_in=0))
+
+        with contextlib.suppress(Exception):  # an error is fine; losing the token is not
+            manager.get(KEY)
+
+        assert 1 == fake.refresh_count
+        assert "current" == fake.refresh_token_state(stored(store).refresh_token)
+
+    def test_rotating_answer_with_string_expires_in_keeps_the_new_refresh_token(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """A 200 that rotated the token but sends expires_in as a string (as Azure AD v1 does)
+        must not leave the consumed refresh token as the only one stored."""
+        store = MemoryStore()
+        manager = TokenManager(store, fake.provider(), journal=tmp_path / "j", clock=clock)
+        old = fake.issue(expires_in=0)
+        manager.put(KEY, old)
+        # The provider rotates server-side and answers with a body credkeeper refuses to parse.
+        rotated = fake.rotate(old)
+        assert rotated is not None
+        body = json.dumps(
+            {
+                "access_token": rotated.access_token.get_secret_value(),
+                "refresh_token": rotated.refresh_token.get_secret_value(),
+                "expires_in": "28800",
+                "token_type": "Bearer",
+            }
+        )
+        fake.fail_next(Fault.status(200, body=body))
+
+        with contextlib.suppress(ProviderError):
+            manager.get(KEY)
+
+        assert "current" == fake.refresh_token_state(stored(store).refresh_token)
+
+    def test_rotating_answer_with_an_unreadable_scope_keeps_the_new_refresh_token(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """Whatever field of a rotating 200 is off, its new refresh token reaches the store."""
+        store = MemoryStore()
+        manager = TokenManager(store, fake.provider(), journal=tmp_path / "j", clock=clock)
+        old = fake.issue(expires_in=0)
+        manager.put(KEY, old)
+        rotated = fake.rotate(old)
+        assert rotated is not None
+        body = json.dumps(
+            {
+                "access_token": rotated.access_token.get_secret_value(),
+                "refresh_token": rotated.refresh_token.get_secret_value(),
+                "expires_in": 28800,
+                "scope": {"inference": True},
+            }
+        )
+        fake.fail_next(Fault.status(200, body=body))
+
+        with contextlib.suppress(ProviderError):
+            manager.get(KEY)
+
+        assert "current" == fake.refresh_token_state(stored(store).refresh_token)
+
+    def test_unwritable_journal_still_returns_the_stored_refresh(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """When the store took the new tokens, get() returns them even if the journal is
+        unusable; no raw OSError escapes the API."""
+        blocker = tmp_path / "not-a-directory"
+        blocker.write_text("")
+        store = MemoryStore()
+        manager = TokenManager(store, fake.provider(), journal=blocker / "j", clock=clock)
+        manager.put(KEY, fake.issue(expires_in=0))
+
+        fresh = manager.get(KEY)
+
+        assert fresh.refresh_token.get_secret_value() == stored(store).refresh_token
+
+
+class TestRescuedTokensAreFresh:
+    def test_rescue_found_on_invalid_grant_is_refreshed_before_use(self, tmp_path: Path) -> None:
+        """A journal entry left by a crashed sibling process hours ago is applied, and get()
+        still returns an access token valid beyond the leeway."""
+        # The journal's retention is judged on the wall clock: start the fake clock there.
+        clock = FakeClock(datetime.now(UTC))
+        with FakeProvider(clock=clock) as fake:
+            store = MemoryStore()
+            journal_dir = tmp_path / "j"
+            manager = TokenManager(store, fake.provider(), journal=journal_dir, clock=clock)
+            old = fake.issue(expires_in=60)
+            manager.put(KEY, old)
+            manager.put("other", fake.issue())
+            manager.get("other")  # this process has now scanned the journal
+
+            # A sibling process on this host refreshed, journalled the answer, and crashed.
+            rotated = fake.rotate(old)
+            assert rotated is not None
+            RescueJournal(journal_dir).write(
+                RescueEntry(
+                    id=RescueJournal.new_id(),
+                    key=KEY,
+                    credentials=rotated,
+                    replaces=fingerprint(old.refresh_token),
+                    created_at=clock.now(),
+                )
+            )
+            clock.advance(timedelta(hours=9))
+
+            fresh = manager.get(KEY)
+
+            assert fresh.expires_at > clock.now() + timedelta(minutes=15)
+            assert Status.ACTIVE == stored(store).status
+
+
+class TestClassification:
+    def test_absurd_retry_after_is_a_provider_unavailable(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """A 429 with an out-of-range Retry-After surfaces as ProviderUnavailable, not
+        OverflowError, and the lease is released."""
+        store = MemoryStore()
+        manager = TokenManager(store, fake.provider(), journal=tmp_path / "j", clock=clock)
+        manager.put(KEY, fake.issue(expires_in=-10))
+        fake.fail_next(Fault.status(429, retry_after=10**15))
+
+        with pytest.raises(ProviderUnavailable):
+            manager.get(KEY)
+        assert stored(store).lease_owner is None
+
+
+class FlakyStore(MemoryStore):
+    """A memory store whose next ``failures`` puts carrying new tokens raise StoreUnavailable.
+
+    Stands in for a database that drops connections just as the new tokens are written, a fault
+    no real server produces on demand at that exact moment.
+    """
+
+    def __init__(self, failures: int = 0) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def put(self, record: Record) -> Record:
+        current = self.get(record.key)
+        new_tokens = current is not None and current.refresh_token != record.refresh_token
+        if new_tokens and self.failures > 0:
+            self.failures -= 1
+            raise StoreUnavailable("the database went away", key=record.key)
+        return super().put(record)
+
+
+class SlowestJitter(random.Random):
+    """Jitter that always picks the longest delay, so the backoff schedule is fixed."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+class TestLeaseCoversTheWrite:
+    def test_store_retries_stop_before_the_lease_ends(self, tmp_path: Path) -> None:
+        """The holder gives its store write up to the journal before its lease can expire."""
+        store = FlakyStore()
+        with FakeProvider(latency=0.2, revoke_family_on_reuse=True) as slow:
+            holder = TokenManager(
+                store,
+                slow.provider(timeout=0.8),
+                journal=tmp_path / "a",
+                lease_ttl=1.5,
+                refresh_timeout=0.1,
+                rng=SlowestJitter(),
+            )
+            holder.put(KEY, slow.issue(expires_in=0))
+            store.failures = 10
+            started = time.monotonic()
+
+            with pytest.raises(StoreUnavailable):
+                holder.get(KEY)
+            elapsed = time.monotonic() - started
+            store.failures = 0
+            fresh = holder.get(KEY)
+
+            assert elapsed < 1.5
+            assert ["ok"] == [call.outcome for call in slow.refresh_calls]
+            assert "current" == slow.refresh_token_state(fresh.refresh_token)
+
+
+class TestJournalBelongsToItsStore:
+    def test_a_manager_on_another_store_does_not_delete_a_rescue_entry(
+        self, tmp_path: Path
+    ) -> None:
+        """Two stores on one host share the default journal directory; a get() of a key absent
+        from one store must not delete the other store's only copy of a rotated token."""
+        # The journal's retention is judged on the wall clock: start the fake clock there.
+        clock = FakeClock(datetime.now(UTC))
+        with FakeProvider(clock=clock) as fake:
+            self._scenario(fake, clock, tmp_path / "shared-journal")
+
+    def _scenario(self, fake: FakeProvider, clock: FakeClock, journal_dir: Path) -> None:
+        prod = FlakyStore()
+        prod_manager = TokenManager(prod, fake.provider(), journal=journal_dir, clock=clock)
+        prod_manager.put(KEY, fake.issue(expires_in=0))
+        prod.failures = 100
+        with contextlib.suppress(Exception):
+            prod_manager.get(KEY)  # rotated; the new tokens are only in the journal now
+        prod.failures = 0
+
+        staging = TokenManager(MemoryStore(), fake.provider(), journal=journal_dir, clock=clock)
+        with contextlib.suppress(Exception):
+            staging.get(KEY)  # CredentialNotFound there
+
+        assert 1 == len(list(journal_dir.glob("*.json")))
+        restarted = TokenManager(prod, fake.provider(), journal=journal_dir, clock=clock)
+        fresh = restarted.get(KEY)
+
+        assert 1 == fake.refresh_count
+        assert "current" == fake.refresh_token_state(fresh.refresh_token)
