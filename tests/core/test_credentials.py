@@ -433,13 +433,11 @@ class TestFromTokenResponse:
     @pytest.mark.parametrize("field", ["expires_in", "expires_at"])
     @pytest.mark.parametrize(
         "value",
-        [True, False, "3600", float("nan"), float("inf"), -1, [], {}],
+        [True, False, "soon", float("nan"), float("inf"), -1, [], {}],
         ids=["true", "false", "string", "nan", "inf", "negative", "list", "object"],
     )
     def test_bad_number(self, field: str, value: object) -> None:
         """A boolean, string, non-finite, negative or structured number raises for its field."""
-        if (field, value) == ("expires_in", "3600"):
-            pytest.skip("a digit string is a valid expires_in: see test_expires_in_as_digits")
         doc = {**without(token_response(), "expires_in"), field: value}
 
         with pytest.raises(CredentialsError) as info:
