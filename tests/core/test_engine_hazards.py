@@ -26,6 +26,7 @@ from credkeeper import (
 )
 from credkeeper._journal import RescueEntry, RescueJournal, fingerprint
 from credkeeper.testing import FakeClock, FakeProvider, Fault
+from tests.core.test_engine import FailingStore
 
 KEY = "user-review"
 
@@ -228,26 +229,6 @@ class TestClassification:
         assert stored(store).lease_owner is None
 
 
-class FlakyStore(MemoryStore):
-    """A memory store whose next ``failures`` puts carrying new tokens raise StoreUnavailable.
-
-    Stands in for a database that drops connections just as the new tokens are written, a fault
-    no real server produces on demand at that exact moment.
-    """
-
-    def __init__(self, failures: int = 0) -> None:
-        super().__init__()
-        self.failures = failures
-
-    def put(self, record: Record) -> Record:
-        current = self.get(record.key)
-        new_tokens = current is not None and current.refresh_token != record.refresh_token
-        if new_tokens and self.failures > 0:
-            self.failures -= 1
-            raise StoreUnavailable("the database went away", key=record.key)
-        return super().put(record)
-
-
 class SlowestJitter(random.Random):
     """Jitter that always picks the longest delay, so the backoff schedule is fixed."""
 
@@ -258,7 +239,7 @@ class SlowestJitter(random.Random):
 class TestLeaseCoversTheWrite:
     def test_store_retries_stop_before_the_lease_ends(self, tmp_path: Path) -> None:
         """The holder gives its store write up to the journal before its lease can expire."""
-        store = FlakyStore()
+        store = FailingStore()
         with FakeProvider(latency=0.2, revoke_family_on_reuse=True) as slow:
             holder = TokenManager(
                 store,
@@ -295,7 +276,7 @@ class TestJournalBelongsToItsStore:
             self._scenario(fake, clock, tmp_path / "shared-journal")
 
     def _scenario(self, fake: FakeProvider, clock: FakeClock, journal_dir: Path) -> None:
-        prod = FlakyStore()
+        prod = FailingStore()
         prod_manager = TokenManager(prod, fake.provider(), journal=journal_dir, clock=clock)
         prod_manager.put(KEY, fake.issue(expires_in=0))
         prod.failures = 100
