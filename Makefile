@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 .PHONY: demo test lint bench clean
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m credkeeper demo
+	$(BIN)/credkeeper demo
 
 test: $(VENV)/.installed lint
 	$(BIN)/pytest

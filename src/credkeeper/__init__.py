@@ -5,13 +5,17 @@ from __future__ import annotations
 from ._clock import Clock, SystemClock
 from ._credentials import Credentials
 from ._exceptions import (
+    AuthFailed,
+    CLIError,
     ConfigurationError,
     ConflictError,
     CredentialNotFound,
     CredentialsError,
     CredkeeperError,
     DecryptionError,
+    FieldViolation,
     InvalidGrant,
+    InvalidRequest,
     ProviderError,
     ProviderUnavailable,
     ReauthRequired,
@@ -20,35 +24,76 @@ from ._exceptions import (
     StoreError,
     StoreUnavailable,
     UnknownSchemeError,
+    UnsafeFilePath,
+    UsageLimitReached,
+    WrapperError,
+    WrapperUnavailable,
 )
 from ._journal import RescueJournal
 from ._keyring import KeyRing
 from ._manager import AsyncTokenManager, TokenManager
 from ._memory import MemoryStore
+from ._messages import (
+    AssistantEvent,
+    ContentBlock,
+    Event,
+    FileEvent,
+    FilesBatchEvent,
+    Health,
+    Message,
+    ResultEvent,
+    StreamEvent,
+    SystemEvent,
+    WorkspaceFile,
+)
 from ._provider import Provider
 from ._record import Record, Status
 from ._registry import open_store
 from ._rekey import RekeyReport, rekey
 from ._secret import Secret
 from ._store import AsyncCredentialStore, CredentialStore, ThreadOffloadStore, as_async_store
+from ._wrapper import (
+    AsyncMessages,
+    AsyncMessageStream,
+    AsyncWrapperClient,
+    Messages,
+    MessageStream,
+    WrapperClient,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AssistantEvent",
     "AsyncCredentialStore",
+    "AsyncMessageStream",
+    "AsyncMessages",
     "AsyncTokenManager",
+    "AsyncWrapperClient",
+    "AuthFailed",
+    "CLIError",
     "Clock",
     "ConfigurationError",
     "ConflictError",
+    "ContentBlock",
     "CredentialNotFound",
     "CredentialStore",
     "Credentials",
     "CredentialsError",
     "CredkeeperError",
     "DecryptionError",
+    "Event",
+    "FieldViolation",
+    "FileEvent",
+    "FilesBatchEvent",
+    "Health",
     "InvalidGrant",
+    "InvalidRequest",
     "KeyRing",
     "MemoryStore",
+    "Message",
+    "MessageStream",
+    "Messages",
     "Provider",
     "ProviderError",
     "ProviderUnavailable",
@@ -57,15 +102,24 @@ __all__ = [
     "RefreshTimeout",
     "RekeyReport",
     "RescueJournal",
+    "ResultEvent",
     "Secret",
     "Status",
     "StoreCorrupted",
     "StoreError",
     "StoreUnavailable",
+    "StreamEvent",
     "SystemClock",
+    "SystemEvent",
     "ThreadOffloadStore",
     "TokenManager",
     "UnknownSchemeError",
+    "UnsafeFilePath",
+    "UsageLimitReached",
+    "WorkspaceFile",
+    "WrapperClient",
+    "WrapperError",
+    "WrapperUnavailable",
     "__version__",
     "as_async_store",
     "open_store",

@@ -16,7 +16,14 @@ The tree::
     │   └── ProviderUnavailable               429, 5xx or a timeout, after the retries allowed
     ├── CredentialNotFound (KeyError)         no credential is stored under a key
     ├── ReauthRequired                        the user must log in again; nothing was deleted
-    └── RefreshTimeout (TimeoutError)         another worker's refresh did not finish in time
+    ├── RefreshTimeout (TimeoutError)         another worker's refresh did not finish in time
+    └── WrapperError                          the Claude Wrapper API answered with an error
+        ├── InvalidRequest (ValueError)       the request breaks the wrapper's rules; lists fields
+        ├── AuthFailed                        credentials refused again after a refresh
+        ├── UsageLimitReached                 the account hit a usage limit; no refresh helps
+        ├── CLIError                          the wrapper's CLI failed for another reason
+        ├── UnsafeFilePath (ValueError)       a returned file would land outside its directory
+        └── WrapperUnavailable                5xx, connection failure or timeout; retry later
 
 No message ever contains a token: messages name keys, fields and HTTP statuses, and provider
 bodies are quoted only after redaction.
@@ -24,14 +31,21 @@ bodies are quoted only after redaction.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 __all__ = [
+    "AuthFailed",
+    "CLIError",
     "ConfigurationError",
     "ConflictError",
     "CredentialNotFound",
     "CredentialsError",
     "CredkeeperError",
     "DecryptionError",
+    "FieldViolation",
     "InvalidGrant",
+    "InvalidRequest",
     "ProviderError",
     "ProviderUnavailable",
     "ReauthRequired",
@@ -40,6 +54,10 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "UnknownSchemeError",
+    "UnsafeFilePath",
+    "UsageLimitReached",
+    "WrapperError",
+    "WrapperUnavailable",
 ]
 
 
@@ -165,3 +183,75 @@ class RefreshTimeout(CredkeeperError, TimeoutError):
             "raise refresh_timeout or check that worker"
         )
         self.key = key
+
+
+class WrapperError(CredkeeperError):
+    """The Claude Wrapper API answered with an error.
+
+    ``status`` is the HTTP status (``None`` when no response came back, or for an error the
+    client found before sending), ``code`` the wrapper's error code (``cli_error``,
+    ``stream_error``, ...), ``key`` the credential the call was made for, and ``excerpt`` a
+    short, redacted piece of what the wrapper said.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        key: str | None = None,
+        excerpt: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.key = key
+        self.excerpt = excerpt
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One rule a request broke: ``field`` is a dotted path such as ``messages.0.content``."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class InvalidRequest(WrapperError, ValueError):
+    """The request breaks the wrapper's validation rules; ``errors`` lists every field.
+
+    Raised before anything is sent when the client can tell, and from the wrapper's HTTP 422
+    otherwise.
+    """
+
+    def __init__(
+        self, errors: Iterable[FieldViolation], *, status: int | None = None, key: str | None = None
+    ) -> None:
+        self.errors = tuple(errors)
+        listed = "; ".join(str(error) for error in self.errors)
+        source = "the wrapper rejected the request (HTTP 422)" if status else "invalid request"
+        super().__init__(f"{source}: {listed}", status=status, key=key)
+
+
+class AuthFailed(WrapperError):
+    """The wrapper refused the credentials under ``key``, and again after a fresh refresh."""
+
+
+class UsageLimitReached(WrapperError):
+    """The account behind ``key`` hit a usage limit (a weekly limit, say); no refresh can help."""
+
+
+class CLIError(WrapperError):
+    """The wrapper's CLI failed for a reason that is neither authentication nor a usage limit."""
+
+
+class UnsafeFilePath(WrapperError, ValueError):
+    """A file returned by the wrapper names a path outside the directory it is saved to."""
+
+
+class WrapperUnavailable(WrapperError):
+    """The wrapper failed (5xx), could not be reached, or did not answer in time; retry later."""

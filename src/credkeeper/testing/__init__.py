@@ -1,9 +1,11 @@
 """Public test tooling for credkeeper and for code built on it.
 
 Fakes that behave like the real systems, over real loopback HTTP: :class:`FakeProvider` (a
-rotating OAuth token endpoint with a fault schedule) and :class:`FakeClock` (time that moves only
-when a test moves it); :class:`StoreConformance` and :class:`AsyncStoreConformance`, the suite
-every store passes (it needs pytest); :func:`run_storm`, the many-process refresh storm.
+rotating OAuth token endpoint with a fault schedule), :class:`FakeWrapper` (the Claude Wrapper
+API, checking tokens against a FakeProvider, with its own fault schedule) and :class:`FakeClock`
+(time that moves only when a test moves it); :class:`StoreConformance` and
+:class:`AsyncStoreConformance`, the suite every store passes (it needs pytest); :func:`run_storm`,
+the many-process refresh storm.
 Use them in your own tests; they are part of the supported API.
 """
 
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ._clock import FakeClock
 from ._provider import FakeProvider, Fault, RefreshCall
 from ._storm import StormReport, run_storm
+from ._wrapper import FakeWrapper, WrapperCall, WrapperFault
 
 if TYPE_CHECKING:
     from ._conformance import (
@@ -30,12 +33,15 @@ __all__ = [
     "BlockingStore",
     "FakeClock",
     "FakeProvider",
+    "FakeWrapper",
     "Fault",
     "KeySpace",
     "RefreshCall",
     "StoreConformance",
     "StoreFactory",
     "StormReport",
+    "WrapperCall",
+    "WrapperFault",
     "run_storm",
 ]
 

@@ -713,6 +713,22 @@ class FakeProvider:
                 raise KeyError("the token is not one this FakeProvider issued")
             self._revoke_family_locked(self._families[name])
 
+    def revoke_access_token(self, token: str | Secret | Credentials) -> None:
+        """Revoke one access token and nothing else: its refresh token still works.
+
+        What a server-side session reset or #58066's suspected revocation looks like to a
+        client: the wrapper refuses the token before its ``expires_at``. One this fake never
+        issued is a ``KeyError``.
+        """
+        if isinstance(token, Credentials):
+            token = token.access_token
+        value = _token_value(token)
+        with self._lock:
+            entry = self._access.get(value)
+            if entry is None:
+                raise KeyError("the token is not an access token this FakeProvider issued")
+            entry.revoked = True
+
     def all_tokens(self) -> set[str]:
         """Every access and refresh token this fake ever issued, in clear.
 

@@ -1,0 +1,523 @@
+"""The ``credkeeper`` command line: import, inspect, refresh and re-seal stored credentials.
+
+Every command is one function decorated with ``@cli.command()`` that takes the run's
+:class:`~credkeeper._cli_settings.Settings` (``@pass_settings``) and asks it for the store, the
+key ring or a manager built from the global options. Errors are not handled in commands: the
+group turns every one into a single ``credkeeper: error: ...`` line on stderr and an exit code
+from the table in ``_cli_errors`` (a traceback too with ``--debug``).
+
+No command prints a token. ``keygen`` prints key material, which is its job, to stdout only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from . import __version__
+from ._cli_errors import PREFIX, ExitCode, describe, epilog, exit_code_for, one_line
+from ._cli_format import expiry_phrase, load_records, record_json, status_table
+from ._cli_settings import (
+    DEFAULT_WRAPPER_URL,
+    PROVIDER_PROFILES,
+    Settings,
+    default_store_path,
+    pass_settings,
+    resolve_provider,
+)
+from ._credentials import Credentials
+from ._demo import run_demo
+from ._exceptions import ConfigurationError, CredentialsError
+from ._keyring import KeyRing
+from ._provider import Provider
+from ._rekey import rekey
+from ._wrapper import WrapperClient
+
+__all__ = ["cli", "main"]
+
+# Credential documents are a few hundred bytes; refuse to buffer whatever a pipe sends.
+_MAX_INPUT = 1 << 20
+_CLAUDE_CODE_FILE = Path("~/.claude/.credentials.json")
+
+
+class _CommandError(Exception):
+    """An exception a command let escape, carried out of click to be reported as one line."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.message = describe(exc)
+        self.exit_code = exit_code_for(exc)
+        super().__init__(self.message)
+
+
+class _Group(click.Group):
+    """The ``credkeeper`` group: every error becomes one line on stderr and a documented code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; an exception it raises becomes a :class:`_CommandError`."""
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            # Only here is the --debug flag known and the traceback still at hand.
+            if ctx.params.get("debug"):
+                click.echo(traceback.format_exc(), err=True, nl=False)
+            raise _CommandError(exc) from exc
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Run the command line; exit with its code, or return it when not ``standalone_mode``.
+
+        click's own reporting prints usage blocks and ``Error:`` lines; this prints one line
+        in every case, so that logs and scripts see the same shape whatever went wrong.
+        """
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = result if isinstance(result, int) else ExitCode.OK
+        except _CommandError as exc:
+            _error(exc.message)
+            code = exc.exit_code
+        except _NO_ARGS as exc:
+            exc.show()  # no command at all: the help is the useful answer
+            code = ExitCode.USAGE
+        except click.UsageError as exc:
+            path = exc.ctx.command_path if exc.ctx is not None else "credkeeper"
+            _error(f"{exc.format_message()} (see '{path} --help')")
+            code = exc.exit_code
+        except click.ClickException as exc:
+            _error(exc.format_message())
+            code = exc.exit_code
+        except click.Abort:
+            _error("interrupted")
+            code = ExitCode.INTERRUPTED
+        except Exception as exc:  # noqa: BLE001 - raised outside a command, e.g. while closing
+            _error(describe(exc))
+            code = exit_code_for(exc)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+# click 8.2 made a bare group raise this (a UsageError carrying the help); 8.1 has no such class.
+_NO_ARGS: type[click.UsageError] = getattr(
+    click.exceptions, "NoArgsIsHelpError", type("_Never", (click.UsageError,), {})
+)
+
+
+def _error(message: str) -> None:
+    click.echo(PREFIX + one_line(message), err=True)
+
+
+def _provider_option(ctx: click.Context, param: click.Parameter, value: str) -> Provider:
+    """``--provider``: a profile name or a token URL, checked while the options are parsed."""
+    try:
+        return resolve_provider(value)
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+def _configure_logging(ctx: click.Context, *, debug: bool) -> None:
+    """Route credkeeper's logs for this run: to stderr with ``--debug``, else nowhere.
+
+    Without a handler, Python would print warnings on stderr by itself, and an error would
+    then take two lines (the engine's warning and ours). The logs never contain tokens.
+    """
+    logger = logging.getLogger("credkeeper")
+    handler: logging.Handler
+    if debug:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    level = logger.level
+    logger.addHandler(handler)
+    if debug:
+        logger.setLevel(logging.DEBUG)
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+    ctx.call_on_close(restore)
+
+
+@click.group(
+    name="credkeeper",
+    cls=_Group,
+    epilog=epilog(),
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.option(
+    "--store",
+    "store_url",
+    envvar="CREDKEEPER_STORE",
+    metavar="URL",
+    help="The credential store [env CREDKEEPER_STORE; default: an encrypted file, "
+    "$XDG_DATA_HOME/credkeeper/credentials.json or ~/.local/share/credkeeper/credentials.json].",
+)
+@click.option(
+    "--keys",
+    envvar="CREDKEEPER_KEYS",
+    metavar="KEYS|@FILE",
+    help="The key ring sealing the tokens: key text as `credkeeper keygen` prints it, or "
+    "@FILE (also any value containing '/' or starting with '~' or '.') for a key file "
+    "[env CREDKEEPER_KEYS].",
+)
+@click.option(
+    "--provider",
+    envvar="CREDKEEPER_PROVIDER",
+    callback=_provider_option,
+    default="claude-code",
+    show_default=True,
+    metavar="PROFILE|URL",
+    help=f"The token endpoint: {', '.join(PROVIDER_PROFILES)}, or a token URL "
+    "(Claude Code's protocol at that address) [env CREDKEEPER_PROVIDER].",
+)
+@click.option(
+    "--wrapper-url",
+    envvar="CREDKEEPER_WRAPPER_URL",
+    default=DEFAULT_WRAPPER_URL,
+    show_default=True,
+    metavar="URL",
+    help="The Claude Wrapper API's base URL [env CREDKEEPER_WRAPPER_URL].",
+)
+@click.option(
+    "--journal",
+    envvar="CREDKEEPER_JOURNAL",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="The rescue journal's directory [env CREDKEEPER_JOURNAL; default: "
+    "$XDG_STATE_HOME/credkeeper/journal or ~/.local/state/credkeeper/journal].",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs on stderr.")
+@click.version_option(__version__, "-V", "--version", prog_name="credkeeper")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    store_url: str | None,
+    keys: str | None,
+    provider: Provider,
+    wrapper_url: str,
+    journal: Path | None,
+    debug: bool,
+) -> None:
+    """Keep rotating OAuth credentials fresh: one provider refresh per expiry, none lost.
+
+    Commands that touch tokens (import, refresh, rekey) need a key ring; status does not.
+    """
+    _configure_logging(ctx, debug=debug)
+    settings = Settings(
+        store_url=store_url or default_store_path().as_uri(),
+        default_store=not store_url,
+        keys=keys,
+        provider=provider,
+        wrapper_url=wrapper_url,
+        journal=journal.expanduser() if journal is not None else None,
+        debug=debug,
+    )
+    ctx.obj = settings
+    ctx.call_on_close(settings.close)
+
+
+def _console(*, soft_wrap: bool = True) -> Console:
+    # Created per command so it writes to the stdout of the moment (CliRunner swaps it);
+    # rich drops colours and redrawing by itself when stdout is not a terminal.
+    return Console(highlight=False, soft_wrap=soft_wrap)
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+@cli.command(short_help="Run many workers through several expiries, all local.")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=32,
+    show_default=True,
+    help="Concurrent worker threads.",
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(1.0, 600.0),
+    default=8.0,
+    show_default=True,
+    help="How long the workers run.",
+)
+def demo(workers: int, seconds: float) -> None:
+    """Refresh through several expiries: a fake provider, an encrypted file store, many workers.
+
+    Everything runs locally in a temporary directory; the global options are not used.
+    Exits 0 only when every call succeeded with one provider refresh per expiry.
+    """
+    result = run_demo(workers=workers, seconds=seconds, console=_console())
+    if not result.ok:
+        raise click.exceptions.Exit(ExitCode.FAILURE)
+
+
+@cli.command("import", short_help="Store a login's credentials under a key.")
+@click.option("--key", required=True, help="The key to store the credential under (a user id).")
+@click.option(
+    "--from-file",
+    "source",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    metavar="PATH",
+    help=f"A credentials file; '-' reads stdin [default: {_CLAUDE_CODE_FILE}].",
+)
+@click.option("--stdin", is_flag=True, help="Read the credentials from stdin (same as '-').")
+@click.argument(
+    "path", required=False, type=click.Path(dir_okay=False, allow_dash=True), metavar="[PATH|-]"
+)
+@pass_settings
+def import_(
+    settings: Settings, key: str, source: str | None, stdin: bool, path: str | None
+) -> None:
+    """Store a login's credentials under --key, replacing what is there.
+
+    Reads Claude Code's credentials file ({"claudeAiOauth": {...}}) or the wrapper's
+    oauth_credentials JSON (the object, or a document holding it), from PATH (the same as
+    --from-file) or, with '-' or --stdin, from standard input.
+    """
+    if sum((stdin, source is not None, path is not None)) > 1:
+        raise click.UsageError("give one of PATH, --from-file and --stdin")
+    source = source if path is None else path
+    manager = settings.manager()  # a missing key ring is reported before any input is read
+    if stdin or source == "-":
+        origin = "standard input"
+        data = sys.stdin.buffer.read(_MAX_INPUT + 1)
+    else:
+        file = Path(source or _CLAUDE_CODE_FILE).expanduser()
+        origin = str(file)
+        data = _read_input(file)
+    credentials = _parse_credentials(data, origin)
+    manager.put(key, credentials)
+    now = datetime.now(UTC)
+    details = [f"access token {expiry_phrase(credentials.expires_at, now=now)}"]
+    if credentials.scopes:
+        details.append(f"scopes {' '.join(credentials.scopes)}")
+    if credentials.subscription_type:
+        details.append(f"subscription {credentials.subscription_type}")
+    click.echo(f"imported {key!r} into {settings.store_display}: {', '.join(details)}")
+
+
+def _read_input(path: Path) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(_MAX_INPUT + 1)
+    except OSError as exc:
+        raise CredentialsError(
+            f"cannot read credentials from {path}: {exc.strerror or type(exc).__name__}"
+        ) from None
+
+
+def _parse_credentials(data: bytes, origin: str) -> Credentials:
+    """Credentials from Claude Code's document or the wrapper's, whichever ``data`` holds."""
+    if len(data) > _MAX_INPUT:
+        raise CredentialsError(f"{origin} holds more than {_MAX_INPUT} bytes; not credentials")
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # Never quote the input or the parser's message: the input holds tokens.
+        raise CredentialsError(f"{origin} is not valid JSON") from None
+    parse: Callable[[Any], Credentials] = (
+        Credentials.from_claude_code
+        if isinstance(document, dict) and "claudeAiOauth" in document
+        else Credentials.from_wrapper
+    )
+    try:
+        return parse(document)
+    except CredentialsError as exc:
+        raise CredentialsError(f"cannot import from {origin}: {exc}", field=exc.field) from None
+
+
+@cli.command(short_help="List stored credentials and their state; never a token.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@pass_settings
+def status(settings: Settings, as_json: bool) -> None:
+    """List every stored credential: expiry, status, lease holder, failures. Never a token.
+
+    Needs no key ring: only the non-secret fields of each record are read.
+    """
+    records = load_records(settings.store())
+    now = datetime.now(UTC)
+    if as_json:
+        click.echo(json.dumps([record_json(record, now=now) for record in records], indent=2))
+        return
+    console = _console(soft_wrap=False)
+    if not records:
+        console.print(f"no credentials in {escape(settings.store_display)}")
+        return
+    console.print(f"{len(records)} credential(s) in {escape(settings.store_display)}")
+    console.print(status_table(records, now=now))
+
+
+@cli.command(short_help="Refresh one credential now.")
+@click.argument("key")
+@pass_settings
+def refresh(settings: Settings, key: str) -> None:
+    """Refresh the credential under KEY now, through the store's lease; print its new expiry."""
+    credentials = settings.manager().refresh(key)
+    expires = credentials.expires_at.isoformat(timespec="seconds").replace("+00:00", "Z")
+    now = datetime.now(UTC)
+    click.echo(
+        f"refreshed {key!r}: the new access token "
+        f"{expiry_phrase(credentials.expires_at, now=now)} ({expires})"
+    )
+
+
+@cli.command(short_help="Send a prompt as KEY and stream the reply.")
+@click.argument("key")
+@click.argument("prompt")
+@click.option("--model", default="sonnet", show_default=True, help="opus, sonnet, haiku or an id.")
+@click.option("--thinking/--no-thinking", default=None, help="Extended thinking on or off.")
+@click.option("--keepalive", is_flag=True, help="Use the wrapper's SSE endpoint.")
+@pass_settings
+def send(
+    settings: Settings, key: str, prompt: str, model: str, thinking: bool | None, keepalive: bool
+) -> None:
+    """Send PROMPT ('-' reads stdin) to the wrapper as the user under KEY; stream the reply."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    history = [{"role": "user", "content": prompt}]
+    with (
+        WrapperClient(settings.manager(), base_url=settings.wrapper_url) as client,
+        client.messages.stream(
+            key, history, model=model, thinking=thinking, keepalive=keepalive
+        ) as stream,
+    ):
+        for text in stream.text_deltas():
+            click.echo(text, nl=False)
+    click.echo()
+
+
+@cli.command(short_help="Make a new key ring, or rotate a key file.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Write the new ring to FILE (mode 0600) instead of stdout.",
+)
+@click.option("--force", is_flag=True, help="Let --output replace an existing FILE.")
+@click.option(
+    "--add-to",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Rotate: put a new primary key first in the key file FILE, keeping the others.",
+)
+@click.option("--key-id", metavar="ID", help="The new key's id [default: k + 8 hex digits].")
+def keygen(output: Path | None, force: bool, add_to: Path | None, key_id: str | None) -> None:
+    """Make a new 256-bit key: print a key ring, write it to a file, or rotate a key file.
+
+    This prints key material (to stdout only): keep it out of shell history and logs.
+    """
+    if add_to is not None and output is not None:
+        raise click.UsageError("--add-to rewrites its file in place; it does not take --output")
+    if force and output is None:
+        raise click.UsageError("--force only applies to --output")
+    if add_to is not None:
+        _add_key(add_to.expanduser(), key_id)
+        return
+    ring = KeyRing.generate(key_id)
+    if output is None:
+        click.echo(ring.export())
+        return
+    output = output.expanduser()
+    if output.exists() and not force:
+        raise click.BadParameter(
+            f"{output} already exists; pass --force to replace it (its keys would be lost)",
+            param_hint="'--output'",
+        )
+    _write_private(output, ring.export() + "\n", replace=force)
+    click.echo(
+        f"wrote a key ring with key {ring.primary_id} to {output} (mode 0600); "
+        f"use it with CREDKEEPER_KEYS=@{output}"
+    )
+
+
+def _add_key(path: Path, key_id: str | None) -> None:
+    ring = KeyRing.from_file(path)  # refuses a file others can read, as every reader would
+    rotated = ring.rotated(key_id)
+    original = path.read_text(encoding="utf-8-sig")
+    # Prepend the new line to the file as it is, so its comments and layout survive.
+    new_line = rotated.export().splitlines()[0]
+    text = f"{new_line}\n{original}"
+    if not text.endswith("\n"):
+        text += "\n"
+    if KeyRing.parse(text).key_ids != rotated.key_ids:
+        raise ConfigurationError(f"key file {str(path)!r} did not read back as the rotated ring")
+    _write_private(path, text, replace=True)
+    click.echo(
+        f"added key {rotated.primary_id} as the primary key of {path} "
+        f"(keys: {', '.join(rotated.key_ids)}); give every writer this ring, "
+        "then run `credkeeper rekey`"
+    )
+
+
+def _write_private(path: Path, text: str, *, replace: bool) -> None:
+    """Write ``text`` to ``path``, mode 0600; without ``replace``, never over an existing file."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not replace:
+        # O_EXCL: a file appearing since the caller's check is refused, not overwritten.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        _write_fd(fd, text)
+        return
+    # A temp file and a rename: a crash leaves the old keys or the new ones, never half a file.
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        _write_fd(fd, text)
+        os.replace(temp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+def _write_fd(fd: int, text: str) -> None:
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        # The umask may have taken bits off 0600; the mode must be exactly this, not less usable.
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@cli.command("rekey", short_help="Re-seal every stored token under the primary key.")
+@pass_settings
+def rekey_command(settings: Settings) -> None:
+    """Re-seal every stored token under the key ring's primary key (after a rotation).
+
+    Run it once every writer has the new ring; records are written by compare-and-swap, so
+    refreshes running meanwhile are never overwritten.
+    """
+    keyring = settings.keyring()
+    report = rekey(settings.store(), keyring)
+    click.echo(
+        f"re-sealed {report.rekeyed} record(s) under key {keyring.primary_id}; "
+        f"{report.unchanged} already under it"
+    )
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Run ``credkeeper`` with ``args`` (default: the process's); return the exit code.
+
+    The console script and ``python -m credkeeper`` call this and exit with its result.
+    """
+    return int(cli.main(args, prog_name="credkeeper", standalone_mode=False))

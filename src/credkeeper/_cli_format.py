@@ -1,0 +1,144 @@
+"""What ``credkeeper status`` shows: records as rows, times the way people say them.
+
+Only a record's coordination fields are read here (expiry, status, lease, failures), never its
+token fields, so nothing on this path can print a token, sealed or not.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from rich import box
+from rich.table import Table
+from rich.text import Text
+
+from ._record import Record, Status
+from ._store import CredentialStore
+
+__all__ = [
+    "FAR_FUTURE",
+    "expiry_phrase",
+    "expiry_text",
+    "humanise",
+    "load_records",
+    "record_json",
+    "status_table",
+]
+
+#: Every record expires before this, so ``scan_due(FAR_FUTURE)`` lists every key. Whole
+#: seconds: a backend keeping milliseconds would round .999999 into the year 10000.
+FAR_FUTURE = datetime.max.replace(microsecond=0, tzinfo=UTC)
+
+# Below this an access token is about to be refreshed (the engine's default leeway).
+_SOON = 15 * 60
+
+
+def humanise(seconds: float) -> str:
+    """A duration in its two largest units: ``45s``, ``3m``, ``7h 59m``, ``2d 3h``."""
+    total = int(abs(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h" if hours else f"{days}d"
+    if hours:
+        return f"{hours}h {minutes}m" if minutes else f"{hours}h"
+    if minutes:
+        return f"{minutes}m"
+    return f"{secs}s"
+
+
+def expiry_text(expires_at: datetime, *, now: datetime) -> str:
+    """``in 7h 59m`` for a valid token, ``expired 3m ago`` for one past its expiry."""
+    left = (expires_at - now).total_seconds()
+    return f"in {humanise(left)}" if left > 0 else f"expired {humanise(left)} ago"
+
+
+def expiry_phrase(expires_at: datetime, *, now: datetime) -> str:
+    """``expires in 7h 59m`` or ``expired 3m ago``, for sentences."""
+    text = expiry_text(expires_at, now=now)
+    return f"expires {text}" if text.startswith("in ") else text
+
+
+def load_records(store: CredentialStore) -> list[Record]:
+    """Every record in ``store``, sorted by key; keys deleted during the scan are skipped."""
+    # Keys first, then reads: a scan cursor held across reads can block writers on some stores.
+    keys = sorted(set(store.scan_due(FAR_FUTURE)))
+    records = (store.get(key) for key in keys)
+    return [record for record in records if record is not None]
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def record_json(record: Record, *, now: datetime) -> dict[str, Any]:
+    """A record's non-secret fields for ``status --json``; times in ISO 8601 UTC."""
+    lease_active = record.lease_until is not None and record.lease_until > now
+    return {
+        "key": record.key,
+        "status": record.status.value,
+        "expires_at": _iso(record.expires_at),
+        "expires_in_seconds": int((record.expires_at - now).total_seconds()),
+        "scopes": list(record.scopes),
+        "subscription_type": record.subscription_type,
+        "lease_owner": record.lease_owner,
+        "lease_until": _iso(record.lease_until),
+        "lease_active": lease_active,
+        "failures": record.failures,
+        "last_error": record.last_error,
+        "cooldown_until": _iso(record.cooldown_until),
+    }
+
+
+def _expiry_cell(record: Record, now: datetime) -> Text:
+    left = (record.expires_at - now).total_seconds()
+    style = "red" if left <= 0 else "yellow" if left <= _SOON else ""
+    return Text(expiry_text(record.expires_at, now=now), style=style)
+
+
+def _status_cell(record: Record) -> Text:
+    return Text(record.status.value, style="green" if record.status is Status.ACTIVE else "red")
+
+
+def _lease_cell(record: Record, now: datetime) -> Text:
+    if record.lease_owner is None or record.lease_until is None:
+        return Text("-", style="dim")
+    left = (record.lease_until - now).total_seconds()
+    if left > 0:
+        return Text(f"{record.lease_owner} ({humanise(left)} left)", style="cyan")
+    # A lapsed lease is free for the next refresher to take over.
+    return Text(f"{record.lease_owner} (lapsed {humanise(left)} ago)", style="dim")
+
+
+def _failures_cell(record: Record, now: datetime) -> Text:
+    if record.failures == 0:
+        return Text("-", style="dim")
+    text = f"{record.failures}"
+    if record.last_error:
+        text += f" ({record.last_error})"
+    if record.cooldown_until is not None and record.cooldown_until > now:
+        text += f", cooldown {humanise((record.cooldown_until - now).total_seconds())}"
+    return Text(text, style="yellow")
+
+
+def status_table(records: list[Record], *, now: datetime) -> Table:
+    """The ``status`` table: key, expiry, status, lease holder, failures and cooldown."""
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, pad_edge=False)
+    table.add_column("key", overflow="fold")
+    table.add_column("expires", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("lease", overflow="fold")
+    table.add_column("failures", overflow="fold")
+    for record in records:
+        table.add_row(
+            Text(record.key),
+            _expiry_cell(record, now),
+            _status_cell(record),
+            _lease_cell(record, now),
+            _failures_cell(record, now),
+        )
+    return table

@@ -1,0 +1,967 @@
+"""``WrapperClient`` and ``AsyncWrapperClient``: Claude Wrapper API calls with fresh credentials.
+
+Every call takes the user's credentials from a token manager (refreshed beforehand when they are
+within its leeway), sends them in ``oauth_credentials``, and reads the answer the way the real
+wrapper gives it (``wrapper-and-provider.md`` section 1): an expired or revoked token comes back
+as HTTP 200 with a ``cli_error`` text, so errors are classified by text. After an auth failure
+the manager refreshes only if the store still holds the refused token, and the call is retried
+once. The decision lives in :func:`call_flow`; the two clients only perform its effects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, Literal, Self, TypeVar
+
+import httpx
+
+from ._credentials import Credentials
+from ._exceptions import (
+    AuthFailed,
+    CLIError,
+    ConfigurationError,
+    InvalidRequest,
+    UsageLimitReached,
+    WrapperError,
+    WrapperUnavailable,
+)
+from ._manager import AsyncTokenManager, TokenManager
+from ._messages import (
+    DONE,
+    End,
+    Event,
+    Health,
+    Message,
+    ResultEvent,
+    StreamEvent,
+    SystemEvent,
+    build_body,
+    parse_event,
+    parse_line,
+    violations_from_422,
+)
+from ._record import check_key
+from ._redact import excerpt
+from ._secret import Secret
+
+__all__ = [
+    "DEFAULT_WRAPPER_URL",
+    "AsyncMessageStream",
+    "AsyncMessages",
+    "AsyncWrapperClient",
+    "MessageStream",
+    "Messages",
+    "WrapperClient",
+]
+
+T = TypeVar("T")
+L = TypeVar("L", Iterator[str], AsyncIterator[str])
+
+DEFAULT_WRAPPER_URL = "https://wrapper.claude.serenity-system.fr"
+# The wrapper runs the CLI for up to 180 s on a platform that cuts requests at 300 s.
+DEFAULT_TIMEOUT = httpx.Timeout(310.0, connect=10.0)
+
+_logger = logging.getLogger("credkeeper.wrapper")
+
+# Upstream quota texts are checked first: they must never cost a refresh.
+_LIMIT = re.compile(r"limit reached|usage limit|rate[_ ]limit|quota|api error: 429", re.IGNORECASE)
+_AUTH = re.compile(
+    r"please run /login|not logged in|invalid api key|authentication_error|oauth token"
+    r"|failed to authenticate|invalid bearer token|\b401\b",
+    re.IGNORECASE,
+)
+
+
+# -- the flow ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Effect: the manager's credentials for ``key`` (refreshed first if due)."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Renew:
+    """Effect: refresh ``key`` unless the store already holds a token other than ``failed``."""
+
+    key: str
+    failed: Secret
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """Effect: send the request with ``credentials``; a result or :class:`Refused`."""
+
+    credentials: Credentials
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The wrapper refused the credentials (HTTP 401 or an auth ``cli_error``)."""
+
+    excerpt: str
+
+
+CallEffect = Fetch | Renew | Attempt
+CallFlow = Generator[CallEffect, Any, T]
+
+
+def call_flow(key: str) -> CallFlow[Any]:
+    """Fresh credentials, one attempt, and after an auth failure one refresh and one retry."""
+    credentials: Credentials = yield Fetch(key)
+    outcome = yield Attempt(credentials)
+    if not isinstance(outcome, Refused):
+        return outcome
+    _logger.info("the wrapper refused the credentials for key %r; refreshing and retrying", key)
+    credentials = yield Renew(key, credentials.access_token)
+    outcome = yield Attempt(credentials)
+    if isinstance(outcome, Refused):
+        raise AuthFailed(
+            f"the wrapper refused the credentials under key {key!r} again after a refresh: "
+            f"{outcome.excerpt}",
+            key=key,
+            excerpt=outcome.excerpt,
+        )
+    return outcome
+
+
+# -- reading answers (pure) --------------------------------------------------------------
+
+
+def _secrets(credentials: Credentials) -> tuple[str, str]:
+    return (
+        credentials.access_token.get_secret_value(),
+        credentials.refresh_token.get_secret_value(),
+    )
+
+
+def _is_error(document: object) -> bool:
+    return (
+        isinstance(document, Mapping)
+        and document.get("type") == "error"
+        and isinstance(document.get("error"), Mapping)
+    )
+
+
+def error_outcome(
+    error: Mapping[str, Any], *, key: str, status: int | None, secrets: Sequence[str]
+) -> Refused:
+    """:class:`Refused` for an auth failure; raises the matching :class:`WrapperError` otherwise."""
+    message = error.get("message")
+    text = message if isinstance(message, str) else json.dumps(message)
+    code = error.get("code") if isinstance(error.get("code"), str) else None
+    quoted = excerpt(text, secrets)
+    if _LIMIT.search(text):
+        raise UsageLimitReached(
+            f"the account under key {key!r} reached a usage limit: {quoted}",
+            status=status,
+            code=code,
+            key=key,
+            excerpt=quoted,
+        )
+    if _AUTH.search(text):
+        return Refused(quoted)
+    kind = CLIError if code == "cli_error" else WrapperError
+    raise kind(
+        f"the wrapper failed for key {key!r} ({code or 'no code'}): {quoted}",
+        status=status,
+        code=code,
+        key=key,
+        excerpt=quoted,
+    )
+
+
+def interpret(
+    status: int, content: bytes, *, key: str, model: str, secrets: Sequence[str]
+) -> Message | Refused:
+    """The outcome of one non-streaming answer; raises for every error but an auth failure."""
+    text = content.decode("utf-8", "replace")
+    if status == 401:
+        return Refused(excerpt(text, secrets))
+    try:
+        document = json.loads(text)
+    except ValueError:
+        document = None
+        if status == 200:
+            raise WrapperError(
+                f"the wrapper's answer for key {key!r} is not JSON: {excerpt(text, secrets)}",
+                status=status,
+                key=key,
+                excerpt=excerpt(text, secrets),
+            ) from None
+    if status == 422:
+        raise InvalidRequest(violations_from_422(document), status=status, key=key)
+    if status != 200:
+        quoted = excerpt(text, secrets)
+        kind = WrapperUnavailable if status >= 500 or status == 429 else WrapperError
+        raise kind(
+            f"the wrapper answered HTTP {status} for key {key!r}: {quoted}",
+            status=status,
+            key=key,
+            excerpt=quoted,
+        )
+    if _is_error(document):
+        return error_outcome(document["error"], key=key, status=status, secrets=secrets)
+    return Message.parse(document, model=model)
+
+
+def head_step(
+    head: list[Event], document: Mapping[str, Any], *, key: str, secrets: Sequence[str]
+) -> Refused | bool:
+    """Take one streamed object before anything reaches the caller.
+
+    Returns ``True`` once the first non-``system`` event is in ``head`` (the stream is good),
+    ``False`` to read on, or :class:`Refused` when the stream opens with an auth failure, which
+    can still be retried because the caller has seen nothing.
+    """
+    if _is_error(document):
+        return error_outcome(document["error"], key=key, status=200, secrets=secrets)
+    event = parse_event(document)
+    if isinstance(event, ResultEvent) and event.is_error and _AUTH.search(event.result):
+        return Refused(excerpt(event.result, secrets))
+    head.append(event)
+    return not isinstance(event, SystemEvent)
+
+
+def body_event(document: Mapping[str, Any], *, key: str, secrets: Sequence[str]) -> Event:
+    """One streamed object after the head; an in-band error raises."""
+    if _is_error(document):
+        outcome = error_outcome(document["error"], key=key, status=200, secrets=secrets)
+        raise AuthFailed(
+            f"the wrapper refused the credentials under key {key!r} mid-stream: {outcome.excerpt}",
+            status=200,
+            key=key,
+            excerpt=outcome.excerpt,
+        )
+    return parse_event(document)
+
+
+def _stream_truncated(key: str) -> WrapperError:
+    return WrapperError(f"the wrapper's stream for key {key!r} ended before its result", key=key)
+
+
+@contextlib.contextmanager
+def _transport_errors(key: str, url: str) -> Iterator[None]:
+    """httpx's connection and timeout errors as :class:`WrapperUnavailable`."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise WrapperUnavailable(
+            f"the wrapper at {url} did not answer in time for key {key!r}; "
+            "raise the timeout or retry later",
+            key=key,
+        ) from exc
+    except httpx.TransportError as exc:
+        raise WrapperUnavailable(
+            f"could not reach the wrapper at {url} for key {key!r}: {type(exc).__name__}",
+            key=key,
+        ) from exc
+
+
+def _payload(body: Mapping[str, Any], credentials: Credentials) -> dict[str, Any]:
+    sent = {name: value for name, value in credentials.to_wrapper().items() if value is not None}
+    return {"oauth_credentials": sent, **body}
+
+
+def _base_url(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        raise ConfigurationError(
+            f"base_url must be an http:// or https:// URL, got {value!r}; "
+            f"the public wrapper is {DEFAULT_WRAPPER_URL}"
+        )
+    return value.rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    key: str
+    url: str
+    body: dict[str, Any]
+    model: str
+    timeout: Any
+
+
+class _Settings:
+    """What both clients share: the URL, the timeout, and request preparation."""
+
+    def __init__(self, base_url: str, timeout: float | httpx.Timeout | None) -> None:
+        self.base_url = _base_url(base_url)
+        if not (timeout is None or isinstance(timeout, httpx.Timeout)) and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        ):
+            raise ConfigurationError(
+                f"timeout must be a positive number of seconds or an httpx.Timeout, got {timeout!r}"
+            )
+        self.timeout = timeout
+
+    def call(
+        self,
+        key: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        path: str,
+        stream: bool,
+        model: str,
+        session_id: str | None,
+        thinking: bool | None,
+        fallback_model: str | None,
+        include_files: bool,
+        mcp_servers: Mapping[str, Mapping[str, Any]] | None,
+        timeout: float | httpx.Timeout | None,
+    ) -> _Call:
+        check_key(key)
+        body = build_body(
+            messages,
+            model=model,
+            session_id=session_id,
+            thinking=thinking,
+            fallback_model=fallback_model,
+            include_files=include_files,
+            mcp_servers=mcp_servers,
+        )
+        if stream:
+            body["stream"] = True
+        chosen = timeout if timeout is not None else self.timeout
+        return _Call(
+            key,
+            self.base_url + path,
+            body,
+            model,
+            chosen if chosen is not None else httpx.USE_CLIENT_DEFAULT,
+        )
+
+
+def _stream_path(keepalive: bool) -> str:
+    return "/v1/messages/keepalive" if keepalive else "/v1/messages"
+
+
+# -- sync --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Opened(Generic[L]):
+    """A stream past its head: the events read so far and the rest of its lines."""
+
+    response: httpx.Response
+    head: list[Event]
+    secrets: tuple[str, ...]
+    lines: L
+
+
+class _StreamBase:
+    """What both stream types share: the key, the final result, and reading after the head."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+        self.result: ResultEvent | None = None
+
+    def _after(self, line: str, secrets: Sequence[str]) -> Event | Literal[End.DONE] | None:
+        """The event on ``line``, ``None`` to skip it, or :data:`DONE` at the end."""
+        document = parse_line(line)
+        if document is None or document is DONE:
+            return document
+        event = body_event(document, key=self._key, secrets=secrets)
+        if isinstance(event, ResultEvent):
+            self.result = event
+        return event
+
+
+class MessageStream(_StreamBase):
+    """The events of one streamed reply, in order; the final :class:`ResultEvent` ends it.
+
+    Iterate it once, or use :meth:`text_deltas` for the text alone. The request goes out on the
+    first iteration; an auth failure that opens the stream is refreshed and retried before
+    anything is yielded. :attr:`result` holds the final event once it has arrived. Use it in a
+    ``with`` block (or call :meth:`close`) to release the connection when stopping early.
+    """
+
+    def __init__(self, open_stream: Callable[[], _Opened[Iterator[str]]], key: str) -> None:
+        super().__init__(key)
+        self._open = open_stream
+        self._events: Generator[Event, None, None] | None = None
+        self._closed = False
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        if self._closed:
+            raise StopIteration
+        if self._events is None:
+            self._events = self._generate()
+        return next(self._events)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop reading and release the connection; idempotent."""
+        self._closed = True
+        if self._events is not None:
+            self._events.close()
+
+    def text_deltas(self) -> Iterator[str]:
+        """The reply's text as it streams: each ``text_delta``, in order."""
+        for event in self:
+            if isinstance(event, StreamEvent) and event.text:
+                yield event.text
+
+    def _generate(self) -> Generator[Event, None, None]:
+        opened = self._open()
+        response = opened.response
+        try:
+            for event in opened.head:
+                yield event
+                if isinstance(event, ResultEvent):
+                    self.result = event
+                    return
+            with _transport_errors(self._key, str(response.request.url)):
+                for line in opened.lines:
+                    item = self._after(line, opened.secrets)
+                    if item is DONE:
+                        break
+                    if item is not None:
+                        yield item
+                        if self.result is not None:
+                            return
+            raise _stream_truncated(self._key)
+        finally:
+            response.close()
+
+
+class Messages:
+    """``client.messages``: :meth:`create` and :meth:`stream` on ``POST /v1/messages``."""
+
+    def __init__(self, client: WrapperClient) -> None:
+        self._client = client
+
+    def create(
+        self,
+        key: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        model: str = "sonnet",
+        session_id: str | None = None,
+        thinking: bool | None = None,
+        fallback_model: str | None = None,
+        include_files: bool = False,
+        mcp_servers: Mapping[str, Mapping[str, Any]] | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> Message:
+        """Send ``messages`` (the full history: the wrapper keeps no session) as user ``key``.
+
+        ``model`` is ``opus``, ``sonnet``, ``haiku`` or a full model id; ``thinking`` turns
+        extended thinking on; ``include_files`` returns the CLI's workspace files in
+        :attr:`Message.files`; ``mcp_servers`` maps names to ``{"command": ...}`` or
+        ``{"url": ..., "transport": "sse" | "streamableHttp"}``. ``session_id`` is passed on,
+        though the wrapper does not resume sessions. Raises :class:`InvalidRequest` before
+        sending when the wrapper would refuse the request.
+        """
+        call = self._client._settings.call(
+            key,
+            messages,
+            path="/v1/messages",
+            stream=False,
+            model=model,
+            session_id=session_id,
+            thinking=thinking,
+            fallback_model=fallback_model,
+            include_files=include_files,
+            mcp_servers=mcp_servers,
+            timeout=timeout,
+        )
+        http = self._client._http
+
+        def attempt(credentials: Credentials) -> Message | Refused:
+            with _transport_errors(call.key, call.url):
+                response = http.post(
+                    call.url, json=_payload(call.body, credentials), timeout=call.timeout
+                )
+            return interpret(
+                response.status_code,
+                response.content,
+                key=call.key,
+                model=call.model,
+                secrets=_secrets(credentials),
+            )
+
+        return self._client._run(call.key, attempt)  # type: ignore[no-any-return]
+
+    def stream(
+        self,
+        key: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        model: str = "sonnet",
+        session_id: str | None = None,
+        thinking: bool | None = None,
+        fallback_model: str | None = None,
+        include_files: bool = False,
+        mcp_servers: Mapping[str, Mapping[str, Any]] | None = None,
+        keepalive: bool = False,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> MessageStream:
+        """Like :meth:`create`, but the reply's events as they are read.
+
+        The wrapper sends ``/v1/messages`` streams as NDJSON in one go once the CLI is done;
+        ``keepalive=True`` uses ``/v1/messages/keepalive`` instead (real SSE, with in-band
+        ``file_created`` events under ``include_files``). Either way the :class:`ResultEvent`
+        ends the stream.
+        """
+        call = self._client._settings.call(
+            key,
+            messages,
+            path=_stream_path(keepalive),
+            stream=True,
+            model=model,
+            session_id=session_id,
+            thinking=thinking,
+            fallback_model=fallback_model,
+            include_files=include_files,
+            mcp_servers=mcp_servers,
+            timeout=timeout,
+        )
+        http = self._client._http
+
+        def attempt(credentials: Credentials) -> _Opened[Iterator[str]] | Refused:
+            secrets = _secrets(credentials)
+            request = http.build_request(
+                "POST", call.url, json=_payload(call.body, credentials), timeout=call.timeout
+            )
+            with _transport_errors(call.key, call.url):
+                response = http.send(request, stream=True)
+            try:
+                with _transport_errors(call.key, call.url):
+                    if not _streams(response):
+                        return _unstreamed(call, response.read(), response.status_code, secrets)
+                    head: list[Event] = []
+                    lines = response.iter_lines()
+                    for line in lines:
+                        verdict = _head_line(head, line, call.key, secrets)
+                        if verdict is not False:
+                            break
+                    else:
+                        verdict = True
+            except BaseException:
+                response.close()
+                raise
+            if isinstance(verdict, Refused):
+                response.close()
+                return verdict
+            return _Opened(response, head, secrets, lines)
+
+        return MessageStream(lambda: self._client._run(call.key, attempt), call.key)
+
+
+class WrapperClient:
+    """Calls the Claude Wrapper API for many users, with credentials from a :class:`TokenManager`.
+
+    Each call gets credentials valid beyond the manager's leeway (15 minutes by default, well
+    clear of the 5 minutes at which the wrapper's CLI would refresh by itself and lose the new
+    refresh token). When the wrapper refuses them anyway (HTTP 401, or HTTP 200 with an auth
+    ``cli_error``), the manager refreshes unless another worker already has, and the call is
+    retried once; a second refusal raises :class:`AuthFailed`. ``http`` is an httpx client to
+    use (yours stays open on :meth:`close`); ``timeout`` defaults to 310 s, beyond the wrapper's
+    own 300 s limit.
+    """
+
+    def __init__(
+        self,
+        tokens: TokenManager,
+        *,
+        base_url: str = DEFAULT_WRAPPER_URL,
+        http: httpx.Client | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> None:
+        if not isinstance(tokens, TokenManager):
+            raise ConfigurationError(
+                "tokens must be a credkeeper.TokenManager; "
+                "use AsyncWrapperClient with an AsyncTokenManager"
+            )
+        if http is not None and not isinstance(http, httpx.Client):
+            raise ConfigurationError(
+                "http must be an httpx.Client (AsyncWrapperClient takes an httpx.AsyncClient)"
+            )
+        self.tokens = tokens
+        self._settings = _Settings(base_url, timeout)
+        self._own_http = http is None
+        self._http = http if http is not None else httpx.Client(timeout=DEFAULT_TIMEOUT)
+        self.messages = Messages(self)
+
+    @property
+    def base_url(self) -> str:
+        """The wrapper's base URL, without a trailing slash."""
+        return self._settings.base_url
+
+    def __repr__(self) -> str:
+        return f"WrapperClient(base_url={self.base_url!r})"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the HTTP client if this client made it; the token manager stays open."""
+        if self._own_http:
+            self._http.close()
+
+    def health(self) -> Health:
+        """``GET /health``: the wrapper's status and version (no credentials needed)."""
+        url = self.base_url + "/health"
+        with _transport_errors("-", url):
+            response = self._http.get(
+                url, timeout=self._settings.timeout or httpx.USE_CLIENT_DEFAULT
+            )
+        return _health(response.status_code, response.content)
+
+    def _run(self, key: str, attempt: Callable[[Credentials], Any]) -> Any:
+        flow = call_flow(key)
+        value: Any = None
+        while True:
+            try:
+                effect = flow.send(value)
+            except StopIteration as stop:
+                return stop.value
+            match effect:
+                case Fetch(key):
+                    value = self.tokens.get(key)
+                case Renew(key, failed):
+                    value = self.tokens.refresh(key, failed=failed)
+                case Attempt(credentials):
+                    value = attempt(credentials)
+
+
+# -- async -------------------------------------------------------------------------------
+
+
+class AsyncMessageStream(_StreamBase):
+    """The async twin of :class:`MessageStream`: ``async for event in stream``."""
+
+    def __init__(
+        self, open_stream: Callable[[], Coroutine[Any, Any, _Opened[AsyncIterator[str]]]], key: str
+    ) -> None:
+        super().__init__(key)
+        self._open = open_stream
+        self._events: AsyncGenerator[Event, None] | None = None
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._events is None:
+            self._events = self._generate()
+        return await anext(self._events)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop reading and release the connection; idempotent."""
+        self._closed = True
+        if self._events is not None:
+            await self._events.aclose()
+
+    async def text_deltas(self) -> AsyncIterator[str]:
+        """The reply's text as it streams: each ``text_delta``, in order."""
+        async for event in self:
+            if isinstance(event, StreamEvent) and event.text:
+                yield event.text
+
+    async def _generate(self) -> AsyncGenerator[Event, None]:
+        opened = await self._open()
+        response = opened.response
+        try:
+            for event in opened.head:
+                yield event
+                if isinstance(event, ResultEvent):
+                    self.result = event
+                    return
+            with _transport_errors(self._key, str(response.request.url)):
+                async for line in opened.lines:
+                    item = self._after(line, opened.secrets)
+                    if item is DONE:
+                        break
+                    if item is not None:
+                        yield item
+                        if self.result is not None:
+                            return
+            raise _stream_truncated(self._key)
+        finally:
+            await response.aclose()
+
+
+class AsyncMessages:
+    """``client.messages`` of :class:`AsyncWrapperClient`; see :class:`Messages`."""
+
+    def __init__(self, client: AsyncWrapperClient) -> None:
+        self._client = client
+
+    async def create(
+        self,
+        key: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        model: str = "sonnet",
+        session_id: str | None = None,
+        thinking: bool | None = None,
+        fallback_model: str | None = None,
+        include_files: bool = False,
+        mcp_servers: Mapping[str, Mapping[str, Any]] | None = None,
+        timeout: float | httpx.Timeout | None = None,  # noqa: ASYNC109 - an HTTP timeout, as httpx's
+    ) -> Message:
+        """Send ``messages`` as user ``key``; see :meth:`Messages.create`."""
+        call = self._client._settings.call(
+            key,
+            messages,
+            path="/v1/messages",
+            stream=False,
+            model=model,
+            session_id=session_id,
+            thinking=thinking,
+            fallback_model=fallback_model,
+            include_files=include_files,
+            mcp_servers=mcp_servers,
+            timeout=timeout,
+        )
+        http = self._client._http
+
+        async def attempt(credentials: Credentials) -> Message | Refused:
+            with _transport_errors(call.key, call.url):
+                response = await http.post(
+                    call.url, json=_payload(call.body, credentials), timeout=call.timeout
+                )
+            return interpret(
+                response.status_code,
+                response.content,
+                key=call.key,
+                model=call.model,
+                secrets=_secrets(credentials),
+            )
+
+        return await self._client._run(call.key, attempt)  # type: ignore[no-any-return]
+
+    def stream(
+        self,
+        key: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        model: str = "sonnet",
+        session_id: str | None = None,
+        thinking: bool | None = None,
+        fallback_model: str | None = None,
+        include_files: bool = False,
+        mcp_servers: Mapping[str, Mapping[str, Any]] | None = None,
+        keepalive: bool = False,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> AsyncMessageStream:
+        """The reply's events as they are read; see :meth:`Messages.stream`.
+
+        Not a coroutine: ``async with client.messages.stream(...) as stream`` or
+        ``async for event in client.messages.stream(...)``.
+        """
+        call = self._client._settings.call(
+            key,
+            messages,
+            path=_stream_path(keepalive),
+            stream=True,
+            model=model,
+            session_id=session_id,
+            thinking=thinking,
+            fallback_model=fallback_model,
+            include_files=include_files,
+            mcp_servers=mcp_servers,
+            timeout=timeout,
+        )
+        http = self._client._http
+
+        async def attempt(credentials: Credentials) -> _Opened[AsyncIterator[str]] | Refused:
+            secrets = _secrets(credentials)
+            request = http.build_request(
+                "POST", call.url, json=_payload(call.body, credentials), timeout=call.timeout
+            )
+            with _transport_errors(call.key, call.url):
+                response = await http.send(request, stream=True)
+            try:
+                with _transport_errors(call.key, call.url):
+                    if not _streams(response):
+                        content = await response.aread()
+                        return _unstreamed(call, content, response.status_code, secrets)
+                    head: list[Event] = []
+                    verdict: Refused | bool = True
+                    lines = response.aiter_lines()
+                    async for line in lines:
+                        verdict = _head_line(head, line, call.key, secrets)
+                        if verdict is not False:
+                            break
+                    else:
+                        verdict = True
+            except BaseException:
+                await response.aclose()
+                raise
+            if isinstance(verdict, Refused):
+                await response.aclose()
+                return verdict
+            return _Opened(response, head, secrets, lines)
+
+        return AsyncMessageStream(lambda: self._client._run(call.key, attempt), call.key)
+
+
+class AsyncWrapperClient:
+    """The asyncio twin of :class:`WrapperClient`, with an :class:`AsyncTokenManager`."""
+
+    def __init__(
+        self,
+        tokens: AsyncTokenManager,
+        *,
+        base_url: str = DEFAULT_WRAPPER_URL,
+        http: httpx.AsyncClient | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> None:
+        if not isinstance(tokens, AsyncTokenManager):
+            raise ConfigurationError(
+                "tokens must be a credkeeper.AsyncTokenManager; "
+                "use WrapperClient with a TokenManager"
+            )
+        if http is not None and not isinstance(http, httpx.AsyncClient):
+            raise ConfigurationError(
+                "http must be an httpx.AsyncClient (WrapperClient takes an httpx.Client)"
+            )
+        self.tokens = tokens
+        self._settings = _Settings(base_url, timeout)
+        self._own_http = http is None
+        self._http = http if http is not None else httpx.AsyncClient(timeout=DEFAULT_TIMEOUT)
+        self.messages = AsyncMessages(self)
+
+    @property
+    def base_url(self) -> str:
+        """The wrapper's base URL, without a trailing slash."""
+        return self._settings.base_url
+
+    def __repr__(self) -> str:
+        return f"AsyncWrapperClient(base_url={self.base_url!r})"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this client made it; the token manager stays open."""
+        if self._own_http:
+            await self._http.aclose()
+
+    async def health(self) -> Health:
+        """``GET /health``: the wrapper's status and version (no credentials needed)."""
+        url = self.base_url + "/health"
+        with _transport_errors("-", url):
+            response = await self._http.get(
+                url, timeout=self._settings.timeout or httpx.USE_CLIENT_DEFAULT
+            )
+        return _health(response.status_code, response.content)
+
+    async def _run(
+        self, key: str, attempt: Callable[[Credentials], Coroutine[Any, Any, Any]]
+    ) -> Any:
+        flow = call_flow(key)
+        value: Any = None
+        while True:
+            try:
+                effect = flow.send(value)
+            except StopIteration as stop:
+                return stop.value
+            match effect:
+                case Fetch(key):
+                    value = await self.tokens.get(key)
+                case Renew(key, failed):
+                    value = await self.tokens.refresh(key, failed=failed)
+                case Attempt(credentials):
+                    value = await attempt(credentials)
+
+
+# -- helpers shared by both clients -----------------------------------------------------
+
+
+def _streams(response: httpx.Response) -> bool:
+    """Whether a 200 answer is a stream, not the JSON error body that replaces one."""
+    content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    return response.status_code == 200 and content_type != "application/json"
+
+
+def _unstreamed(call: _Call, content: bytes, status: int, secrets: Sequence[str]) -> Refused:
+    outcome = interpret(status, content, key=call.key, model=call.model, secrets=secrets)
+    if isinstance(outcome, Refused):
+        return outcome
+    raise WrapperError(
+        f"the wrapper answered a stream request for key {call.key!r} with a plain message",
+        status=status,
+        key=call.key,
+    )
+
+
+def _head_line(head: list[Event], line: str, key: str, secrets: Sequence[str]) -> Refused | bool:
+    document = parse_line(line)
+    if document is None:
+        return False
+    if document is DONE:
+        return True
+    return head_step(head, document, key=key, secrets=secrets)
+
+
+def _health(status: int, content: bytes) -> Health:
+    if status != 200:
+        kind = WrapperUnavailable if status >= 500 else WrapperError
+        raise kind(f"the wrapper's /health answered HTTP {status}", status=status)
+    try:
+        document = json.loads(content)
+    except ValueError:
+        raise WrapperError("the wrapper's /health answer is not JSON", status=status) from None
+    return Health.parse(document)

@@ -1,0 +1,91 @@
+"""`credkeeper send KEY PROMPT`: a wrapper call as KEY, the reply streamed to stdout."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from credkeeper._cli_errors import ExitCode
+from credkeeper.testing import FakeProvider, FakeWrapper, WrapperFault
+
+from .conftest import Cli, error_line, import_credentials, leaked
+
+
+@pytest.fixture
+def wrapper(fake: FakeProvider) -> Iterator[FakeWrapper]:
+    """The fake wrapper, checking tokens against the test's provider."""
+    with FakeWrapper(fake) as server:
+        yield server
+
+
+@pytest.fixture
+def send(run: Cli, wrapper: FakeWrapper) -> Cli:
+    """The command line pointed at the fake wrapper."""
+    return Cli([*run.options, "--wrapper-url", wrapper.url])
+
+
+class TestSend:
+    def test_streams_the_reply(self, send: Cli, fake: FakeProvider) -> None:
+        """The reply's text is printed, followed by a newline."""
+        import_credentials(send, "alice", fake.issue())
+
+        result = send("send", "alice", "hello there")
+
+        assert (0, "You said: hello there\n") == (result.exit_code, result.stdout)
+
+    @pytest.mark.parametrize("keepalive", [[], ["--keepalive"]], ids=["ndjson", "sse"])
+    def test_prompt_from_stdin(self, send: Cli, fake: FakeProvider, keepalive: list[str]) -> None:
+        """'-' reads the prompt from stdin, on either stream endpoint."""
+        import_credentials(send, "alice", fake.issue())
+
+        result = send("send", "alice", "-", *keepalive, input="from stdin")
+
+        assert "You said: from stdin\n" == result.stdout
+
+    def test_due_token_refreshed_first(
+        self, send: Cli, fake: FakeProvider, wrapper: FakeWrapper
+    ) -> None:
+        """A token within the leeway is refreshed once before the call, and the call works."""
+        import_credentials(send, "alice", fake.issue(expires_in=120))
+
+        result = send("send", "alice", "hi")
+
+        assert (0, 1, ["ok"]) == (
+            result.exit_code,
+            fake.refresh_count,
+            [call.outcome for call in wrapper.calls],
+        )
+
+    def test_usage_limit_is_one_line_exit_8(
+        self, send: Cli, fake: FakeProvider, wrapper: FakeWrapper
+    ) -> None:
+        """A usage limit exits 8 with one error line and no token."""
+        import_credentials(send, "alice", fake.issue())
+        wrapper.fail_next(WrapperFault.cli_error(FakeWrapper.OPUS_WEEKLY_LIMIT))
+
+        result = send("send", "alice", "hi")
+
+        assert ExitCode.WRAPPER == result.exit_code
+        assert "reached a usage limit" in error_line(result)
+        assert set() == leaked(fake, result)
+
+    def test_wrapper_timeout_error_hides_tokens(
+        self, send: Cli, fake: FakeProvider, wrapper: FakeWrapper
+    ) -> None:
+        """A 500 echoing the tokens exits 8, and its line shows none of them."""
+        import_credentials(send, "alice", fake.issue())
+        wrapper.fail_next(WrapperFault.cli_timeout())
+
+        result = send("send", "alice", "hi")
+
+        assert (ExitCode.WRAPPER, set()) == (result.exit_code, leaked(fake, result))
+        assert "HTTP 500" in error_line(result)
+
+    def test_empty_prompt_is_usage_error(self, send: Cli, fake: FakeProvider) -> None:
+        """A prompt the wrapper would refuse exits 2 before anything is sent."""
+        import_credentials(send, "alice", fake.issue())
+
+        result = send("send", "alice", "hi", "--model", "")
+
+        assert (ExitCode.USAGE, True) == (result.exit_code, "model" in error_line(result))

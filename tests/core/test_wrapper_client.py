@@ -1,0 +1,593 @@
+"""WrapperClient and AsyncWrapperClient against FakeWrapper and FakeProvider over loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from credkeeper import (
+    AsyncTokenManager,
+    AsyncWrapperClient,
+    AuthFailed,
+    ConfigurationError,
+    Credentials,
+    InvalidRequest,
+    MemoryStore,
+    ReauthRequired,
+    ResultEvent,
+    StreamEvent,
+    SystemEvent,
+    TokenManager,
+    UnsafeFilePath,
+    UsageLimitReached,
+    WrapperClient,
+    WrapperError,
+    WrapperUnavailable,
+)
+from credkeeper.testing import FakeClock, FakeProvider, FakeWrapper, WrapperFault
+
+KEY = "alice"
+HELLO = [{"role": "user", "content": "hello"}]
+REPLY = "You said: hello"
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    """One in-process store shared by the test's managers."""
+    return MemoryStore()
+
+
+@pytest.fixture
+def wrapper(fake: FakeProvider) -> Iterator[FakeWrapper]:
+    """The wrapper on loopback, checking tokens against the fake provider."""
+    with FakeWrapper(fake) as server:
+        yield server
+
+
+@pytest.fixture
+def manager(
+    store: MemoryStore, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+) -> Iterator[TokenManager]:
+    """A token manager with the default 15-minute leeway."""
+    with TokenManager(store, fake.provider(), journal=tmp_path / "journal", clock=clock) as m:
+        yield m
+
+
+@pytest.fixture
+def client(manager: TokenManager, wrapper: FakeWrapper) -> Iterator[WrapperClient]:
+    """The client under test, pointed at the fake wrapper."""
+    with WrapperClient(manager, base_url=wrapper.url) as c:
+        yield c
+
+
+@pytest.fixture
+def alice(manager: TokenManager, fake: FakeProvider) -> Credentials:
+    """Valid credentials for KEY, eight hours from expiry, already stored."""
+    credentials = fake.issue()
+    manager.put(KEY, credentials)
+    return credentials
+
+
+def outcomes(wrapper: FakeWrapper) -> list[str]:
+    return [call.outcome for call in wrapper.calls]
+
+
+class TestCreate:
+    def test_reply(self, client: WrapperClient, alice: Credentials) -> None:
+        """A call with valid credentials returns the reply's text and model."""
+        message = client.messages.create(KEY, HELLO)
+
+        assert (REPLY, "sonnet") == (message.text, message.model)
+
+    def test_valid_token_sent_without_refresh(
+        self, client: WrapperClient, alice: Credentials, fake: FakeProvider, wrapper: FakeWrapper
+    ) -> None:
+        """A token valid beyond the leeway is sent as stored; the provider is not called."""
+        client.messages.create(KEY, HELLO)
+
+        assert (0, alice.access_token) == (fake.refresh_count, wrapper.calls[0].access_token)
+
+    def test_due_token_refreshed_before_the_call(
+        self,
+        client: WrapperClient,
+        manager: TokenManager,
+        fake: FakeProvider,
+        wrapper: FakeWrapper,
+    ) -> None:
+        """A token within the leeway is refreshed once, and the new one is what gets sent."""
+        old = fake.issue(expires_in=600)
+        manager.put(KEY, old)
+
+        client.messages.create(KEY, HELLO)
+
+        sent = wrapper.calls[0].access_token
+        assert (1, ["ok"], False, "valid") == (
+            fake.refresh_count,
+            outcomes(wrapper),
+            sent == old.access_token,
+            fake.access_token_state(sent) if sent else None,
+        )
+
+    def test_revoked_token_refreshed_and_retried(
+        self, client: WrapperClient, alice: Credentials, fake: FakeProvider, wrapper: FakeWrapper
+    ) -> None:
+        """A token revoked at the provider is refused, refreshed once, and the retry works."""
+        fake.revoke_access_token(alice)
+
+        message = client.messages.create(KEY, HELLO)
+
+        assert (REPLY, ["token_revoked", "ok"], 1) == (
+            message.text,
+            outcomes(wrapper),
+            fake.refresh_count,
+        )
+
+    def test_early_expiry_refreshed_and_retried(
+        self,
+        client: WrapperClient,
+        manager: TokenManager,
+        fake: FakeProvider,
+        clock: FakeClock,
+        wrapper: FakeWrapper,
+    ) -> None:
+        """A token the provider expired before its stored expires_at is refreshed and retried."""
+        issued = fake.issue(expires_in=-60)
+        manager.put(
+            KEY,
+            Credentials(
+                access_token=issued.access_token,
+                refresh_token=issued.refresh_token,
+                expires_at=clock.now() + timedelta(hours=8),
+            ),
+        )
+
+        client.messages.create(KEY, HELLO)
+
+        assert (["token_expired", "ok"], 1) == (outcomes(wrapper), fake.refresh_count)
+
+    def test_http_401_refreshed_and_retried(
+        self, client: WrapperClient, alice: Credentials, fake: FakeProvider, wrapper: FakeWrapper
+    ) -> None:
+        """HTTP 401 counts as an auth failure too."""
+        wrapper.fail_next(WrapperFault.status(401))
+
+        client.messages.create(KEY, HELLO)
+
+        assert (["fault:401", "ok"], 1) == (outcomes(wrapper), fake.refresh_count)
+
+    def test_second_refusal_raises_auth_failed(
+        self, client: WrapperClient, alice: Credentials, fake: FakeProvider, wrapper: FakeWrapper
+    ) -> None:
+        """A refusal after the refresh raises AuthFailed: one refresh, two attempts, no loop."""
+        wrapper.fail_next(
+            WrapperFault.cli_error(FakeWrapper.INVALID_API_KEY),
+            WrapperFault.cli_error(FakeWrapper.INVALID_API_KEY),
+        )
+
+        with pytest.raises(AuthFailed) as error:
+            client.messages.create(KEY, HELLO)
+
+        assert (KEY, 1, 2) == (error.value.key, fake.refresh_count, len(wrapper.calls))
+
+    def test_peer_refresh_adopted_without_provider_call(
+        self,
+        client: WrapperClient,
+        alice: Credentials,
+        store: MemoryStore,
+        fake: FakeProvider,
+        clock: FakeClock,
+        wrapper: FakeWrapper,
+        tmp_path: Path,
+    ) -> None:
+        """When another worker already refreshed, its tokens are used; no second refresh."""
+        client.messages.create(KEY, HELLO)  # the client's manager now caches alice
+        with TokenManager(store, fake.provider(), journal=tmp_path / "j2", clock=clock) as peer:
+            peer.refresh(KEY)
+        fake.revoke_access_token(alice)
+
+        client.messages.create(KEY, HELLO)
+
+        assert (1, ["ok", "token_revoked", "ok"]) == (fake.refresh_count, outcomes(wrapper))
+
+    def test_usage_limit_never_refreshes(
+        self, client: WrapperClient, alice: Credentials, fake: FakeProvider, wrapper: FakeWrapper
+    ) -> None:
+        """A weekly limit raises UsageLimitReached with no refresh and no retry."""
+        wrapper.fail_next(WrapperFault.cli_error(FakeWrapper.OPUS_WEEKLY_LIMIT))
+
+        with pytest.raises(UsageLimitReached, match="weekly limit"):
+            client.messages.create(KEY, HELLO)
+
+        assert (0, 1) == (fake.refresh_count, len(wrapper.calls))
+
+    def test_reauth_required_when_refresh_token_is_dead(
+        self, client: WrapperClient, alice: Credentials, fake: FakeProvider
+    ) -> None:
+        """A refusal whose refresh meets a revoked family raises ReauthRequired."""
+        fake.revoke(alice)
+
+        with pytest.raises(ReauthRequired):
+            client.messages.create(KEY, HELLO)
+
+    def test_server_error_redacted(
+        self, client: WrapperClient, alice: Credentials, fake: FakeProvider, wrapper: FakeWrapper
+    ) -> None:
+        """A CLI timeout 500 that echoes the tokens raises WrapperUnavailable without them."""
+        wrapper.fail_next(WrapperFault.cli_timeout())
+
+        with pytest.raises(WrapperUnavailable) as error:
+            client.messages.create(KEY, HELLO)
+
+        shown = f"{error.value} {error.value.excerpt} {error.value!r}"
+        assert (500, True, []) == (
+            error.value.status,
+            "Server error" in shown,
+            [token for token in fake.all_tokens() if token in shown],
+        )
+
+    def test_invalid_request_sends_nothing(
+        self, client: WrapperClient, alice: Credentials, wrapper: FakeWrapper
+    ) -> None:
+        """A request the wrapper would refuse is refused before the network."""
+        with pytest.raises(InvalidRequest, match=r"messages\.0\.content"):
+            client.messages.create(KEY, [{"role": "user", "content": [{"type": "text"}]}])
+
+        assert [] == wrapper.calls
+
+    def test_options_reach_the_wrapper(
+        self, client: WrapperClient, alice: Credentials, wrapper: FakeWrapper
+    ) -> None:
+        """model, thinking, fallback_model and mcp_servers pass the wrapper's validation."""
+        message = client.messages.create(
+            KEY,
+            HELLO,
+            model="opus",
+            thinking=True,
+            fallback_model="sonnet",
+            session_id="ignored",
+            mcp_servers={"remote": {"url": "https://mcp.example/mcp", "transport": "sse"}},
+        )
+
+        assert ("opus", ["ok"]) == (message.model, outcomes(wrapper))
+
+    def test_unreachable_wrapper(self, manager: TokenManager, alice: Credentials) -> None:
+        """A wrapper that is not listening raises WrapperUnavailable."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with (
+            WrapperClient(manager, base_url=f"http://127.0.0.1:{port}") as client,
+            pytest.raises(WrapperUnavailable, match="could not reach"),
+        ):
+            client.messages.create(KEY, HELLO)
+
+    def test_timeout(self, client: WrapperClient, alice: Credentials, wrapper: FakeWrapper) -> None:
+        """A call that outlasts its timeout raises WrapperUnavailable."""
+        wrapper.fail_next(WrapperFault.delay(1.0))
+
+        with pytest.raises(WrapperUnavailable, match="in time"):
+            client.messages.create(KEY, HELLO, timeout=0.2)
+
+    def test_health(self, client: WrapperClient) -> None:
+        """health() reports the wrapper's status and version."""
+        health = client.health()
+
+        assert ("healthy", "v36-files-watcher") == (health.status, health.version)
+
+    def test_wrong_manager_type(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """An AsyncTokenManager given to WrapperClient is a clear configuration error."""
+        tokens = AsyncTokenManager(MemoryStore(), fake.provider(), journal=tmp_path)
+
+        with pytest.raises(ConfigurationError, match="AsyncWrapperClient"):
+            WrapperClient(tokens)  # type: ignore[arg-type]
+
+
+class TestFiles:
+    def test_files_saved(
+        self, client: WrapperClient, alice: Credentials, wrapper: FakeWrapper, tmp_path: Path
+    ) -> None:
+        """include_files returns the workspace; save_files writes text and binary files."""
+        wrapper.add_file("notes/a.txt", "hi")
+        wrapper.add_file("data.bin", b"\xff\x00\x01")
+
+        message = client.messages.create(KEY, HELLO, include_files=True)
+        message.save_files(tmp_path / "out")
+
+        assert (b"hi", b"\xff\x00\x01") == (
+            (tmp_path / "out/notes/a.txt").read_bytes(),
+            (tmp_path / "out/data.bin").read_bytes(),
+        )
+
+    def test_escaping_path_rejected(
+        self, client: WrapperClient, alice: Credentials, wrapper: FakeWrapper, tmp_path: Path
+    ) -> None:
+        """A returned ../ path is refused and nothing is written, inside or outside."""
+        wrapper.add_file("fine.txt", "ok")
+        wrapper.add_file("../escape.txt", "gotcha")
+        (tmp_path / "out").mkdir()
+
+        message = client.messages.create(KEY, HELLO, include_files=True)
+        with pytest.raises(UnsafeFilePath, match="escape"):
+            message.save_files(tmp_path / "out")
+
+        assert ([], False) == (
+            list((tmp_path / "out").iterdir()),
+            (tmp_path / "escape.txt").exists(),
+        )
+
+
+class TestStream:
+    @pytest.mark.parametrize("keepalive", [False, True], ids=["ndjson", "sse"])
+    def test_deltas_in_order_and_final_result(
+        self, client: WrapperClient, alice: Credentials, keepalive: bool
+    ) -> None:
+        """The deltas join into the reply, init comes first and the result last."""
+        with client.messages.stream(KEY, HELLO, keepalive=keepalive) as stream:
+            events = list(stream)
+
+        deltas = [e.text for e in events if isinstance(e, StreamEvent) and e.text]
+        assert (True, True, REPLY, True, REPLY) == (
+            isinstance(events[0], SystemEvent),
+            isinstance(events[-1], ResultEvent),
+            "".join(deltas),
+            len(deltas) > 1,
+            stream.result.result if stream.result else None,
+        )
+
+    def test_text_deltas_skip_thinking(self, client: WrapperClient, alice: Credentials) -> None:
+        """text_deltas() yields the reply text only, not the thinking deltas."""
+        with client.messages.stream(KEY, HELLO, thinking=True) as stream:
+            events = list(stream)
+        with client.messages.stream(KEY, HELLO, thinking=True) as again:
+            text = "".join(again.text_deltas())
+
+        thinking = [e for e in events if isinstance(e, StreamEvent) and e.thinking]
+        assert (REPLY, True) == (text, len(thinking) > 0)
+
+    @pytest.mark.parametrize("keepalive", [False, True], ids=["ndjson", "sse"])
+    def test_auth_failure_retried_before_any_event(
+        self,
+        client: WrapperClient,
+        alice: Credentials,
+        fake: FakeProvider,
+        wrapper: FakeWrapper,
+        keepalive: bool,
+    ) -> None:
+        """A stream refused at the start is refreshed and retried; the caller sees one stream."""
+        fake.revoke_access_token(alice)
+
+        with client.messages.stream(KEY, HELLO, keepalive=keepalive) as stream:
+            events = list(stream)
+
+        assert (["token_revoked", "ok"], 1, 1) == (
+            outcomes(wrapper),
+            fake.refresh_count,
+            sum(isinstance(e, SystemEvent) for e in events),
+        )
+
+    @pytest.mark.parametrize("keepalive", [False, True], ids=["ndjson", "sse"])
+    def test_mid_stream_error_raises_after_the_deltas(
+        self, client: WrapperClient, alice: Credentials, wrapper: FakeWrapper, keepalive: bool
+    ) -> None:
+        """An in-band error after two deltas raises WrapperError once they are delivered."""
+        wrapper.fail_next(WrapperFault.stream_error(after_deltas=2))
+        received: list[str] = []
+
+        with (
+            pytest.raises(WrapperError, match="Connection error"),
+            client.messages.stream(KEY, HELLO, keepalive=keepalive) as stream,
+        ):
+            received.extend(stream.text_deltas())
+
+        assert 2 == len(received)
+
+    def test_early_close_releases_the_connection(
+        self, client: WrapperClient, alice: Credentials
+    ) -> None:
+        """Leaving a stream early closes it; the next call goes through."""
+        with client.messages.stream(KEY, HELLO, keepalive=True) as stream:
+            next(stream)
+
+        assert REPLY == client.messages.create(KEY, HELLO).text
+
+    def test_usage_limit_on_stream(
+        self, client: WrapperClient, alice: Credentials, fake: FakeProvider, wrapper: FakeWrapper
+    ) -> None:
+        """A quota error replacing the stream raises UsageLimitReached without a refresh."""
+        wrapper.fail_next(WrapperFault.cli_error(FakeWrapper.OPUS_WEEKLY_LIMIT))
+
+        with pytest.raises(UsageLimitReached):
+            list(client.messages.stream(KEY, HELLO))
+
+        assert 0 == fake.refresh_count
+
+
+class TestSelfRefreshingWrapper:
+    """The wrapper's CLI refreshes by itself inside 5 minutes of expiry and keeps the result."""
+
+    def test_default_leeway_never_loses_the_refresh_token(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """A simulated day: nothing sent within 5 min of expiry, no self-refresh, 3 refreshes."""
+        with (
+            TokenManager(MemoryStore(), fake.provider(), journal=tmp_path, clock=clock) as manager,
+            FakeWrapper(fake, self_refresh=True) as wrapper,
+            WrapperClient(manager, base_url=wrapper.url) as client,
+        ):
+            manager.put(KEY, fake.issue())
+            for _ in range(24 * 30):  # a call every two minutes
+                clock.advance(120)
+                client.messages.create(KEY, HELLO)
+            final = manager.get(KEY)
+
+        closest = min(call.expires_in for call in wrapper.calls if call.expires_in is not None)
+        assert (720, {"ok"}, True, 0, 3, "current") == (
+            len(wrapper.calls),
+            set(outcomes(wrapper)),
+            closest > timedelta(minutes=5),
+            wrapper.self_refresh_count,
+            fake.refresh_count,
+            fake.refresh_token_state(final.refresh_token),
+        )
+
+    def test_short_leeway_loses_it(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """The counter-example: a 1-minute leeway lets the CLI consume the refresh token."""
+        manager = TokenManager(
+            MemoryStore(), fake.provider(), journal=tmp_path / "j", clock=clock, leeway=60
+        )
+        manager.put(KEY, fake.issue())
+        with (
+            FakeWrapper(fake, self_refresh=True) as wrapper,
+            WrapperClient(manager, base_url=wrapper.url) as client,
+        ):
+            try:
+                for _ in range(12 * 30):
+                    clock.advance(120)
+                    client.messages.create(KEY, HELLO)
+            except ReauthRequired as exc:
+                lost: ReauthRequired | None = exc
+            else:
+                lost = None
+
+        assert (True, True) == (lost is not None, wrapper.self_refresh_count >= 1)
+        manager.close()
+
+
+class TestConcurrency:
+    @pytest.mark.parametrize("repetition", range(10))
+    def test_fifty_threads_one_refresh(
+        self, store: MemoryStore, tmp_path: Path, repetition: int
+    ) -> None:
+        """50 threads calling for one due key make exactly one provider refresh between them."""
+        with FakeProvider(latency=0.2) as slow:
+            checking = FakeWrapper(slow)
+            with (
+                checking,
+                TokenManager(store, slow.provider(), journal=tmp_path / "j") as manager,
+                WrapperClient(manager, base_url=checking.url) as client,
+            ):
+                manager.put(KEY, slow.issue(expires_in=300))
+                barrier = threading.Barrier(50)
+                texts: list[str] = []
+                errors: list[BaseException] = []
+
+                def call() -> None:
+                    barrier.wait()
+                    try:
+                        texts.append(client.messages.create(KEY, HELLO).text)
+                    except BaseException as exc:  # noqa: BLE001 - reported by the assertion
+                        errors.append(exc)
+
+                threads = [threading.Thread(target=call) for _ in range(50)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+
+            assert (1, [], 50, {"ok"}) == (
+                slow.refresh_count,
+                errors,
+                len(texts),
+                {call.outcome for call in checking.calls},
+            )
+
+
+class TestSecrets:
+    def test_no_token_in_errors_or_logs(
+        self,
+        client: WrapperClient,
+        alice: Credentials,
+        fake: FakeProvider,
+        wrapper: FakeWrapper,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """Every error path, logged at DEBUG, shows no token in messages, reprs or logs."""
+        caplog.set_level(logging.DEBUG)
+        wrapper.fail_next(
+            WrapperFault.cli_timeout(),
+            WrapperFault.cli_error(f"{FakeWrapper.INVALID_API_KEY}"),
+            WrapperFault.cli_error(FakeWrapper.INVALID_API_KEY),
+            WrapperFault.cli_error(FakeWrapper.OPUS_WEEKLY_LIMIT),
+            WrapperFault.status(502, body="<html>bad gateway</html>"),
+            WrapperFault.stream_error(after_deltas=1),
+        )
+        errors: list[WrapperError] = []
+        for stream in (False, False, False, False, True):
+            try:
+                if stream:
+                    list(client.messages.stream(KEY, HELLO))
+                else:
+                    client.messages.create(KEY, HELLO)
+            except WrapperError as exc:
+                errors.append(exc)
+        shown = [text for e in errors for text in (str(e), repr(e), e.excerpt)]
+        shown += [record.getMessage() for record in caplog.records]
+        shown += [repr(call) for call in wrapper.calls]
+
+        leaked = [t for t in fake.all_tokens() if any(t in text for text in shown)]
+        assert (5, []) == (len(errors), leaked)
+
+
+class TestAsync:
+    @pytest.fixture
+    async def aclient(
+        self,
+        store: MemoryStore,
+        fake: FakeProvider,
+        clock: FakeClock,
+        wrapper: FakeWrapper,
+        tmp_path: Path,
+    ) -> AsyncIterator[AsyncWrapperClient]:
+        """An async client on an async manager over the same store."""
+        async with (
+            AsyncTokenManager(store, fake.provider(), journal=tmp_path / "aj", clock=clock) as m,
+            AsyncWrapperClient(m, base_url=wrapper.url) as c,
+        ):
+            await m.put(KEY, fake.issue())
+            yield c
+
+    @pytest.mark.anyio
+    async def test_create(self, aclient: AsyncWrapperClient) -> None:
+        """An async call returns the reply."""
+        assert REPLY == (await aclient.messages.create(KEY, HELLO)).text
+
+    @pytest.mark.anyio
+    async def test_revoked_token_retried(
+        self, aclient: AsyncWrapperClient, fake: FakeProvider, wrapper: FakeWrapper
+    ) -> None:
+        """The async client refreshes after an auth failure and retries once."""
+        credentials = await aclient.tokens.get(KEY)
+        fake.revoke_access_token(credentials)
+
+        await aclient.messages.create(KEY, HELLO)
+
+        assert (["token_revoked", "ok"], 1) == (outcomes(wrapper), fake.refresh_count)
+
+    @pytest.mark.anyio
+    @pytest.mark.parametrize("keepalive", [False, True], ids=["ndjson", "sse"])
+    async def test_stream(self, aclient: AsyncWrapperClient, keepalive: bool) -> None:
+        """An async stream yields the deltas in order and ends with the result."""
+        async with aclient.messages.stream(KEY, HELLO, keepalive=keepalive) as stream:
+            text = "".join([delta async for delta in stream.text_deltas()])
+
+        assert (REPLY, REPLY) == (text, stream.result.result if stream.result else None)
+
+    @pytest.mark.anyio
+    async def test_many_tasks_one_refresh(
+        self, aclient: AsyncWrapperClient, fake: FakeProvider, clock: FakeClock
+    ) -> None:
+        """100 tasks calling through an expiry make one refresh and all succeed."""
+        clock.advance(timedelta(hours=8) - timedelta(minutes=10))
+
+        texts = await asyncio.gather(*(aclient.messages.create(KEY, HELLO) for _ in range(100)))
+
+        assert (1, {REPLY}) == (fake.refresh_count, {m.text for m in texts})
