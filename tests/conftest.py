@@ -1,4 +1,4 @@
-"""Fixtures shared by every test: the fake provider and a clock."""
+"""Fixtures shared by every test: the fake provider, a clock, and real backend servers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from collections.abc import Iterator
 import pytest
 
 from credkeeper.testing import FakeClock, FakeProvider
+
+# postgres_url, mysql_url and the rule for unreachable servers: see tests/backends.py.
+pytest_plugins = ["tests.backends"]
 
 
 @pytest.fixture

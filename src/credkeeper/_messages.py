@@ -143,22 +143,16 @@ def _check_mcp_servers(servers: object) -> Iterable[FieldViolation]:
         if not isinstance(config, Mapping):
             yield FieldViolation(where, "must be a dict such as {'command': ...} or {'url': ...}")
             continue
-        has_command = config.get("command") is not None
-        has_url = config.get("url") is not None
-        if has_command == has_url:
-            yield FieldViolation(
-                where, "needs exactly one of 'command' (a local server) or 'url' (a remote one)"
-            )
-        if has_url and config.get("transport") not in TRANSPORTS:
-            yield FieldViolation(f"{where}.transport", "must be 'sse' or 'streamableHttp'")
-        auth_type = config.get("auth_type")
-        if auth_type is not None:
-            if auth_type not in AUTH_TYPES:
-                yield FieldViolation(f"{where}.auth_type", "must be 'jwt', 'oauth' or 'bearer'")
-            if not config.get("auth_token"):
-                yield FieldViolation(
-                    f"{where}.auth_token", f"is required with auth_type {auth_type!r}"
-                )
+        strings = ("command", "url", "transport", "auth_type", "auth_token")
+        wrong = [f for f in strings if not isinstance(config.get(f), str | None)]
+        if "streamable_http_path" in config and not isinstance(config["streamable_http_path"], str):
+            wrong.append("streamable_http_path")
+        for field_name in wrong:
+            yield FieldViolation(f"{where}.{field_name}", "must be a string")
+        if not wrong:
+            rule = _mcp_rule(config)
+            if rule is not None:
+                yield FieldViolation(f"{where}.{rule[0]}" if rule[0] else where, rule[1])
         args = config.get("args")
         if args is not None and (
             isinstance(args, str)
@@ -171,6 +165,30 @@ def _check_mcp_servers(servers: object) -> Iterable[FieldViolation]:
             isinstance(env, Mapping) and all(isinstance(v, str) for v in env.values())
         ):
             yield FieldViolation(f"{where}.env", "must be a dict of strings")
+
+
+def _mcp_rule(config: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The wrapper's MCP validator, in its order: it tests truthiness, not presence.
+
+    The field to blame (empty for the server as a whole) and the rule broken, or ``None``.
+    """
+    command, url, transport = config.get("command"), config.get("url"), config.get("transport")
+    auth_type, auth_token = config.get("auth_type"), config.get("auth_token")
+    if transport and transport not in TRANSPORTS:
+        return "transport", "must be 'sse' or 'streamableHttp'"
+    if transport and not url:
+        return "url", "is required with a transport"
+    if auth_type and auth_type not in AUTH_TYPES:
+        return "auth_type", "must be 'jwt', 'oauth' or 'bearer'"
+    if auth_type and not auth_token:
+        return "auth_token", f"is required with auth_type {auth_type!r}"
+    if not command and not url:
+        return "", "needs 'command' (a local server) or 'url' (a remote one)"
+    if command and url:
+        return "", "takes 'command' or 'url', not both"
+    if url and not transport:
+        return "transport", "is required with a url: 'sse' or 'streamableHttp'"
+    return None
 
 
 def violations_from_422(document: object) -> list[FieldViolation]:
@@ -225,12 +243,14 @@ class ContentBlock:
 class WorkspaceFile:
     """A file from the CLI's workspace (``include_files``): its relative ``path`` and content.
 
-    ``content`` is text or base64 as ``encoding`` says; :attr:`data` decodes it to bytes.
+    ``content`` is text or base64 as ``encoding`` says; :attr:`data` decodes it to bytes. An
+    encoding credkeeper does not know is kept as sent (the reply is not thrown away for it) and
+    only :attr:`data` refuses it.
     """
 
     path: str
     content: str
-    encoding: Literal["text", "base64"]
+    encoding: str
     size: int | None = None
 
     @classmethod
@@ -241,10 +261,8 @@ class WorkspaceFile:
         path, content, encoding = data.get("path"), data.get("content"), data.get("encoding")
         if not isinstance(path, str) or not isinstance(content, str):
             raise WrapperError("the wrapper returned a file entry without a path or content")
-        if encoding not in ("text", "base64"):
-            raise WrapperError(
-                f"the wrapper returned file {path!r} in unknown encoding {encoding!r}"
-            )
+        if not isinstance(encoding, str):
+            raise WrapperError(f"the wrapper returned file {path!r} without an encoding")
         size = data.get("size")
         return cls(
             path=path,
@@ -258,6 +276,10 @@ class WorkspaceFile:
         """The file's bytes: UTF-8 text, or the decoded base64."""
         if self.encoding == "text":
             return self.content.encode()
+        if self.encoding != "base64":
+            raise WrapperError(
+                f"the wrapper returned file {self.path!r} in unknown encoding {self.encoding!r}"
+            )
         try:
             return base64.b64decode(self.content, validate=True)
         except (binascii.Error, ValueError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["excerpt", "redact"]
+__all__ = ["Redactor", "excerpt", "redact"]
 
 _MASK = "[REDACTED]"
 
@@ -41,3 +41,24 @@ def excerpt(text: str, secrets: Iterable[str] = (), *, limit: int = 200) -> str:
         raise ValueError(f"limit must be at least 1, got {limit}")
     cleaned = " ".join(redact(text, secrets).split())
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
+
+
+class Redactor:
+    """Masks a fixed set of secrets, and token-shaped text, in what it quotes.
+
+    It holds the secrets of one call so that code quoting a server's answer never keeps them
+    in plain local variables, where tools that capture a traceback's locals would find them;
+    its ``repr`` shows only how many it holds.
+    """
+
+    __slots__ = ("_secrets",)
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._secrets = tuple(secrets)
+
+    def __repr__(self) -> str:
+        return f"Redactor({len(self._secrets)} secrets)"
+
+    def excerpt(self, text: str, *, limit: int = 200) -> str:
+        """:func:`excerpt` of ``text`` with this redactor's secrets."""
+        return excerpt(text, self._secrets, limit=limit)

@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from importlib.metadata import EntryPoint, entry_points
 from types import MappingProxyType
 from typing import Any, Protocol, cast
-from urllib.parse import urlsplit
 
 from ._exceptions import ConfigurationError, UnknownSchemeError
 from ._store import AsyncCredentialStore, CredentialStore
@@ -56,7 +55,8 @@ def open_store(url: str, **options: Any) -> CredentialStore | AsyncCredentialSto
         raise ConfigurationError(
             f"store URL must look like scheme://..., got {url!r}; e.g. file:///path/to/creds.json"
         )
-    scheme = urlsplit(url).scheme.lower()
+    # Not urlsplit: driver names such as psycopg_async hold characters it refuses in a scheme.
+    scheme = url.split("://", 1)[0].lower()
     entry = _entry_point(scheme)
     if entry is None:
         base = scheme.split("+", 1)[0]

@@ -27,6 +27,7 @@ from collections.abc import (
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -49,14 +50,13 @@ from ._messages import (
     Message,
     ResultEvent,
     StreamEvent,
-    SystemEvent,
     build_body,
     parse_event,
     parse_line,
     violations_from_422,
 )
 from ._record import check_key
-from ._redact import excerpt
+from ._redact import Redactor
 from ._secret import Secret
 
 __all__ = [
@@ -79,10 +79,15 @@ DEFAULT_TIMEOUT = httpx.Timeout(310.0, connect=10.0)
 _logger = logging.getLogger("credkeeper.wrapper")
 
 # Upstream quota texts are checked first: they must never cost a refresh.
-_LIMIT = re.compile(r"limit reached|usage limit|rate[_ ]limit|quota|api error: 429", re.IGNORECASE)
+_LIMIT = re.compile(
+    r"limit reached|hit your (?:\w+ )?limit|usage limit|rate[_ ]limit|quota|api error: 429",
+    re.IGNORECASE,
+)
 _AUTH = re.compile(
     r"please run /login|not logged in|invalid api key|authentication_error|oauth token"
-    r"|failed to authenticate|invalid bearer token|\b401\b",
+    r"|failed to authenticate|invalid bearer token|\b401\b"
+    # The CLI's text for a revoked token in non-interactive mode, which the wrapper uses.
+    r"|does not have access to claude|please login again",
     re.IGNORECASE,
 )
 
@@ -145,10 +150,9 @@ def call_flow(key: str) -> CallFlow[Any]:
 # -- reading answers (pure) --------------------------------------------------------------
 
 
-def _secrets(credentials: Credentials) -> tuple[str, str]:
-    return (
-        credentials.access_token.get_secret_value(),
-        credentials.refresh_token.get_secret_value(),
+def _redactor(credentials: Credentials) -> Redactor:
+    return Redactor(
+        (credentials.access_token.get_secret_value(), credentials.refresh_token.get_secret_value())
     )
 
 
@@ -161,13 +165,13 @@ def _is_error(document: object) -> bool:
 
 
 def error_outcome(
-    error: Mapping[str, Any], *, key: str, status: int | None, secrets: Sequence[str]
+    error: Mapping[str, Any], *, key: str, status: int | None, redactor: Redactor
 ) -> Refused:
     """:class:`Refused` for an auth failure; raises the matching :class:`WrapperError` otherwise."""
     message = error.get("message")
     text = message if isinstance(message, str) else json.dumps(message)
     code = error.get("code") if isinstance(error.get("code"), str) else None
-    quoted = excerpt(text, secrets)
+    quoted = redactor.excerpt(text)
     if _LIMIT.search(text):
         raise UsageLimitReached(
             f"the account under key {key!r} reached a usage limit: {quoted}",
@@ -189,27 +193,27 @@ def error_outcome(
 
 
 def interpret(
-    status: int, content: bytes, *, key: str, model: str, secrets: Sequence[str]
+    status: int, content: bytes, *, key: str, model: str, redactor: Redactor
 ) -> Message | Refused:
     """The outcome of one non-streaming answer; raises for every error but an auth failure."""
     text = content.decode("utf-8", "replace")
     if status == 401:
-        return Refused(excerpt(text, secrets))
+        return Refused(redactor.excerpt(text))
     try:
         document = json.loads(text)
     except ValueError:
         document = None
         if status == 200:
             raise WrapperError(
-                f"the wrapper's answer for key {key!r} is not JSON: {excerpt(text, secrets)}",
+                f"the wrapper's answer for key {key!r} is not JSON: {redactor.excerpt(text)}",
                 status=status,
                 key=key,
-                excerpt=excerpt(text, secrets),
+                excerpt=redactor.excerpt(text),
             ) from None
     if status == 422:
         raise InvalidRequest(violations_from_422(document), status=status, key=key)
     if status != 200:
-        quoted = excerpt(text, secrets)
+        quoted = redactor.excerpt(text)
         kind = WrapperUnavailable if status >= 500 or status == 429 else WrapperError
         raise kind(
             f"the wrapper answered HTTP {status} for key {key!r}: {quoted}",
@@ -218,39 +222,50 @@ def interpret(
             excerpt=quoted,
         )
     if _is_error(document):
-        return error_outcome(document["error"], key=key, status=status, secrets=secrets)
+        return error_outcome(document["error"], key=key, status=status, redactor=redactor)
     return Message.parse(document, model=model)
 
 
+def _failed_result(event: ResultEvent) -> Mapping[str, Any]:
+    return {"message": event.result, "code": event.subtype}
+
+
 def head_step(
-    head: list[Event], document: Mapping[str, Any], *, key: str, secrets: Sequence[str]
+    head: list[Event], document: Mapping[str, Any], *, key: str, redactor: Redactor
 ) -> Refused | bool:
     """Take one streamed object before anything reaches the caller.
 
-    Returns ``True`` once the first non-``system`` event is in ``head`` (the stream is good),
-    ``False`` to read on, or :class:`Refused` when the stream opens with an auth failure, which
-    can still be retried because the caller has seen nothing.
+    The head runs up to the first ``stream_event`` or the ``result``: the CLI reports a failed
+    call in band as ``system/init``, a synthetic ``assistant`` message and an ``is_error``
+    result, and while the caller has seen nothing an auth failure can still be retried.
+    Returns ``True`` once the head is complete and good, ``False`` to read on, or
+    :class:`Refused`; other failures raise.
     """
     if _is_error(document):
-        return error_outcome(document["error"], key=key, status=200, secrets=secrets)
+        return error_outcome(document["error"], key=key, status=200, redactor=redactor)
     event = parse_event(document)
-    if isinstance(event, ResultEvent) and event.is_error and _AUTH.search(event.result):
-        return Refused(excerpt(event.result, secrets))
+    if isinstance(event, ResultEvent) and event.is_error:
+        return error_outcome(_failed_result(event), key=key, status=200, redactor=redactor)
     head.append(event)
-    return not isinstance(event, SystemEvent)
+    return isinstance(event, StreamEvent | ResultEvent)
 
 
-def body_event(document: Mapping[str, Any], *, key: str, secrets: Sequence[str]) -> Event:
-    """One streamed object after the head; an in-band error raises."""
+def body_event(document: Mapping[str, Any], *, key: str, redactor: Redactor) -> Event:
+    """One streamed object after the head; an in-band error or a failed result raises."""
     if _is_error(document):
-        outcome = error_outcome(document["error"], key=key, status=200, secrets=secrets)
-        raise AuthFailed(
-            f"the wrapper refused the credentials under key {key!r} mid-stream: {outcome.excerpt}",
-            status=200,
-            key=key,
-            excerpt=outcome.excerpt,
-        )
-    return parse_event(document)
+        error: Mapping[str, Any] = document["error"]
+    else:
+        event = parse_event(document)
+        if not (isinstance(event, ResultEvent) and event.is_error):
+            return event
+        error = _failed_result(event)
+    outcome = error_outcome(error, key=key, status=200, redactor=redactor)
+    raise AuthFailed(
+        f"the wrapper refused the credentials under key {key!r} mid-stream: {outcome.excerpt}",
+        status=200,
+        key=key,
+        excerpt=outcome.excerpt,
+    )
 
 
 def _stream_truncated(key: str) -> WrapperError:
@@ -258,26 +273,45 @@ def _stream_truncated(key: str) -> WrapperError:
 
 
 @contextlib.contextmanager
-def _transport_errors(key: str, url: str) -> Iterator[None]:
+def _transport_errors(key: str | None, url: str) -> Iterator[None]:
     """httpx's connection and timeout errors as :class:`WrapperUnavailable`."""
+    shown = _display(url)
+    about = f" for key {key!r}" if key is not None else ""
     try:
         yield
     except httpx.TimeoutException as exc:
         raise WrapperUnavailable(
-            f"the wrapper at {url} did not answer in time for key {key!r}; "
+            f"the wrapper at {shown} did not answer in time{about}; "
             "raise the timeout or retry later",
             key=key,
         ) from exc
     except httpx.TransportError as exc:
         raise WrapperUnavailable(
-            f"could not reach the wrapper at {url} for key {key!r}: {type(exc).__name__}",
+            f"could not reach the wrapper at {shown}{about}: {type(exc).__name__}",
             key=key,
         ) from exc
+
+
+def _display(url: str) -> str:
+    """``url`` without a user name or password, fit for a message."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
 
 
 def _payload(body: Mapping[str, Any], credentials: Credentials) -> dict[str, Any]:
     sent = {name: value for name, value in credentials.to_wrapper().items() if value is not None}
     return {"oauth_credentials": sent, **body}
+
+
+def _timeout(value: object) -> float | httpx.Timeout:
+    if isinstance(value, httpx.Timeout):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(
+            f"timeout must be a positive number of seconds or an httpx.Timeout, got {value!r}"
+        )
+    return float(value)
 
 
 def _base_url(value: object) -> str:
@@ -303,13 +337,9 @@ class _Settings:
 
     def __init__(self, base_url: str, timeout: float | httpx.Timeout | None) -> None:
         self.base_url = _base_url(base_url)
-        if not (timeout is None or isinstance(timeout, httpx.Timeout)) and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
-        ):
-            raise ConfigurationError(
-                f"timeout must be a positive number of seconds or an httpx.Timeout, got {timeout!r}"
-            )
-        self.timeout = timeout
+        # Always set, so that an httpx client passed in does not shorten calls to its own
+        # default (5 s for httpx), far below what the wrapper's CLI may take.
+        self.timeout = DEFAULT_TIMEOUT if timeout is None else _timeout(timeout)
 
     def call(
         self,
@@ -338,14 +368,8 @@ class _Settings:
         )
         if stream:
             body["stream"] = True
-        chosen = timeout if timeout is not None else self.timeout
-        return _Call(
-            key,
-            self.base_url + path,
-            body,
-            model,
-            chosen if chosen is not None else httpx.USE_CLIENT_DEFAULT,
-        )
+        chosen = self.timeout if timeout is None else _timeout(timeout)
+        return _Call(key, self.base_url + path, body, model, chosen)
 
 
 def _stream_path(keepalive: bool) -> str:
@@ -361,7 +385,7 @@ class _Opened(Generic[L]):
 
     response: httpx.Response
     head: list[Event]
-    secrets: tuple[str, ...]
+    redactor: Redactor
     lines: L
 
 
@@ -372,12 +396,12 @@ class _StreamBase:
         self._key = key
         self.result: ResultEvent | None = None
 
-    def _after(self, line: str, secrets: Sequence[str]) -> Event | Literal[End.DONE] | None:
+    def _after(self, line: str, redactor: Redactor) -> Event | Literal[End.DONE] | None:
         """The event on ``line``, ``None`` to skip it, or :data:`DONE` at the end."""
         document = parse_line(line)
         if document is None or document is DONE:
             return document
-        event = body_event(document, key=self._key, secrets=secrets)
+        event = body_event(document, key=self._key, redactor=redactor)
         if isinstance(event, ResultEvent):
             self.result = event
         return event
@@ -436,13 +460,14 @@ class MessageStream(_StreamBase):
         response = opened.response
         try:
             for event in opened.head:
-                yield event
                 if isinstance(event, ResultEvent):
                     self.result = event
+                yield event
+                if self.result is not None:
                     return
             with _transport_errors(self._key, str(response.request.url)):
                 for line in opened.lines:
-                    item = self._after(line, opened.secrets)
+                    item = self._after(line, opened.redactor)
                     if item is DONE:
                         break
                     if item is not None:
@@ -507,7 +532,7 @@ class Messages:
                 response.content,
                 key=call.key,
                 model=call.model,
-                secrets=_secrets(credentials),
+                redactor=_redactor(credentials),
             )
 
         return self._client._run(call.key, attempt)  # type: ignore[no-any-return]
@@ -549,7 +574,7 @@ class Messages:
         http = self._client._http
 
         def attempt(credentials: Credentials) -> _Opened[Iterator[str]] | Refused:
-            secrets = _secrets(credentials)
+            redactor = _redactor(credentials)
             request = http.build_request(
                 "POST", call.url, json=_payload(call.body, credentials), timeout=call.timeout
             )
@@ -558,11 +583,11 @@ class Messages:
             try:
                 with _transport_errors(call.key, call.url):
                     if not _streams(response):
-                        return _unstreamed(call, response.read(), response.status_code, secrets)
+                        return _unstreamed(call, response.read(), response.status_code, redactor)
                     head: list[Event] = []
                     lines = response.iter_lines()
                     for line in lines:
-                        verdict = _head_line(head, line, call.key, secrets)
+                        verdict = _head_line(head, line, call.key, redactor)
                         if verdict is not False:
                             break
                     else:
@@ -573,7 +598,7 @@ class Messages:
             if isinstance(verdict, Refused):
                 response.close()
                 return verdict
-            return _Opened(response, head, secrets, lines)
+            return _Opened(response, head, redactor, lines)
 
         return MessageStream(lambda: self._client._run(call.key, attempt), call.key)
 
@@ -640,10 +665,8 @@ class WrapperClient:
     def health(self) -> Health:
         """``GET /health``: the wrapper's status and version (no credentials needed)."""
         url = self.base_url + "/health"
-        with _transport_errors("-", url):
-            response = self._http.get(
-                url, timeout=self._settings.timeout or httpx.USE_CLIENT_DEFAULT
-            )
+        with _transport_errors(None, url):
+            response = self._http.get(url, timeout=self._settings.timeout)
         return _health(response.status_code, response.content)
 
     def _run(self, key: str, attempt: Callable[[Credentials], Any]) -> Any:
@@ -715,13 +738,14 @@ class AsyncMessageStream(_StreamBase):
         response = opened.response
         try:
             for event in opened.head:
-                yield event
                 if isinstance(event, ResultEvent):
                     self.result = event
+                yield event
+                if self.result is not None:
                     return
             with _transport_errors(self._key, str(response.request.url)):
                 async for line in opened.lines:
-                    item = self._after(line, opened.secrets)
+                    item = self._after(line, opened.redactor)
                     if item is DONE:
                         break
                     if item is not None:
@@ -778,7 +802,7 @@ class AsyncMessages:
                 response.content,
                 key=call.key,
                 model=call.model,
-                secrets=_secrets(credentials),
+                redactor=_redactor(credentials),
             )
 
         return await self._client._run(call.key, attempt)  # type: ignore[no-any-return]
@@ -818,7 +842,7 @@ class AsyncMessages:
         http = self._client._http
 
         async def attempt(credentials: Credentials) -> _Opened[AsyncIterator[str]] | Refused:
-            secrets = _secrets(credentials)
+            redactor = _redactor(credentials)
             request = http.build_request(
                 "POST", call.url, json=_payload(call.body, credentials), timeout=call.timeout
             )
@@ -828,12 +852,12 @@ class AsyncMessages:
                 with _transport_errors(call.key, call.url):
                     if not _streams(response):
                         content = await response.aread()
-                        return _unstreamed(call, content, response.status_code, secrets)
+                        return _unstreamed(call, content, response.status_code, redactor)
                     head: list[Event] = []
                     verdict: Refused | bool = True
                     lines = response.aiter_lines()
                     async for line in lines:
-                        verdict = _head_line(head, line, call.key, secrets)
+                        verdict = _head_line(head, line, call.key, redactor)
                         if verdict is not False:
                             break
                     else:
@@ -844,7 +868,7 @@ class AsyncMessages:
             if isinstance(verdict, Refused):
                 await response.aclose()
                 return verdict
-            return _Opened(response, head, secrets, lines)
+            return _Opened(response, head, redactor, lines)
 
         return AsyncMessageStream(lambda: self._client._run(call.key, attempt), call.key)
 
@@ -902,10 +926,8 @@ class AsyncWrapperClient:
     async def health(self) -> Health:
         """``GET /health``: the wrapper's status and version (no credentials needed)."""
         url = self.base_url + "/health"
-        with _transport_errors("-", url):
-            response = await self._http.get(
-                url, timeout=self._settings.timeout or httpx.USE_CLIENT_DEFAULT
-            )
+        with _transport_errors(None, url):
+            response = await self._http.get(url, timeout=self._settings.timeout)
         return _health(response.status_code, response.content)
 
     async def _run(
@@ -936,8 +958,8 @@ def _streams(response: httpx.Response) -> bool:
     return response.status_code == 200 and content_type != "application/json"
 
 
-def _unstreamed(call: _Call, content: bytes, status: int, secrets: Sequence[str]) -> Refused:
-    outcome = interpret(status, content, key=call.key, model=call.model, secrets=secrets)
+def _unstreamed(call: _Call, content: bytes, status: int, redactor: Redactor) -> Refused:
+    outcome = interpret(status, content, key=call.key, model=call.model, redactor=redactor)
     if isinstance(outcome, Refused):
         return outcome
     raise WrapperError(
@@ -947,13 +969,13 @@ def _unstreamed(call: _Call, content: bytes, status: int, secrets: Sequence[str]
     )
 
 
-def _head_line(head: list[Event], line: str, key: str, secrets: Sequence[str]) -> Refused | bool:
+def _head_line(head: list[Event], line: str, key: str, redactor: Redactor) -> Refused | bool:
     document = parse_line(line)
     if document is None:
         return False
     if document is DONE:
         return True
-    return head_step(head, document, key=key, secrets=secrets)
+    return head_step(head, document, key=key, redactor=redactor)
 
 
 def _health(status: int, content: bytes) -> Health:

@@ -35,7 +35,9 @@ class TestDemo:
         progress = [line for line in demo_run.stdout.splitlines() if "/2.5 s" in line]
 
         assert "\x1b[" not in demo_run.stdout
-        assert ["1.0", "2.0", "2.5"] == [line.split("/")[0].strip()[:3] for line in progress]
+        # A loaded machine may print a line a tenth of a second late; a second apart still.
+        seconds = [int(float(line.split("/")[0])) for line in progress]
+        assert ([1, 2, 2], True) == (seconds, progress[-1].strip().startswith("2.5/"))
 
     def test_no_token_is_shown(self, demo_run: Result) -> None:
         """Nothing token-shaped appears in the output."""

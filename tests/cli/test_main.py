@@ -46,6 +46,30 @@ class TestEntryPoints:
         assert (0, "") == (completed.returncode, completed.stderr)
         assert completed.stdout.startswith("Usage: credkeeper ")
 
+    def test_without_click_the_command_names_the_extra(self) -> None:
+        """Without the cli extra (click blocked from import), one line says what to install."""
+        script = (
+            "import sys; sys.modules['click'] = None\n"
+            "from credkeeper.__main__ import main\n"
+            "sys.exit(main(['--help']))"
+        )
+        completed = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+        )
+
+        assert (
+            2,
+            "",
+            [
+                "credkeeper: error: the command line needs click; "
+                "install it with pip install 'credkeeper[cli]'"
+            ],
+        ) == (
+            completed.returncode,
+            completed.stdout,
+            completed.stderr.splitlines(),
+        )
+
     def test_main_returns_the_exit_code(self, capsys: pytest.CaptureFixture[str]) -> None:
         """main() returns the code rather than exiting, for the console script to exit with."""
         code = main(["no-such-command"])

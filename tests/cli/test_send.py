@@ -70,6 +70,37 @@ class TestSend:
         assert "reached a usage limit" in error_line(result)
         assert set() == leaked(fake, result)
 
+    @pytest.mark.parametrize(
+        ("fault", "code"),
+        [
+            (WrapperFault.cli_error(FakeWrapper.OPUS_WEEKLY_LIMIT), ExitCode.WRAPPER),
+            (WrapperFault.cli_error("API Error: 500 overloaded"), ExitCode.WRAPPER),
+        ],
+        ids=["limit", "cli-error"],
+    )
+    def test_keepalive_failure_is_not_silent(
+        self, send: Cli, fake: FakeProvider, wrapper: FakeWrapper, fault: WrapperFault, code: int
+    ) -> None:
+        """A failure reported in band on keepalive exits non-zero with one error line."""
+        import_credentials(send, "alice", fake.issue())
+        wrapper.fail_next(fault)
+
+        result = send("send", "alice", "hi", "--keepalive")
+
+        assert (code, 1) == (result.exit_code, len(result.stderr.splitlines()))
+
+    def test_keepalive_revoked_token_is_refreshed(
+        self, send: Cli, fake: FakeProvider, wrapper: FakeWrapper
+    ) -> None:
+        """A revoked token on keepalive is refreshed and the reply still streams."""
+        credentials = fake.issue()
+        import_credentials(send, "alice", credentials)
+        fake.revoke_access_token(credentials)
+
+        result = send("send", "alice", "hi", "--keepalive")
+
+        assert (0, "You said: hi\n", 1) == (result.exit_code, result.stdout, fake.refresh_count)
+
     def test_wrapper_timeout_error_hides_tokens(
         self, send: Cli, fake: FakeProvider, wrapper: FakeWrapper
     ) -> None:
@@ -82,8 +113,8 @@ class TestSend:
         assert (ExitCode.WRAPPER, set()) == (result.exit_code, leaked(fake, result))
         assert "HTTP 500" in error_line(result)
 
-    def test_empty_prompt_is_usage_error(self, send: Cli, fake: FakeProvider) -> None:
-        """A prompt the wrapper would refuse exits 2 before anything is sent."""
+    def test_empty_model_is_usage_error(self, send: Cli, fake: FakeProvider) -> None:
+        """A request the wrapper would refuse (no model) exits 2 before anything is sent."""
         import_credentials(send, "alice", fake.issue())
 
         result = send("send", "alice", "hi", "--model", "")

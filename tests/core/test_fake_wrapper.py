@@ -800,18 +800,21 @@ class TestKeepalive:
     def test_auth_failure_is_in_band(
         self, wrapper: FakeWrapper, client: httpx.Client, credentials: Credentials
     ) -> None:
-        """A bad token on keepalive: 200, an in-band cli_error event, then [DONE]."""
+        """A bad token on keepalive: init, a synthetic assistant, an is_error result, [DONE]."""
         document = body(credentials)
         document["oauth_credentials"]["access_token"] = "sk-ant-oat01-forged"
 
         response = post(client, wrapper, document, "/v1/messages/keepalive")
 
         events = sse(response)
-        assert (200, [cli_error(FakeWrapper.INVALID_API_KEY)], "[DONE]") == (
+        objects = [json.loads(data) for data in events[:-1]]
+        assert (200, ["system", "assistant", "result"], True, FakeWrapper.INVALID_API_KEY) == (
             response.status_code,
-            [json.loads(data) for data in events[:-1]],
-            events[-1],
+            [obj["type"] for obj in objects],
+            objects[-1]["is_error"],
+            objects[-1]["result"],
         )
+        assert "[DONE]" == events[-1]
 
 
 class TestSelfRefresh:
@@ -1115,12 +1118,18 @@ class TestFaults:
     def test_cli_error_fault_on_keepalive_is_in_band(
         self, wrapper: FakeWrapper, client: httpx.Client, credentials: Credentials
     ) -> None:
-        """On keepalive a cli_error fault is an error event followed by [DONE]."""
+        """On keepalive a cli_error fault ends in an is_error result carrying the text."""
         wrapper.fail_next(WrapperFault.cli_error("quota"))
 
         events = sse(post(client, wrapper, body(credentials), "/v1/messages/keepalive"))
 
-        assert [json.dumps(cli_error("quota")), "[DONE]"] == events
+        result = json.loads(events[-2])
+        assert ("result", True, "quota", "[DONE]") == (
+            result["type"],
+            result["is_error"],
+            result["result"],
+            events[-1],
+        )
 
     def test_delay_fault_outlasts_a_short_client_timeout(
         self, wrapper: FakeWrapper, credentials: Credentials

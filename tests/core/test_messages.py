@@ -30,6 +30,7 @@ from credkeeper import (
     WrapperUnavailable,
 )
 from credkeeper._messages import DONE, build_body, parse_event, parse_line, violations_from_422
+from credkeeper._redact import Redactor
 from credkeeper._wrapper import Attempt, Fetch, Refused, Renew, call_flow, interpret
 
 ACCESS = "sk-ant-oat01-" + "a" * 40
@@ -115,6 +116,7 @@ class TestBuildBody:
             ({}, "mcp_servers.s"),
             ({"command": "x", "url": "http://h", "transport": "sse"}, "mcp_servers.s"),
             ({"url": "http://h"}, "mcp_servers.s.transport"),
+            ({"command": "x", "transport": "sse"}, "mcp_servers.s.url"),
             ({"url": "http://h", "transport": "websocket"}, "mcp_servers.s.transport"),
             ({"command": "x", "auth_type": "bearer"}, "mcp_servers.s.auth_token"),
             ({"command": "x", "auth_type": "basic", "auth_token": "t"}, "mcp_servers.s.auth_type"),
@@ -128,6 +130,25 @@ class TestBuildBody:
             body(mcp_servers={"s": config})
 
         assert [field] == fields_of(error)
+
+    @pytest.mark.parametrize(
+        "config",
+        [
+            {"command": "", "url": "https://h/mcp", "transport": "sse"},
+            {"command": "npx", "auth_type": ""},
+            {"command": "npx", "url": ""},
+        ],
+    )
+    def test_empty_strings_count_as_absent(self, config: dict[str, Any]) -> None:
+        """Like the wrapper's validator, an empty string counts as not given."""
+        assert {"s": config} == body(mcp_servers={"s": config})["mcp_servers"]
+
+    def test_non_string_mcp_field_refused(self) -> None:
+        """A non-string command is refused before it goes out with the tokens."""
+        with pytest.raises(InvalidRequest) as error:
+            body(mcp_servers={"s": {"command": ["npx", "server"]}})
+
+        assert ["mcp_servers.s.command"] == fields_of(error)
 
     def test_valid_mcp_servers_sent(self) -> None:
         """A local and a remote MCP server pass and are sent as given."""
@@ -275,6 +296,16 @@ class TestMessage:
             file.data  # noqa: B018 - the property is the subject
 
 
+class TestRedactor:
+    def test_repr_hides_the_secrets(self) -> None:
+        """A redactor's repr, which tracebacks may capture, shows no secret."""
+        assert "Redactor(2 secrets)" == repr(Redactor(SECRETS))
+
+    def test_excerpt_masks_the_secrets(self) -> None:
+        """Its excerpt masks each of its secrets."""
+        assert "a [REDACTED] b" == Redactor(["hunter2"]).excerpt("a hunter2 b")
+
+
 class TestParseLine:
     def test_ndjson_line(self) -> None:
         """A bare JSON line is an object."""
@@ -386,7 +417,7 @@ def error_body(message: str, code: str = "cli_error") -> bytes:
 
 
 def read(status: int, content: bytes) -> Message | Refused:
-    return interpret(status, content, key="alice", model="sonnet", secrets=SECRETS)
+    return interpret(status, content, key="alice", model="sonnet", redactor=Redactor(SECRETS))
 
 
 class TestInterpret:
@@ -399,6 +430,8 @@ class TestInterpret:
             '"authentication_error","message":"OAuth token has expired."}}',
             "OAuth token revoked · Please run /login",
             'API Error: 401 {"type":"error","error":{"type":"authentication_error"}}',
+            "Your account does not have access to Claude. "
+            "Please login again or contact your administrator.",
         ],
     )
     def test_auth_texts_refused(self, text: str) -> None:
@@ -415,6 +448,8 @@ class TestInterpret:
             "Opus weekly limit reached ∙ resets Nov 10, 5pm",
             'API Error: 429 {"type":"error","error":{"type":"rate_limit_error"}}',
             "Claude usage limit reached. Your limit will reset at 5pm",
+            "You've hit your limit · resets 8pm",
+            "You've hit your session limit · resets 2pm",
         ],
     )
     def test_limits_are_not_auth(self, text: str) -> None:

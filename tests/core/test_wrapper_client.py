@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 
 from credkeeper import (
@@ -258,15 +259,17 @@ class TestCreate:
         assert ("opus", ["ok"]) == (message.model, outcomes(wrapper))
 
     def test_unreachable_wrapper(self, manager: TokenManager, alice: Credentials) -> None:
-        """A wrapper that is not listening raises WrapperUnavailable."""
+        """A wrapper that is not listening raises WrapperUnavailable, hiding URL passwords."""
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         with (
-            WrapperClient(manager, base_url=f"http://127.0.0.1:{port}") as client,
-            pytest.raises(WrapperUnavailable, match="could not reach"),
+            WrapperClient(manager, base_url=f"http://svc:hunter2@127.0.0.1:{port}") as client,
+            pytest.raises(WrapperUnavailable, match="could not reach") as error,
         ):
             client.messages.create(KEY, HELLO)
+
+        assert "hunter2" not in str(error.value)
 
     def test_timeout(self, client: WrapperClient, alice: Credentials, wrapper: FakeWrapper) -> None:
         """A call that outlasts its timeout raises WrapperUnavailable."""
@@ -389,13 +392,50 @@ class TestStream:
         assert 2 == len(received)
 
     def test_early_close_releases_the_connection(
-        self, client: WrapperClient, alice: Credentials
+        self, manager: TokenManager, wrapper: FakeWrapper, alice: Credentials
     ) -> None:
-        """Leaving a stream early closes it; the next call goes through."""
-        with client.messages.stream(KEY, HELLO, keepalive=True) as stream:
-            next(stream)
+        """Leaving a stream early returns its connection: a one-connection pool serves the next."""
+        limits = httpx.Limits(max_connections=1)
+        with (
+            httpx.Client(limits=limits, timeout=httpx.Timeout(5.0, pool=1.0)) as http,
+            WrapperClient(manager, base_url=wrapper.url, http=http) as client,
+        ):
+            for _ in range(3):
+                with client.messages.stream(KEY, HELLO, keepalive=True) as stream:
+                    next(stream)
 
-        assert REPLY == client.messages.create(KEY, HELLO).text
+            assert REPLY == client.messages.create(KEY, HELLO).text
+
+    def test_injected_client_keeps_the_long_default_timeout(
+        self, manager: TokenManager, wrapper: FakeWrapper, alice: Credentials
+    ) -> None:
+        """An httpx client passed in does not shorten calls to its own timeout."""
+        wrapper.fail_next(WrapperFault.delay(0.5))
+        with (
+            httpx.Client(timeout=0.1) as http,
+            WrapperClient(manager, base_url=wrapper.url, http=http) as client,
+        ):
+            assert REPLY == client.messages.create(KEY, HELLO).text
+
+    def test_keepalive_usage_limit_raises(
+        self, client: WrapperClient, alice: Credentials, fake: FakeProvider, wrapper: FakeWrapper
+    ) -> None:
+        """A limit reported in band on keepalive raises UsageLimitReached, with no refresh."""
+        wrapper.fail_next(WrapperFault.cli_error("You've hit your limit · resets 8pm"))
+
+        with pytest.raises(UsageLimitReached):
+            list(client.messages.stream(KEY, HELLO, keepalive=True))
+
+        assert 0 == fake.refresh_count
+
+    def test_keepalive_other_failure_raises(
+        self, client: WrapperClient, alice: Credentials, wrapper: FakeWrapper
+    ) -> None:
+        """A failed result on keepalive raises CLIError instead of ending quietly."""
+        wrapper.fail_next(WrapperFault.cli_error("API Error: 500 Internal server error"))
+
+        with pytest.raises(WrapperError, match="Internal server error"):
+            list(client.messages.stream(KEY, HELLO, keepalive=True))
 
     def test_usage_limit_on_stream(
         self, client: WrapperClient, alice: Credentials, fake: FakeProvider, wrapper: FakeWrapper

@@ -50,7 +50,10 @@ TOKEN_EXPIRED = (
     '"authentication_error","message":"OAuth token has expired. Please obtain a new token '
     'or refresh your existing token."}}'
 )
-TOKEN_REVOKED = "OAuth token revoked · Please run /login"
+# What the CLI prints for a revoked token in non-interactive (--print) mode, the wrapper's.
+TOKEN_REVOKED = (
+    "Your account does not have access to Claude. Please login again or contact your administrator."
+)
 EMPTY_PROMPT = (
     "Error: Input must be provided either through stdin or as a prompt argument when using --print"
 )
@@ -128,7 +131,8 @@ class WrapperFault:
         """Answer HTTP 200 ``{"type":"error","error":{"message":message,"code":"cli_error"}}``.
 
         This is how every CLI failure arrives, such as :attr:`FakeWrapper.OPUS_WEEKLY_LIMIT`;
-        on keepalive it is an in-band error event instead.
+        on keepalive the CLI's in-band report instead (a synthetic assistant message and an
+        ``is_error`` result).
         """
         if not isinstance(message, str):
             raise TypeError(f"message must be a str, not {type(message).__name__}")
@@ -1109,11 +1113,41 @@ class FakeWrapper:
 
 
 def _cli_error(message: str, *, keepalive: bool) -> _Reply:
-    """A CLI failure: a 200 JSON body, or an in-band event and [DONE] on keepalive."""
-    document = _cli_error_document(message)
-    if keepalive:
-        return _Reply(200, content_type=_EVENT_STREAM, chunks=(_sse_event(document), _SSE_DONE))
-    return _json_reply(200, document)
+    """A CLI failure: a 200 JSON body, or on keepalive what the CLI itself streams.
+
+    In stream-json mode the CLI reports a failed API call in band: ``system/init``, a synthetic
+    ``assistant`` message carrying the error text, then a ``result`` with ``is_error`` set,
+    before the server's ``[DONE]``.
+    """
+    if not keepalive:
+        return _json_reply(200, _cli_error_document(message))
+    session_id = str(uuid.uuid4())
+    objects: list[dict[str, object]] = [
+        {"type": "system", "subtype": "init", "session_id": session_id, "model": "<synthetic>"},
+        {
+            "type": "assistant",
+            "message": {
+                "id": str(uuid.uuid4()),
+                "model": "<synthetic>",
+                "role": "assistant",
+                "type": "message",
+                "content": [{"type": "text", "text": message}],
+            },
+            "isApiErrorMessage": True,
+            "session_id": session_id,
+        },
+        {
+            "type": "result",
+            "subtype": "success",
+            "is_error": True,
+            "result": message,
+            "num_turns": 1,
+            "duration_ms": 1,
+            "session_id": session_id,
+        },
+    ]
+    chunks = (*(_sse_event(obj) for obj in objects), _SSE_DONE)
+    return _Reply(200, content_type=_EVENT_STREAM, chunks=chunks)
 
 
 def _timeout_detail(request: _Request) -> str:

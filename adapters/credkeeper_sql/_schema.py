@@ -1,0 +1,464 @@
+"""Tables and statements of the SQL store, shared by the sync and the async engine; no I/O.
+
+Every operation is a *plan*: a generator that yields SQLAlchemy statements and receives each
+one's :class:`Outcome`, all inside one transaction the driver opens. The sync and the async
+store only execute what a plan yields, so the SQL and the compare-and-swap decisions exist once.
+
+Two layouts share the plans' interface:
+
+- :class:`OwnTable`, credkeeper's own table (``credkeeper_credentials`` by default): one row per
+  key, compare-and-swap by ``UPDATE ... WHERE key = :k AND version = :v`` and the rowcount.
+- :class:`ExistingTable`, credentials kept in mapped columns of a table the application already
+  has (``users.claude_access_token``, ...). Coordination state lives in a side table; the
+  version a reader sees binds the side row's version to a digest of the refresh token stored in
+  the user's row, and a write re-reads that token under a row lock, so a write based on an old
+  token loses even when the application changed the row behind credkeeper's back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+from credkeeper import ConflictError, Record, Status, StoreCorrupted, StoreError
+from credkeeper._credentials import from_epoch_ms, to_epoch_ms
+
+__all__ = [
+    "DEFAULT_LEASE_TABLE",
+    "DEFAULT_TABLE",
+    "ColumnMap",
+    "ExistingTable",
+    "Outcome",
+    "OwnTable",
+    "credentials_table",
+    "leases_table",
+    "metadata",
+]
+
+DEFAULT_TABLE = "credkeeper_credentials"
+DEFAULT_LEASE_TABLE = "credkeeper_leases"
+
+# Keys are compared byte for byte: MySQL's default collations fold case and accents, which
+# would merge "Alice" and "alice" into one credential.
+_KEY = sa.String(255).with_variant(
+    mysql.VARCHAR(255, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
+)
+
+
+def credentials_table(meta: sa.MetaData, name: str = DEFAULT_TABLE) -> sa.Table:
+    """credkeeper's own table, named ``name``, added to ``meta``.
+
+    Times are epoch milliseconds in BIGINT columns, exact on every backend; ``scopes`` is a
+    JSON array. The index on ``(expires_at, key)`` serves ``scan_due``'s keyset pages.
+    """
+    return sa.Table(
+        name,
+        meta,
+        sa.Column("key", _KEY, primary_key=True),
+        sa.Column("access_token", sa.Text, nullable=False),
+        sa.Column("refresh_token", sa.Text, nullable=False),
+        sa.Column("expires_at", sa.BigInteger, nullable=False),
+        sa.Column("scopes", sa.Text, nullable=False),
+        sa.Column("subscription_type", sa.String(255)),
+        *_state_columns(),
+        sa.Index(f"ix_{name}_expires_at", "expires_at", "key"),
+        mysql_charset="utf8mb4",
+        mysql_collate="utf8mb4_bin",
+    )
+
+
+def leases_table(meta: sa.MetaData, name: str = DEFAULT_LEASE_TABLE) -> sa.Table:
+    """The side table that holds coordination state for credentials in an existing table."""
+    return sa.Table(
+        name,
+        meta,
+        sa.Column("key", _KEY, primary_key=True),
+        *_state_columns(),
+        mysql_charset="utf8mb4",
+        mysql_collate="utf8mb4_bin",
+    )
+
+
+def _state_columns() -> list[sa.Column[Any]]:
+    return [
+        sa.Column("status", sa.String(32), nullable=False),
+        sa.Column("lease_owner", sa.String(255)),
+        sa.Column("lease_until", sa.BigInteger),
+        sa.Column("failures", sa.Integer, nullable=False),
+        sa.Column("cooldown_until", sa.BigInteger),
+        sa.Column("last_error", sa.Text),
+        sa.Column("version", sa.String(32), nullable=False),
+    ]
+
+
+#: The default tables, for Alembic: ``target_metadata = [app_metadata, credkeeper_sql.metadata]``.
+metadata = sa.MetaData()
+credentials_table(metadata)
+leases_table(metadata)
+
+
+# -- plans -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a plan learns from one statement: the rows it returned and the rows it changed."""
+
+    rows: Sequence[sa.Row[Any]] = ()
+    rowcount: int = 0
+
+
+Plan = Generator[sa.Executable, Outcome, Any]
+
+
+def _new_version() -> str:
+    return uuid.uuid4().hex
+
+
+def _ms(moment: datetime | None) -> int | None:
+    return None if moment is None else to_epoch_ms(moment)
+
+
+def _moment(key: str, value: Any, name: str) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StoreCorrupted(f"stored record for key {key!r} has a bad {name!r} column", key=key)
+    try:
+        return from_epoch_ms(value)
+    except (OverflowError, ValueError, OSError):
+        raise StoreCorrupted(
+            f"stored record for key {key!r} has an out-of-range {name!r} column", key=key
+        ) from None
+
+
+def _scopes(key: str, value: Any) -> tuple[str, ...]:
+    try:
+        scopes = json.loads(value) if isinstance(value, str) else None
+    except ValueError:
+        scopes = None
+    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+        raise StoreCorrupted(f"stored record for key {key!r} has a bad 'scopes' column", key=key)
+    return tuple(scopes)
+
+
+def _status(key: str, value: Any) -> Status:
+    try:
+        return Status(value)
+    except ValueError:
+        raise StoreCorrupted(
+            f"stored record for key {key!r} has an unknown status", key=key
+        ) from None
+
+
+def _state_values(record: Record) -> dict[str, Any]:
+    return {
+        "status": record.status.value,
+        "lease_owner": record.lease_owner,
+        "lease_until": _ms(record.lease_until),
+        "failures": record.failures,
+        "cooldown_until": _ms(record.cooldown_until),
+        "last_error": record.last_error,
+    }
+
+
+def _conflict(record: Record, what: str) -> ConflictError:
+    return ConflictError(f"the record for key {record.key!r} {what}", key=record.key)
+
+
+class OwnTable:
+    """credkeeper's own table: every field of a record in one row."""
+
+    def __init__(self, table: sa.Table) -> None:
+        self.table = table
+        self.tables = (table,)
+        self.key = table.c.key
+        self.expires_at = table.c.expires_at
+
+    def due(self, before: datetime) -> tuple[sa.ColumnElement[bool], Any]:
+        """The condition of ``scan_due`` and the bound it compares the expiry column with."""
+        bound = to_epoch_ms(before)
+        return self.expires_at <= bound, bound
+
+    def get(self, key: str) -> Plan:
+        """Plan: the record under ``key``, or ``None``."""
+        outcome = yield sa.select(self.table).where(self.key == key)
+        if not outcome.rows:
+            return None
+        row = outcome.rows[0]._mapping
+        return Record(
+            key=key,
+            access_token=row["access_token"],
+            refresh_token=row["refresh_token"],
+            expires_at=_moment(key, row["expires_at"], "expires_at") or _invalid(key),
+            scopes=_scopes(key, row["scopes"]),
+            subscription_type=row["subscription_type"],
+            status=_status(key, row["status"]),
+            lease_owner=row["lease_owner"],
+            lease_until=_moment(key, row["lease_until"], "lease_until"),
+            failures=row["failures"],
+            cooldown_until=_moment(key, row["cooldown_until"], "cooldown_until"),
+            last_error=row["last_error"],
+            version=row["version"],
+        )
+
+    def put(self, record: Record) -> Plan:
+        """Plan: compare-and-swap ``record`` on its version; the record as stored."""
+        version = _new_version()
+        values = {
+            "access_token": record.access_token,
+            "refresh_token": record.refresh_token,
+            "expires_at": to_epoch_ms(record.expires_at),
+            "scopes": json.dumps(list(record.scopes)),
+            "subscription_type": record.subscription_type,
+            **_state_values(record),
+            "version": version,
+        }
+        if record.version is None:
+            # A duplicate key fails the insert; the store turns that into ConflictError.
+            yield sa.insert(self.table).values(key=record.key, **values)
+        else:
+            outcome = yield (
+                sa.update(self.table)
+                .where(self.key == record.key, self.table.c.version == record.version)
+                .values(**values)
+            )
+            if outcome.rowcount != 1:
+                raise _conflict(record, "changed or was deleted since it was read")
+        return record.replace(version=version)
+
+    def delete(self, key: str) -> Plan:
+        """Plan: remove the row; whether there was one."""
+        outcome = yield sa.delete(self.table).where(self.key == key)
+        return outcome.rowcount > 0
+
+
+def _invalid(key: str) -> datetime:
+    raise StoreCorrupted(f"stored record for key {key!r} has no expiry", key=key)
+
+
+# -- existing tables ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ColumnMap:
+    """Which columns of an existing table hold a credential's fields.
+
+    ``key`` identifies the row (e.g. ``id`` or ``user_id``); the three token columns are
+    required; ``scopes`` (a JSON array, or space-separated text) and ``subscription_type`` are
+    optional. ``expires_at`` may be a timestamp column or an integer one holding epoch
+    milliseconds (``expires_at_unit="ms"``, the default) or seconds (``"s"``).
+    """
+
+    key: str
+    access_token: str
+    refresh_token: str
+    expires_at: str
+    scopes: str | None = None
+    subscription_type: str | None = None
+    expires_at_unit: Literal["ms", "s"] = "ms"
+
+    def columns(self) -> dict[str, str]:
+        """Field name to column name, for the fields that are mapped."""
+        mapped = {
+            "key": self.key,
+            "access_token": self.access_token,
+            "refresh_token": self.refresh_token,
+            "expires_at": self.expires_at,
+            "scopes": self.scopes,
+            "subscription_type": self.subscription_type,
+        }
+        return {name: column for name, column in mapped.items() if column is not None}
+
+
+_NO_SIDE_ROW = "-"
+
+
+def _digest(token: str) -> str:
+    # Part of the version string, which shows in reprs: a short digest of a long random
+    # token, enough to notice that the token changed and useless for anything else.
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+@dataclass(slots=True)
+class ExistingTable:
+    """Credentials in mapped columns of the application's table, state in a side table.
+
+    credkeeper only ever updates the mapped columns of rows that exist: it never inserts or
+    deletes the application's rows, and never touches another column. Creating a credential
+    fills the token columns of a row whose refresh token is ``NULL``; deleting one sets the
+    mapped columns back to ``NULL``.
+    """
+
+    table: sa.Table
+    leases: sa.Table
+    columns: ColumnMap
+    tables: tuple[sa.Table, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tables = (self.table, self.leases)
+        for name, column in self.columns.columns().items():
+            if column not in self.table.c:
+                raise StoreError(
+                    f"table {self.table.name!r} has no column {column!r} (mapped to {name}); "
+                    f"its columns are {', '.join(self.table.c.keys())}"
+                )
+
+    def _column(self, name: str) -> sa.Column[Any]:
+        column: sa.Column[Any] = self.table.c[getattr(self.columns, name)]
+        return column
+
+    @property
+    def key(self) -> sa.Column[Any]:
+        """The column naming each row's credential."""
+        return self._column("key")
+
+    @property
+    def expires_at(self) -> sa.Column[Any]:
+        """The expiry column."""
+        return self._column("expires_at")
+
+    @property
+    def _timestamp(self) -> bool:
+        return isinstance(self.expires_at.type, sa.DateTime)
+
+    def _to_column(self, moment: datetime) -> Any:
+        if self._timestamp:
+            if self.expires_at.type.timezone:  # type: ignore[attr-defined]
+                return moment
+            return moment.astimezone(UTC).replace(tzinfo=None)
+        milliseconds = to_epoch_ms(moment)
+        return milliseconds if self.columns.expires_at_unit == "ms" else milliseconds // 1000
+
+    def _from_column(self, key: str, value: Any) -> datetime:
+        if isinstance(value, datetime):
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return _moment(
+                key, value * 1000 if self.columns.expires_at_unit == "s" else value, "expires_at"
+            ) or _invalid(key)
+        raise StoreCorrupted(f"the credential for key {key!r} has no usable expiry", key=key)
+
+    def due(self, before: datetime) -> tuple[sa.ColumnElement[bool], Any]:
+        """The condition of ``scan_due``: due, and holding a credential."""
+        bound = self._to_column(before)
+        return sa.and_(self.expires_at <= bound, self._column("refresh_token").is_not(None)), bound
+
+    def _select(self, key: str) -> sa.Select[Any]:
+        mapped = [self._column(name).label(name) for name in self.columns.columns()]
+        state = [c.label(f"lease_{c.name}") for c in self.leases.c if c.name != "key"]
+        return (
+            sa.select(*mapped, *state)
+            .select_from(self.table.outerjoin(self.leases, self.leases.c.key == self.key))
+            .where(self.key == key)
+        )
+
+    def _lock(self, key: str) -> sa.Select[Any]:
+        # Writers lock the application's row first, alone: PostgreSQL refuses FOR UPDATE on
+        # the nullable side of an outer join and MariaDB has no FOR UPDATE OF.
+        return sa.select(self.key).where(self.key == key).with_for_update()
+
+    def _record(self, key: str, row: sa.RowMapping) -> Record | None:
+        refresh = row["refresh_token"]
+        if refresh is None:
+            return None
+        access = row["access_token"]
+        if not isinstance(access, str) or not isinstance(refresh, str):
+            raise StoreCorrupted(f"the credential for key {key!r} has no tokens", key=key)
+        side = row["lease_version"]
+        scopes: tuple[str, ...] = ()
+        raw_scopes = row.get("scopes")
+        if isinstance(raw_scopes, str) and raw_scopes.strip():
+            scopes = (
+                _scopes(key, raw_scopes)
+                if raw_scopes.lstrip().startswith("[")
+                else tuple(raw_scopes.split())
+            )
+        return Record(
+            key=key,
+            access_token=access,
+            refresh_token=refresh,
+            expires_at=self._from_column(key, row["expires_at"]),
+            scopes=scopes,
+            subscription_type=row.get("subscription_type"),
+            status=_status(key, row["lease_status"]) if side is not None else Status.ACTIVE,
+            lease_owner=row["lease_lease_owner"],
+            lease_until=_moment(key, row["lease_lease_until"], "lease_until"),
+            failures=row["lease_failures"] or 0,
+            cooldown_until=_moment(key, row["lease_cooldown_until"], "cooldown_until"),
+            last_error=row["lease_last_error"],
+            version=f"{side or _NO_SIDE_ROW}.{_digest(refresh)}",
+        )
+
+    def get(self, key: str) -> Plan:
+        """Plan: the record under ``key``, or ``None`` when the row holds no credential."""
+        outcome = yield self._select(key)
+        return self._record(key, outcome.rows[0]._mapping) if outcome.rows else None
+
+    def _credential_values(self, record: Record) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            self.columns.access_token: record.access_token,
+            self.columns.refresh_token: record.refresh_token,
+            self.columns.expires_at: self._to_column(record.expires_at),
+        }
+        if self.columns.scopes is not None:
+            values[self.columns.scopes] = json.dumps(list(record.scopes))
+        if self.columns.subscription_type is not None:
+            values[self.columns.subscription_type] = record.subscription_type
+        return values
+
+    def put(self, record: Record) -> Plan:
+        """Plan: compare-and-swap on the side row's version and the stored refresh token."""
+        locked = yield self._lock(record.key)
+        outcome = yield self._select(record.key)
+        if not locked.rows or not outcome.rows:
+            raise StoreError(
+                f"table {self.table.name!r} has no row with {self.columns.key} = {record.key!r}; "
+                "credkeeper stores credentials in existing rows and never inserts them",
+                key=record.key,
+            )
+        row = outcome.rows[0]._mapping
+        current = self._record(record.key, row)
+        expected = None if current is None else current.version
+        if record.version != expected:
+            raise _conflict(record, "changed, was created or was deleted since it was read")
+        version = _new_version()
+        state = {**_state_values(record), "version": version}
+        yield (
+            sa.update(self.table)
+            .where(self.key == record.key)
+            .values(self._credential_values(record))
+        )
+        if row["lease_version"] is None:
+            yield sa.delete(self.leases).where(self.leases.c.key == record.key)
+            yield sa.insert(self.leases).values(key=record.key, **state)
+        else:
+            changed = yield (
+                sa.update(self.leases)
+                .where(
+                    self.leases.c.key == record.key, self.leases.c.version == row["lease_version"]
+                )
+                .values(**state)
+            )
+            if changed.rowcount != 1:
+                raise _conflict(record, "changed since it was read")
+        return record.replace(version=f"{version}.{_digest(record.refresh_token)}")
+
+    def delete(self, key: str) -> Plan:
+        """Plan: clear the mapped columns and the side row; whether there was a credential."""
+        yield self._lock(key)
+        outcome = yield self._select(key)
+        if not outcome.rows or self._record(key, outcome.rows[0]._mapping) is None:
+            return False
+        cleared = {column: None for name, column in self.columns.columns().items() if name != "key"}
+        yield sa.update(self.table).where(self.key == key).values(cleared)
+        yield sa.delete(self.leases).where(self.leases.c.key == key)
+        return True

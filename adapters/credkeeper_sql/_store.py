@@ -1,0 +1,609 @@
+"""``SQLStore`` and ``AsyncSQLStore``: credentials in PostgreSQL, MySQL/MariaDB or SQLite.
+
+Both execute the plans of ``_schema`` (one transaction each) with their kind of engine; this
+module adds engines, options, and the translation of driver errors into credkeeper's.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from datetime import datetime
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+import sqlalchemy.exc as sa_exc
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from credkeeper import (
+    ConfigurationError,
+    ConflictError,
+    Record,
+    StoreError,
+    StoreUnavailable,
+)
+from credkeeper._record import check_key
+
+from ._schema import (
+    DEFAULT_LEASE_TABLE,
+    DEFAULT_TABLE,
+    ColumnMap,
+    ExistingTable,
+    Outcome,
+    OwnTable,
+    Plan,
+    credentials_table,
+    leases_table,
+)
+
+__all__ = ["AsyncSQLStore", "SQLStore", "init_store"]
+
+T = TypeVar("T")
+Layout = OwnTable | ExistingTable
+
+# The driver each backend gets when a URL names none: the ones credkeeper is tested with.
+_DEFAULT_DRIVERS = {
+    "postgresql": "psycopg",
+    "postgres": "psycopg",
+    "mysql": "pymysql",
+    "mariadb": "pymysql",
+}
+_COLUMN_OPTIONS = {
+    "key_column": "key",
+    "access_token_column": "access_token",
+    "refresh_token_column": "refresh_token",
+    "expires_at_column": "expires_at",
+    "scopes_column": "scopes",
+    "subscription_type_column": "subscription_type",
+}
+_OPTIONS = frozenset(
+    {"table", "schema", "lease_table", "page_size", "create", "expires_at_unit", *_COLUMN_OPTIONS}
+)
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+# Lost races that left nothing written: serialization failures and deadlocks (PostgreSQL
+# SQLSTATE, MySQL error numbers), SQLite's "database is locked" between two writers.
+_RACE_CODES = frozenset({"40001", "40P01", "1213", "SQLITE_BUSY", "SQLITE_LOCKED"})
+_MISSING_TABLE_CODES = frozenset({"42P01", "1146"})
+
+
+# -- options -----------------------------------------------------------------------------
+
+
+def _flag(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    raise ConfigurationError(f"SQL store option {name} must be true or false, got {value!r}")
+
+
+def _split_url(url: str) -> tuple[URL, dict[str, Any]]:
+    """The engine URL without credkeeper's query options, and those options."""
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError:
+        raise ConfigurationError(
+            "SQL store URL must look like postgresql+psycopg://user@host/db, "
+            "mysql+pymysql://user@host/db or sqlite:///path/to/creds.db"
+        ) from None
+    ours = {name: value for name, value in parsed.query.items() if name in _OPTIONS}
+    for name, value in ours.items():
+        if not isinstance(value, str):
+            raise ConfigurationError(f"SQL store URL gives option {name!r} more than once")
+    engine_url = parsed.difference_update_query(list(ours))
+    if "+" not in engine_url.drivername and engine_url.drivername in _DEFAULT_DRIVERS:
+        engine_url = engine_url.set(
+            drivername=f"{engine_url.drivername}+{_DEFAULT_DRIVERS[engine_url.drivername]}"
+        )
+    return engine_url, ours
+
+
+def _connect_args(url: URL) -> dict[str, Any]:
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    if backend == "sqlite":
+        # Writers wait for each other's locks instead of failing at once.
+        return {"timeout": 30}
+    arguments: dict[str, Any] = {}
+    if driver in ("psycopg", "psycopg_async", "pymysql", "aiomysql"):
+        arguments["connect_timeout"] = 10
+    if backend in ("mysql", "mariadb") and "charset" not in url.query:
+        arguments["charset"] = "utf8mb4"
+    return arguments
+
+
+def _engine_options(url: URL) -> dict[str, Any]:
+    # hide_parameters keeps bound values, the tokens among them, out of error messages and
+    # SQLAlchemy's logs.
+    options: dict[str, Any] = {"hide_parameters": True, "connect_args": _connect_args(url)}
+    if url.get_backend_name() != "sqlite":
+        options.update(pool_pre_ping=True, pool_recycle=3600)
+    return options
+
+
+class _Settings:
+    """Layout options, validated once; the layout itself is built on first use."""
+
+    def __init__(
+        self,
+        *,
+        table: str,
+        schema: str | None,
+        columns: ColumnMap | None,
+        lease_table: str,
+        page_size: int,
+        create: bool,
+    ) -> None:
+        for name, value in (("table", table), ("lease_table", lease_table)):
+            if not isinstance(value, str) or not value:
+                raise ConfigurationError(f"SQL store option {name} must be a table name")
+        if columns is not None and not isinstance(columns, ColumnMap):
+            raise ConfigurationError("columns must be a credkeeper_sql.ColumnMap")
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ConfigurationError(f"page_size must be a positive int, got {page_size!r}")
+        self.table = table
+        self.schema = schema
+        self.columns = columns
+        self.lease_table = lease_table
+        self.page_size = page_size
+        self.create = create
+
+    @classmethod
+    def parse(
+        cls, options: Mapping[str, Any], *, table: str | None = None
+    ) -> tuple[_Settings, dict[str, Any]]:
+        """Settings from URL or keyword options; the rest is returned for the caller."""
+        given = dict(options)
+        mapped = {
+            field: given.pop(option) for option, field in _COLUMN_OPTIONS.items() if option in given
+        }
+        unit = given.pop("expires_at_unit", "ms")
+        columns = given.pop("columns", None)
+        if mapped:
+            missing = [
+                option
+                for option, field in _COLUMN_OPTIONS.items()
+                if field in ("key", "access_token", "refresh_token", "expires_at")
+                and field not in mapped
+            ]
+            if missing:
+                raise ConfigurationError(
+                    f"mapping credentials onto an existing table needs {', '.join(missing)} too"
+                )
+            if unit not in ("ms", "s"):
+                raise ConfigurationError(f"expires_at_unit must be 'ms' or 's', got {unit!r}")
+            columns = ColumnMap(**mapped, expires_at_unit=unit)
+        name = given.pop("table", table)
+        if columns is not None and name is None:
+            raise ConfigurationError("an existing-table mapping needs table=<the table's name>")
+        page_size = given.pop("page_size", 500)
+        if isinstance(page_size, str):
+            try:
+                page_size = int(page_size)
+            except ValueError:
+                raise ConfigurationError(f"page_size must be an int, got {page_size!r}") from None
+        settings = cls(
+            table=name or DEFAULT_TABLE,
+            schema=given.pop("schema", None),
+            columns=columns,
+            lease_table=given.pop("lease_table", DEFAULT_LEASE_TABLE),
+            page_size=page_size,
+            create=_flag("create", given.pop("create", False)),
+        )
+        return settings, given
+
+    def build(self, connection: sa.Connection) -> Layout:
+        """The layout, reflecting the application's table when there is a mapping."""
+        meta = sa.MetaData(schema=self.schema)
+        if self.columns is None:
+            layout: Layout = OwnTable(credentials_table(meta, self.table))
+        else:
+            try:
+                table = sa.Table(
+                    self.table,
+                    meta,
+                    autoload_with=connection,
+                    include_columns=list(self.columns.columns().values()),
+                )
+            except sa_exc.NoSuchTableError:
+                raise StoreError(
+                    f"table {self.table!r} does not exist; the existing-table mapping needs the "
+                    "application's own table"
+                ) from None
+            layout = ExistingTable(table, leases_table(meta, self.lease_table), self.columns)
+        if self.create:
+            for table in layout.tables:
+                if table.name != self.table or self.columns is None:
+                    table.create(connection, checkfirst=True)
+        return layout
+
+
+def _code(exc: BaseException) -> str | None:
+    original = getattr(exc, "orig", None) or exc
+    for attribute in ("sqlstate", "pgcode", "sqlite_errorname"):
+        value = getattr(original, attribute, None)
+        if isinstance(value, str):
+            return value
+    args = getattr(original, "args", ())
+    if args and isinstance(args[0], int):
+        return str(args[0])
+    return None
+
+
+def _translate(exc: BaseException, key: str | None, *, writing: bool, table: str) -> StoreError:
+    """A driver or SQLAlchemy error as credkeeper's; the message never quotes SQL or values."""
+    code = _code(exc)
+    about = f" for key {key!r}" if key is not None else ""
+    detail = f"{type(getattr(exc, 'orig', None) or exc).__name__}{f' {code}' if code else ''}"
+    if writing and isinstance(exc, sa_exc.IntegrityError):
+        return ConflictError(f"a record{about} already exists ({detail})", key=key)
+    if writing and code in _RACE_CODES:
+        return ConflictError(
+            f"a concurrent write{about} won (deadlock or serialization failure, {detail}); "
+            "read the record again",
+            key=key,
+        )
+    if code in _MISSING_TABLE_CODES or "no such table" in str(getattr(exc, "orig", "")):
+        return StoreError(
+            f"table {table!r} does not exist; create it with `credkeeper init-store URL`, "
+            "or add credkeeper_sql.metadata to your migrations",
+            key=key,
+        )
+    if isinstance(
+        exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError | OSError
+    ) or getattr(exc, "connection_invalidated", False):
+        return StoreUnavailable(f"the SQL store failed{about}: {detail}; retry later", key=key)
+    return StoreError(f"the SQL store failed{about}: {detail}", key=key)
+
+
+def _page(
+    layout: Layout, before: datetime, after: tuple[Any, Any] | None, size: int
+) -> sa.Select[Any]:
+    """One keyset page of ``scan_due``: due keys after ``after``, in (expiry, key) order."""
+    condition, _ = layout.due(before)
+    statement = sa.select(layout.key, layout.expires_at).where(condition)
+    if after is not None:
+        last_key, last_expiry = after
+        statement = statement.where(
+            sa.or_(
+                layout.expires_at > last_expiry,
+                sa.and_(layout.expires_at == last_expiry, layout.key > last_key),
+            )
+        )
+    return statement.order_by(layout.expires_at, layout.key).limit(size)
+
+
+def _outcome(result: sa.CursorResult[Any]) -> Outcome:
+    return Outcome(tuple(result.all()) if result.returns_rows else (), result.rowcount)
+
+
+# -- sync --------------------------------------------------------------------------------
+
+
+class SQLStore:
+    """A :class:`~credkeeper.CredentialStore` in a SQL database, through SQLAlchemy.
+
+    ``engine`` is a SQLAlchemy :class:`~sqlalchemy.engine.Engine` you already have (it stays
+    open on :meth:`close`) or a URL. By default credentials live in credkeeper's own table
+    (``table``, default ``credkeeper_credentials``; create it with :func:`init_store`, the
+    ``credkeeper init-store`` command, or ``credkeeper_sql.metadata`` in your migrations).
+    With ``columns`` they live in mapped columns of an existing ``table`` instead, and
+    coordination state in ``lease_table``. ``create=True`` creates missing credkeeper tables on
+    first use.
+    """
+
+    def __init__(
+        self,
+        engine: sa.Engine | str,
+        *,
+        table: str | None = None,
+        schema: str | None = None,
+        columns: ColumnMap | None = None,
+        lease_table: str = DEFAULT_LEASE_TABLE,
+        page_size: int = 500,
+        create: bool = False,
+    ) -> None:
+        self._settings, _ = _Settings.parse(
+            {
+                "schema": schema,
+                "columns": columns,
+                "lease_table": lease_table,
+                "page_size": page_size,
+                "create": create,
+            },
+            table=table,
+        )
+        if isinstance(engine, str):
+            url, _ = _split_url(engine)
+            engine = sa.create_engine(url, **_engine_options(url))
+            self._own_engine = True
+        elif isinstance(engine, sa.Engine):
+            self._own_engine = False
+        else:
+            raise ConfigurationError("engine must be a SQLAlchemy Engine or a database URL")
+        self.engine = engine
+        self._layout: Layout | None = None
+        self._layout_lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLStore | AsyncSQLStore:
+        """Open a store from a URL; an async driver (``+asyncpg``, ``+aiomysql``,
+        ``+aiosqlite``, ``+psycopg_async``) gives an :class:`AsyncSQLStore`.
+
+        Options go as keywords or in the query string, which is otherwise the driver's:
+        ``table``, ``schema``, ``lease_table``, ``page_size``, ``create``, and for an existing
+        table ``key_column``, ``access_token_column``, ``refresh_token_column``,
+        ``expires_at_column``, ``scopes_column``, ``subscription_type_column``,
+        ``expires_at_unit``.
+        """
+        if not isinstance(url, str):
+            raise ConfigurationError(f"SQL store URL must be a string, got {url!r}")
+        engine_url, from_query = _split_url(url)
+        twice = sorted(set(from_query) & set(options))
+        if twice:
+            raise ConfigurationError(
+                f"SQL store option(s) {', '.join(twice)} given both in the URL and as keywords"
+            )
+        settings, unknown = _Settings.parse({**from_query, **options})
+        if unknown:
+            raise ConfigurationError(
+                f"unknown SQL store option(s) {', '.join(sorted(unknown))}; "
+                f"the options are {', '.join(sorted(_OPTIONS))}"
+            )
+        if engine_url.get_dialect().is_async:
+            async_engine = create_async_engine(engine_url, **_engine_options(engine_url))
+            return AsyncSQLStore._with(async_engine, settings)
+        engine = sa.create_engine(engine_url, **_engine_options(engine_url))
+        return cls._with(engine, settings)
+
+    @classmethod
+    def _with(cls, engine: sa.Engine, settings: _Settings) -> SQLStore:
+        store = cls.__new__(cls)
+        store._settings, store.engine, store._own_engine = settings, engine, True
+        store._layout, store._layout_lock = None, threading.Lock()
+        return store
+
+    def __repr__(self) -> str:
+        url = self.engine.url.render_as_string(hide_password=True)
+        return f"SQLStore({url!r}, table={self._settings.table!r})"
+
+    def __enter__(self) -> SQLStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _get_layout(self, connection: sa.Connection) -> Layout:
+        with self._layout_lock:
+            if self._layout is None:
+                self._layout = self._settings.build(connection)
+            return self._layout
+
+    def _run(self, key: str | None, plan_of: Callable[[Layout], Plan], *, writing: bool) -> Any:
+        try:
+            with self.engine.begin() as connection:
+                plan = plan_of(self._get_layout(connection))
+                statement = next(plan)
+                while True:
+                    outcome = _outcome(connection.execute(statement))
+                    try:
+                        statement = plan.send(outcome)
+                    except StopIteration as stop:
+                        return stop.value
+        except StoreError:
+            raise
+        except (sa_exc.SQLAlchemyError, OSError) as exc:
+            raise _translate(exc, key, writing=writing, table=self._settings.table) from exc
+
+    def get(self, key: str) -> Record | None:
+        """See :meth:`credkeeper.CredentialStore.get`."""
+        check_key(key)
+        return self._run(key, lambda layout: layout.get(key), writing=False)  # type: ignore[no-any-return]
+
+    def put(self, record: Record) -> Record:
+        """See :meth:`credkeeper.CredentialStore.put`: an insert, or an update on the version."""
+        check_key(record.key)
+        return self._run(record.key, lambda layout: layout.put(record), writing=True)  # type: ignore[no-any-return]
+
+    def delete(self, key: str) -> bool:
+        """See :meth:`credkeeper.CredentialStore.delete`."""
+        check_key(key)
+        return self._run(key, lambda layout: layout.delete(key), writing=True)  # type: ignore[no-any-return]
+
+    def scan_due(self, before: datetime) -> Iterator[str]:
+        """See :meth:`credkeeper.CredentialStore.scan_due`: keyset pages on the expiry index."""
+        after: tuple[Any, Any] | None = None
+        size = self._settings.page_size
+        while True:
+            try:
+                with self.engine.connect() as connection:
+                    page = _page(self._get_layout(connection), before, after, size)
+                    rows = connection.execute(page).all()
+            except StoreError:
+                raise
+            except (sa_exc.SQLAlchemyError, OSError) as exc:
+                raise _translate(exc, None, writing=False, table=self._settings.table) from exc
+            for row in rows:
+                yield row[0]
+            if len(rows) < size:
+                return
+            after = (rows[-1][0], rows[-1][1])
+
+    def close(self) -> None:
+        """Dispose of the engine's connections, if the store made the engine."""
+        if self._own_engine:
+            self.engine.dispose()
+
+
+# -- async -------------------------------------------------------------------------------
+
+
+class AsyncSQLStore:
+    """The :class:`~credkeeper.AsyncCredentialStore` twin of :class:`SQLStore`, on a SQLAlchemy
+    :class:`~sqlalchemy.ext.asyncio.AsyncEngine` (asyncpg, psycopg, aiomysql, aiosqlite)."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine | str,
+        *,
+        table: str | None = None,
+        schema: str | None = None,
+        columns: ColumnMap | None = None,
+        lease_table: str = DEFAULT_LEASE_TABLE,
+        page_size: int = 500,
+        create: bool = False,
+    ) -> None:
+        self._settings, _ = _Settings.parse(
+            {
+                "schema": schema,
+                "columns": columns,
+                "lease_table": lease_table,
+                "page_size": page_size,
+                "create": create,
+            },
+            table=table,
+        )
+        if isinstance(engine, str):
+            url, _ = _split_url(engine)
+            engine = create_async_engine(url, **_engine_options(url))
+            self._own_engine = True
+        elif isinstance(engine, AsyncEngine):
+            self._own_engine = False
+        else:
+            raise ConfigurationError("engine must be a SQLAlchemy AsyncEngine or a database URL")
+        self.engine = engine
+        self._layout: Layout | None = None
+
+    @classmethod
+    def _with(cls, engine: AsyncEngine, settings: _Settings) -> AsyncSQLStore:
+        store = cls.__new__(cls)
+        store._settings, store.engine, store._own_engine = settings, engine, True
+        store._layout = None
+        return store
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLStore | AsyncSQLStore:
+        """See :meth:`SQLStore.from_url`."""
+        return SQLStore.from_url(url, **options)
+
+    def __repr__(self) -> str:
+        url = self.engine.url.render_as_string(hide_password=True)
+        return f"AsyncSQLStore({url!r}, table={self._settings.table!r})"
+
+    async def __aenter__(self) -> AsyncSQLStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _get_layout(self, connection: AsyncConnection) -> Layout:
+        # Building twice under a race is harmless: both results are equal and one is kept.
+        if self._layout is None:
+            self._layout = await connection.run_sync(self._settings.build)
+        return self._layout
+
+    async def _run(
+        self, key: str | None, plan_of: Callable[[Layout], Plan], *, writing: bool
+    ) -> Any:
+        try:
+            async with self.engine.begin() as connection:
+                plan = plan_of(await self._get_layout(connection))
+                statement = next(plan)
+                while True:
+                    outcome = _outcome(await connection.execute(statement))
+                    try:
+                        statement = plan.send(outcome)
+                    except StopIteration as stop:
+                        return stop.value
+        except StoreError:
+            raise
+        except (sa_exc.SQLAlchemyError, OSError) as exc:
+            raise _translate(exc, key, writing=writing, table=self._settings.table) from exc
+
+    async def get(self, key: str) -> Record | None:
+        """See :meth:`credkeeper.AsyncCredentialStore.get`."""
+        check_key(key)
+        return await self._run(key, lambda layout: layout.get(key), writing=False)  # type: ignore[no-any-return]
+
+    async def put(self, record: Record) -> Record:
+        """See :meth:`credkeeper.AsyncCredentialStore.put`."""
+        check_key(record.key)
+        return await self._run(record.key, lambda layout: layout.put(record), writing=True)  # type: ignore[no-any-return]
+
+    async def delete(self, key: str) -> bool:
+        """See :meth:`credkeeper.AsyncCredentialStore.delete`."""
+        check_key(key)
+        return await self._run(key, lambda layout: layout.delete(key), writing=True)  # type: ignore[no-any-return]
+
+    async def scan_due(self, before: datetime) -> AsyncIterator[str]:
+        """See :meth:`SQLStore.scan_due`."""
+        after: tuple[Any, Any] | None = None
+        size = self._settings.page_size
+        while True:
+            try:
+                async with self.engine.connect() as connection:
+                    page = _page(await self._get_layout(connection), before, after, size)
+                    rows = (await connection.execute(page)).all()
+            except StoreError:
+                raise
+            except (sa_exc.SQLAlchemyError, OSError) as exc:
+                raise _translate(exc, None, writing=False, table=self._settings.table) from exc
+            for row in rows:
+                yield row[0]
+            if len(rows) < size:
+                return
+            after = (rows[-1][0], rows[-1][1])
+
+    async def close(self) -> None:
+        """Dispose of the engine's connections, if the store made the engine."""
+        if self._own_engine:
+            await self.engine.dispose()
+
+
+# -- init-store --------------------------------------------------------------------------
+
+
+def init_store(url: str | sa.Engine, **options: Any) -> list[str]:
+    """Create credkeeper's tables if they are absent; the names of the tables created.
+
+    Idempotent. For the own-table layout that is the credentials table; with an existing-table
+    mapping, only the side table for leases: the application's table is never created,
+    altered or dropped. ``options`` are :meth:`SQLStore.from_url`'s.
+    """
+    if isinstance(url, str):
+        engine_url, from_query = _split_url(url)
+        if engine_url.get_dialect().is_async:
+            raise ConfigurationError(
+                "init-store needs a synchronous driver URL, e.g. postgresql+psycopg:// "
+                "instead of postgresql+asyncpg://"
+            )
+        engine = sa.create_engine(engine_url, **_engine_options(engine_url))
+        owned = True
+    else:
+        engine, from_query, owned = url, {}, False
+    settings, unknown = _Settings.parse({**from_query, **options})
+    if unknown:
+        raise ConfigurationError(f"unknown SQL store option(s) {', '.join(sorted(unknown))}")
+    settings.create = False
+    try:
+        with engine.begin() as connection:
+            layout = settings.build(connection)
+            mine = layout.tables if settings.columns is None else layout.tables[1:]
+            inspector = sa.inspect(connection)
+            created = [
+                table.name
+                for table in mine
+                if not inspector.has_table(table.name, schema=settings.schema)
+            ]
+            for table in mine:
+                table.create(connection, checkfirst=True)
+            return created
+    except StoreError:
+        raise
+    except (sa_exc.SQLAlchemyError, OSError) as exc:
+        raise _translate(exc, None, writing=True, table=settings.table) from exc
+    finally:
+        if owned:
+            engine.dispose()
