@@ -352,19 +352,32 @@ class ExistingTable:
         bound = self._to_column(before)
         return sa.and_(self.expires_at <= bound, self._column("refresh_token").is_not(None)), bound
 
+    def _matches(self, key: str) -> sa.ColumnElement[bool]:
+        """The application's row for ``key``: credkeeper keys are strings, ids may be ints."""
+        if isinstance(self.key.type, sa.Integer):
+            if not (key.isascii() and key.isdigit()):
+                return sa.false()
+            return self.key == int(key)
+        return self.key == key
+
     def _select(self, key: str) -> sa.Select[Any]:
         mapped = [self._column(name).label(name) for name in self.columns.columns()]
         state = [c.label(f"lease_{c.name}") for c in self.leases.c if c.name != "key"]
+        joined = (
+            sa.cast(self.key, self.leases.c.key.type)
+            if isinstance(self.key.type, sa.Integer)
+            else self.key
+        )
         return (
             sa.select(*mapped, *state)
-            .select_from(self.table.outerjoin(self.leases, self.leases.c.key == self.key))
-            .where(self.key == key)
+            .select_from(self.table.outerjoin(self.leases, self.leases.c.key == joined))
+            .where(self._matches(key))
         )
 
     def _lock(self, key: str) -> sa.Select[Any]:
         # Writers lock the application's row first, alone: PostgreSQL refuses FOR UPDATE on
         # the nullable side of an outer join and MariaDB has no FOR UPDATE OF.
-        return sa.select(self.key).where(self.key == key).with_for_update()
+        return sa.select(self.key).where(self._matches(key)).with_for_update()
 
     def _record(self, key: str, row: sa.RowMapping) -> Record | None:
         refresh = row["refresh_token"]
@@ -434,7 +447,7 @@ class ExistingTable:
         state = {**_state_values(record), "version": version}
         yield (
             sa.update(self.table)
-            .where(self.key == record.key)
+            .where(self._matches(record.key))
             .values(self._credential_values(record))
         )
         if row["lease_version"] is None:
@@ -459,6 +472,6 @@ class ExistingTable:
         if not outcome.rows or self._record(key, outcome.rows[0]._mapping) is None:
             return False
         cleared = {column: None for name, column in self.columns.columns().items() if name != "key"}
-        yield sa.update(self.table).where(self.key == key).values(cleared)
+        yield sa.update(self.table).where(self._matches(key)).values(cleared)
         yield sa.delete(self.leases).where(self.leases.c.key == key)
         return True

@@ -66,7 +66,7 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 # Lost races that left nothing written: serialization failures and deadlocks (PostgreSQL
 # SQLSTATE, MySQL error numbers), SQLite's "database is locked" between two writers.
 _RACE_CODES = frozenset({"40001", "40P01", "1213", "SQLITE_BUSY", "SQLITE_LOCKED"})
-_MISSING_TABLE_CODES = frozenset({"42P01", "1146"})
+_MISSING_TABLE_CODES = frozenset({"42P01", "42S02", "1146"})
 
 
 # -- options -----------------------------------------------------------------------------
@@ -94,11 +94,59 @@ def _split_url(url: str) -> tuple[URL, dict[str, Any]]:
         if not isinstance(value, str):
             raise ConfigurationError(f"SQL store URL gives option {name!r} more than once")
     engine_url = parsed.difference_update_query(list(ours))
-    if "+" not in engine_url.drivername and engine_url.drivername in _DEFAULT_DRIVERS:
-        engine_url = engine_url.set(
-            drivername=f"{engine_url.drivername}+{_DEFAULT_DRIVERS[engine_url.drivername]}"
-        )
+    backend, _, driver = engine_url.drivername.partition("+")
+    if backend == "postgres":  # a common alias SQLAlchemy does not know
+        backend = "postgresql"
+    driver = driver or _DEFAULT_DRIVERS.get(backend, "")
+    engine_url = engine_url.set(drivername=f"{backend}+{driver}" if driver else backend)
     return engine_url, ours
+
+
+_DRIVER_PACKAGES = {
+    "psycopg": "'psycopg[binary]'",
+    "psycopg_async": "'psycopg[binary]'",
+    "psycopg2": "psycopg2-binary",
+    "asyncpg": "asyncpg",
+    "pymysql": "PyMySQL",
+    "aiomysql": "aiomysql",
+    "asyncmy": "asyncmy",
+    "mysqldb": "mysqlclient",
+    "aiosqlite": "aiosqlite",
+}
+
+
+def _make_engine(url: URL) -> sa.Engine | AsyncEngine:
+    """An engine for ``url``; a missing dialect or driver is a ConfigurationError naming it."""
+    try:
+        if url.get_dialect().is_async:
+            return create_async_engine(url, **_engine_options(url))
+        return sa.create_engine(url, **_engine_options(url))
+    except sa_exc.NoSuchModuleError:
+        raise ConfigurationError(
+            f"SQLAlchemy has no database dialect {url.drivername!r}; use e.g. "
+            "postgresql+psycopg://, mysql+pymysql:// or sqlite:///"
+        ) from None
+    except ImportError as exc:
+        driver = url.drivername.partition("+")[2]
+        package = _DRIVER_PACKAGES.get(driver, exc.name or driver)
+        raise ConfigurationError(
+            f"the database driver for {url.drivername!r} is not installed; "
+            f"install it with pip install {package}"
+        ) from exc
+
+
+def _engine_from_string(url: str, *, want_async: bool) -> Any:
+    engine_url, options = _split_url(url)
+    if options:
+        raise ConfigurationError(
+            f"store option(s) {', '.join(sorted(options))} in a URL given to the constructor; "
+            "pass them as keywords, or open the URL with open_store()"
+        )
+    engine = _make_engine(engine_url)
+    if isinstance(engine, AsyncEngine) != want_async:
+        wanted = "AsyncSQLStore" if isinstance(engine, AsyncEngine) else "SQLStore"
+        raise ConfigurationError(f"{engine_url.drivername!r} needs {wanted}, not this class")
+    return engine
 
 
 def _connect_args(url: URL) -> dict[str, Any]:
@@ -107,7 +155,9 @@ def _connect_args(url: URL) -> dict[str, Any]:
         # Writers wait for each other's locks instead of failing at once.
         return {"timeout": 30}
     arguments: dict[str, Any] = {}
-    if driver in ("psycopg", "psycopg_async", "pymysql", "aiomysql"):
+    if driver in ("psycopg", "psycopg_async", "pymysql", "aiomysql") and (
+        "connect_timeout" not in url.query
+    ):
         arguments["connect_timeout"] = 10
     if backend in ("mysql", "mariadb") and "charset" not in url.query:
         arguments["charset"] = "utf8mb4"
@@ -149,6 +199,22 @@ class _Settings:
         self.lease_table = lease_table
         self.page_size = page_size
         self.create = create
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        table: str | None,
+        schema: str | None,
+        columns: ColumnMap | None,
+        lease_table: str,
+        page_size: int,
+        create: bool,
+    ) -> _Settings:
+        """Settings from a store constructor's keyword arguments."""
+        given = {"schema": schema, "columns": columns, "lease_table": lease_table}
+        settings, _ = cls.parse({**given, "page_size": page_size, "create": create}, table=table)
+        return settings
 
     @classmethod
     def parse(
@@ -234,8 +300,14 @@ def _code(exc: BaseException) -> str | None:
 
 def _translate(exc: BaseException, key: str | None, *, writing: bool, table: str) -> StoreError:
     """A driver or SQLAlchemy error as credkeeper's; the message never quotes SQL or values."""
-    code = _code(exc)
     about = f" for key {key!r}" if key is not None else ""
+    if isinstance(exc, ValueError | OverflowError):
+        # Raised while binding a value (a lone surrogate, an integer too large): the record
+        # cannot be stored as it is, and retrying will not help.
+        return StoreError(
+            f"the SQL store cannot store a value{about} ({type(exc).__name__})", key=key
+        )
+    code = _code(exc)
     detail = f"{type(getattr(exc, 'orig', None) or exc).__name__}{f' {code}' if code else ''}"
     if writing and isinstance(exc, sa_exc.IntegrityError):
         return ConflictError(f"a record{about} already exists ({detail})", key=key)
@@ -305,25 +377,21 @@ class SQLStore:
         page_size: int = 500,
         create: bool = False,
     ) -> None:
-        self._settings, _ = _Settings.parse(
-            {
-                "schema": schema,
-                "columns": columns,
-                "lease_table": lease_table,
-                "page_size": page_size,
-                "create": create,
-            },
+        self._settings = _Settings.of(
             table=table,
+            schema=schema,
+            columns=columns,
+            lease_table=lease_table,
+            page_size=page_size,
+            create=create,
         )
         if isinstance(engine, str):
-            url, _ = _split_url(engine)
-            engine = sa.create_engine(url, **_engine_options(url))
+            self.engine: sa.Engine = _engine_from_string(engine, want_async=False)
             self._own_engine = True
         elif isinstance(engine, sa.Engine):
-            self._own_engine = False
+            self.engine, self._own_engine = engine, False
         else:
             raise ConfigurationError("engine must be a SQLAlchemy Engine or a database URL")
-        self.engine = engine
         self._layout: Layout | None = None
         self._layout_lock = threading.Lock()
 
@@ -352,10 +420,9 @@ class SQLStore:
                 f"unknown SQL store option(s) {', '.join(sorted(unknown))}; "
                 f"the options are {', '.join(sorted(_OPTIONS))}"
             )
-        if engine_url.get_dialect().is_async:
-            async_engine = create_async_engine(engine_url, **_engine_options(engine_url))
-            return AsyncSQLStore._with(async_engine, settings)
-        engine = sa.create_engine(engine_url, **_engine_options(engine_url))
+        engine = _make_engine(engine_url)
+        if isinstance(engine, AsyncEngine):
+            return AsyncSQLStore._with(engine, settings)
         return cls._with(engine, settings)
 
     @classmethod
@@ -394,7 +461,7 @@ class SQLStore:
                         return stop.value
         except StoreError:
             raise
-        except (sa_exc.SQLAlchemyError, OSError) as exc:
+        except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
             raise _translate(exc, key, writing=writing, table=self._settings.table) from exc
 
     def get(self, key: str) -> Record | None:
@@ -423,10 +490,10 @@ class SQLStore:
                     rows = connection.execute(page).all()
             except StoreError:
                 raise
-            except (sa_exc.SQLAlchemyError, OSError) as exc:
+            except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
                 raise _translate(exc, None, writing=False, table=self._settings.table) from exc
             for row in rows:
-                yield row[0]
+                yield str(row[0])
             if len(rows) < size:
                 return
             after = (rows[-1][0], rows[-1][1])
@@ -455,25 +522,21 @@ class AsyncSQLStore:
         page_size: int = 500,
         create: bool = False,
     ) -> None:
-        self._settings, _ = _Settings.parse(
-            {
-                "schema": schema,
-                "columns": columns,
-                "lease_table": lease_table,
-                "page_size": page_size,
-                "create": create,
-            },
+        self._settings = _Settings.of(
             table=table,
+            schema=schema,
+            columns=columns,
+            lease_table=lease_table,
+            page_size=page_size,
+            create=create,
         )
         if isinstance(engine, str):
-            url, _ = _split_url(engine)
-            engine = create_async_engine(url, **_engine_options(url))
+            self.engine: AsyncEngine = _engine_from_string(engine, want_async=True)
             self._own_engine = True
         elif isinstance(engine, AsyncEngine):
-            self._own_engine = False
+            self.engine, self._own_engine = engine, False
         else:
             raise ConfigurationError("engine must be a SQLAlchemy AsyncEngine or a database URL")
-        self.engine = engine
         self._layout: Layout | None = None
 
     @classmethod
@@ -519,7 +582,7 @@ class AsyncSQLStore:
                         return stop.value
         except StoreError:
             raise
-        except (sa_exc.SQLAlchemyError, OSError) as exc:
+        except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
             raise _translate(exc, key, writing=writing, table=self._settings.table) from exc
 
     async def get(self, key: str) -> Record | None:
@@ -548,10 +611,10 @@ class AsyncSQLStore:
                     rows = (await connection.execute(page)).all()
             except StoreError:
                 raise
-            except (sa_exc.SQLAlchemyError, OSError) as exc:
+            except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
                 raise _translate(exc, None, writing=False, table=self._settings.table) from exc
             for row in rows:
-                yield row[0]
+                yield str(row[0])
             if len(rows) < size:
                 return
             after = (rows[-1][0], rows[-1][1])
@@ -574,15 +637,20 @@ def init_store(url: str | sa.Engine, **options: Any) -> list[str]:
     """
     if isinstance(url, str):
         engine_url, from_query = _split_url(url)
-        if engine_url.get_dialect().is_async:
+        made = _make_engine(engine_url)
+        if isinstance(made, AsyncEngine):
             raise ConfigurationError(
                 "init-store needs a synchronous driver URL, e.g. postgresql+psycopg:// "
                 "instead of postgresql+asyncpg://"
             )
-        engine = sa.create_engine(engine_url, **_engine_options(engine_url))
-        owned = True
+        engine, owned = made, True
     else:
         engine, from_query, owned = url, {}, False
+    twice = sorted(set(from_query) & set(options))
+    if twice:
+        raise ConfigurationError(
+            f"SQL store option(s) {', '.join(twice)} given both in the URL and as keywords"
+        )
     settings, unknown = _Settings.parse({**from_query, **options})
     if unknown:
         raise ConfigurationError(f"unknown SQL store option(s) {', '.join(sorted(unknown))}")
@@ -602,7 +670,7 @@ def init_store(url: str | sa.Engine, **options: Any) -> list[str]:
             return created
     except StoreError:
         raise
-    except (sa_exc.SQLAlchemyError, OSError) as exc:
+    except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
         raise _translate(exc, None, writing=True, table=settings.table) from exc
     finally:
         if owned:

@@ -1,4 +1,4 @@
-"""The ``credkeeper`` command line: import, inspect, refresh and re-seal stored credentials.
+"""The ``credkeeper`` command line: set up stores; import, inspect, refresh, re-seal credentials.
 
 Every command is one function decorated with ``@cli.command()`` that takes the run's
 :class:`~credkeeper._cli_settings.Settings` (``@pass_settings``) and asks it for the store, the
@@ -35,14 +35,16 @@ from ._cli_settings import (
     PROVIDER_PROFILES,
     Settings,
     default_store_path,
+    display_url,
     pass_settings,
     resolve_provider,
 )
 from ._credentials import Credentials
 from ._demo import run_demo
-from ._exceptions import ConfigurationError, CredentialsError
+from ._exceptions import ConfigurationError, CredentialsError, UnknownSchemeError
 from ._keyring import KeyRing
 from ._provider import Provider
+from ._registry import KNOWN_SCHEMES
 from ._rekey import rekey
 from ._wrapper import WrapperClient
 
@@ -258,7 +260,7 @@ def _console(*, soft_wrap: bool = True) -> Console:
 @click.option(
     "--seconds",
     type=click.FloatRange(1.0, 600.0),
-    default=8.0,
+    default=5.0,
     show_default=True,
     help="How long the workers run.",
 )
@@ -513,6 +515,45 @@ def rekey_command(settings: Settings) -> None:
         f"re-sealed {report.rekeyed} record(s) under key {keyring.primary_id}; "
         f"{report.unchanged} already under it"
     )
+
+
+@cli.command("init-store", short_help="Create a SQL store's tables if they are missing.")
+@click.argument("url", metavar="URL")
+def init_store_command(url: str) -> None:
+    """Create credkeeper's tables in the SQL database at URL, where they are missing.
+
+    URL is a SQLAlchemy URL (sqlite:///path, postgresql+psycopg://..., mysql+pymysql://...) whose
+    query may hold the store's options: ?table=NAME, ?schema=NAME, or for credentials kept in
+    an existing table ?table=users&key_column=...&lease_table=NAME. Idempotent: it creates only
+    what is missing and never alters or drops a table. The global options are not used.
+    """
+    shown = display_url(url)
+    created = _sql_init_store(url)
+    if created:
+        noun = "table" if len(created) == 1 else "tables"
+        click.echo(f"created {noun} {', '.join(created)} in {shown}")
+    else:
+        click.echo(f"credkeeper's tables already exist in {shown}; nothing to create")
+
+
+def _sql_init_store(url: str) -> list[str]:
+    """``credkeeper_sql.init_store(url)``, once the URL is known to name a SQL database."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if KNOWN_SCHEMES.get(scheme.split("+", 1)[0]) != "sql":
+        raise ConfigurationError(
+            f"init-store sets up SQL stores only (sqlite, postgresql, mysql and mariadb URLs), "
+            f"not {display_url(url)!r}; other stores need no setup"
+        )
+    try:
+        # The SQL store and SQLAlchemy load only for this command, and only if installed.
+        import credkeeper_sql  # noqa: PLC0415
+    except ImportError as exc:
+        raise UnknownSchemeError(
+            f"the SQL store failed to import ({exc.name or exc}); "
+            "install it with pip install 'credkeeper[sql]'",
+            scheme=scheme,
+        ) from exc
+    return credkeeper_sql.init_store(url)
 
 
 def main(args: Sequence[str] | None = None) -> int:

@@ -35,9 +35,9 @@ if TYPE_CHECKING:
 
 __all__ = ["DemoResult", "UnexpectedReply", "run_demo"]
 
-# Tokens live 3 s and are refreshed 1 s before expiry, so a few seconds cross several expiries.
-_LIFETIME = 3.0
-_LEEWAY = 1.0
+# Tokens live 2 s and are refreshed 0.5 s before expiry, so a few seconds cross several expiries.
+_LIFETIME = 2.0
+_LEEWAY = 0.5
 # Several managers, as several processes would have: they coordinate through the store only.
 _MANAGERS = 4
 _KEY = "demo-user"
