@@ -338,11 +338,15 @@ def _page(
     statement = sa.select(layout.key, layout.expires_at).where(condition)
     if after is not None:
         last_key, last_expiry = after
+        # The redundant lower bound lets PostgreSQL and SQLite seek the index to the page's
+        # start; without it they filter the OR from the first row on every page (quadratic).
+        # The row-value form (expires_at, key) > (...) would be quadratic on MariaDB instead.
         statement = statement.where(
+            layout.expires_at >= last_expiry,
             sa.or_(
                 layout.expires_at > last_expiry,
                 sa.and_(layout.expires_at == last_expiry, layout.key > last_key),
-            )
+            ),
         )
     return statement.order_by(layout.expires_at, layout.key).limit(size)
 
