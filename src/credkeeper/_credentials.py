@@ -295,14 +295,20 @@ class Credentials:
     # -- emitters ------------------------------------------------------------------------
 
     def to_wrapper(self) -> dict[str, Any]:
-        """The wrapper's ``oauth_credentials`` object, with the tokens in clear."""
-        return {
+        """The wrapper's ``oauth_credentials`` object, with the tokens in clear.
+
+        An unknown ``subscription_type`` is left out rather than sent as ``null``, which the
+        wrapper's model refuses (HTTP 422); the wrapper then assumes ``max``.
+        """
+        document: dict[str, Any] = {
             "access_token": self.access_token.get_secret_value(),
             "refresh_token": self.refresh_token.get_secret_value(),
             "expires_at": to_epoch_ms(self.expires_at),
             "scopes": list(self.scopes),
-            "subscription_type": self.subscription_type,
         }
+        if self.subscription_type is not None:
+            document["subscription_type"] = self.subscription_type
+        return document
 
     def to_claude_code(self) -> dict[str, Any]:
         """Claude Code's credentials document, with the tokens in clear."""

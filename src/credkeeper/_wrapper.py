@@ -300,8 +300,7 @@ def _display(url: str) -> str:
 
 
 def _payload(body: Mapping[str, Any], credentials: Credentials) -> dict[str, Any]:
-    sent = {name: value for name, value in credentials.to_wrapper().items() if value is not None}
-    return {"oauth_credentials": sent, **body}
+    return {"oauth_credentials": credentials.to_wrapper(), **body}
 
 
 def _timeout(value: object) -> float | httpx.Timeout:

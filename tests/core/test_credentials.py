@@ -618,6 +618,12 @@ class TestFromWrapper:
 
         assert 2_147_491_349_838 == Credentials.from_wrapper(doc).to_wrapper()["expires_at"]
 
+    def test_to_wrapper_leaves_out_an_unknown_subscription_type(self) -> None:
+        """No subscription type means no field, not null, which the wrapper refuses."""
+        credentials = Credentials.from_wrapper(without(wrapper_doc(), "subscription_type"))
+
+        assert "subscription_type" not in credentials.to_wrapper()
+
 
 class TestFromClaudeCode:
     def test_round_trip_from_document(self) -> None:

@@ -278,6 +278,14 @@ class TestCreate:
         with pytest.raises(WrapperUnavailable, match="in time"):
             client.messages.create(KEY, HELLO, timeout=0.2)
 
+    def test_unknown_subscription_type_is_left_out(
+        self, client: WrapperClient, manager: TokenManager, fake: FakeProvider
+    ) -> None:
+        """Credentials without a subscription type pass the wrapper's model (null would not)."""
+        manager.put(KEY, fake.issue(subscription_type=None))
+
+        assert REPLY == client.messages.create(KEY, HELLO).text
+
     def test_health(self, client: WrapperClient) -> None:
         """health() reports the wrapper's status and version."""
         health = client.health()
