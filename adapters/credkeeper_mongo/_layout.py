@@ -1,0 +1,583 @@
+"""Documents, filters and updates of the MongoDB store, shared by the sync and the async client.
+
+Every operation is a *plan*: a generator that yields :class:`Find`, :class:`Insert`,
+:class:`Update` and :class:`Delete` operations and receives each one's result (the document
+found, the matched or deleted count). ``MongoStore`` and ``AsyncMongoStore`` only execute what
+a plan yields, so the filters, the update documents and the compare-and-swap decisions exist
+once.
+
+Two layouts share the plans' interface:
+
+- :class:`OwnCollection`, credkeeper's own collection (``credkeeper_credentials`` by default):
+  one document per key with ``_id`` = key, compare-and-swap by
+  ``update_one({_id: key, version: v}, {$set: ...})`` and its ``matched_count``.
+- :class:`Embedded`, credentials kept in a sub-document of documents the application already
+  has (``users.claudeCredentials``), described by an :class:`EmbeddedLayout`. credkeeper's
+  coordination state sits beside the credential in a ``credkeeper`` sub-document; the version
+  a reader sees binds that state's version to a digest of the stored refresh token, and a write
+  filters on both, so a write based on an old token loses even when the application replaced
+  the credential behind credkeeper's back.
+
+Keys only ever appear as *values* in filters, never in field names or operator positions, so
+a key such as ``$where.field`` or ``{"a": 1}`` is just a string.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import uuid
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeAlias
+
+from bson import Int64, ObjectId
+
+from credkeeper import ConfigurationError, ConflictError, Record, Status, StoreCorrupted, StoreError
+from credkeeper._credentials import from_epoch_ms, to_epoch_ms
+
+__all__ = [
+    "DEFAULT_COLLECTION",
+    "Delete",
+    "Embedded",
+    "EmbeddedLayout",
+    "Find",
+    "Insert",
+    "Layout",
+    "Operation",
+    "OwnCollection",
+    "Plan",
+    "Update",
+]
+
+DEFAULT_COLLECTION = "credkeeper_credentials"
+
+Document: TypeAlias = dict[str, Any]
+
+
+# -- operations --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Find:
+    """``find_one(filter, projection)``; the plan receives the document or ``None``."""
+
+    filter: Document
+    projection: Document | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Insert:
+    """``insert_one(document)``; a duplicate ``_id`` becomes ``ConflictError``."""
+
+    document: Document
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """``update_one(filter, update)``; the plan receives ``matched_count``."""
+
+    filter: Document
+    update: Document
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """``delete_one(filter)``; the plan receives ``deleted_count``."""
+
+    filter: Document
+
+
+Operation: TypeAlias = Find | Insert | Update | Delete
+Plan: TypeAlias = Generator[Operation, Any, Any]
+
+
+def _new_version() -> str:
+    return uuid.uuid4().hex
+
+
+def _conflict(key: str, what: str) -> ConflictError:
+    return ConflictError(f"the record for key {key!r} {what}", key=key)
+
+
+def _corrupted(key: str, what: str) -> StoreCorrupted:
+    return StoreCorrupted(f"stored record for key {key!r} {what}", key=key)
+
+
+def _ms(moment: datetime | None) -> Int64 | None:
+    return None if moment is None else Int64(to_epoch_ms(moment))
+
+
+def _moment(key: str, value: Any, name: str) -> datetime | None:
+    """An epoch-ms field as a datetime; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _corrupted(key, f"has a bad {name!r} field")
+    try:
+        return from_epoch_ms(value)
+    except (OverflowError, ValueError, OSError):
+        raise _corrupted(key, f"has an out-of-range {name!r} field") from None
+
+
+def _walk(document: Mapping[str, Any] | None, path: str) -> Any:
+    """The value at a dotted ``path`` of ``document``, or ``None`` where a step is missing."""
+    current: Any = document
+    for step in path.split("."):
+        if not isinstance(current, Mapping):
+            return None
+        current = current.get(step)
+    return current
+
+
+# -- credkeeper's own collection -----------------------------------------------------------
+
+
+class OwnCollection:
+    """credkeeper's own collection: one document per key, ``_id`` = key.
+
+    The document is :meth:`Record.to_document` (times as Int64 epoch milliseconds, exact) plus
+    ``version``, a random id replaced on every write, so a version read before a delete never
+    matches the re-created record.
+    """
+
+    match_field = "_id"
+
+    def indexes(self) -> list[list[tuple[str, int]]]:
+        """The index ``scan_due`` reads: expiry first, with ``_id`` so the query is covered."""
+        return [[("expires_at", 1), ("_id", 1)]]
+
+    def due(self, before: datetime) -> tuple[Document, Document]:
+        """The filter and projection of ``scan_due``."""
+        return {"expires_at": {"$lte": Int64(to_epoch_ms(before))}}, {"_id": 1}
+
+    def key_of(self, document: Mapping[str, Any]) -> str | None:
+        """The key of a document ``scan_due`` found."""
+        key = document.get("_id")
+        return key if isinstance(key, str) else None
+
+    def _document(self, record: Record, version: str) -> Document:
+        document = record.to_document()
+        for name in ("expires_at", "lease_until", "cooldown_until"):
+            if document[name] is not None:
+                document[name] = Int64(document[name])
+        document["version"] = version
+        return document
+
+    def get(self, key: str) -> Plan:
+        """Plan: the record under ``key``, or ``None``."""
+        document = yield Find({"_id": key})
+        if document is None:
+            return None
+        version = document.get("version")
+        if not isinstance(version, str):
+            raise _corrupted(key, "has no version; it was not written by credkeeper")
+        return Record.from_document(key, document, version=version)
+
+    def put(self, record: Record) -> Plan:
+        """Plan: insert a new record, or compare-and-swap on its version; the record stored."""
+        version = _new_version()
+        document = self._document(record, version)
+        if record.version is None:
+            # A duplicate _id fails the insert; the store turns that into ConflictError.
+            yield Insert({"_id": record.key, **document})
+        else:
+            matched = yield Update(
+                {"_id": record.key, "version": record.version}, {"$set": document}
+            )
+            if matched != 1:
+                raise _conflict(record.key, "changed or was deleted since it was read")
+        return record.replace(version=version)
+
+    def delete(self, key: str) -> Plan:
+        """Plan: remove the document; whether there was one."""
+        deleted = yield Delete({"_id": key})
+        return bool(deleted)
+
+
+# -- credentials embedded in the application's documents -----------------------------------
+
+_CAMEL = {
+    "access_token": "accessToken",
+    "refresh_token": "refreshToken",
+    "expires_at": "expiresAt",
+    "scopes": "scopes",
+    "subscription_type": "subscriptionType",
+    "version": "version",
+    "status": "status",
+    "lease_owner": "leaseOwner",
+    "lease_until": "leaseUntil",
+    "failures": "failures",
+    "cooldown_until": "cooldownUntil",
+    "last_error": "lastError",
+}
+_CREDENTIAL_FIELDS = ("access_token", "refresh_token", "expires_at", "scopes", "subscription_type")
+_STATE_FIELDS = (
+    "version",
+    "status",
+    "lease_owner",
+    "lease_until",
+    "failures",
+    "cooldown_until",
+    "last_error",
+)
+
+
+def _check_path(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(
+            f"EmbeddedLayout.{name} must be a non-empty field path, got {value!r}"
+        )
+    for step in value.split("."):
+        if not step or step.startswith("$") or "\x00" in step:
+            raise ConfigurationError(
+                f"EmbeddedLayout.{name} {value!r} is not a usable field path: each dotted part "
+                "must be non-empty and must not start with '$'"
+            )
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EmbeddedLayout:
+    """Where credentials live inside documents the application already has.
+
+    ``match_field`` names the field that identifies a document by credkeeper key (``_id``,
+    ``userId``; it should have a unique index), and ``key_type`` how a key is matched against
+    it: ``"str"`` as is, ``"objectid"`` as an ``ObjectId`` (24 hex digits), ``"int"`` as an
+    integer (keys of digits). ``field_path`` is the sub-document holding the credential
+    (``claudeCredentials``, or a dotted path), with fields named the way the wrapper's guide
+    stores them (``field_naming="camel"``: ``accessToken``, ``refreshToken``, ``expiresAt``,
+    ``scopes``, ``subscriptionType``) or ``"snake"`` (``access_token``, ...). ``expiresAt`` is
+    a number of epoch milliseconds (``expires_at_unit="ms"``, as the guide's JavaScript stores
+    ``Date.now() + ...``), of seconds (``"s"``), or a BSON date (``"date"``).
+
+    credkeeper's coordination state (version, lease, status, failures) lives beside the
+    credential in the sub-document ``state_field`` (``claudeCredentials.credkeeper``), named in
+    the same style. Nothing outside ``field_path`` is ever written.
+    """
+
+    match_field: str = "_id"
+    field_path: str = "claudeCredentials"
+    field_naming: Literal["camel", "snake"] = "camel"
+    key_type: Literal["str", "objectid", "int"] = "str"
+    expires_at_unit: Literal["ms", "s", "date"] = "ms"
+    state_field: str = "credkeeper"
+
+    def __post_init__(self) -> None:
+        _check_path("match_field", self.match_field)
+        _check_path("field_path", self.field_path)
+        if self.field_naming not in ("camel", "snake"):
+            raise ConfigurationError(
+                f"EmbeddedLayout.field_naming must be 'camel' or 'snake', got {self.field_naming!r}"
+            )
+        if self.key_type not in ("str", "objectid", "int"):
+            raise ConfigurationError(
+                f"EmbeddedLayout.key_type must be 'str', 'objectid' or 'int', got {self.key_type!r}"
+            )
+        if self.expires_at_unit not in ("ms", "s", "date"):
+            raise ConfigurationError(
+                "EmbeddedLayout.expires_at_unit must be 'ms', 's' or 'date', "
+                f"got {self.expires_at_unit!r}"
+            )
+        if (
+            not isinstance(self.state_field, str)
+            or not self.state_field
+            or ("." in self.state_field or self.state_field.startswith("$"))
+        ):
+            raise ConfigurationError(
+                f"EmbeddedLayout.state_field must be a plain field name, got {self.state_field!r}"
+            )
+        prefix = self.field_path + "."
+        if self.match_field == self.field_path or self.match_field.startswith(prefix):
+            raise ConfigurationError("EmbeddedLayout.match_field must lie outside field_path")
+        if self.state_field in self.names().values():
+            raise ConfigurationError(
+                f"EmbeddedLayout.state_field {self.state_field!r} clashes with a credential field"
+            )
+
+    def names(self) -> dict[str, str]:
+        """Record field to sub-document field name, for the credential's fields."""
+        return {name: self.name(name) for name in _CREDENTIAL_FIELDS}
+
+    def name(self, field_name: str) -> str:
+        """The stored name of a credential or state field in this layout's naming."""
+        return _CAMEL[field_name] if self.field_naming == "camel" else field_name
+
+
+def _digest(token: str) -> str:
+    # Part of the version string, which shows in reprs: a short digest of a long random
+    # token, enough to notice that the token changed and useless for anything else.
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+_NO_STATE = "-"
+_KEY_TYPES: dict[str, type] = {"str": str, "objectid": ObjectId, "int": int}
+
+
+@dataclass(slots=True)
+class Embedded:
+    """Credentials in a sub-document of the application's documents, state beside them.
+
+    credkeeper only ever ``$set``\\s and ``$unset``\\s fields under ``field_path`` of documents
+    that exist: it never inserts, replaces or deletes the application's documents. Creating a
+    credential fills the sub-document where it holds no refresh token; deleting one unsets
+    credkeeper's fields, and the sub-document itself when nothing else is left in it.
+    """
+
+    layout: EmbeddedLayout
+    _path: str = field(init=False)
+    _fields: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._path = self.layout.field_path
+        self._fields = self.layout.names()
+
+    @property
+    def match_field(self) -> str:
+        """The field matched against keys."""
+        return self.layout.match_field
+
+    def _at(self, field_name: str) -> str:
+        return f"{self._path}.{self._fields[field_name]}"
+
+    def _state_at(self, field_name: str) -> str:
+        return f"{self._path}.{self.layout.state_field}.{self.layout.name(field_name)}"
+
+    def match(self, key: str) -> Document | None:
+        """The filter matching the document for ``key``, or ``None`` if no document can."""
+        value: Any = key
+        if self.layout.key_type == "objectid":
+            if not ObjectId.is_valid(key) or len(key) != 24:
+                return None
+            value = ObjectId(key)
+        elif self.layout.key_type == "int":
+            if not (key.isascii() and key.isdigit()) or len(key) > 18:
+                return None
+            value = Int64(int(key))
+        return {self.layout.match_field: value}
+
+    def indexes(self) -> list[list[tuple[str, int]]]:
+        """An index on the expiry field, created only when the store is asked to."""
+        return [[(self._at("expires_at"), 1)]]
+
+    def _bound(self, before: datetime) -> Any:
+        if self.layout.expires_at_unit == "date":
+            return before.astimezone(UTC)
+        milliseconds = to_epoch_ms(before)
+        return Int64(milliseconds if self.layout.expires_at_unit == "ms" else milliseconds // 1000)
+
+    def due(self, before: datetime) -> tuple[Document, Document]:
+        """The filter and projection of ``scan_due``: due, and holding a credential."""
+        projection: Document = {self.layout.match_field: 1}
+        if self.layout.match_field != "_id":
+            projection["_id"] = 0
+        condition = {
+            self._at("expires_at"): {"$lte": self._bound(before)},
+            self._at("refresh_token"): {"$ne": None},
+        }
+        return condition, projection
+
+    def key_of(self, document: Mapping[str, Any]) -> str | None:
+        """The key of a document ``scan_due`` found, as text."""
+        value = _walk(document, self.layout.match_field)
+        kind = _KEY_TYPES[self.layout.key_type]
+        # Only ids that get() can match again: with key_type="objectid", a string id is not one.
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return None
+        return str(value)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _expiry(self, key: str, value: Any) -> datetime:
+        if isinstance(value, datetime):
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            scale = 1000 if self.layout.expires_at_unit == "s" else 1
+            moment = _moment(key, value * scale, self._fields["expires_at"])
+            assert moment is not None
+            return moment
+        raise _corrupted(key, f"has no usable {self._at('expires_at')!r} field")
+
+    def _scopes(self, key: str, value: Any) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return tuple(value.split())
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return tuple(value)
+        raise _corrupted(key, f"has a bad {self._at('scopes')!r} field")
+
+    def _state(self, key: str, credential: Mapping[str, Any]) -> Mapping[str, Any]:
+        state = credential.get(self.layout.state_field)
+        if state is None:
+            return {}
+        if not isinstance(state, Mapping):
+            raise _corrupted(key, f"has a bad {self.layout.state_field!r} sub-document")
+        return state
+
+    def _state_version(self, key: str, credential: Mapping[str, Any]) -> str | None:
+        version = self._state(key, credential).get(self.layout.name("version"))
+        if version is not None and not isinstance(version, str):
+            raise _corrupted(key, "has a bad credkeeper version")
+        return version
+
+    def _record(self, key: str, credential: Any) -> Record | None:
+        """The record in a credential sub-document; ``None`` when it holds no refresh token."""
+        if not isinstance(credential, Mapping):
+            return None
+        names = self._fields
+        refresh = credential.get(names["refresh_token"])
+        if refresh is None:
+            return None
+        access = credential.get(names["access_token"])
+        if not isinstance(access, str) or not isinstance(refresh, str):
+            raise _corrupted(key, "has no usable tokens")
+        subscription = credential.get(names["subscription_type"])
+        if subscription is not None and not isinstance(subscription, str):
+            raise _corrupted(key, f"has a bad {self._at('subscription_type')!r} field")
+        state = self._state(key, credential)
+        version = self._state_version(key, credential)
+
+        def stated(name: str) -> Any:
+            return state.get(self.layout.name(name))
+
+        try:
+            status = Status(stated("status") or Status.ACTIVE.value)
+        except ValueError:
+            raise _corrupted(key, "has an unknown status") from None
+        failures = stated("failures") or 0
+        if isinstance(failures, bool) or not isinstance(failures, int):
+            raise _corrupted(key, "has a bad failures count")
+        for name in ("lease_owner", "last_error"):
+            if stated(name) is not None and not isinstance(stated(name), str):
+                raise _corrupted(key, f"has a bad {name!r} field")
+        return Record(
+            key=key,
+            access_token=access,
+            refresh_token=refresh,
+            expires_at=self._expiry(key, credential.get(names["expires_at"])),
+            scopes=self._scopes(key, credential.get(names["scopes"])),
+            subscription_type=subscription,
+            status=status,
+            lease_owner=stated("lease_owner"),
+            lease_until=_moment(key, stated("lease_until"), "lease_until"),
+            failures=failures,
+            cooldown_until=_moment(key, stated("cooldown_until"), "cooldown_until"),
+            last_error=stated("last_error"),
+            version=f"{version or _NO_STATE}.{_digest(refresh)}",
+        )
+
+    def get(self, key: str) -> Plan:
+        """Plan: the record under ``key``, or ``None`` when the document holds no credential."""
+        match = self.match(key)
+        if match is None:
+            return None
+        document = yield Find(match, {self._path: 1})
+        return self._record(key, _walk(document, self._path))
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _values(self, record: Record, version: str) -> Document:
+        """Every field credkeeper writes, relative to the credential sub-document."""
+        if self.layout.expires_at_unit == "date":
+            expires: Any = record.expires_at.astimezone(UTC)
+        else:
+            milliseconds = to_epoch_ms(record.expires_at)
+            expires = Int64(
+                milliseconds if self.layout.expires_at_unit == "ms" else milliseconds // 1000
+            )
+        names = self._fields
+        state_name = self.layout.name
+        return {
+            names["access_token"]: record.access_token,
+            names["refresh_token"]: record.refresh_token,
+            names["expires_at"]: expires,
+            names["scopes"]: list(record.scopes),
+            names["subscription_type"]: record.subscription_type,
+            self.layout.state_field: {
+                state_name("version"): version,
+                state_name("status"): record.status.value,
+                state_name("lease_owner"): record.lease_owner,
+                state_name("lease_until"): _ms(record.lease_until),
+                state_name("failures"): record.failures,
+                state_name("cooldown_until"): _ms(record.cooldown_until),
+                state_name("last_error"): record.last_error,
+            },
+        }
+
+    def _set_fields(self, values: Document) -> Document:
+        # Field by field: anything else the application keeps in the sub-document survives.
+        return {"$set": {f"{self._path}.{name}": value for name, value in values.items()}}
+
+    def put(self, record: Record) -> Plan:
+        """Plan: compare-and-swap on the state's version and the stored refresh token."""
+        match = self.match(record.key)
+        document = None if match is None else (yield Find(match, {self._path: 1}))
+        if match is None or document is None:
+            raise StoreError(
+                f"no document in the collection has {self.layout.match_field} = {record.key!r}; "
+                "credkeeper stores credentials in existing documents and never inserts them",
+                key=record.key,
+            )
+        credential = _walk(document, self._path)
+        current = self._record(record.key, credential)
+        expected = None if current is None else current.version
+        if record.version != expected:
+            raise _conflict(record.key, "changed, was created or was deleted since it was read")
+        version = _new_version()
+        values = self._values(record, version)
+        if current is not None:
+            assert isinstance(credential, Mapping)
+            stored_version = self._state_version(record.key, credential)
+            condition = {
+                **match,
+                self._at("refresh_token"): credential[self._fields["refresh_token"]],
+                self._state_at("version"): (
+                    {"$exists": False} if stored_version is None else stored_version
+                ),
+            }
+            update = self._set_fields(values)
+        elif isinstance(credential, Mapping):
+            condition = {
+                **match,
+                self._path: {"$type": "object"},
+                self._at("refresh_token"): None,
+            }
+            update = self._set_fields(values)
+        elif credential is None:
+            # Missing or null: the whole sub-document is new, since $set cannot create fields
+            # inside a null.
+            condition = {**match, self._path: None}
+            update = {"$set": {self._path: values}}
+        else:
+            raise StoreCorrupted(
+                f"field {self._path!r} of the document for key {record.key!r} holds a "
+                f"{type(credential).__name__}, not a sub-document; credkeeper leaves it alone",
+                key=record.key,
+            )
+        matched = yield Update(condition, update)
+        if matched != 1:
+            raise _conflict(record.key, "changed since it was read")
+        return record.replace(version=f"{version}.{_digest(record.refresh_token)}")
+
+    def delete(self, key: str) -> Plan:
+        """Plan: unset credkeeper's fields; whether there was a credential."""
+        match = self.match(key)
+        if match is None:
+            return False
+        fields = [*self._fields.values(), self.layout.state_field]
+        matched = yield Update(
+            {**match, self._at("refresh_token"): {"$ne": None}},
+            {"$unset": {f"{self._path}.{name}": "" for name in fields}},
+        )
+        if not matched:
+            return False
+        # The sub-document goes too, but only if nothing of the application's is left in it.
+        yield Update({**match, self._path: {}}, {"$unset": {self._path: ""}})
+        return True
+
+
+Layout: TypeAlias = OwnCollection | Embedded
