@@ -149,7 +149,7 @@ class TestUnknown:
             ("sqlite:///x.db", "sqlalchemy", "sql"),
             ("mongodb://db.example.com/app?collection=creds", "pymongo", "mongo"),
             ("mongodb+srv://cluster.example.com/app", "pymongo", "mongo"),
-            ("aws-sm://eu-west-1/credkeeper/", "boto3", "aws"),
+            ("aws-sm://eu-west-1/credkeeper/", "botocore", "aws"),
         ],
     )
     def test_first_party_store_without_its_driver(self, url: str, driver: str, extra: str) -> None:
