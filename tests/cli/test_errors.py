@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from credkeeper import KeyRing
@@ -23,11 +25,24 @@ class TestStoreErrors:
         )
 
     def test_scheme_of_an_extra_that_is_not_installed(self) -> None:
-        """A first-party scheme whose extra is missing names the pip command."""
-        result = Cli(["--store", "mongodb://db.example/app"])("status")
+        """A first-party scheme whose driver is missing exits 2 naming the pip command.
 
-        assert ExitCode.USAGE == result.exit_code
-        assert "pip install 'credkeeper[mongo]'" in error_line(result)
+        pymongo is blocked from import in a fresh interpreter (``sys.modules[name] = None``),
+        which is how a package that is not installed looks to the import system.
+        """
+        script = (
+            "import sys\nsys.modules['pymongo'] = None\n"
+            "from credkeeper.__main__ import main\n"
+            "sys.exit(main(['--store', 'mongodb://db.example/app', 'status']))\n"
+        )
+        completed = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+        )
+
+        assert (ExitCode.USAGE, True) == (
+            completed.returncode,
+            "pip install 'credkeeper[mongo]'" in completed.stderr,
+        )
 
     def test_store_unavailable(self, tmp_path: Path) -> None:
         """A store that cannot be reached exits 4."""
