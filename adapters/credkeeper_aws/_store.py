@@ -30,6 +30,8 @@ each successful write and naming the version it describes: a tag naming the curr
 is exact; one that lags behind (the write landed, its tag update did not yet, or a slower
 writer's tag overwrote a newer one) makes the scan read that secret's value instead. So a
 due key is never missed, and values are fetched only for the rare stale tags.
+
+``now()`` is AWS's clock as the ``Date`` headers of its answers show it (``_server_clock``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import math
 import random
 import re
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -63,6 +66,7 @@ from credkeeper import (
     StoreError,
     StoreUnavailable,
     SystemClock,
+    time_remaining,
 )
 from credkeeper._credentials import to_epoch_ms
 from credkeeper._record import check_key
@@ -78,6 +82,7 @@ from ._document import (
 )
 from ._names import HASHED, check_prefix, decode_name, encode_key, is_hashed_name_of
 from ._rate import estimate_write_rate
+from ._server_clock import ServerClock, date_header
 
 __all__ = ["SecretsManagerStore"]
 
@@ -144,8 +149,47 @@ _CREATE_LOCKS = 64
 # Versions this store saw replaced, kept to refuse stale writes without a call.
 _REPLACED_MEMORY = 4096
 _MS = timedelta(milliseconds=1)
+# now() measures AWS's clock again when its last answer is older than this, so that a local
+# clock stepped meanwhile (NTP, a resumed VM) is noticed before it decides a lease.
+_CLOCK_MAX_AGE = timedelta(seconds=60)
+# The secret now() describes when it has no answer to learn AWS's clock from: under the
+# prefix, so DescribeSecret on the prefix (which the store needs anyway) covers it, and a name
+# no key encodes to ("=cl" is no escape), so it never exists unless someone made it by hand.
+_CLOCK_PROBE = "=clock"
 
 Settled = Literal["landed", "lost", "not applied"]
+
+
+class _Window:
+    """How long one retry loop may go on: its own ``limit``, and the credkeeper call's budget.
+
+    The budget (:func:`credkeeper.time_remaining`) is real time, while the store waits on its
+    clock, which may be a ``FakeClock`` whose sleeps take none. Time spent counts on both
+    clocks, the larger winning, so a loop stops at the same point of its schedule whichever
+    clock it waits on: one deadline for the call, not the store's nested inside the engine's.
+    """
+
+    def __init__(self, clock: Clock, limit: float | None) -> None:
+        self._clock = clock
+        self.limit = limit
+        self.budget = time_remaining()
+        self._started = time.monotonic()
+        self._started_at = clock.now()
+
+    def left(self) -> float:
+        """Seconds the loop may still wait (negative when it is over)."""
+        waited = (self._clock.now() - self._started_at).total_seconds()
+        left = math.inf if self.limit is None else self.limit - waited
+        if self.budget is not None:
+            spent = max(waited, time.monotonic() - self._started)
+            left = min(left, self.budget - spent)
+        return left
+
+    def describe(self) -> str:
+        """How long the loop went on, for an error message."""
+        if self.budget is not None and (self.limit is None or self.budget < self.limit):
+            return f"until the call's deadline ({self.budget:.3g} s)"
+        return f"for {self.limit:g} s" if self.limit is not None else "for a while"
 
 
 class _Read:
@@ -312,10 +356,13 @@ class SecretsManagerStore:
     whose standard chain finds the credentials. ``kms_key_id`` encrypts new secrets with that
     KMS key instead of ``aws/secretsmanager``. Throttled calls, and server errors of calls
     that are safe to repeat, are retried with jittered backoff for up to ``retry_timeout``
-    seconds, then raise ``StoreUnavailable``; a refused connection raises it at once.
+    seconds, and never past the deadline of the credkeeper call in progress
+    (:func:`credkeeper.time_remaining`), then raise ``StoreUnavailable``; a refused
+    connection raises it at once.
 
     ``client`` is a boto3 Secrets Manager client you already have (it stays open on
-    :meth:`close`); ``clock`` is where the backoff waits (a ``FakeClock`` in tests).
+    :meth:`close`); ``clock`` is where the backoff waits (a ``FakeClock`` in tests), and what
+    :meth:`now` adds AWS's offset to.
     Safe to share between threads; async code uses it through
     :func:`credkeeper.as_async_store`.
     """
@@ -377,6 +424,7 @@ class SecretsManagerStore:
         self._reads: dict[str, _Read | None] = {}
         self._reads_lock = threading.Lock()
         self._rate_checked = False
+        self._server_clock = ServerClock(self._clock)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SecretsManagerStore:
@@ -451,21 +499,22 @@ class SecretsManagerStore:
         :func:`_boundary` translates the rest.
         """
         method = getattr(self._client, operation)
-        give_up_at: datetime | None = None
+        window: _Window | None = None
         attempt = 0
         while True:
+            sent = self._clock.now()
             try:
                 response: dict[str, Any] = method(**params)
             except botocore.exceptions.ClientError as exc:
+                self._observe(exc.response, sent)
                 throttled = _code(exc) in _THROTTLING
                 passes = _is_server_fault(exc) or _code(exc) in passing
                 if not (throttled or (repeatable and passes)):
                     raise
-                now = self._clock.now()
-                if give_up_at is None:
-                    give_up_at = now + timedelta(seconds=self.retry_timeout)
+                if window is None:
+                    window = _Window(self._clock, self.retry_timeout)
                 delay = self._backoff(attempt)
-                if now + timedelta(seconds=delay) <= give_up_at:
+                if delay <= window.left():
                     logger.debug("%s failed (%s); retrying in %.3f s", operation, _code(exc), delay)
                     self._clock.sleep(delay)
                     attempt += 1
@@ -475,13 +524,39 @@ class SecretsManagerStore:
                 about = f" for key {key!r}" if key is not None else ""
                 raise StoreUnavailable(
                     f"Secrets Manager kept throttling {exc.operation_name}{about} "
-                    f"({_code(exc)}) for {self.retry_timeout:g} s; retry later. "
+                    f"({_code(exc)}) {window.describe()}; retry later. "
                     "LimitExceededException can also mean a quota is full, such as "
                     "versions per secret: see docs/stores/aws-secrets-manager.md",
                     key=key,
                 ) from exc
-            else:
-                return response
+            self._observe(response, sent)
+            return response
+
+    def _observe(self, response: object, sent: datetime) -> None:
+        """Learn AWS's clock from the ``Date`` header of an answer to a call sent at ``sent``."""
+        self._server_clock.observe(date_header(response), sent=sent, received=self._clock.now())
+
+    def now(self) -> datetime:
+        """AWS's clock (aware, UTC): the store's clock plus the offset AWS's answers show.
+
+        Every answer's ``Date`` header (whole seconds) bounds the offset, and the bounds of
+        successive answers narrow it: the estimate is within half a second plus half a round
+        trip of AWS's clock after one answer, and closer after more. When the store has not
+        heard from AWS for a minute it asks (``DescribeSecret`` of a name under the prefix that
+        no key uses, which the store's IAM policy already allows). Never goes backwards.
+        """
+        age = self._server_clock.age()
+        if age is None or abs(age) > _CLOCK_MAX_AGE:
+            with _boundary(None), contextlib.suppress(botocore.exceptions.ClientError):
+                # Any answer carries AWS's time, "no such secret" as well as a description.
+                self._call("describe_secret", None, SecretId=self.prefix + _CLOCK_PROBE)
+        moment = self._server_clock.now()
+        if moment is None:
+            raise StoreError(
+                "Secrets Manager answered without a Date header, so its clock cannot be read; "
+                "is a proxy between the store and AWS removing it?"
+            )
+        return moment
 
     def _backoff(self, attempt: int) -> float:
         """Seconds to wait before retry ``attempt + 1``: 50 ms doubling to 2 s, jittered."""
@@ -502,6 +577,7 @@ class SecretsManagerStore:
             params["VersionStage"] = _CURRENT
         else:
             params["VersionId"] = version
+        window = _Window(self._clock, None)
         for attempt in range(_RELABEL_WAITS):
             try:
                 response = self._call("get_secret_value", key, **params)
@@ -513,14 +589,17 @@ class SecretsManagerStore:
                     raise
                 if version is not None or not self._exists(name, key):
                     return None
-                self._clock.sleep(_RELABEL_WAIT * (attempt + 1))
+                wait = _RELABEL_WAIT * (attempt + 1)
+                if wait > window.left():
+                    break
+                self._clock.sleep(wait)
                 continue
             current = str(response["VersionId"])
             if version is None:
                 self._replaced_mark(current, replaced=False)
             return decode(response.get("SecretString"), key=key, name=name, version=current)
         raise StoreUnavailable(
-            f"no version of secret {name!r} carried AWSCURRENT for a while; retry later",
+            f"no version of secret {name!r} carried AWSCURRENT {window.describe()}; retry later",
             key=key,
         )
 
@@ -713,6 +792,7 @@ class SecretsManagerStore:
                     key=key,
                 ) from exc
             raise
+        window = _Window(self._clock, None)
         for attempt in range(_MOVE_ATTEMPTS):
             try:
                 self._call(
@@ -753,9 +833,10 @@ class SecretsManagerStore:
                     "read it again",
                     key=key,
                 ) from failure
-            if attempt + 1 == _MOVE_ATTEMPTS:
+            delay = self._backoff(attempt)
+            if attempt + 1 == _MOVE_ATTEMPTS or delay > window.left():
                 raise failure
-            self._clock.sleep(self._backoff(attempt))
+            self._clock.sleep(delay)
         self._replaced_mark(expected, replaced=True)
         self._tag(name, key, record, new)
         return record.replace(version=new)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import math
 import os
 import re
 import secrets
+import shlex
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -22,6 +24,13 @@ from credkeeper import (
     Record,
     StoreCorrupted,
     StoreUnavailable,
+    time_remaining,
+)
+from credkeeper._files import (
+    NotRegularFile,
+    make_private_directories,
+    open_regular,
+    writable_by_others,
 )
 from credkeeper._record import check_key
 
@@ -37,6 +46,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 __all__ = ["FileStore"]
 
+logger = logging.getLogger("credkeeper.file")
+
 _URL_FORM = "file:///absolute/path/to/creds.json (or file://localhost/absolute/path/to/creds.json)"
 _OPTIONS = ("create", "lock_timeout")
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -48,7 +59,6 @@ _FIRST_POLL = 0.001
 _MAX_POLL = 0.05
 
 _FILE_MODE = 0o600
-_DIR_MODE = 0o700
 
 
 def _describe(exc: OSError) -> str:
@@ -99,7 +109,14 @@ class FileStore:
 
     ``create``: a missing file reads as empty and its directory is made (mode 0700) on the
     first write; with ``create=False`` a missing file raises ``StoreUnavailable``.
-    ``lock_timeout``: seconds a write waits for the lock before ``StoreUnavailable``.
+    ``lock_timeout``: seconds a write waits for the lock before ``StoreUnavailable``; inside
+    an engine call it waits no longer than the call's budget (:func:`credkeeper.time_remaining`).
+
+    Only the owner may write the directory holding the file: one group or others can write is
+    refused with ``ConfigurationError``. A symbolic link, FIFO or any other non-regular file
+    planted as the data or lock file is never followed or read: ``StoreCorrupted`` names it.
+    A damaged record fails only the calls that read its key; ``scan_due`` skips it with a
+    warning, and :meth:`damaged_records` lists every one.
     """
 
     def __init__(
@@ -129,10 +146,16 @@ class FileStore:
             raise ConfigurationError(
                 f"lock_timeout must be a finite number of seconds >= 0, got {lock_timeout!r}"
             )
-        # The real path, so that two stores reaching one file through different symlinks
-        # share one lock file, and a replace never turns a symlink into a regular file.
-        self._path = os.path.realpath(raw)
-        self._dir, name = os.path.split(self._path)
+        directory, name = os.path.split(os.path.abspath(raw))
+        if not name:
+            raise ConfigurationError(
+                f"path must name a file, e.g. /var/lib/app/creds.json, got {raw!r}"
+            )
+        # The directory's real path, so that stores reaching one file through different
+        # symlinked directories share one lock file. The file's own name is never resolved:
+        # a symlink planted there is refused when opened, so it cannot redirect the store.
+        self._dir = os.path.realpath(directory)
+        self._path = os.path.join(self._dir, name)
         self._lock_path = f"{self._path}.lock"
         self._temp_prefix = f".{name}."
         self._temp_name = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{16}}\.tmp")
@@ -173,7 +196,7 @@ class FileStore:
 
     @property
     def path(self) -> Path:
-        """The data file (symlinks resolved); its lock file is the same path plus ``.lock``."""
+        """The data file, its directory's symlinks resolved; its lock file adds ``.lock``."""
         return Path(self._path)
 
     def __repr__(self) -> str:
@@ -241,9 +264,41 @@ class FileStore:
                 f"before must be an aware datetime, e.g. datetime.now(timezone.utc), got {before!r}"
             )
         self._check_open(None)
-        records = self._read(None).records
-        due = [key for key, doc in records.items() if record_of(key, doc).expires_at <= before]
+        due: list[str] = []
+        for key, document in self._read(None).records.items():
+            try:
+                record = record_of(key, document)
+            except StoreCorrupted as exc:
+                # One damaged record must not hide every other key from the sweeper and status.
+                logger.warning("scan_due skips a damaged record in %s: %s", self._path, exc)
+                continue
+            if record.expires_at <= before:
+                due.append(key)
         return iter(due)
+
+    def damaged_records(self) -> dict[str, str]:
+        """Every key whose stored record cannot be read, with the reason; read from the file now.
+
+        ``scan_due`` skips these records (logging a warning for each), ``get`` raises
+        ``StoreCorrupted`` naming the key, and ``delete`` removes one. ``credkeeper status``
+        lists them. The reasons name keys and fields, never a value.
+        """
+        self._check_open(None)
+        damaged: dict[str, str] = {}
+        for key, document in self._read(None).records.items():
+            try:
+                record_of(key, document)
+            except StoreCorrupted as exc:
+                damaged[key] = str(exc)
+        return damaged
+
+    def now(self) -> datetime:
+        """The host's clock: every process using the file shares it, so leases are judged on it.
+
+        A file store serves one host; over a network file system, hosts would also need their
+        clocks closer than the provider's timeout (see docs/custom-stores.md).
+        """
+        return datetime.now(UTC)
 
     def close(self) -> None:
         """Mark the store closed; it holds no handle between calls, so nothing else is released."""
@@ -269,28 +324,65 @@ class FileStore:
         )
 
     def _read(self, key: str | None) -> Contents:
+        self._check_directory()
         try:
-            with open(self._path, "rb") as file:
-                raw = file.read()
+            fd = self._open_regular(self._path, os.O_RDONLY, key)
         except FileNotFoundError as exc:
             if self._create:
                 return Contents(records={}, last_version=0)
             raise self._missing(key) from exc
         except OSError as exc:
             raise self._unavailable("read", key, exc) from exc
+        try:
+            with os.fdopen(fd, "rb") as file:
+                raw = file.read()
+        except OSError as exc:
+            raise self._unavailable("read", key, exc) from exc
         return decode(raw, path=self._path, key=key)
+
+    def _check_directory(self) -> None:
+        # Whoever can write the directory can swap the data file for one of their own.
+        mode = writable_by_others(self._dir)
+        if mode is not None:
+            raise ConfigurationError(
+                f"the file store's directory {self._dir} is writable by group or others "
+                f"(mode {mode:04o}), who could replace or plant the credentials file; "
+                f"run `chmod go-w {shlex.quote(self._dir)}` (mode 0700 is best), or keep the "
+                "file in a directory only its owner can write"
+            )
+
+    def _open_regular(self, path: str, flags: int, key: str | None) -> int:
+        """``path`` opened with ``flags``, if it is a regular file and not a symbolic link.
+
+        A directory raises ``IsADirectoryError``, any other OS error passes through.
+        """
+        try:
+            return open_regular(path, flags, _FILE_MODE)
+        except NotRegularFile as exc:
+            raise self._planted(path, exc.what, key) from None
+
+    def _planted(self, path: str, what: str, key: str | None) -> StoreCorrupted:
+        return StoreCorrupted(
+            f"{path} is {what}; the file store never follows or reads such a file in its "
+            "place, so it was left untouched: remove it, or point the store at another path",
+            key=key,
+        )
 
     # -- writing ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _locked(self, key: str) -> Iterator[None]:
-        deadline = time.monotonic() + self._lock_timeout
-        if not self._thread_lock.acquire(timeout=self._lock_timeout):
-            raise self._lock_timed_out(key)
+        # One budget per engine call: the wait ends at lock_timeout or at the call's deadline,
+        # whichever comes first, so a held lock cannot outlast the call that waits for it.
+        budget = time_remaining()
+        limit = self._lock_timeout if budget is None else min(self._lock_timeout, budget)
+        deadline = time.monotonic() + limit
+        if not self._thread_lock.acquire(timeout=limit):
+            raise self._lock_timed_out(key, limit)
         try:
             fd = self._open_lock_file(key)
             try:
-                self._flock(fd, deadline, key)
+                self._flock(fd, deadline, limit, key)
                 yield
             finally:
                 # Closing the only descriptor of this open file releases the flock.
@@ -302,11 +394,12 @@ class FileStore:
     def _open_lock_file(self, key: str) -> int:
         try:
             if self._create:
-                self._make_directory()
+                make_private_directories(self._dir)
             elif not os.path.exists(self._path):
                 # Checked before creating a lock file, so a wrong path leaves nothing behind.
                 raise self._missing(key)
-            return os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+            self._check_directory()
+            return self._open_regular(self._lock_path, os.O_RDWR | os.O_CREAT, key)
         except FileNotFoundError as exc:
             if not self._create:
                 raise self._missing(key) from exc
@@ -314,21 +407,7 @@ class FileStore:
         except OSError as exc:
             raise self._unavailable("lock", key, exc) from exc
 
-    def _make_directory(self) -> None:
-        missing: list[str] = []
-        directory = self._dir
-        while not os.path.exists(directory):
-            missing.append(directory)
-            directory = os.path.dirname(directory)
-        for directory in reversed(missing):
-            try:
-                os.mkdir(directory, _DIR_MODE)
-            except FileExistsError:
-                continue  # another process made it first
-            # The umask may have narrowed the mode; credentials want exactly 0700.
-            os.chmod(directory, _DIR_MODE)
-
-    def _flock(self, fd: int, deadline: float, key: str) -> None:
+    def _flock(self, fd: int, deadline: float, limit: float, key: str) -> None:
         delay = _FIRST_POLL
         while True:
             try:
@@ -341,14 +420,21 @@ class FileStore:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self._lock_timed_out(key)
+                raise self._lock_timed_out(key, limit)
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, _MAX_POLL)
 
-    def _lock_timed_out(self, key: str) -> StoreUnavailable:
+    def _lock_timed_out(self, key: str, limit: float) -> StoreUnavailable:
+        if limit < self._lock_timeout:
+            fix = "or give the call more time (the manager's refresh_timeout)"
+            waited = f"{limit:.3g}s, the rest of the call's time budget,"
+        else:
+            fix = "or raise lock_timeout"
+            waited = f"{limit:g}s"
         return StoreUnavailable(
-            f"waited {self._lock_timeout:g}s for the write lock {self._lock_path} for key "
-            f"{key!r}; another process holds it: find it or raise lock_timeout",
+            f"waited {waited} for the write lock {self._lock_path} for key {key!r}; it was "
+            "held throughout, by another process or by another thread of this one waiting "
+            f"for it: find that process, {fix}",
             key=key,
         )
 

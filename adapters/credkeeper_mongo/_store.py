@@ -7,6 +7,7 @@ translation of driver errors into credkeeper's.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -15,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeAlias
 from urllib.parse import unquote
 
+import pymongo
 import pymongo.errors as mongo_errors
 from bson.codec_options import CodecOptions
 from bson.errors import BSONError
@@ -31,6 +33,7 @@ from credkeeper import (
     StoreCorrupted,
     StoreError,
     StoreUnavailable,
+    time_remaining,
 )
 from credkeeper._record import check_key
 
@@ -92,6 +95,15 @@ _CURSOR_NOT_FOUND = 43
 _PATH_NOT_VIABLE = 28
 
 _DRIVER_ERRORS = (mongo_errors.PyMongoError, BSONError, OSError, ValueError, OverflowError)
+
+# The server's clock, as MongoDB documents it: $$NOW, evaluated on the primary, over
+# $documents so that no collection is read (MongoDB 6.0+; SecantusDB has both). A server that
+# refuses the pipeline (older, or only wire-compatible) is read through hello's localTime,
+# the same clock, which every server since 4.4.2 answers without any privilege.
+_NOW_PIPELINE: list[Mapping[str, Any]] = [
+    {"$documents": [{}]},
+    {"$project": {"_id": 0, "now": "$$NOW"}},
+]
 
 _READ_OPTIONS: CodecOptions[dict[str, Any]] = CodecOptions(tz_aware=True, tzinfo=UTC)
 
@@ -314,6 +326,7 @@ class _Parts:
 
     client: Client
     owned: bool
+    database: Any
     collection: Any
     layout: Layout
     batch_size: int
@@ -343,9 +356,20 @@ def _assemble(
         read_preference=ReadPreference.PRIMARY,
         write_concern=concern,
     )
+    # Every host reads one node's clock: the primary's.
+    handle = client.get_database(
+        database, codec_options=_READ_OPTIONS, read_preference=ReadPreference.PRIMARY
+    )
     layout: Layout = OwnCollection() if settings.layout is None else Embedded(settings.layout)
     return _Parts(
-        client, owned, collection, layout, settings.batch_size, settings.create_index, shown
+        client,
+        owned,
+        handle,
+        collection,
+        layout,
+        settings.batch_size,
+        settings.create_index,
+        shown,
     )
 
 
@@ -471,7 +495,36 @@ def _check_before(before: object) -> datetime:
     return before
 
 
+def _refuses_pipeline(exc: mongo_errors.PyMongoError) -> bool:
+    """Whether ``exc`` is the server refusing the $$NOW pipeline itself, not being unavailable."""
+    return (
+        isinstance(exc, mongo_errors.OperationFailure)
+        and exc.code not in _UNAVAILABLE_CODES
+        and not isinstance(exc, mongo_errors.ExecutionTimeout)
+    )
+
+
+def _server_time(document: Mapping[str, Any] | None, field: str) -> datetime:
+    value = None if document is None else document.get(field)
+    if not isinstance(value, datetime):
+        raise StoreError(f"the MongoDB server answered without a time in {field!r}")
+    return value.astimezone(UTC)
+
+
 # -- sync --------------------------------------------------------------------------------
+
+
+def _within_budget() -> contextlib.AbstractContextManager[object]:
+    """pymongo's own deadline set to what is left of the credkeeper call, if one is running.
+
+    Server selection, connection checkout and pymongo's retryable reads and writes then stop
+    with the call instead of running their own clocks (10 s of server selection by default).
+    """
+    remaining = time_remaining()
+    if remaining is None:
+        return contextlib.nullcontext()
+    # A spent budget still allows one quick attempt, as the other stores do.
+    return pymongo.timeout(max(remaining, 0.001))
 
 
 def _execute(collection: Collection[dict[str, Any]], operation: Operation) -> Any:
@@ -530,6 +583,7 @@ class MongoStore:
         self._parts = parts
         self._indexed = not parts.create_index
         self._index_lock = threading.Lock()
+        self._now_by_hello = False
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MongoStore | AsyncMongoStore:
@@ -578,13 +632,14 @@ class MongoStore:
         operation: Operation | None = None
         result: Any = None
         try:
-            self._ensure_indexes()
-            while True:
-                try:
-                    operation = plan.send(result)
-                except StopIteration as stop:
-                    return stop.value
-                result = _execute(self.collection, operation)
+            with _within_budget():
+                self._ensure_indexes()
+                while True:
+                    try:
+                        operation = plan.send(result)
+                    except StopIteration as stop:
+                        return stop.value
+                    result = _execute(self.collection, operation)
         except CredkeeperError:
             raise
         except _DRIVER_ERRORS as exc:
@@ -619,6 +674,30 @@ class MongoStore:
                     key = layout.key_of(document)
                     if _is_key(key):
                         yield key  # type: ignore[misc]
+        except CredkeeperError:
+            raise
+        except _DRIVER_ERRORS as exc:
+            raise _translate(exc, None, None) from exc
+
+    def now(self) -> datetime:
+        """The MongoDB server's clock (aware, UTC, millisecond precision), in one round trip.
+
+        ``$$NOW`` on the primary; on a server that refuses that pipeline, ``hello``'s
+        ``localTime``. Leases are judged on it, so hosts whose clocks disagree agree on when a
+        lease ends.
+        """
+        try:
+            with _within_budget():
+                if not self._now_by_hello:
+                    try:
+                        with self._parts.database.aggregate(_NOW_PIPELINE) as cursor:
+                            return _server_time(next(cursor, None), "now")
+                    except mongo_errors.PyMongoError as exc:
+                        if not _refuses_pipeline(exc):
+                            raise
+                        self._now_by_hello = True
+                hello = self.client.admin.command("hello", codec_options=_READ_OPTIONS)
+                return _server_time(hello, "localTime")
         except CredkeeperError:
             raise
         except _DRIVER_ERRORS as exc:
@@ -675,6 +754,7 @@ class AsyncMongoStore:
         self.collection: AsyncCollection[dict[str, Any]] = parts.collection
         self._parts = parts
         self._indexed = not parts.create_index
+        self._now_by_hello = False
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MongoStore | AsyncMongoStore:
@@ -713,13 +793,14 @@ class AsyncMongoStore:
         operation: Operation | None = None
         result: Any = None
         try:
-            await self._ensure_indexes()
-            while True:
-                try:
-                    operation = plan.send(result)
-                except StopIteration as stop:
-                    return stop.value
-                result = await _execute_async(self.collection, operation)
+            with _within_budget():
+                await self._ensure_indexes()
+                while True:
+                    try:
+                        operation = plan.send(result)
+                    except StopIteration as stop:
+                        return stop.value
+                    result = await _execute_async(self.collection, operation)
         except CredkeeperError:
             raise
         except _DRIVER_ERRORS as exc:
@@ -754,6 +835,26 @@ class AsyncMongoStore:
                         yield key  # type: ignore[misc]
             finally:
                 await cursor.close()
+        except CredkeeperError:
+            raise
+        except _DRIVER_ERRORS as exc:
+            raise _translate(exc, None, None) from exc
+
+    async def now(self) -> datetime:
+        """See :meth:`MongoStore.now`."""
+        try:
+            with _within_budget():
+                if not self._now_by_hello:
+                    try:
+                        cursor = await self._parts.database.aggregate(_NOW_PIPELINE)
+                        async with cursor:
+                            return _server_time(await anext(cursor, None), "now")
+                    except mongo_errors.PyMongoError as exc:
+                        if not _refuses_pipeline(exc):
+                            raise
+                        self._now_by_hello = True
+                hello = await self.client.admin.command("hello", codec_options=_READ_OPTIONS)
+                return _server_time(hello, "localTime")
         except CredkeeperError:
             raise
         except _DRIVER_ERRORS as exc:

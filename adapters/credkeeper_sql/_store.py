@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -22,6 +22,7 @@ from credkeeper import (
     Record,
     StoreError,
     StoreUnavailable,
+    time_remaining,
 )
 from credkeeper._record import check_key
 
@@ -355,6 +356,100 @@ def _outcome(result: sa.CursorResult[Any]) -> Outcome:
     return Outcome(tuple(result.all()) if result.returns_rows else (), result.rowcount)
 
 
+# -- SQLite's lock waits ------------------------------------------------------------------
+
+# A connection's busy timeout as it was configured, and as it is now: in Connection.info,
+# which belongs to the DBAPI connection and so survives pool checkouts.
+_BUSY_TIMEOUT = "credkeeper_sqlite_busy_timeout"
+
+
+def _busy_timeout(configured: int, remaining: float | None) -> int:
+    """Milliseconds SQLite may wait for another writer's lock: no longer than the call has."""
+    return configured if remaining is None else min(configured, int(remaining * 1000))
+
+
+def _bound_lock_waits(connection: sa.Connection) -> None:
+    """Make SQLite's wait for another writer's lock end by the credkeeper call's deadline.
+
+    SQLite retries a locked file for the connection's busy timeout (30 s for a store's own
+    engine) by itself; inside a credkeeper call that wait is part of the call's one budget.
+    A connection no budget ever touched keeps its own setting untouched.
+    """
+    if connection.dialect.name != "sqlite":
+        return
+    remaining = time_remaining()
+    state: list[int] | None = connection.info.get(_BUSY_TIMEOUT)
+    if state is None:
+        if remaining is None:
+            return
+        configured = int(connection.exec_driver_sql("PRAGMA busy_timeout").scalar_one())
+        state = connection.info[_BUSY_TIMEOUT] = [configured, configured]
+    wanted = _busy_timeout(state[0], remaining)
+    if wanted != state[1]:
+        connection.exec_driver_sql(f"PRAGMA busy_timeout = {wanted}")
+        state[1] = wanted
+
+
+async def _bound_lock_waits_async(connection: AsyncConnection) -> None:
+    """:func:`_bound_lock_waits` on an async connection."""
+    if connection.dialect.name != "sqlite":
+        return
+    remaining = time_remaining()
+    state: list[int] | None = connection.info.get(_BUSY_TIMEOUT)
+    if state is None:
+        if remaining is None:
+            return
+        result = await connection.exec_driver_sql("PRAGMA busy_timeout")
+        configured = int(result.scalar_one())
+        state = connection.info[_BUSY_TIMEOUT] = [configured, configured]
+    wanted = _busy_timeout(state[0], remaining)
+    if wanted != state[1]:
+        await connection.exec_driver_sql(f"PRAGMA busy_timeout = {wanted}")
+        state[1] = wanted
+
+
+# -- the database's clock ----------------------------------------------------------------
+
+# Dialects whose clock expression below gives a naive time that is UTC.
+_NAIVE_UTC = frozenset({"mysql", "mariadb", "sqlite"})
+
+
+def _clock_query(dialect: sa.Dialect) -> sa.Select[Any]:
+    """One statement reading the database's own clock, for ``dialect``."""
+    if dialect.name == "postgresql":
+        # timestamptz: an instant, whatever the session's TimeZone.
+        return sa.select(sa.func.now())
+    if dialect.name in ("mysql", "mariadb"):
+        # CURRENT_TIMESTAMP is naive in the session's time zone; UTC_TIMESTAMP is always UTC.
+        return sa.select(sa.literal_column("UTC_TIMESTAMP(6)"))
+    if dialect.name == "sqlite":
+        # There is no server: the file lives on one host, and every process there reads the
+        # same clock.
+        return sa.select(sa.func.strftime("%Y-%m-%d %H:%M:%f", "now"))
+    return sa.select(sa.func.current_timestamp())
+
+
+def _clock_value(value: object, dialect: sa.Dialect) -> datetime | None:
+    """What :func:`_clock_query` returned, as an aware UTC datetime; None if it cannot tell."""
+    moment = value
+    if isinstance(value, str):  # SQLite's strftime
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            moment = None
+    if not isinstance(moment, datetime):
+        raise StoreError(
+            f"the {dialect.name} database's clock read as {type(value).__name__}, not a time"
+        )
+    if moment.utcoffset() is not None:
+        return moment.astimezone(UTC)
+    if dialect.name in _NAIVE_UTC:
+        return moment.replace(tzinfo=UTC)
+    # A time in an unknown zone: no clock at all is better than a wrong one, and leases are
+    # then judged on each manager's clock, as for a store without now().
+    return None
+
+
 # -- sync --------------------------------------------------------------------------------
 
 
@@ -455,6 +550,7 @@ class SQLStore:
     def _run(self, key: str | None, plan_of: Callable[[Layout], Plan], *, writing: bool) -> Any:
         try:
             with self.engine.begin() as connection:
+                _bound_lock_waits(connection)
                 plan = plan_of(self._get_layout(connection))
                 statement = next(plan)
                 while True:
@@ -490,6 +586,7 @@ class SQLStore:
         while True:
             try:
                 with self.engine.connect() as connection:
+                    _bound_lock_waits(connection)
                     page = _page(self._get_layout(connection), before, after, size)
                     rows = connection.execute(page).all()
             except StoreError:
@@ -501,6 +598,21 @@ class SQLStore:
             if len(rows) < size:
                 return
             after = (rows[-1][0], rows[-1][1])
+
+    def now(self) -> datetime | None:
+        """The database's clock (aware, UTC), read in one round trip.
+
+        PostgreSQL's ``now()``, MySQL's and MariaDB's ``UTC_TIMESTAMP(6)``; for SQLite, whose
+        file lives on one host, that host's clock through ``strftime('%f', 'now')``. Leases
+        are judged on it, so hosts whose clocks disagree agree on when a lease ends.
+        """
+        dialect = self.engine.dialect
+        try:
+            with self.engine.connect() as connection:
+                value = connection.execute(_clock_query(dialect)).scalar_one()
+        except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
+            raise _translate(exc, None, writing=False, table=self._settings.table) from exc
+        return _clock_value(value, dialect)
 
     def close(self) -> None:
         """Dispose of the engine's connections, if the store made the engine."""
@@ -576,6 +688,7 @@ class AsyncSQLStore:
     ) -> Any:
         try:
             async with self.engine.begin() as connection:
+                await _bound_lock_waits_async(connection)
                 plan = plan_of(await self._get_layout(connection))
                 statement = next(plan)
                 while True:
@@ -611,6 +724,7 @@ class AsyncSQLStore:
         while True:
             try:
                 async with self.engine.connect() as connection:
+                    await _bound_lock_waits_async(connection)
                     page = _page(await self._get_layout(connection), before, after, size)
                     rows = (await connection.execute(page)).all()
             except StoreError:
@@ -622,6 +736,16 @@ class AsyncSQLStore:
             if len(rows) < size:
                 return
             after = (rows[-1][0], rows[-1][1])
+
+    async def now(self) -> datetime | None:
+        """See :meth:`SQLStore.now`."""
+        dialect = self.engine.dialect
+        try:
+            async with self.engine.connect() as connection:
+                value = (await connection.execute(_clock_query(dialect))).scalar_one()
+        except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
+            raise _translate(exc, None, writing=False, table=self._settings.table) from exc
+        return _clock_value(value, dialect)
 
     async def close(self) -> None:
         """Dispose of the engine's connections, if the store made the engine."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._budget import time_remaining
 from ._clock import Clock, SystemClock
 from ._credentials import Credentials
 from ._exceptions import (
@@ -20,6 +21,7 @@ from ._exceptions import (
     ProviderUnavailable,
     ReauthRequired,
     RefreshTimeout,
+    StoreContention,
     StoreCorrupted,
     StoreError,
     StoreUnavailable,
@@ -105,6 +107,7 @@ __all__ = [
     "ResultEvent",
     "Secret",
     "Status",
+    "StoreContention",
     "StoreCorrupted",
     "StoreError",
     "StoreUnavailable",
@@ -124,4 +127,5 @@ __all__ = [
     "as_async_store",
     "open_store",
     "rekey",
+    "time_remaining",
 ]

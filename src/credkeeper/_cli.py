@@ -15,10 +15,11 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ from ._cli_settings import (
 from ._credentials import Credentials
 from ._demo import run_demo
 from ._exceptions import ConfigurationError, CredentialsError, UnknownSchemeError
+from ._files import make_private_directories
+from ._journal import RescueJournal, default_journal_dir
 from ._keyring import KeyRing
 from ._provider import Provider
 from ._registry import KNOWN_SCHEMES
@@ -49,6 +52,9 @@ from ._rekey import rekey
 from ._wrapper import WrapperClient
 
 __all__ = ["cli", "main"]
+
+#: What a warning line starts with: something is wrong, but the command did its job.
+_WARNING = "credkeeper: warning: "
 
 # Credential documents are a few hundred bytes; refuse to buffer whatever a pipe sends.
 _MAX_INPUT = 1 << 20
@@ -127,6 +133,10 @@ _NO_ARGS: type[click.UsageError] = getattr(
 
 def _error(message: str) -> None:
     click.echo(PREFIX + one_line(message), err=True)
+
+
+def _warn(message: str) -> None:
+    click.echo(_WARNING + one_line(message), err=True)
 
 
 def _provider_option(ctx: click.Context, param: click.Parameter, value: str) -> Provider:
@@ -356,19 +366,43 @@ def _parse_credentials(data: bytes, origin: str) -> Credentials:
 def status(settings: Settings, as_json: bool) -> None:
     """List every stored credential: expiry, status, lease holder, failures. Never a token.
 
-    Needs no key ring: only the non-secret fields of each record are read.
+    Needs no key ring: only the non-secret fields of each record are read. Damaged records are
+    named on stderr and make the exit code 4; the rescue journal's problems are warnings there.
     """
-    records = load_records(settings.store())
+    records, damaged = load_records(settings.store())
+    problems = _journal_problems(settings)
     now = datetime.now(UTC)
     if as_json:
         click.echo(json.dumps([record_json(record, now=now) for record in records], indent=2))
-        return
-    console = _console(soft_wrap=False)
-    if not records:
-        console.print(f"no credentials in {escape(settings.store_display)}")
-        return
-    console.print(f"{len(records)} credential(s) in {escape(settings.store_display)}")
-    console.print(status_table(records, now=now))
+    else:
+        console = _console(soft_wrap=False)
+        where = escape(settings.store_display)
+        if records:
+            console.print(f"{len(records)} credential(s) in {where}")
+            console.print(status_table(records, now=now))
+        elif damaged:
+            console.print(f"no readable credentials in {where}")
+        else:
+            console.print(f"no credentials in {where}")
+    for problem in problems:
+        _warn(problem)
+    _report_damaged(damaged)
+
+
+def _journal_problems(settings: Settings) -> list[str]:
+    """The rescue journal's problems, its entries checked against the key ring if one is given.
+
+    Without ``--keys`` the journal is checked as the command line would use it, with its own key
+    file; entries sealed by an application's key ring then show as sealed under a foreign key.
+    """
+    keyring = None
+    if settings.keys and settings.keys.strip():
+        try:
+            keyring = settings.keyring()
+        except ConfigurationError as exc:
+            return [f"the rescue journal was not checked: {exc}"]
+    directory = settings.journal or default_journal_dir()
+    return RescueJournal(directory, keyring=keyring).problems()
 
 
 @cli.command(short_help="Refresh one credential now.")
@@ -476,7 +510,7 @@ def _add_key(path: Path, key_id: str | None) -> None:
 
 def _write_private(path: Path, text: str, *, replace: bool) -> None:
     """Write ``text`` to ``path``, mode 0600; without ``replace``, never over an existing file."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_directories(path.parent)
     if not replace:
         # O_EXCL: a file appearing since the caller's check is refused, not overwritten.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -515,6 +549,18 @@ def rekey_command(settings: Settings) -> None:
         f"re-sealed {report.rekeyed} record(s) under key {keyring.primary_id}; "
         f"{report.unchanged} already under it"
     )
+    _report_damaged(report.damaged)
+
+
+def _report_damaged(damaged: Mapping[str, str]) -> None:
+    """Name each damaged record on stderr, then end the command with exit code 4."""
+    for key, reason in damaged.items():
+        _error(
+            f"skipped the damaged record under key {key!r}: {reason}; repair or remove that "
+            f"record in the store, then run `credkeeper import --key {shlex.quote(key)}`"
+        )
+    if damaged:
+        raise click.exceptions.Exit(ExitCode.STORE)
 
 
 @cli.command("init-store", short_help="Create a SQL store's tables if they are missing.")

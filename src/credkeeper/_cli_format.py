@@ -1,7 +1,8 @@
 """What ``credkeeper status`` shows: records as rows, times the way people say them.
 
 Only a record's coordination fields are read here (expiry, status, lease, failures), never its
-token fields, so nothing on this path can print a token, sealed or not.
+token fields, so nothing on this path can print a token, sealed or not. Damaged records are
+named with the store's reason, which names keys and fields, never values.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from ._exceptions import StoreCorrupted
 from ._record import Record, Status
-from ._store import CredentialStore
+from ._store import CredentialStore, reported_damage
 
 __all__ = [
     "FAR_FUTURE",
@@ -61,12 +63,26 @@ def expiry_phrase(expires_at: datetime, *, now: datetime) -> str:
     return f"expires {text}" if text.startswith("in ") else text
 
 
-def load_records(store: CredentialStore) -> list[Record]:
-    """Every record in ``store``, sorted by key; keys deleted during the scan are skipped."""
+def load_records(store: CredentialStore) -> tuple[list[Record], dict[str, str]]:
+    """Every readable record in ``store``, and every damaged one's key with the reason.
+
+    Both sorted by key; keys deleted during the scan are left out. A store whose ``scan_due``
+    skips damaged records (the file store) lists them through its ``damaged_records()``.
+    """
     # Keys first, then reads: a scan cursor held across reads can block writers on some stores.
     keys = sorted(set(store.scan_due(FAR_FUTURE)))
-    records = (store.get(key) for key in keys)
-    return [record for record in records if record is not None]
+    records: list[Record] = []
+    damaged: dict[str, str] = {}
+    for key in keys:
+        try:
+            record = store.get(key)
+        except StoreCorrupted as exc:
+            damaged[key] = str(exc)
+            continue
+        if record is not None:
+            records.append(record)
+    damaged.update(reported_damage(store))
+    return records, dict(sorted(damaged.items()))
 
 
 def _iso(moment: datetime | None) -> str | None:

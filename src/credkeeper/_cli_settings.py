@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import click
 
 from ._exceptions import ConfigurationError
+from ._files import make_private_directories
 from ._keyring import KeyRing
 from ._manager import TokenManager
 from ._provider import Provider
@@ -150,7 +151,7 @@ class Settings:
         if self._store is None:
             if self.default_store:
                 # 0700: the directory holds every user's (sealed) refresh tokens.
-                default_store_path().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                make_private_directories(default_store_path().parent)
             store = open_store(self.store_url)
             if not isinstance(store, CredentialStore) or asyncio.iscoroutinefunction(
                 getattr(store, "get", None)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ._exceptions import CredentialsError
+from ._redact import sealed
 from ._secret import Secret
 
 __all__ = ["Credentials", "from_epoch_ms", "to_epoch_ms"]
@@ -54,14 +55,30 @@ def _aware(value: object, field_name: str) -> datetime:
 
 
 def _token(value: object, field_name: str) -> Secret:
-    if isinstance(value, Secret):
-        value = value.get_secret_value()
-    if not isinstance(value, str) or not value.strip():
-        kind = "an empty string" if isinstance(value, str) else type(value).__name__
+    # The value stays wrapped: this frame is on the traceback of the error it raises.
+    secret = Secret(value) if isinstance(value, str) else value
+    if not isinstance(secret, Secret):
         raise CredentialsError(
-            f"{field_name} must be a non-empty string, got {kind}", field=field_name
+            f"{field_name} must be a non-empty string, got {type(value).__name__}",
+            field=field_name,
         )
-    return Secret(value)
+    problem = _token_problem(secret)
+    if problem is not None:
+        raise CredentialsError(f"{field_name} {problem}", field=field_name)
+    return secret
+
+
+def _token_problem(secret: Secret) -> str | None:
+    """Why ``secret`` cannot be a token, or ``None``."""
+    text = secret.get_secret_value()
+    if not text.strip():
+        return "must be a non-empty string, got an empty string"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Sealing and every store need UTF-8: such a token would be journaled, then fail forever.
+        return "holds a lone surrogate (invalid Unicode); it could never be stored"
+    return None
 
 
 def _scopes(value: object, field_name: str) -> tuple[str, ...]:
@@ -195,7 +212,8 @@ class Credentials:
         ``subscription_type`` keeps the ``previous`` value, as providers that do not rotate expect.
         """
         what = "token response"
-        doc = _document(data, what)
+        # Sealed as soon as it is read: the frames of a parse error then hold no token in clear.
+        doc = sealed(_document(data, what))
         now = _aware(now, "now")
         access = _token(_require(doc, "access_token", what), "access_token")
         if doc.get("refresh_token") is not None:

@@ -9,6 +9,7 @@ The tree::
     ├── DecryptionError                       a sealed value failed to open
     ├── StoreError                            a credential store failed
     │   ├── StoreUnavailable                  cannot be reached now; retrying may work
+    │   │   └── StoreContention               writes kept conflicting until the call's deadline
     │   ├── ConflictError                     compare-and-swap lost: the stored version moved
     │   └── StoreCorrupted                    the stored data is not credkeeper's, or is damaged
     ├── ProviderError                         the token endpoint answered something unusable
@@ -50,6 +51,7 @@ __all__ = [
     "ProviderUnavailable",
     "ReauthRequired",
     "RefreshTimeout",
+    "StoreContention",
     "StoreCorrupted",
     "StoreError",
     "StoreUnavailable",
@@ -103,6 +105,14 @@ class StoreError(CredkeeperError):
 
 class StoreUnavailable(StoreError):
     """The store cannot be reached now (connection lost, timeout, throttled); retrying may work."""
+
+
+class StoreContention(StoreUnavailable):
+    """Writes on ``key`` kept losing compare-and-swap until the call's deadline.
+
+    Other writers moved the record each time it was read; the message says which step kept
+    failing. Nothing was lost: retrying later may work.
+    """
 
 
 class ConflictError(StoreError):

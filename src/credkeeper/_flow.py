@@ -14,10 +14,11 @@ the still-valid access token, and record a cooldown for the whole fleet.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -29,20 +30,24 @@ from ._exceptions import (
     ConfigurationError,
     ConflictError,
     CredentialNotFound,
+    DecryptionError,
     InvalidGrant,
     ProviderError,
     ProviderUnavailable,
     ReauthRequired,
     RefreshTimeout,
+    StoreContention,
+    StoreCorrupted,
     StoreUnavailable,
 )
 from ._journal import RescueEntry, RescueJournal, fingerprint
 from ._keyring import KeyRing
-from ._provider import Provider
+from ._provider import Provider, SalvagedAnswer
 from ._record import Record, Status
 from ._secret import Secret
 
 __all__ = [
+    "Deadline",
     "Effect",
     "Flow",
     "JournalDiscard",
@@ -54,6 +59,7 @@ __all__ = [
     "Save",
     "Send",
     "Sleep",
+    "StoreNow",
     "delete_flow",
     "get_flow",
     "put_flow",
@@ -103,6 +109,18 @@ class Sleep:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreNow:
+    """Read the store's own clock (result: ``datetime``, or ``None`` when it has none)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """From now on, bound the I/O of this flow (a store's own retries) by ``at``."""
+
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class JournalPending:
     """Rescue entries for ``key`` (result: ``list[RescueEntry]``); ``rescan`` rereads the disk."""
 
@@ -137,6 +155,8 @@ Effect = (
     | Remove
     | Send
     | Sleep
+    | StoreNow
+    | Deadline
     | JournalPending
     | JournalWrite
     | JournalDiscard
@@ -163,6 +183,9 @@ class Policy:
     cooldown: timedelta
     max_cooldown: timedelta
     store_retries: int = 3
+    accept_plaintext: bool = False
+    # Keys whose plaintext tokens were already reported, so each is logged once per manager.
+    plaintext_seen: set[str] = field(default_factory=set)
 
     def now(self) -> datetime:
         """The clock's current time."""
@@ -170,24 +193,40 @@ class Policy:
 
     def credentials(self, record: Record) -> Credentials:
         """The credentials in ``record``, unsealed when a key ring is set."""
-        access, refresh = record.access_token, record.refresh_token
-        if self.keyring is not None:
-            if KeyRing.is_sealed(access):
-                access = self.keyring.unseal(access, key=record.key, field="access_token")
-            if KeyRing.is_sealed(refresh):
-                refresh = self.keyring.unseal(refresh, key=record.key, field="refresh_token")
-        elif KeyRing.is_sealed(access) or KeyRing.is_sealed(refresh):
-            raise ConfigurationError(
-                f"the credential under key {record.key!r} is encrypted; pass keyring= "
-                "(e.g. KeyRing.from_env()) to the manager"
-            )
         return Credentials(
-            access_token=access,
-            refresh_token=refresh,
+            access_token=self._open(record, "access_token"),
+            refresh_token=self._open(record, "refresh_token"),
             expires_at=record.expires_at,
             scopes=record.scopes,
             subscription_type=record.subscription_type,
         )
+
+    def _open(self, record: Record, name: str) -> Secret:
+        value: str = getattr(record, name)
+        if KeyRing.is_sealed(value):
+            if self.keyring is None:
+                raise ConfigurationError(
+                    f"the credential under key {record.key!r} is encrypted; pass keyring= "
+                    "(e.g. KeyRing.from_env()) to the manager"
+                )
+            return Secret(self.keyring.unseal(value, key=record.key, field=name))
+        if self.keyring is not None:
+            # Whoever can write the store but holds no key could plant tokens of their choosing.
+            if not self.accept_plaintext:
+                raise StoreCorrupted(
+                    f"the {name} under key {record.key!r} is stored in plain text although a "
+                    "key ring is set; store the credential again with put() to seal it, or "
+                    "pass accept_plaintext=True if the application writes plain tokens itself",
+                    key=record.key,
+                )
+            if record.key not in self.plaintext_seen:
+                self.plaintext_seen.add(record.key)
+                logger.warning(
+                    "key %r: accepting a plain-text %s (accept_plaintext=True)",
+                    record.key,
+                    name,
+                )
+        return Secret(value)
 
     def record(self, key: str, credentials: Credentials, *, base: Record | None) -> Record:
         """An active, unleased record holding ``credentials``, versioned as ``base``."""
@@ -222,6 +261,17 @@ class Policy:
         return max(min(grown, self.max_cooldown), timedelta(seconds=retry_after or 0))
 
 
+def _skew(policy: Policy, store_now: object) -> timedelta:
+    """How far the store's clock (``StoreNow``'s answer) is ahead of the manager's."""
+    if store_now is None:
+        return timedelta(0)
+    if not isinstance(store_now, datetime) or store_now.utcoffset() is None:
+        raise ConfigurationError(
+            f"the store's now() must return an aware datetime or None, got {store_now!r}"
+        )
+    return store_now - policy.now()
+
+
 def _usable(credentials: Credentials, failed: Secret | None, now: datetime) -> bool:
     """Whether the access token may still be handed out: unexpired and not known to fail."""
     return credentials.expires_at > now and credentials.access_token != failed
@@ -238,43 +288,96 @@ def get_flow(
     ``failed`` is an access token the wrapper refused: refresh if the store still holds it.
     ``force`` refreshes whatever the expiry (once: concurrent forced callers share the result).
     """
-    yield from _apply_rescues(policy, key, rescan=False)
+    deadline = yield from _start(policy)
+    yield from _apply_rescues(policy, key, deadline, rescan=False)
     record = yield Load(key)
     if force and record is not None:
         failed = policy.credentials(record).access_token
-    return (yield from _ensure_fresh(policy, key, record, failed))
+    return (yield from _ensure_fresh(policy, key, record, failed, deadline))
 
 
 def put_flow(policy: Policy, key: str, credentials: Credentials) -> Flow[Record]:
     """Store ``credentials`` under ``key``, replacing what is there and making it active."""
+    deadline = yield from _start(policy)
+    attempt = 0
     while True:
         current = yield Load(key)
         try:
             stored: Record = yield Save(policy.record(key, credentials, base=current))
         except ConflictError:
+            yield from _backoff(policy, key, attempt, deadline, "storing the credentials")
+            attempt += 1
             continue
         return stored
 
 
 def delete_flow(policy: Policy, key: str) -> Flow[bool]:
     """Remove ``key``; a rescue entry for it has nothing left to rescue."""
+    yield from _start(policy)
     record = yield Load(key)
+    stored = None
+    # A record it cannot read (planted, or sealed elsewhere) is removed all the same.
+    if record is not None:
+        with contextlib.suppress(StoreCorrupted, DecryptionError, ConfigurationError):
+            stored = fingerprint(policy.credentials(record).refresh_token)
     removed = yield Remove(key)
-    stored = None if record is None else fingerprint(policy.credentials(record).refresh_token)
-    for entry in (yield JournalPending(key)):
+    for entry in (yield from _journal(JournalPending(key), key, [])):
         # Only entries for this store's record: the journal is shared by every store on the host.
-        yield (JournalDiscard if entry.replaces == stored else JournalForget)(entry)
+        yield from _journal(
+            (JournalDiscard if entry.replaces == stored else JournalForget)(entry), key
+        )
     return bool(removed)
 
 
-def _ensure_fresh(
-    policy: Policy, key: str, record: Record | None, failed: Secret | None
-) -> Flow[Credentials]:
+def _start(policy: Policy) -> Flow[datetime]:
+    """The call's one deadline, which the store's own retries share through the driver."""
     deadline = policy.now() + policy.refresh_timeout
+    yield Deadline(deadline)
+    return deadline
+
+
+def _backoff(policy: Policy, key: str, attempt: int, deadline: datetime, what: str) -> Flow[None]:
+    """Wait before retry ``attempt + 1`` of ``what``, which lost a compare-and-swap.
+
+    The first retry is immediate (a lost race usually settles on the next read); later ones back
+    off with jitter. Past ``deadline``, :class:`StoreContention` says what kept failing.
+    """
+    delay = 0.0 if attempt == 0 else policy.poll_delay(attempt - 1)
+    if policy.now() + timedelta(seconds=delay) > deadline:
+        raise StoreContention(
+            f"{what} for key {key!r} kept conflicting with other writers until the call's "
+            "deadline; retry later, and look for a process rewriting this record in a loop",
+            key=key,
+        )
+    if delay:
+        yield Sleep(delay)
+
+
+def _journal(effect: Effect, key: str, default: Any = None) -> Flow[Any]:
+    """Perform a journal effect whose failure must not fail the call: log it and go on."""
+    try:
+        return (yield effect)
+    except Exception as exc:  # noqa: BLE001 - whatever broke the journal, the store still counts
+        logger.warning(
+            "key %r: the rescue journal failed (%s: %s); going on without it",
+            key,
+            type(exc).__name__,
+            exc,
+        )
+        return default
+
+
+def _ensure_fresh(
+    policy: Policy, key: str, record: Record | None, failed: Secret | None, deadline: datetime
+) -> Flow[Credentials]:
     # One lease id per flow, not per process: two flows of one manager (a get() and a forced
     # refresh) must exclude each other exactly as two hosts do.
     owner = f"{policy.owner}/{policy.rng.getrandbits(32):08x}"
     polls = 0
+    conflicts = 0
+    # How far the store's clock is ahead of ours: leases are judged on the store's clock, the
+    # one every host shares, so a host whose clock runs ahead cannot take a live lease over.
+    skew: timedelta | None = None
     while True:
         if record is None:
             raise CredentialNotFound(key)
@@ -285,17 +388,25 @@ def _ensure_fresh(
         due = credentials.expires_within(policy.leeway, now=now)
         if not due and credentials.access_token != failed:
             return credentials
-        if record.cooldown_until is not None and now < record.cooldown_until:
+        if skew is None:
+            try:
+                skew = _skew(policy, (yield StoreNow()))
+            except StoreUnavailable:
+                if _usable(credentials, failed, policy.now()):
+                    return credentials
+                raise
+        now = policy.now()
+        if record.cooldown_until is not None and now + skew < record.cooldown_until:
             if _usable(credentials, failed, now):
                 logger.debug("key %r: provider cooling down, using the current token", key)
                 return credentials
-            wait = (record.cooldown_until - now).total_seconds()
+            wait = (record.cooldown_until - now - skew).total_seconds()
             raise ProviderUnavailable(
                 f"refreshing key {key!r} is paused for {wait:.0f} s after provider failures "
                 f"({record.last_error or 'unknown'})",
                 retry_after=wait,
             )
-        leased = record.lease_until is not None and record.lease_until > now
+        leased = record.lease_until is not None and record.lease_until > now + skew
         if leased and record.lease_owner != owner:
             if now >= deadline:
                 if _usable(credentials, failed, now):
@@ -307,13 +418,23 @@ def _ensure_fresh(
             continue
         try:
             record = yield Save(
-                record.replace(lease_owner=owner, lease_until=now + policy.lease_ttl)
+                record.replace(lease_owner=owner, lease_until=now + skew + policy.lease_ttl)
             )
         except ConflictError:
+            try:
+                yield from _backoff(policy, key, conflicts, deadline, "taking the refresh lease")
+            except StoreContention:
+                if _usable(credentials, failed, policy.now()):
+                    return credentials
+                raise
+            conflicts += 1
             record = yield Load(key)
             continue
         logger.debug("key %r: lease taken, refreshing", key)
-        return (yield from _refresh(policy, key, record, credentials, failed, deadline))
+        lease_end = now + policy.lease_ttl  # on our clock, for our own retries
+        return (
+            yield from _refresh(policy, key, record, credentials, failed, deadline, lease_end, skew)
+        )
 
 
 def _refresh(
@@ -323,17 +444,31 @@ def _refresh(
     credentials: Credentials,
     failed: Secret | None,
     deadline: datetime,
+    lease_end: datetime,
+    skew: timedelta,
 ) -> Flow[Credentials]:
-    """Holding the lease: ask the provider, with retries, and persist what it answers."""
+    """Holding the lease: ask the provider, with retries, and persist what it answers.
+
+    ``skew`` is how far the store's clock is ahead of ours: cooldowns are written in its time.
+    """
     attempt = 0
     while True:
-        request = policy.provider.build_request(credentials.refresh_token.get_secret_value())
+        request = policy.provider.build_request(credentials.refresh_token)
         try:
             response = yield Send(request)
             fresh = policy.provider.parse_response(response, previous=credentials, now=policy.now())
         except InvalidGrant:
             logger.info("key %r: provider answered invalid_grant", key)
-            return (yield from _on_invalid_grant(policy, key, credentials, record.lease_owner))
+            return (
+                yield from _on_invalid_grant(policy, key, credentials, record.lease_owner, deadline)
+            )
+        except SalvagedAnswer as exc:
+            # The refresh token rotated: keep the new one, though this call cannot be served.
+            logger.warning("key %r: %s", key, exc)
+            yield from _persist(
+                policy, key, record, credentials, exc.credentials, deadline, lease_end
+            )
+            raise ProviderError(str(exc), status=exc.status, excerpt=exc.excerpt) from None
         except (ProviderUnavailable, httpx.TransportError) as exc:
             error = (
                 exc if isinstance(exc, ProviderUnavailable) else policy.provider.unavailable(exc)
@@ -341,21 +476,32 @@ def _refresh(
             delay = policy.retry_delay(attempt, error.retry_after)
             finish = policy.now() + timedelta(seconds=delay + policy.provider.timeout)
             if finish > deadline:
-                return (yield from _give_up(policy, key, record, credentials, failed, error))
+                return (yield from _give_up(policy, key, record, credentials, failed, error, skew))
             logger.info("key %r: %s; retrying in %.2f s", key, error, delay)
             yield Sleep(delay)
             attempt += 1
             continue
         except ProviderError as exc:
-            yield from _release(policy, key, record, error=exc, retry_after=None)
+            yield from _release(policy, key, record, skew, error=exc, retry_after=None)
             raise
-        return (yield from _persist(policy, key, record, credentials, fresh))
+        return (yield from _persist(policy, key, record, credentials, fresh, deadline, lease_end))
 
 
 def _persist(
-    policy: Policy, key: str, record: Record, used: Credentials, fresh: Credentials
+    policy: Policy,
+    key: str,
+    record: Record,
+    used: Credentials,
+    fresh: Credentials,
+    deadline: datetime,
+    lease_end: datetime,
 ) -> Flow[Credentials]:
-    """Journal, then compare-and-swap the new tokens into the store, then drop the journal entry."""
+    """Journal, then compare-and-swap the new tokens into the store, then drop the journal entry.
+
+    The provider has consumed the old refresh token: the store write may use what is left of
+    the lease, beyond the call's deadline, but not past the lease, or another host could
+    present the consumed token meanwhile.
+    """
     entry = RescueEntry(
         id=RescueJournal.new_id(),
         key=key,
@@ -366,16 +512,24 @@ def _persist(
     journaled = True
     try:
         yield JournalWrite(entry)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the journal's failure, the store write follows
         journaled = False
-        # The store write below is the tokens' one remaining chance: go on to it.
         logger.warning(
-            "key %r: rescue journal unwritable (%s); writing the store only",
+            "key %r: rescue journal unwritable (%s: %s); writing the store only",
             key,
             type(exc).__name__,
+            exc,
         )
+    write_until = max(deadline, lease_end - timedelta(seconds=policy.provider.timeout))
+    yield Deadline(write_until)
+    kept = (
+        "they are kept in the rescue journal and will be written on the next use of the key"
+        if journaled
+        else "the rescue journal could not take them either; the user may have to log in again"
+    )
     base = record
     failures = 0
+    conflicts = 0
     while True:
         try:
             yield Save(policy.record(key, fresh, base=base))
@@ -385,23 +539,29 @@ def _persist(
                 yield from _discard(entry, journaled)
                 raise CredentialNotFound(key) from None
             if fingerprint(policy.credentials(current).refresh_token) == entry.replaces:
-                base = current  # only coordination fields moved (a lease taken over): write again
+                # Only coordination fields moved (a lease taken over): write again.
+                try:
+                    yield from _backoff(
+                        policy, key, conflicts, write_until, "storing the refreshed tokens"
+                    )
+                except StoreContention as exc:
+                    raise StoreContention(f"{exc}; {kept}", key=key) from None
+                conflicts += 1
+                base = current
                 continue
             # Someone stored other tokens (a new login) while we refreshed: theirs win.
             yield from _discard(entry, journaled)
-            return (yield from _ensure_fresh(policy, key, current, None))
+            yield Deadline(deadline)
+            return (yield from _ensure_fresh(policy, key, current, None, deadline))
         except StoreUnavailable as exc:
             failures += 1
             delay = policy.retry_delay(failures - 1, None)
-            # Retrying past the lease would let another host present the consumed token.
-            lease_left = (record.lease_until or policy.now()) - policy.now()
-            if failures >= policy.store_retries or delay + policy.provider.timeout >= (
-                lease_left.total_seconds()
+            if (
+                failures >= policy.store_retries
+                or policy.now() + timedelta(seconds=delay) >= write_until
             ):
                 raise StoreUnavailable(
-                    f"the store did not take the new tokens for key {key!r}; they are kept in "
-                    "the rescue journal and will be written on the next use of the key",
-                    key=key,
+                    f"the store did not take the new tokens for key {key!r}; {kept}", key=key
                 ) from exc
             yield Sleep(delay)
             continue
@@ -412,18 +572,15 @@ def _persist(
 
 def _discard(entry: RescueEntry, journaled: bool) -> Flow[None]:
     """Drop a rescue entry whose tokens the store now holds; a journal failure is only logged."""
-    if not journaled:
-        return
-    try:
-        yield JournalDiscard(entry)
-    except OSError as exc:
-        logger.warning("could not remove rescue entry %s (%s)", entry.id, type(exc).__name__)
+    if journaled:
+        yield from _journal(JournalDiscard(entry), entry.key)
 
 
 def _on_invalid_grant(
-    policy: Policy, key: str, used: Credentials, owner: str | None
+    policy: Policy, key: str, used: Credentials, owner: str | None, deadline: datetime
 ) -> Flow[Credentials]:
     """Tell a lost race (a newer token exists somewhere) from a dead credential."""
+    conflicts = 0
     while True:
         current = yield Load(key)
         if current is None:
@@ -435,11 +592,13 @@ def _on_invalid_grant(
                 try:
                     current = yield Save(current.replace(lease_owner=None, lease_until=None))
                 except ConflictError:
+                    yield from _backoff(policy, key, conflicts, deadline, "releasing the lease")
+                    conflicts += 1
                     continue
             # The adopted tokens may be old themselves (a rescue entry from hours ago).
-            return (yield from _ensure_fresh(policy, key, current, None))
+            return (yield from _ensure_fresh(policy, key, current, None, deadline))
         # A crashed process on this host may have journalled the answer for this very token.
-        if (yield from _apply_rescues(policy, key, rescan=True)):
+        if (yield from _apply_rescues(policy, key, deadline, rescan=True)):
             continue
         try:
             yield Save(
@@ -452,6 +611,8 @@ def _on_invalid_grant(
                 )
             )
         except ConflictError:
+            yield from _backoff(policy, key, conflicts, deadline, "marking it needs_reauth")
+            conflicts += 1
             continue
         logger.warning("key %r: refresh token refused; marked needs_reauth", key)
         raise ReauthRequired(key)
@@ -464,9 +625,10 @@ def _give_up(
     credentials: Credentials,
     failed: Secret | None,
     error: ProviderUnavailable,
+    skew: timedelta,
 ) -> Flow[Credentials]:
     """Retries exhausted: record a cooldown, then serve the current token if it still works."""
-    yield from _release(policy, key, record, error=error, retry_after=error.retry_after)
+    yield from _release(policy, key, record, skew, error=error, retry_after=error.retry_after)
     if _usable(credentials, failed, policy.now()):
         logger.warning(
             "key %r: refresh failed (%s); using the still-valid access token", key, error
@@ -476,7 +638,13 @@ def _give_up(
 
 
 def _release(
-    policy: Policy, key: str, record: Record, *, error: ProviderError, retry_after: float | None
+    policy: Policy,
+    key: str,
+    record: Record,
+    skew: timedelta,
+    *,
+    error: ProviderError,
+    retry_after: float | None,
 ) -> Flow[None]:
     """Drop the lease with failure bookkeeping; best effort, the lease expires anyway."""
     failures = record.failures + 1
@@ -487,7 +655,7 @@ def _release(
                 lease_owner=None,
                 lease_until=None,
                 failures=failures,
-                cooldown_until=policy.now() + policy.cooldown_for(failures, retry_after),
+                cooldown_until=policy.now() + skew + policy.cooldown_for(failures, retry_after),
                 last_error=label,
             )
         )
@@ -495,30 +663,33 @@ def _release(
         logger.debug("key %r: could not release the lease; it will expire", key)
 
 
-def _apply_rescues(policy: Policy, key: str, *, rescan: bool) -> Flow[bool]:
+def _apply_rescues(policy: Policy, key: str, deadline: datetime, *, rescan: bool) -> Flow[bool]:
     """Write journalled tokens the store never received; whether any was applied."""
     applied = False
-    entries: list[RescueEntry] = yield JournalPending(key, rescan=rescan)
+    entries: list[RescueEntry] = yield from _journal(JournalPending(key, rescan=rescan), key, [])
     for entry in entries:
+        conflicts = 0
         while True:
             current = yield Load(key)
             if current is None:
                 # Not in this store; the entry may be another store's only copy of its tokens.
-                yield JournalForget(entry)
+                yield from _journal(JournalForget(entry), key)
                 break
             stored = policy.credentials(current).refresh_token
             if stored == entry.credentials.refresh_token:
-                yield JournalDiscard(entry)
+                yield from _journal(JournalDiscard(entry), key)
                 break
             if fingerprint(stored) != entry.replaces:
-                yield JournalForget(entry)
+                yield from _journal(JournalForget(entry), key)
                 break
             try:
                 yield Save(policy.record(key, entry.credentials, base=current))
             except ConflictError:
+                yield from _backoff(policy, key, conflicts, deadline, "restoring journalled tokens")
+                conflicts += 1
                 continue
             logger.info("key %r: restored tokens from the rescue journal", key)
-            yield JournalDiscard(entry)
+            yield from _journal(JournalDiscard(entry), key)
             applied = True
             break
     return applied

@@ -277,6 +277,11 @@ class KeyRing:
 
 
 def _validate(keys: Iterable[tuple[str, bytes]], *, source: str) -> dict[str, bytes]:
+    if isinstance(keys, str | bytes) or not isinstance(keys, Iterable):
+        raise ConfigurationError(
+            f"{source} must be built from (key id, {_KEY_BYTES} bytes) pairs, not "
+            f"{type(keys).__name__}; use KeyRing.parse(), KeyRing.from_env() or KeyRing.generate()"
+        )
     checked: dict[str, bytes] = {}
     for position, entry in enumerate(keys, start=1):
         if not isinstance(entry, tuple) or len(entry) != 2:

@@ -8,6 +8,7 @@ No policy lives here: a branch added to one driver would have to be added to the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import random
@@ -15,17 +16,19 @@ import secrets
 import socket
 import threading
 from collections.abc import Callable, Coroutine, Hashable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import httpx
 
+from ._budget import budget
 from ._clock import Clock, SystemClock
 from ._credentials import Credentials
 from ._exceptions import ConfigurationError, CredkeeperError, ReauthRequired, StoreUnavailable
 from ._flow import (
+    Deadline,
     Effect,
     Flow,
     JournalDiscard,
@@ -38,6 +41,7 @@ from ._flow import (
     Save,
     Send,
     Sleep,
+    StoreNow,
     delete_flow,
     get_flow,
     put_flow,
@@ -47,7 +51,7 @@ from ._keyring import KeyRing
 from ._provider import Provider
 from ._record import check_key
 from ._secret import Secret
-from ._store import AsyncCredentialStore, CredentialStore, as_async_store
+from ._store import AsyncCredentialStore, CredentialStore, as_async_store, is_async_store
 
 __all__ = ["AsyncTokenManager", "TokenManager"]
 
@@ -82,6 +86,7 @@ class _Base:
         clock: Clock | None,
         rng: random.Random | None,
         owner: str | None,
+        accept_plaintext: bool,
     ) -> None:
         if not isinstance(provider, Provider):
             raise ConfigurationError(
@@ -89,6 +94,10 @@ class _Base:
             )
         if keyring is not None and not isinstance(keyring, KeyRing):
             raise ConfigurationError("keyring must be a credkeeper.KeyRing or None")
+        if not isinstance(accept_plaintext, bool):
+            raise ConfigurationError(
+                f"accept_plaintext must be True or False, not {type(accept_plaintext).__name__}"
+            )
         refresh = _duration(refresh_timeout, "refresh_timeout", minimum=0.1)
         lease = _duration(lease_ttl, "lease_ttl", minimum=1.0)
         if lease.total_seconds() <= refresh.total_seconds() + provider.timeout:
@@ -116,6 +125,7 @@ class _Base:
             refresh_timeout=refresh,
             cooldown=_duration(cooldown, "cooldown", minimum=0.0),
             max_cooldown=timedelta(minutes=10),
+            accept_plaintext=accept_plaintext,
         )
 
     @property
@@ -140,6 +150,12 @@ class _Base:
         if credentials.expires_within(self.policy.leeway, now=self.policy.now()):
             return None
         return credentials
+
+    def _budget(self, until: datetime | None) -> contextlib.AbstractContextManager[None]:
+        """The budget the store's own retries share with the flow, up to ``until``."""
+        if until is None:
+            return contextlib.nullcontext()
+        return budget((until - self.policy.now()).total_seconds())
 
     def _remember(self, key: str, credentials: Credentials | None) -> None:
         if self._cache is None:
@@ -173,6 +189,10 @@ class TokenManager(_Base):
     once per expiry across the threads of a process (single-flight) and across processes and
     hosts (a compare-and-swap lease in the store). New tokens go to the rescue journal and the
     store before any caller sees them.
+
+    Each call runs under one deadline, ``refresh_timeout``, which the store's own retries share.
+    With a ``keyring``, a token stored in plain text is refused (anyone able to write the store
+    could plant one) unless ``accept_plaintext`` is set, for stores the application fills itself.
     """
 
     def __init__(
@@ -191,6 +211,7 @@ class TokenManager(_Base):
         clock: Clock | None = None,
         rng: random.Random | None = None,
         owner: str | None = None,
+        accept_plaintext: bool = False,
     ) -> None:
         super().__init__(
             provider,
@@ -204,7 +225,13 @@ class TokenManager(_Base):
             clock=clock,
             rng=rng,
             owner=owner,
+            accept_plaintext=accept_plaintext,
         )
+        if is_async_store(store):
+            raise ConfigurationError(
+                f"{store!r} is an asyncio store; use AsyncTokenManager with it, or open the "
+                "store with a synchronous driver for TokenManager"
+            )
         self.store = store
         self._own_http = http is None
         self._http = http or httpx.Client()
@@ -305,14 +332,19 @@ class TokenManager(_Base):
     def _drive(self, flow: Flow[T]) -> T:
         value: Any = None
         error: BaseException | None = None
+        until: datetime | None = None
         while True:
             try:
                 effect = flow.throw(error) if error is not None else flow.send(value)
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]
             value, error = None, None
+            if isinstance(effect, Deadline):
+                until = effect.at
+                continue
             try:
-                value = self._perform(effect)
+                with self._budget(until):
+                    value = self._perform(effect)
             except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
                 error = exc
 
@@ -324,6 +356,9 @@ class TokenManager(_Base):
                 return _store_call(record.key, lambda: self.store.put(record))
             case Remove(key):
                 return _store_call(key, lambda: self.store.delete(key))
+            case StoreNow():
+                clock = getattr(self.store, "now", None)
+                return None if clock is None else _store_call(None, clock)
             case Send(request):
                 return self._http.send(request)
             case Sleep(seconds):
@@ -362,6 +397,7 @@ class AsyncTokenManager(_Base):
         clock: Clock | None = None,
         rng: random.Random | None = None,
         owner: str | None = None,
+        accept_plaintext: bool = False,
     ) -> None:
         super().__init__(
             provider,
@@ -375,6 +411,7 @@ class AsyncTokenManager(_Base):
             clock=clock,
             rng=rng,
             owner=owner,
+            accept_plaintext=accept_plaintext,
         )
         self.store = as_async_store(store)
         self._own_http = http is None
@@ -462,14 +499,19 @@ class AsyncTokenManager(_Base):
     async def _drive(self, flow: Flow[T]) -> T:
         value: Any = None
         error: BaseException | None = None
+        until: datetime | None = None
         while True:
             try:
                 effect = flow.throw(error) if error is not None else flow.send(value)
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]
             value, error = None, None
+            if isinstance(effect, Deadline):
+                until = effect.at
+                continue
             try:
-                value = await self._perform(effect)
+                with self._budget(until):
+                    value = await self._perform(effect)
             except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
                 error = exc
 
@@ -481,6 +523,9 @@ class AsyncTokenManager(_Base):
                 return await _astore_call(record.key, self.store.put(record))
             case Remove(key):
                 return await _astore_call(key, self.store.delete(key))
+            case StoreNow():
+                clock = getattr(self.store, "now", None)
+                return None if clock is None else await _astore_call(None, clock())
             case Send(request):
                 return await self._http.send(request)
             case Sleep(seconds):
@@ -498,24 +543,22 @@ class AsyncTokenManager(_Base):
         raise AssertionError(f"unknown effect {effect!r}")  # pragma: no cover
 
 
-def _store_call(key: str, call: Callable[[], T]) -> T:
+def _store_call(key: str | None, call: Callable[[], T]) -> T:
     try:
         return call()
     except CredkeeperError:
         raise
     except Exception as exc:
         # A custom store let its driver's exception escape; the flow only knows StoreError.
-        raise StoreUnavailable(
-            f"the store failed on key {key!r} ({type(exc).__name__})", key=key
-        ) from exc
+        about = "" if key is None else f" on key {key!r}"
+        raise StoreUnavailable(f"the store failed{about} ({type(exc).__name__})", key=key) from exc
 
 
-async def _astore_call(key: str, call: Coroutine[Any, Any, T]) -> T:
+async def _astore_call(key: str | None, call: Coroutine[Any, Any, T]) -> T:
     try:
         return await call
     except CredkeeperError:
         raise
     except Exception as exc:
-        raise StoreUnavailable(
-            f"the store failed on key {key!r} ({type(exc).__name__})", key=key
-        ) from exc
+        about = "" if key is None else f" on key {key!r}"
+        raise StoreUnavailable(f"the store failed{about} ({type(exc).__name__})", key=key) from exc

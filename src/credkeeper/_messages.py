@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from ._exceptions import FieldViolation, InvalidRequest, UnsafeFilePath, WrapperError
+from ._redact import Redactor
 
 __all__ = [
     "AssistantEvent",
@@ -191,14 +192,16 @@ def _mcp_rule(config: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def violations_from_422(document: object) -> list[FieldViolation]:
+def violations_from_422(document: object, redactor: Redactor | None = None) -> list[FieldViolation]:
     """The fields a FastAPI 422 ``{"detail": [...]}`` names, without the ``body`` prefix.
 
     Only locations and messages are kept: ``input`` echoes what was sent, tokens included.
+    Both pass ``redactor`` (the exchange's tokens), since a message can quote the input too.
     """
     detail = document.get("detail") if isinstance(document, Mapping) else None
     if not isinstance(detail, list):
         return [FieldViolation("body", "the wrapper refused the request without details")]
+    clean = (redactor or Redactor()).redact
     found = []
     for item in detail:
         if not isinstance(item, Mapping):
@@ -207,8 +210,10 @@ def violations_from_422(document: object) -> list[FieldViolation]:
         message = item.get("msg")
         found.append(
             FieldViolation(
-                ".".join(location) or "body",
-                message.removeprefix("Value error, ") if isinstance(message, str) else "invalid",
+                clean(".".join(location) or "body"),
+                clean(message.removeprefix("Value error, "))
+                if isinstance(message, str)
+                else "invalid",
             )
         )
     return found or [FieldViolation("body", "the wrapper refused the request without details")]
@@ -547,11 +552,13 @@ class End(enum.Enum):
 DONE = End.DONE
 
 
-def parse_line(line: str) -> Mapping[str, Any] | Literal[End.DONE] | None:
+def read_line(line: str) -> Mapping[str, Any] | Literal[End.DONE] | WrapperError | None:
     """One line of a streamed body: a JSON object, :data:`DONE`, or ``None`` to skip.
 
-    NDJSON lines (``/v1/messages``) and SSE ``data:`` lines (``/keepalive``) both parse here;
-    blank lines and the other SSE fields are skipped.
+    NDJSON lines (``/v1/messages``) and SSE ``data:`` lines (``/keepalive``) both read here;
+    blank lines and the other SSE fields are skipped. A line that is no JSON object comes back
+    as a :class:`WrapperError` for the caller to raise: this frame holds the line, which may
+    quote a token, and must not be on the error's traceback.
     """
     text = line.strip()
     if not text or text.startswith(":"):
@@ -564,8 +571,8 @@ def parse_line(line: str) -> Mapping[str, Any] | Literal[End.DONE] | None:
         return None
     try:
         document = json.loads(text)
-    except ValueError:
-        raise WrapperError("the wrapper's stream holds a line that is not JSON") from None
+    except (ValueError, RecursionError):
+        return WrapperError("the wrapper's stream holds a line that is not JSON")
     if not isinstance(document, Mapping):
-        raise WrapperError("the wrapper's stream holds a line that is not a JSON object")
+        return WrapperError("the wrapper's stream holds a line that is not a JSON object")
     return document

@@ -7,13 +7,13 @@ drivers send, so the same provider serves the sync and the async manager.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
-from urllib.parse import SplitResult, quote, urlsplit
+from urllib.parse import quote
 
 import httpx
 
@@ -25,7 +25,9 @@ from ._exceptions import (
     ProviderError,
     ProviderUnavailable,
 )
-from ._redact import excerpt
+from ._redact import Redactor, sealed
+from ._secret import Secret
+from ._urls import secure_url
 
 __all__ = [
     "CLAUDE_CODE_CLIENT_ID",
@@ -52,7 +54,6 @@ BodyFormat = Literal["form", "json"]
 _RETRYABLE = frozenset({408, 425, 429})
 # A Retry-After beyond a day is a broken header, not a plan; it would overflow datetimes too.
 _MAX_RETRY_AFTER = 86400.0
-_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def _retry_after(response: httpx.Response, now: datetime) -> float | None:
@@ -69,6 +70,22 @@ def _retry_after(response: httpx.Response, now: datetime) -> float | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return min(max(0.0, (moment - now).total_seconds()), _MAX_RETRY_AFTER)
+
+
+class SalvagedAnswer(ProviderError):
+    """A 2xx answer whose access token is unusable but whose new refresh token must be kept.
+
+    ``credentials`` hold the new refresh token beside the previous access token, due at once
+    (``expires_at`` is the time of the answer), so the next call refreshes with the new refresh
+    token. Private: the engine stores them like any answer, then raises a plain
+    :class:`ProviderError` to its caller.
+    """
+
+    def __init__(
+        self, message: str, *, status: int, excerpt: str, credentials: Credentials
+    ) -> None:
+        super().__init__(message, status=status, excerpt=excerpt)
+        self.credentials = credentials
 
 
 class Provider:
@@ -93,20 +110,10 @@ class Provider:
         timeout: float = 15.0,
         name: str | None = None,
     ) -> None:
-        parts: SplitResult | None = None
-        host: str | None = None
-        if isinstance(token_url, str):
-            with contextlib.suppress(ValueError):  # a malformed IPv6 host, e.g. https://[::1/x
-                parts = urlsplit(token_url)
-                host = parts.hostname
-        if parts is None or parts.scheme not in ("https", "http") or not host:
+        host = secure_url(token_url, option="token_url").hostname
+        if client_secret is not None and not isinstance(client_secret, str):
             raise ConfigurationError(
-                f"token_url must be an absolute http(s) URL, got {token_url!r}"
-            )
-        if parts.scheme == "http" and host not in _LOOPBACK:
-            raise ConfigurationError(
-                "token_url must use https (plain http is accepted only on loopback), "
-                f"got {token_url!r}"
+                f"client_secret must be a str, not {type(client_secret).__name__}"
             )
         if auth_method is None:
             auth_method = "client_secret_basic" if client_secret else "none"
@@ -132,7 +139,7 @@ class Provider:
             )
         self.token_url = token_url
         self.client_id = client_id
-        self._client_secret = client_secret
+        self._client_secret = Secret(client_secret) if client_secret else None
         self.auth_method: AuthMethod = auth_method
         self.body_format: BodyFormat = body_format
         self.scope = scope
@@ -176,13 +183,16 @@ class Provider:
         """The endpoint the wrapper's refresh guide names: a JSON body without a client id."""
         return cls(token_url=token_url, body_format="json", timeout=timeout, name="wrapper-guide")
 
-    def build_request(self, refresh_token: str) -> httpx.Request:
+    def build_request(self, refresh_token: str | Secret) -> httpx.Request:
         """The refresh request for ``refresh_token``, with this provider's timeout attached."""
-        params: dict[str, Any] = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        params: dict[str, Any] = {
+            "grant_type": "refresh_token",
+            "refresh_token": Secret(refresh_token).get_secret_value(),
+        }
         if self.client_id and self.auth_method != "client_secret_basic":
             params["client_id"] = self.client_id
-        if self.auth_method == "client_secret_post":
-            params["client_secret"] = self._client_secret
+        if self.auth_method == "client_secret_post" and self._client_secret is not None:
+            params["client_secret"] = self._client_secret.get_secret_value()
         if self.scope:
             params["scope"] = self.scope
         params.update(self.extra_params)
@@ -207,7 +217,8 @@ class Provider:
         if self.auth_method != "client_secret_basic":
             return None
         # RFC 6749 section 2.3.1: form-encode the id and the secret before base64.
-        pair = f"{quote(self.client_id or '', safe='')}:{quote(self._client_secret or '', safe='')}"
+        secret = self._client_secret.get_secret_value() if self._client_secret else ""
+        pair = f"{quote(self.client_id or '', safe='')}:{quote(secret, safe='')}"
         return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
 
     def parse_response(
@@ -217,31 +228,36 @@ class Provider:
 
         Raises :class:`InvalidGrant` when the refresh token was refused,
         :class:`ProviderUnavailable` for 408/425/429/5xx (with ``retry_after`` when sent), and
-        :class:`ProviderError` for anything else, quoting a redacted excerpt of the body.
+        :class:`ProviderError` for anything else, quoting a redacted excerpt of the body. A 2xx
+        answer whose access token is unusable but which carries a new refresh token raises
+        :class:`SalvagedAnswer`, holding that token for the engine to store.
         """
+        # No local here holds the body or a token in clear: this frame is on the traceback of
+        # every error it raises, where tools that capture locals would find them.
         status = response.status_code
-        secrets = [
-            previous.refresh_token.get_secret_value(),
-            previous.access_token.get_secret_value(),
-        ]
-        if self._client_secret:
-            secrets.append(self._client_secret)
-        text = response.text
-        quoted = excerpt(text, secrets)
         if 200 <= status < 300:
-            try:
-                return Credentials.from_token_response(text, previous=previous, now=now)
-            except CredentialsError as exc:
-                salvaged = _salvage(text, previous=previous, now=now, error=exc)
-                if salvaged is not None:
-                    return salvaged
-                raise ProviderError(
-                    f"{self.name} answered {status} with a body credkeeper cannot use "
-                    f"({exc}): {quoted}",
+            outcome = _read_answer(response.text, previous=previous, now=now)
+            if isinstance(outcome, Credentials):
+                return outcome
+            # The answer holds the new tokens, maybe under names nobody expected.
+            quoted = self._quote(response, previous, everything=True)
+            if outcome.kept is not None:
+                raise SalvagedAnswer(
+                    f"{self.name} answered {status} with an unusable {outcome.field} "
+                    f"({outcome.reason}); the new refresh token was kept, so the next refresh "
+                    f"uses it: {quoted}",
                     status=status,
                     excerpt=quoted,
-                ) from None
-        error = _error_code(text)
+                    credentials=outcome.kept,
+                )
+            raise ProviderError(
+                f"{self.name} answered {status} with a body credkeeper cannot use "
+                f"({outcome.reason}): {quoted}",
+                status=status,
+                excerpt=quoted,
+            )
+        quoted = self._quote(response, previous, everything=False)
+        error = _error_code(response.text)
         if status in (400, 401) and error == "invalid_grant":
             raise InvalidGrant(
                 f"{self.name} refused the refresh token (HTTP {status} invalid_grant)",
@@ -262,6 +278,11 @@ class Provider:
             excerpt=quoted,
         )
 
+    def _quote(self, response: httpx.Response, previous: Credentials, *, everything: bool) -> str:
+        """A redacted excerpt of the body, with every token of the exchange masked."""
+        sent = Redactor((previous.refresh_token, previous.access_token, self._client_secret))
+        return sent.harvesting(response.text, everything=everything).excerpt(response.text)
+
     def unavailable(self, exc: httpx.TransportError) -> ProviderUnavailable:
         """The error for a request that got no answer (timeout, refused, reset)."""
         kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
@@ -280,27 +301,88 @@ def _error_code(text: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class _Unusable:
+    """Why a 2xx answer cannot be used, and the new refresh token to keep, if it has one."""
+
+    reason: str
+    field: str | None
+    kept: Credentials | None = None
+
+
+def _read_answer(text: str, *, previous: Credentials, now: datetime) -> Credentials | _Unusable:
+    """The credentials in a 2xx body, or why there are none; never raises.
+
+    The tokens are sealed as the body is decoded, and failures come back as values: the frames
+    that held the decoded body are gone before the caller raises.
+    """
+    try:
+        document = sealed(_object(text))
+    except CredentialsError as exc:
+        return _Unusable(str(exc), exc.field)
+    try:
+        return Credentials.from_token_response(document, previous=previous, now=now)
+    except CredentialsError as exc:
+        error = _Unusable(str(exc), exc.field)
+    if error.field is None or error.field == "refresh_token":
+        return error
+    if error.field == "access_token":
+        return _keep_refresh_token(document, previous=previous, now=now, error=error)
+    return _salvage(document, previous=previous, now=now, error=error)
+
+
+def _object(text: str) -> Mapping[str, Any]:
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise CredentialsError(f"token response is not valid JSON: {type(exc).__name__}") from None
+    if not isinstance(document, Mapping):
+        raise CredentialsError(
+            f"token response must be a JSON object, got {type(document).__name__}"
+        )
+    return document
+
+
+def _keep_refresh_token(
+    document: Mapping[str, Any], *, previous: Credentials, now: datetime, error: _Unusable
+) -> _Unusable:
+    """The new refresh token of an answer whose access token is unusable, due at once.
+
+    The provider has rotated the refresh token by the time it answers: dropping the answer
+    would leave only the spent one. The previous access token is kept (it may still work) with
+    an expiry of ``now``, so the next call refreshes with the new refresh token.
+    """
+    refresh = document.get("refresh_token")
+    if not isinstance(refresh, Secret):  # the document is sealed: a string is a Secret by now
+        return error
+    try:
+        kept = Credentials(
+            access_token=previous.access_token,
+            refresh_token=refresh,
+            expires_at=now,
+            scopes=previous.scopes,
+            subscription_type=previous.subscription_type,
+        )
+    except CredentialsError:
+        return error
+    if kept.refresh_token == previous.refresh_token:
+        return error
+    return _Unusable(error.reason, error.field, kept)
+
+
 def _salvage(
-    text: str, *, previous: Credentials, now: datetime, error: CredentialsError
-) -> Credentials | None:
+    document: Mapping[str, Any], *, previous: Credentials, now: datetime, error: _Unusable
+) -> Credentials | _Unusable:
     """The tokens of an answer whose other fields are unreadable, treated as already due.
 
     The provider has rotated the refresh token by the time it answers 200: refusing the whole
     answer over an unreadable ``expires_in`` or ``scope`` would drop the only copy of the new
     one. Scopes and subscription are kept from ``previous``.
     """
-    if error.field in (None, "access_token", "refresh_token"):
-        return None
-    try:
-        document = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(document, dict):
-        return None
     tokens = {name: document.get(name) for name in ("access_token", "refresh_token")}
     try:
         return Credentials.from_token_response(
             {**tokens, "expires_in": 0}, previous=previous, now=now
         )
     except CredentialsError:
-        return None
+        return error

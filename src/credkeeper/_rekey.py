@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ._exceptions import ConflictError, DecryptionError
+from ._exceptions import ConflictError, DecryptionError, StoreCorrupted
 from ._keyring import KeyRing
 from ._record import Record
-from ._store import CredentialStore
+from ._store import CredentialStore, reported_damage
 
 __all__ = ["RekeyReport", "rekey"]
 
@@ -26,11 +27,13 @@ _MAX_ATTEMPTS = 10
 class RekeyReport:
     """What :func:`rekey` did: records re-sealed, and records already under the primary key.
 
-    Records deleted while the run went on count in neither.
+    Records deleted while the run went on count in neither. ``damaged`` maps the key of each
+    record the store could not read (left as it is) to the reason.
     """
 
     rekeyed: int
     unchanged: int
+    damaged: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def rekey(store: CredentialStore, keyring: KeyRing) -> RekeyReport:
@@ -49,13 +52,21 @@ def rekey(store: CredentialStore, keyring: KeyRing) -> RekeyReport:
     # counted twice.
     keys = list(dict.fromkeys(store.scan_due(_END_OF_TIME)))
     rekeyed = unchanged = 0
+    damaged: dict[str, str] = {}
     for key in keys:
-        outcome = _rekey_one(store, keyring, key)
+        try:
+            outcome = _rekey_one(store, keyring, key)
+        except StoreCorrupted as exc:
+            # One damaged record must not stop the others from moving to the new key.
+            damaged[key] = str(exc)
+            continue
         if outcome is True:
             rekeyed += 1
         elif outcome is False:
             unchanged += 1
-    return RekeyReport(rekeyed=rekeyed, unchanged=unchanged)
+    # A store whose scan skips damaged records (the file store) names them on request.
+    damaged.update(reported_damage(store))
+    return RekeyReport(rekeyed=rekeyed, unchanged=unchanged, damaged=dict(sorted(damaged.items())))
 
 
 def _rekey_one(store: CredentialStore, keyring: KeyRing, key: str) -> bool | None:

@@ -41,7 +41,11 @@ class Secret:
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Secret):
-            return hmac.compare_digest(self._value.encode(), other._value.encode())
+            # surrogatepass: a value with a lone surrogate must compare, not raise.
+            return hmac.compare_digest(
+                self._value.encode("utf-8", "surrogatepass"),
+                other._value.encode("utf-8", "surrogatepass"),
+            )
         return NotImplemented
 
     def __hash__(self) -> int:

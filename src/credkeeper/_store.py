@@ -9,7 +9,14 @@ from typing import Protocol, runtime_checkable
 
 from ._record import Record
 
-__all__ = ["AsyncCredentialStore", "CredentialStore", "ThreadOffloadStore", "as_async_store"]
+__all__ = [
+    "AsyncCredentialStore",
+    "CredentialStore",
+    "ThreadOffloadStore",
+    "as_async_store",
+    "is_async_store",
+    "reported_damage",
+]
 
 
 @runtime_checkable
@@ -19,6 +26,16 @@ class CredentialStore(Protocol):
     A store knows nothing of OAuth; it keeps records and offers compare-and-swap on their
     ``version``. Every method raises only credkeeper's ``StoreError`` family: driver exceptions
     are translated at the store's boundary. Implementations must be safe to share between threads.
+
+    Optional: a store that has a clock of its own (a database server's) offers ``now()``,
+    returning that clock's aware UTC time (``None`` when it cannot tell). The engine then
+    judges leases and cooldowns on it, so hosts whose clocks disagree still agree on when a
+    lease ends. A store without one is judged on the manager's clock; its documentation says
+    what bound on skew holds.
+
+    Optional: a store whose ``scan_due`` skips records it cannot read offers
+    ``damaged_records() -> dict[str, str]`` (key to reason), so that ``status`` and ``rekey``
+    can name them instead of passing over them in silence.
     """
 
     def get(self, key: str) -> Record | None:
@@ -49,7 +66,10 @@ class CredentialStore(Protocol):
 
 @runtime_checkable
 class AsyncCredentialStore(Protocol):
-    """**Protocol:** the asynchronous twin of :class:`CredentialStore`, with the same contract."""
+    """**Protocol:** the asynchronous twin of :class:`CredentialStore`, with the same contract.
+
+    Optional, as for the sync protocol: ``async def now()``, the store's own clock.
+    """
 
     async def get(self, key: str) -> Record | None:
         """The record stored under ``key``, or ``None``."""
@@ -108,14 +128,25 @@ class ThreadOffloadStore:
         """See :meth:`CredentialStore.close`."""
         await asyncio.to_thread(self.sync_store.close)
 
+    async def now(self) -> datetime | None:
+        """The sync store's own clock, or ``None`` when it has none."""
+        clock = getattr(self.sync_store, "now", None)
+        return None if clock is None else await asyncio.to_thread(clock)
+
 
 def as_async_store(store: CredentialStore | AsyncCredentialStore) -> AsyncCredentialStore:
     """``store`` itself when it is async, else ``store`` behind a :class:`ThreadOffloadStore`."""
-    if isinstance(store, AsyncCredentialStore) and _is_async(store):
+    if isinstance(store, AsyncCredentialStore) and is_async_store(store):
         return store
     return ThreadOffloadStore(store)  # type: ignore[arg-type]
 
 
-def _is_async(store: object) -> bool:
-    # runtime_checkable only checks names, which sync and async stores share.
+def is_async_store(store: object) -> bool:
+    """Whether ``store``'s methods are coroutines (runtime_checkable only checks names)."""
     return asyncio.iscoroutinefunction(getattr(store, "get", None))
+
+
+def reported_damage(store: object) -> dict[str, str]:
+    """The damaged records ``store`` names through its optional ``damaged_records()``, or {}."""
+    listing = getattr(store, "damaged_records", None)
+    return dict(listing()) if callable(listing) else {}

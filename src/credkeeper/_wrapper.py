@@ -24,7 +24,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -52,12 +52,13 @@ from ._messages import (
     StreamEvent,
     build_body,
     parse_event,
-    parse_line,
+    read_line,
     violations_from_422,
 )
 from ._record import check_key
-from ._redact import Redactor
+from ._redact import Redactor, harvest
 from ._secret import Secret
+from ._urls import secure_url
 
 __all__ = [
     "DEFAULT_WRAPPER_URL",
@@ -148,12 +149,15 @@ def call_flow(key: str) -> CallFlow[Any]:
 
 
 # -- reading answers (pure) --------------------------------------------------------------
+#
+# Each reader returns the error it finds instead of raising it: its frame holds the wrapper's
+# answer, which may quote a token, and must not be on the error's traceback, where tools that
+# capture locals would find it. The few frames that raise hold the response object, the
+# redactor and the error, never the text.
 
 
 def _redactor(credentials: Credentials) -> Redactor:
-    return Redactor(
-        (credentials.access_token.get_secret_value(), credentials.refresh_token.get_secret_value())
-    )
+    return Redactor((credentials.access_token, credentials.refresh_token))
 
 
 def _is_error(document: object) -> bool:
@@ -166,14 +170,14 @@ def _is_error(document: object) -> bool:
 
 def error_outcome(
     error: Mapping[str, Any], *, key: str, status: int | None, redactor: Redactor
-) -> Refused:
-    """:class:`Refused` for an auth failure; raises the matching :class:`WrapperError` otherwise."""
+) -> Refused | WrapperError:
+    """:class:`Refused` for an auth failure, else the matching :class:`WrapperError`."""
     message = error.get("message")
     text = message if isinstance(message, str) else json.dumps(message)
     code = error.get("code") if isinstance(error.get("code"), str) else None
-    quoted = redactor.excerpt(text)
+    quoted = redactor.including(harvest(error)).excerpt(text)
     if _LIMIT.search(text):
-        raise UsageLimitReached(
+        return UsageLimitReached(
             f"the account under key {key!r} reached a usage limit: {quoted}",
             status=status,
             code=code,
@@ -183,7 +187,7 @@ def error_outcome(
     if _AUTH.search(text):
         return Refused(quoted)
     kind = CLIError if code == "cli_error" else WrapperError
-    raise kind(
+    return kind(
         f"the wrapper failed for key {key!r} ({code or 'no code'}): {quoted}",
         status=status,
         code=code,
@@ -193,29 +197,45 @@ def error_outcome(
 
 
 def interpret(
-    status: int, content: bytes, *, key: str, model: str, redactor: Redactor
+    response: httpx.Response, *, key: str, model: str, redactor: Redactor
 ) -> Message | Refused:
     """The outcome of one non-streaming answer; raises for every error but an auth failure."""
+    outcome = read_answer(
+        response.status_code, response.content, key=key, model=model, redactor=redactor
+    )
+    if isinstance(outcome, WrapperError):
+        raise outcome
+    return outcome
+
+
+def read_answer(
+    status: int, content: bytes, *, key: str, model: str, redactor: Redactor
+) -> Message | Refused | WrapperError:
+    """The outcome of one non-streaming answer, errors included."""
     text = content.decode("utf-8", "replace")
-    if status == 401:
-        return Refused(redactor.excerpt(text))
     try:
-        document = json.loads(text)
-    except ValueError:
+        document: Any = json.loads(text)
+    except (ValueError, RecursionError):
         document = None
         if status == 200:
-            raise WrapperError(
-                f"the wrapper's answer for key {key!r} is not JSON: {redactor.excerpt(text)}",
+            quoted = redactor.excerpt(text)
+            return WrapperError(
+                f"the wrapper's answer for key {key!r} is not JSON: {quoted}",
                 status=status,
                 key=key,
-                excerpt=redactor.excerpt(text),
-            ) from None
+                excerpt=quoted,
+            )
+    if status != 200:
+        # An error body may quote what was sent under names of its own, as FastAPI's "input".
+        redactor = redactor.including(harvest(document))
+    if status == 401:
+        return Refused(redactor.excerpt(text))
     if status == 422:
-        raise InvalidRequest(violations_from_422(document), status=status, key=key)
+        return InvalidRequest(violations_from_422(document, redactor), status=status, key=key)
     if status != 200:
         quoted = redactor.excerpt(text)
         kind = WrapperUnavailable if status >= 500 or status == 429 else WrapperError
-        raise kind(
+        return kind(
             f"the wrapper answered HTTP {status} for key {key!r}: {quoted}",
             status=status,
             key=key,
@@ -223,7 +243,10 @@ def interpret(
         )
     if _is_error(document):
         return error_outcome(document["error"], key=key, status=status, redactor=redactor)
-    return Message.parse(document, model=model)
+    try:
+        return Message.parse(document, model=model)
+    except WrapperError as exc:
+        return exc.with_traceback(None)
 
 
 def _failed_result(event: ResultEvent) -> Mapping[str, Any]:
@@ -232,40 +255,53 @@ def _failed_result(event: ResultEvent) -> Mapping[str, Any]:
 
 def head_step(
     head: list[Event], document: Mapping[str, Any], *, key: str, redactor: Redactor
-) -> Refused | bool:
+) -> Refused | WrapperError | bool:
     """Take one streamed object before anything reaches the caller.
 
     The head runs up to the first ``stream_event`` or the ``result``: the CLI reports a failed
     call in band as ``system/init``, a synthetic ``assistant`` message and an ``is_error``
     result, and while the caller has seen nothing an auth failure can still be retried.
-    Returns ``True`` once the head is complete and good, ``False`` to read on, or
-    :class:`Refused`; other failures raise.
+    Returns ``True`` once the head is complete and good, ``False`` to read on, or the
+    :class:`Refused` or :class:`WrapperError` that ends it.
     """
     if _is_error(document):
         return error_outcome(document["error"], key=key, status=200, redactor=redactor)
-    event = parse_event(document)
+    event = _event(document)
+    if isinstance(event, WrapperError):
+        return event
     if isinstance(event, ResultEvent) and event.is_error:
         return error_outcome(_failed_result(event), key=key, status=200, redactor=redactor)
     head.append(event)
     return isinstance(event, StreamEvent | ResultEvent)
 
 
-def body_event(document: Mapping[str, Any], *, key: str, redactor: Redactor) -> Event:
-    """One streamed object after the head; an in-band error or a failed result raises."""
+def body_event(
+    document: Mapping[str, Any], *, key: str, redactor: Redactor
+) -> Event | WrapperError:
+    """One streamed object after the head; an in-band error or a failed result is an error."""
     if _is_error(document):
         error: Mapping[str, Any] = document["error"]
     else:
-        event = parse_event(document)
+        event = _event(document)
         if not (isinstance(event, ResultEvent) and event.is_error):
             return event
         error = _failed_result(event)
     outcome = error_outcome(error, key=key, status=200, redactor=redactor)
-    raise AuthFailed(
+    if isinstance(outcome, WrapperError):
+        return outcome
+    return AuthFailed(
         f"the wrapper refused the credentials under key {key!r} mid-stream: {outcome.excerpt}",
         status=200,
         key=key,
         excerpt=outcome.excerpt,
     )
+
+
+def _event(document: Mapping[str, Any]) -> Event | WrapperError:
+    try:
+        return parse_event(document)
+    except WrapperError as exc:
+        return exc.with_traceback(None)
 
 
 def _stream_truncated(key: str) -> WrapperError:
@@ -313,20 +349,31 @@ def _timeout(value: object) -> float | httpx.Timeout:
     return float(value)
 
 
-def _base_url(value: object) -> str:
-    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
-        raise ConfigurationError(
-            f"base_url must be an http:// or https:// URL, got {value!r}; "
-            f"the public wrapper is {DEFAULT_WRAPPER_URL}"
-        )
+def _base_url(value: str) -> str:
+    # The tokens travel in every request body: the same rule as the provider's token_url.
+    secure_url(value, option="base_url", hint=f"; the public wrapper is {DEFAULT_WRAPPER_URL}")
     return value.rstrip("/")
+
+
+def _request(
+    http: httpx.Client | httpx.AsyncClient, call: _Call, credentials: Credentials
+) -> httpx.Request:
+    """The request for ``call`` with ``credentials``.
+
+    Built apart from sending: httpx's ``post(json=...)`` would keep the body, tokens included,
+    as a local of every frame a timeout's traceback passes through.
+    """
+    return http.build_request(
+        "POST", call.url, json=_payload(call.body, credentials), timeout=call.timeout
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class _Call:
     key: str
     url: str
-    body: dict[str, Any]
+    # Out of the repr: an MCP server's auth_token may be in it.
+    body: dict[str, Any] = field(repr=False)
     model: str
     timeout: Any
 
@@ -378,7 +425,7 @@ def _stream_path(keepalive: bool) -> str:
 # -- sync --------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, repr=False)
 class _Opened(Generic[L]):
     """A stream past its head: the events read so far and the rest of its lines."""
 
@@ -395,15 +442,41 @@ class _StreamBase:
         self._key = key
         self.result: ResultEvent | None = None
 
-    def _after(self, line: str, redactor: Redactor) -> Event | Literal[End.DONE] | None:
-        """The event on ``line``, ``None`` to skip it, or :data:`DONE` at the end."""
-        document = parse_line(line)
-        if document is None or document is DONE:
+    def _after(
+        self, line: str, redactor: Redactor
+    ) -> Event | WrapperError | Literal[End.DONE] | None:
+        """The event or error on ``line``, ``None`` to skip it, or :data:`DONE` at the end."""
+        document = read_line(line)
+        if document is None or document is DONE or isinstance(document, WrapperError):
             return document
         event = body_event(document, key=self._key, redactor=redactor)
         if isinstance(event, ResultEvent):
             self.result = event
         return event
+
+    def _items(self, lines: Iterator[str], redactor: Redactor) -> Iterator[Event | WrapperError]:
+        """The events and errors of ``lines`` up to the end; an error for the caller to raise.
+
+        A generator apart from the one that raises, so that the line it holds is not a local
+        of any frame on the error's traceback.
+        """
+        for line in lines:
+            item = self._after(line, redactor)
+            if item is DONE:
+                return
+            if item is not None:
+                yield item
+
+    async def _aitems(
+        self, lines: AsyncIterator[str], redactor: Redactor
+    ) -> AsyncIterator[Event | WrapperError]:
+        """The async twin of :meth:`_items`."""
+        async for line in lines:
+            item = self._after(line, redactor)
+            if item is DONE:
+                return
+            if item is not None:
+                yield item
 
 
 class MessageStream(_StreamBase):
@@ -465,14 +538,12 @@ class MessageStream(_StreamBase):
                 if self.result is not None:
                     return
             with _transport_errors(self._key, str(response.request.url)):
-                for line in opened.lines:
-                    item = self._after(line, opened.redactor)
-                    if item is DONE:
-                        break
-                    if item is not None:
-                        yield item
-                        if self.result is not None:
-                            return
+                for item in self._items(opened.lines, opened.redactor):
+                    if isinstance(item, WrapperError):
+                        raise item
+                    yield item
+                    if self.result is not None:
+                        return
             raise _stream_truncated(self._key)
         finally:
             response.close()
@@ -522,16 +593,11 @@ class Messages:
         http = self._client._http
 
         def attempt(credentials: Credentials) -> Message | Refused:
+            request = _request(http, call, credentials)
             with _transport_errors(call.key, call.url):
-                response = http.post(
-                    call.url, json=_payload(call.body, credentials), timeout=call.timeout
-                )
+                response = http.send(request)
             return interpret(
-                response.status_code,
-                response.content,
-                key=call.key,
-                model=call.model,
-                redactor=_redactor(credentials),
+                response, key=call.key, model=call.model, redactor=_redactor(credentials)
             )
 
         return self._client._run(call.key, attempt)  # type: ignore[no-any-return]
@@ -574,30 +640,23 @@ class Messages:
 
         def attempt(credentials: Credentials) -> _Opened[Iterator[str]] | Refused:
             redactor = _redactor(credentials)
-            request = http.build_request(
-                "POST", call.url, json=_payload(call.body, credentials), timeout=call.timeout
-            )
+            request = _request(http, call, credentials)
             with _transport_errors(call.key, call.url):
                 response = http.send(request, stream=True)
             try:
                 with _transport_errors(call.key, call.url):
                     if not _streams(response):
-                        return _unstreamed(call, response.read(), response.status_code, redactor)
-                    head: list[Event] = []
-                    lines = response.iter_lines()
-                    for line in lines:
-                        verdict = _head_line(head, line, call.key, redactor)
-                        if verdict is not False:
-                            break
-                    else:
-                        verdict = True
+                        response.read()
+                        return _unstreamed(call, response, redactor)
+                    outcome = _read_head(response, response.iter_lines(), call.key, redactor)
             except BaseException:
                 response.close()
                 raise
-            if isinstance(verdict, Refused):
+            if not isinstance(outcome, _Opened):
                 response.close()
-                return verdict
-            return _Opened(response, head, redactor, lines)
+            if isinstance(outcome, WrapperError):
+                raise outcome
+            return outcome
 
         return MessageStream(lambda: self._client._run(call.key, attempt), call.key)
 
@@ -743,14 +802,12 @@ class AsyncMessageStream(_StreamBase):
                 if self.result is not None:
                     return
             with _transport_errors(self._key, str(response.request.url)):
-                async for line in opened.lines:
-                    item = self._after(line, opened.redactor)
-                    if item is DONE:
-                        break
-                    if item is not None:
-                        yield item
-                        if self.result is not None:
-                            return
+                async for item in self._aitems(opened.lines, opened.redactor):
+                    if isinstance(item, WrapperError):
+                        raise item
+                    yield item
+                    if self.result is not None:
+                        return
             raise _stream_truncated(self._key)
         finally:
             await response.aclose()
@@ -792,16 +849,11 @@ class AsyncMessages:
         http = self._client._http
 
         async def attempt(credentials: Credentials) -> Message | Refused:
+            request = _request(http, call, credentials)
             with _transport_errors(call.key, call.url):
-                response = await http.post(
-                    call.url, json=_payload(call.body, credentials), timeout=call.timeout
-                )
+                response = await http.send(request)
             return interpret(
-                response.status_code,
-                response.content,
-                key=call.key,
-                model=call.model,
-                redactor=_redactor(credentials),
+                response, key=call.key, model=call.model, redactor=_redactor(credentials)
             )
 
         return await self._client._run(call.key, attempt)  # type: ignore[no-any-return]
@@ -842,32 +894,25 @@ class AsyncMessages:
 
         async def attempt(credentials: Credentials) -> _Opened[AsyncIterator[str]] | Refused:
             redactor = _redactor(credentials)
-            request = http.build_request(
-                "POST", call.url, json=_payload(call.body, credentials), timeout=call.timeout
-            )
+            request = _request(http, call, credentials)
             with _transport_errors(call.key, call.url):
                 response = await http.send(request, stream=True)
             try:
                 with _transport_errors(call.key, call.url):
                     if not _streams(response):
-                        content = await response.aread()
-                        return _unstreamed(call, content, response.status_code, redactor)
-                    head: list[Event] = []
-                    verdict: Refused | bool = True
-                    lines = response.aiter_lines()
-                    async for line in lines:
-                        verdict = _head_line(head, line, call.key, redactor)
-                        if verdict is not False:
-                            break
-                    else:
-                        verdict = True
+                        await response.aread()
+                        return _unstreamed(call, response, redactor)
+                    outcome = await _aread_head(
+                        response, response.aiter_lines(), call.key, redactor
+                    )
             except BaseException:
                 await response.aclose()
                 raise
-            if isinstance(verdict, Refused):
+            if not isinstance(outcome, _Opened):
                 await response.aclose()
-                return verdict
-            return _Opened(response, head, redactor, lines)
+            if isinstance(outcome, WrapperError):
+                raise outcome
+            return outcome
 
         return AsyncMessageStream(lambda: self._client._run(call.key, attempt), call.key)
 
@@ -957,24 +1002,62 @@ def _streams(response: httpx.Response) -> bool:
     return response.status_code == 200 and content_type != "application/json"
 
 
-def _unstreamed(call: _Call, content: bytes, status: int, redactor: Redactor) -> Refused:
-    outcome = interpret(status, content, key=call.key, model=call.model, redactor=redactor)
+def _unstreamed(call: _Call, response: httpx.Response, redactor: Redactor) -> Refused:
+    """The error a stream request got instead of a stream (the body already read)."""
+    outcome = interpret(response, key=call.key, model=call.model, redactor=redactor)
     if isinstance(outcome, Refused):
         return outcome
     raise WrapperError(
         f"the wrapper answered a stream request for key {call.key!r} with a plain message",
-        status=status,
+        status=response.status_code,
         key=call.key,
     )
 
 
-def _head_line(head: list[Event], line: str, key: str, redactor: Redactor) -> Refused | bool:
-    document = parse_line(line)
+def _head_line(
+    head: list[Event], line: str, key: str, redactor: Redactor
+) -> Refused | WrapperError | bool:
+    document = read_line(line)
     if document is None:
         return False
     if document is DONE:
         return True
+    if isinstance(document, WrapperError):
+        return document
     return head_step(head, document, key=key, redactor=redactor)
+
+
+def _read_head(
+    response: httpx.Response, lines: Iterator[str], key: str, redactor: Redactor
+) -> _Opened[Iterator[str]] | Refused | WrapperError:
+    """The stream opened past its head, or what ended it; errors are returned, not raised.
+
+    The head and the last line stay in this frame: on an in-band error they quote it.
+    """
+    head: list[Event] = []
+    verdict: Refused | WrapperError | bool = True
+    for line in lines:
+        verdict = _head_line(head, line, key, redactor)
+        if verdict is not False:
+            break
+    if verdict is True or verdict is False:
+        return _Opened(response, head, redactor, lines)
+    return verdict
+
+
+async def _aread_head(
+    response: httpx.Response, lines: AsyncIterator[str], key: str, redactor: Redactor
+) -> _Opened[AsyncIterator[str]] | Refused | WrapperError:
+    """The async twin of :func:`_read_head`."""
+    head: list[Event] = []
+    verdict: Refused | WrapperError | bool = True
+    async for line in lines:
+        verdict = _head_line(head, line, key, redactor)
+        if verdict is not False:
+            break
+    if verdict is True or verdict is False:
+        return _Opened(response, head, redactor, lines)
+    return verdict
 
 
 def _health(status: int, content: bytes) -> Health:

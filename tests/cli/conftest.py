@@ -155,3 +155,11 @@ def error_line(result: Result) -> str:
     assert 1 == len(lines), result.stderr
     assert lines[0].startswith(PREFIX), lines[0]
     return lines[0][len(PREFIX) :]
+
+
+def damage(store_url: str, key: str) -> None:
+    """Give the record under ``key`` in the file store a field of the wrong type."""
+    path = Path(store_url.removeprefix("file://"))
+    document = json.loads(path.read_bytes())
+    document["records"][key]["expires_at"] = "tomorrow"
+    path.write_text(json.dumps(document))

@@ -8,7 +8,7 @@ from credkeeper import KeyRing
 from credkeeper._cli_errors import ExitCode
 from credkeeper.testing import FakeProvider
 
-from .conftest import Cli, error_line, import_credentials, stored, write_keys
+from .conftest import Cli, damage, error_line, import_credentials, stored, write_keys
 
 
 def sealed_with(store_url: str, key: str) -> set[str]:
@@ -50,3 +50,22 @@ class TestRekey:
 
         assert ExitCode.DECRYPTION == result.exit_code
         assert "under key 'alice' could not be decrypted" in error_line(result)
+
+    def test_a_damaged_record_is_named_and_the_others_are_resealed(
+        self,
+        run: Cli,
+        fake: FakeProvider,
+        keys_file: Path,
+        keyring: KeyRing,
+        store_url: str,
+    ) -> None:
+        """One damaged record exits 4, named on stderr, after every other record is re-sealed."""
+        import_credentials(run, "alice", fake.issue())
+        import_credentials(run, "bob", fake.issue())
+        damage(store_url, "bob")
+        write_keys(keys_file, keyring.rotated("k2"))
+
+        result = run("rekey")
+
+        assert (ExitCode.STORE, {"k2"}) == (result.exit_code, sealed_with(store_url, "alice"))
+        assert "'bob'" in error_line(result)

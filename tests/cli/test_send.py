@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import secrets
 from collections.abc import Iterator
+from urllib.parse import quote, quote_plus
 
 import pytest
 
+from credkeeper import Credentials
 from credkeeper._cli_errors import ExitCode
-from credkeeper.testing import FakeProvider, FakeWrapper, WrapperFault
+from credkeeper.testing import FakeProvider, FakeWrapper, Fault, WrapperFault
 
 from .conftest import Cli, error_line, import_credentials, leaked
 
@@ -120,3 +124,89 @@ class TestSend:
         result = send("send", "alice", "hi", "--model", "")
 
         assert (ExitCode.USAGE, True) == (result.exit_code, "model" in error_line(result))
+
+    def test_invalid_request_echo_hides_tokens(
+        self, send: Cli, fake: FakeProvider, wrapper: FakeWrapper
+    ) -> None:
+        """A 422 whose msg and input echo the credentials exits 2, and its line shows none."""
+        credentials = fake.issue()
+        import_credentials(send, "alice", credentials)
+        wrapper.fail_next(unprocessable(credentials))
+
+        result = send("send", "alice", "hi")
+
+        assert (ExitCode.USAGE, set()) == (result.exit_code, leaked(fake, result))
+
+    def test_plain_http_wrapper_url_refused(self, run: Cli, fake: FakeProvider) -> None:
+        """A --wrapper-url in plain http to another host exits 2 naming https; nothing is sent."""
+        import_credentials(run, "alice", fake.issue())
+
+        result = Cli([*run.options, "--wrapper-url", "http://wrapper.example.com"])(
+            "send", "alice", "hi"
+        )
+
+        assert (ExitCode.USAGE, True) == (result.exit_code, "must use https" in error_line(result))
+
+
+def opaque(kind: str) -> str:
+    return f"1//{kind}.{secrets.token_hex(12)}+{secrets.token_hex(6)}/{secrets.token_hex(6)}="
+
+
+class TestOpaqueTokens:
+    @pytest.fixture
+    def fake(self) -> Iterator[FakeProvider]:
+        """A provider minting tokens without the sk-ant- shape the patterns would catch."""
+        with FakeProvider(mint=opaque) as provider:
+            yield provider
+
+    def test_unreadable_token_answer_hides_new_tokens(
+        self, send: Cli, fake: FakeProvider, wrapper: FakeWrapper
+    ) -> None:
+        """A 200 token answer with tokens in lists exits 5, and its line shows no token."""
+        import_credentials(send, "alice", fake.issue(expires_in=120))
+        fake.fail_next(
+            Fault.reshape(
+                lambda answer: {
+                    **answer,
+                    "access_token": [answer["access_token"]],
+                    "refresh_token": [answer["refresh_token"]],
+                }
+            )
+        )
+
+        result = send("send", "alice", "hi")
+
+        assert (ExitCode.PROVIDER, set()) == (result.exit_code, leaked(fake, result))
+
+    def test_invalid_request_echo_hides_tokens(
+        self, send: Cli, fake: FakeProvider, wrapper: FakeWrapper
+    ) -> None:
+        """A 422 echoing opaque tokens URL-encoded exits 2, and its line shows none of them."""
+        credentials = fake.issue()
+        import_credentials(send, "alice", credentials)
+        wrapper.fail_next(unprocessable(credentials))
+
+        result = send("send", "alice", "hi")
+
+        shown = result.stdout + result.stderr
+        assert (ExitCode.USAGE, []) == (
+            result.exit_code,
+            [form for form in encoded(fake.all_tokens()) if form in shown],
+        )
+
+
+def unprocessable(credentials: Credentials) -> WrapperFault:
+    """A FastAPI 422 whose msg and input echo the oauth_credentials sent."""
+    access = credentials.access_token.get_secret_value()
+    refresh = credentials.refresh_token.get_secret_value()
+    detail = {
+        "type": "value_error",
+        "loc": ["body", "oauth_credentials"],
+        "msg": f"Value error, bad credentials {access} refresh_token={quote(refresh, safe='')}",
+        "input": credentials.to_wrapper(),
+    }
+    return WrapperFault.status(422, body=json.dumps({"detail": [detail]}))
+
+
+def encoded(tokens: set[str]) -> set[str]:
+    return {form for token in tokens for form in (token, quote(token, safe=""), quote_plus(token))}

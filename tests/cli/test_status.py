@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
-from credkeeper import open_store
+from credkeeper import Credentials, KeyRing, open_store
+from credkeeper._cli_errors import PREFIX
 from credkeeper._cli_format import humanise
+from credkeeper._journal import RescueEntry, RescueJournal
 from credkeeper._store import CredentialStore
 from credkeeper.testing import FakeProvider
 
-from .conftest import Cli, import_credentials, leaked, stored
+from .conftest import Cli, damage, import_credentials, leaked, stored
+
+WARNING = "credkeeper: warning: "
 
 
 def table_row(stdout: str, key: str) -> list[str]:
@@ -86,6 +91,139 @@ class TestStatusTable:
         results = [run("status"), run("status", "--json")]
 
         assert set() == leaked(fake, *results)
+
+
+def journal_entry(directory: Path, keyring: KeyRing | None) -> RescueEntry:
+    """Write a rescue entry for 'alice' into the journal at ``directory``; return it."""
+    entry = RescueEntry(
+        id=RescueJournal.new_id(),
+        key="alice",
+        credentials=Credentials(
+            access_token="a", refresh_token="r", expires_at=datetime.now(UTC) + timedelta(hours=8)
+        ),
+        replaces="0" * 40,
+        created_at=datetime.now(UTC),
+    )
+    RescueJournal(directory, keyring=keyring).write(entry)
+    return entry
+
+
+def lines_starting(text: str, prefix: str) -> list[str]:
+    """The lines of ``text`` that start with ``prefix``, without it."""
+    return [line[len(prefix) :] for line in text.splitlines() if line.startswith(prefix)]
+
+
+class TestDamagedRecords:
+    def test_other_records_are_listed_and_the_damaged_one_named(
+        self, run: Cli, fake: FakeProvider, store_url: str
+    ) -> None:
+        """A damaged record is named on stderr while every other record still shows."""
+        import_credentials(run, "alice", fake.issue())
+        import_credentials(run, "bob", fake.issue())
+        damage(store_url, "bob")
+
+        result = run("status")
+
+        [error] = lines_starting(result.stderr, PREFIX)
+        expected = ("alice", True, True)
+        assert expected == (
+            table_row(result.stdout, "alice")[0].strip(),
+            "'bob'" in error,
+            "expires_at" in error,
+        )
+
+    def test_exits_4(self, run: Cli, fake: FakeProvider, store_url: str) -> None:
+        """status exits 4, the store's code, when a record is damaged."""
+        import_credentials(run, "alice", fake.issue())
+        damage(store_url, "alice")
+
+        result = run("status")
+
+        assert 4 == result.exit_code
+
+    def test_json_lists_the_readable_records_and_exits_4(
+        self, run: Cli, fake: FakeProvider, store_url: str
+    ) -> None:
+        """--json prints the readable records, names the damaged one on stderr, and exits 4."""
+        import_credentials(run, "alice", fake.issue())
+        import_credentials(run, "bob", fake.issue())
+        damage(store_url, "bob")
+
+        result = run("status", "--json")
+
+        expected = (4, ["alice"], 1)
+        assert expected == (
+            result.exit_code,
+            [entry["key"] for entry in json.loads(result.stdout)],
+            len([line for line in lines_starting(result.stderr, PREFIX) if "'bob'" in line]),
+        )
+
+
+class TestJournalWarnings:
+    def test_a_healthy_store_and_journal_print_nothing_on_stderr(
+        self, run: Cli, fake: FakeProvider
+    ) -> None:
+        """After an import and a refresh, status writes nothing to stderr and exits 0."""
+        import_credentials(run, "alice", fake.issue())
+        run("refresh", "alice")
+
+        result = run("status")
+
+        expected = (0, "")
+        assert expected == (result.exit_code, result.stderr)
+
+    def test_an_unusable_key_file_is_a_warning_with_the_fix(
+        self, store_url: str, tmp_path: Path
+    ) -> None:
+        """A journal key file others can read is a warning naming it and chmod 600; exit 0."""
+        journal = tmp_path / "journal"
+        journal_entry(journal, None)
+        (journal / "journal.key").chmod(0o640)
+
+        result = Cli(["--store", store_url, "--journal", str(journal)])("status")
+
+        [warning] = lines_starting(result.stderr, WARNING)
+        expected = (0, True, True)
+        assert expected == (
+            result.exit_code,
+            str(journal / "journal.key") in warning,
+            "chmod 600" in warning,
+        )
+
+    def test_a_journal_directory_others_can_write_is_a_warning(
+        self, run: Cli, tmp_path: Path
+    ) -> None:
+        """A journal directory writable by others is a warning naming it."""
+        journal = tmp_path / "journal"
+        journal.mkdir()
+        journal.chmod(0o777)
+
+        result = run("status")
+
+        [warning] = lines_starting(result.stderr, WARNING)
+        expected = (True, True)
+        assert expected == (str(journal) in warning, "chmod go-w" in warning)
+
+    def test_the_default_journal_is_checked(self, store_url: str, tmp_path: Path) -> None:
+        """Without --journal, the journal under $XDG_STATE_HOME is the one checked."""
+        journal = tmp_path / "xdg-state" / "credkeeper" / "journal"
+        journal_entry(journal, None)
+        (journal / "journal.key").chmod(0o644)
+
+        result = Cli(["--store", store_url])("status")
+
+        [warning] = lines_starting(result.stderr, WARNING)
+        assert str(journal / "journal.key") in warning
+
+    def test_an_entry_under_a_dropped_key_is_a_warning(self, run: Cli, tmp_path: Path) -> None:
+        """An entry sealed under a key the ring lacks is named with its key id."""
+        entry = journal_entry(tmp_path / "journal", KeyRing.generate("k0"))
+
+        result = run("status")
+
+        [warning] = lines_starting(result.stderr, WARNING)
+        expected = (0, True, True)
+        assert expected == (result.exit_code, f"{entry.id}.json" in warning, "'k0'" in warning)
 
 
 class TestStatusJson:

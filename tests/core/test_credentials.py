@@ -141,6 +141,14 @@ class TestConstructor:
 
         assert "refresh_token" == info.value.field
 
+    @pytest.mark.parametrize("field", ["access_token", "refresh_token"])
+    def test_lone_surrogate_token_refused(self, field: str) -> None:
+        """A token holding a lone surrogate, which no store could seal, raises naming the field."""
+        with pytest.raises(CredentialsError) as info:
+            make(**{field: "sk-ant-oat01-half\ud800pair"})
+
+        assert (field, True) == (info.value.field, "surrogate" in str(info.value))
+
     def test_scopes_from_string(self) -> None:
         """Scopes given as a space-separated string are split into a tuple."""
         assert ("a", "b") == make(scopes="a  b").scopes
@@ -246,8 +254,7 @@ class TestSecret:
 
     def test_from_secret(self) -> None:
         """A Secret built from a Secret holds the same value."""
-        # The annotation says str, but __init__ unwraps a Secret on purpose.
-        assert Secret(ACCESS) == Secret(Secret(ACCESS))  # type: ignore[arg-type]
+        assert Secret(ACCESS) == Secret(Secret(ACCESS))
 
     def test_non_string_refused(self) -> None:
         """A Secret must wrap a str."""
@@ -281,6 +288,10 @@ class TestSecret:
     def test_truthiness(self) -> None:
         """A Secret is false exactly when its value is empty."""
         assert (True, False) == (bool(Secret("x")), bool(Secret("")))
+
+    def test_lone_surrogate_compares(self) -> None:
+        """Secrets holding a lone surrogate compare by value instead of raising."""
+        assert Secret("half\ud800pair") == Secret("half\ud800pair")
 
 
 class TestEquality:
@@ -420,6 +431,16 @@ class TestFromTokenResponse:
             Credentials.from_token_response(without(token_response(), "expires_in"), now=NOW)
 
         assert "expires_in" == info.value.field
+
+    @pytest.mark.parametrize("field", ["access_token", "refresh_token"])
+    def test_lone_surrogate_in_json_text(self, field: str) -> None:
+        """A token escaped as a lone surrogate in the JSON text raises for its field."""
+        text = json.dumps({**token_response(), field: "sk-ant-oat01-half\ud800pair"})
+
+        with pytest.raises(CredentialsError) as info:
+            Credentials.from_token_response(text, now=NOW)
+
+        assert field == info.value.field
 
     def test_missing_access_token(self) -> None:
         """A response without access_token raises for access_token."""

@@ -7,7 +7,9 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import httpx
 import pytest
 
 from credkeeper import (
@@ -29,13 +31,14 @@ from credkeeper import (
     WrapperError,
     WrapperUnavailable,
 )
-from credkeeper._messages import DONE, build_body, parse_event, parse_line, violations_from_422
+from credkeeper._messages import DONE, build_body, parse_event, read_line, violations_from_422
 from credkeeper._redact import Redactor
 from credkeeper._wrapper import Attempt, Fetch, Refused, Renew, call_flow, interpret
 
 ACCESS = "sk-ant-oat01-" + "a" * 40
 REFRESH = "sk-ant-ort01-" + "r" * 40
 SECRETS = (ACCESS, REFRESH)
+ODD = "opaque/QZXJ+4711="
 USER = [{"role": "user", "content": "hello"}]
 
 
@@ -190,6 +193,21 @@ class TestViolationsFrom422:
             FieldViolation("mcp_servers.s", "Either 'command' or 'url' must be provided"),
         ] == violations_from_422(detail)
 
+    def test_messages_redacted(self) -> None:
+        """A message quoting the tokens sent has them masked, whatever their encoding."""
+        detail = {
+            "detail": [
+                {
+                    "loc": ["body", "oauth_credentials"],
+                    "msg": f"Value error, bad {ODD} and {quote(ODD, safe='')}",
+                }
+            ]
+        }
+
+        assert [
+            FieldViolation("oauth_credentials", "bad [REDACTED] and [REDACTED]")
+        ] == violations_from_422(detail, Redactor([ODD]))
+
     def test_input_not_quoted(self) -> None:
         """The echoed input, which holds tokens, stays out of the error."""
         detail = {"detail": [{"loc": ["body", "x"], "msg": "bad", "input": {"t": ACCESS}}]}
@@ -309,27 +327,30 @@ class TestRedactor:
 class TestParseLine:
     def test_ndjson_line(self) -> None:
         """A bare JSON line is an object."""
-        assert {"type": "result"} == parse_line('{"type": "result"}\n')
+        assert {"type": "result"} == read_line('{"type": "result"}\n')
 
     def test_sse_data_line(self) -> None:
         """An SSE data line is its JSON object."""
-        assert {"type": "system"} == parse_line('data: {"type": "system"}')
+        assert {"type": "system"} == read_line('data: {"type": "system"}')
 
     def test_done(self) -> None:
         """data: [DONE] ends the stream."""
-        assert DONE is parse_line("data: [DONE]")
+        assert DONE is read_line("data: [DONE]")
 
     @pytest.mark.parametrize("line", ["", "   ", ": keepalive", "event: message", "id: 3"])
     def test_skipped(self, line: str) -> None:
         """Blank lines, comments and other SSE fields are skipped."""
-        assert parse_line(line) is None
+        assert read_line(line) is None
 
     def test_garbage_refused(self) -> None:
-        """A line that is not JSON is a WrapperError that does not quote it."""
-        with pytest.raises(WrapperError) as error:
-            parse_line(f"oops {ACCESS}")
+        """A line that is not JSON comes back as a WrapperError that does not quote it."""
+        error = read_line(f"oops {ACCESS}")
 
-        assert ACCESS not in str(error.value)
+        assert (WrapperError, False) == (type(error), ACCESS in str(error))
+
+    def test_deep_nesting_refused(self) -> None:
+        """A line nested too deep to decode is a WrapperError, not a RecursionError."""
+        assert isinstance(read_line("[" * 100_000), WrapperError)
 
 
 class TestParseEvent:
@@ -417,7 +438,8 @@ def error_body(message: str, code: str = "cli_error") -> bytes:
 
 
 def read(status: int, content: bytes) -> Message | Refused:
-    return interpret(status, content, key="alice", model="sonnet", redactor=Redactor(SECRETS))
+    response = httpx.Response(status, content=content)
+    return interpret(response, key="alice", model="sonnet", redactor=Redactor(SECRETS))
 
 
 class TestInterpret:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qsl, unquote_plus
+from urllib.parse import parse_qsl, quote, quote_plus, unquote_plus
 
 import httpx
 import pytest
@@ -18,7 +19,9 @@ from credkeeper import (
     Provider,
     ProviderError,
     ProviderUnavailable,
+    Secret,
 )
+from credkeeper._provider import SalvagedAnswer
 
 NOW = datetime(2030, 5, 17, 12, 0, tzinfo=UTC)
 OLD_ACCESS = "opaque-OLDaccess-4711"
@@ -86,6 +89,12 @@ class TestClaudeCodeProfile:
             "client_id": CLAUDE_CODE_CLIENT_ID,
             "scope": CLAUDE_CODE_SCOPE,
         } == json_body(request)
+
+    def test_refresh_token_as_secret(self) -> None:
+        """A refresh token given as a Secret is sent as its value."""
+        request = Provider.claude_code().build_request(Secret(OLD_REFRESH))
+
+        assert OLD_REFRESH == json_body(request)["refresh_token"]
 
     def test_content_type(self) -> None:
         """The body is declared as JSON."""
@@ -304,6 +313,13 @@ class TestGenericProvider:
         with pytest.raises(ConfigurationError, match="https"):
             Provider(token_url=url)
 
+    def test_http_refusal_hides_url_password(self) -> None:
+        """The refusal of a plain http token_url does not repeat a password in it."""
+        with pytest.raises(ConfigurationError) as info:
+            Provider(token_url="http://id:hunter2@auth.example.com/token")
+
+        assert "hunter2" not in str(info.value)
+
     @pytest.mark.parametrize(
         "url", ["", "auth.example.com/token", "ftp://auth.example.com/token", "https:///token"]
     )
@@ -329,6 +345,7 @@ class TestGenericProvider:
             ({"timeout": -1.0}, "timeout"),
             ({"timeout": True}, "timeout"),
             ({"timeout": "15"}, "timeout"),
+            ({"client_secret": 42, "auth_method": "client_secret_post"}, "client_secret"),
         ],
         ids=[
             "unknown-method",
@@ -340,6 +357,7 @@ class TestGenericProvider:
             "timeout-negative",
             "timeout-bool",
             "timeout-str",
+            "secret-not-str",
         ],
     )
     def test_bad_option(self, options: dict[str, Any], named: str) -> None:
@@ -432,14 +450,106 @@ class TestParseSuccess:
 
         assert NOW == parse(generic(), reply).expires_at
 
-    def test_answer_without_access_token_raises_provider_error(self) -> None:
-        """A 200 JSON answer without an access token raises ProviderError, not CredentialsError."""
-        reply = response(200, {"refresh_token": "new-refresh", "expires_in": 3600})
+    def test_answer_without_any_token_raises_provider_error(self) -> None:
+        """A 200 JSON answer without tokens raises ProviderError, not CredentialsError."""
+        reply = response(200, {"expires_in": 3600})
 
         with pytest.raises(ProviderError) as info:
             parse(generic(), reply)
 
         assert (ProviderError, 200) == (type(info.value), info.value.status)
+
+
+UNUSABLE_ACCESS = {
+    "missing": {},
+    "null": {"access_token": None},
+    "empty": {"access_token": ""},
+    "number": {"access_token": 42},
+    "list": {"access_token": ["x"]},
+    "lone-surrogate": {"access_token": "new-access-\ud800-half"},
+}
+
+
+def salvaged(provider: Provider, reply: httpx.Response) -> SalvagedAnswer:
+    with pytest.raises(SalvagedAnswer) as info:
+        parse(provider, reply)
+    return info.value
+
+
+class TestSalvage:
+    @pytest.mark.parametrize("access", UNUSABLE_ACCESS.values(), ids=UNUSABLE_ACCESS.keys())
+    def test_rotated_refresh_token_is_kept(self, access: dict[str, Any]) -> None:
+        """An unusable access token beside a new refresh token keeps that refresh token, due now."""
+        # As JSON text: a lone surrogate only travels escaped.
+        body = json.dumps({**access, "refresh_token": "new-refresh", "expires_in": 3600})
+
+        assert (
+            Credentials(
+                access_token=OLD_ACCESS,
+                refresh_token="new-refresh",
+                expires_at=NOW,
+                scopes=("user:profile",),
+                subscription_type="max",
+            )
+            == salvaged(generic(), response(200, body)).credentials
+        )
+
+    def test_is_a_provider_error_with_status_200(self) -> None:
+        """The salvaged answer is a ProviderError carrying the answer's status."""
+        reply = response(200, {"access_token": 42, "refresh_token": "new-refresh"})
+
+        assert 200 == salvaged(generic(), reply).status
+
+    def test_message_names_the_field_and_the_kept_token(self) -> None:
+        """The message names the unusable field and says the new refresh token was kept."""
+        reply = response(200, {"access_token": 42, "refresh_token": "new-refresh"})
+
+        message = str(salvaged(generic(), reply))
+
+        assert (True, True) == ("access_token" in message, "refresh token was kept" in message)
+
+    def test_message_quotes_no_token(self) -> None:
+        """Neither the message nor the excerpt shows the new refresh token or the old ones."""
+        reply = response(200, {"access_token": [], "refresh_token": "LEAKEDnewRefresh"})
+
+        error = salvaged(generic(), reply)
+
+        text = f"{error} {error.excerpt}"
+        assert [] == [leak for leak in LEAKS if leak in text]
+
+    @pytest.mark.parametrize(
+        "refresh",
+        [{}, {"refresh_token": None}, {"refresh_token": ""}, {"refresh_token": 7}],
+        ids=["missing", "null", "empty", "number"],
+    )
+    def test_nothing_kept_without_a_readable_refresh_token(self, refresh: dict[str, Any]) -> None:
+        """Without a readable new refresh token the answer is a plain ProviderError."""
+        reply = response(200, {"access_token": 42, **refresh, "expires_in": 60})
+
+        with pytest.raises(ProviderError) as info:
+            parse(generic(), reply)
+
+        assert ProviderError is type(info.value)
+
+    def test_nothing_kept_when_the_refresh_token_did_not_rotate(self) -> None:
+        """An unusable access token beside the same refresh token has nothing to keep."""
+        reply = response(200, {"access_token": "", "refresh_token": OLD_REFRESH})
+
+        with pytest.raises(ProviderError) as info:
+            parse(generic(), reply)
+
+        assert ProviderError is type(info.value)
+
+    def test_lone_surrogate_in_refresh_token_refused(self) -> None:
+        """A new refresh token holding a lone surrogate is refused: it could never be stored."""
+        reply = response(
+            200, '{"access_token": "new-access", "refresh_token": "new-\\ud800", "expires_in": 9}'
+        )
+
+        with pytest.raises(ProviderError) as info:
+            parse(generic(), reply)
+
+        assert (ProviderError, True) == (type(info.value), "refresh_token" in str(info.value))
 
 
 class TestParseFailure:
@@ -577,6 +687,11 @@ SECRET_BODIES = {
     "client-secret": f"bad client credentials {CLIENT_SECRET}",
 }
 LEAKS = ("OLDaccess", "OLDrefresh", "LEAKED", "SECRET-value")
+NEW_ACCESS = "NEWopaqueAccessQZXJ4711abc"
+NEW_REFRESH = "NEWopaqueRefreshQZXJ0815xyz"
+# Tokens whose JSON and URL encodings differ from their plain form.
+ODD_ACCESS = 'acc/QZXJ+4711=é"quoted"'
+ODD_REFRESH = "ref/QZXJ+0815=ü\\back"
 
 
 class TestParseRedaction:
@@ -606,6 +721,45 @@ class TestParseRedaction:
             "OLDrefresh" in str(info.value),
             "OLDrefresh" in info.value.excerpt,
         )
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            {"data": {"access_token": NEW_ACCESS, "refresh_token": NEW_REFRESH}},
+            {"accessToken": NEW_ACCESS, "refreshToken": NEW_REFRESH, "expiresIn": 60},
+            {"access_token": [NEW_ACCESS], "refresh_token": [NEW_REFRESH]},
+            {"result": [{"at": NEW_ACCESS, "rt": NEW_REFRESH}]},
+        ],
+        ids=["nested", "camel-case", "lists", "unknown-names"],
+    )
+    def test_unreadable_success_body_hides_received_tokens(self, body: dict[str, Any]) -> None:
+        """A 200 body the parser cannot read shows none of the new tokens it carries."""
+        with pytest.raises(ProviderError) as info:
+            parse(generic(), response(200, body))
+
+        text = f"{info.value} {info.value.excerpt}"
+        assert [] == [token for token in (NEW_ACCESS, NEW_REFRESH) if token in text]
+
+    @pytest.mark.parametrize(
+        "encode",
+        [lambda s: s, lambda s: json.dumps(s)[1:-1], lambda s: quote(s, safe=""), quote_plus],
+        ids=["plain", "json", "url", "url-plus"],
+    )
+    def test_sent_tokens_hidden_in_every_encoding(self, encode: Callable[[str], str]) -> None:
+        """The tokens sent are masked plain, JSON-escaped and URL-encoded."""
+        previous = Credentials(access_token=ODD_ACCESS, refresh_token=ODD_REFRESH, expires_at=NOW)
+        body = f"refresh_token={encode(ODD_REFRESH)} access={encode(ODD_ACCESS)}"
+
+        with pytest.raises(ProviderError) as info:
+            generic().parse_response(response(400, body), previous=previous, now=NOW)
+
+        text = f"{info.value} {info.value.excerpt}"
+        assert [] == [
+            form
+            for token in (ODD_ACCESS, ODD_REFRESH)
+            for form in {token, json.dumps(token)[1:-1], quote(token, safe="")}
+            if form in text
+        ]
 
     def test_success_body_unusable_with_new_token(self) -> None:
         """A 200 body that cannot be used does not reveal the new token it carries."""

@@ -292,6 +292,43 @@ class TestCreate:
 
         assert ("healthy", "v36-files-watcher") == (health.status, health.version)
 
+    @pytest.mark.parametrize(
+        "url", ["http://wrapper.example.com", "http://10.0.0.1:8000", "http://127.0.0.2"]
+    )
+    def test_plain_http_elsewhere_refused(self, manager: TokenManager, url: str) -> None:
+        """Plain http to a host other than loopback is refused: the tokens would travel in clear."""
+        with pytest.raises(ConfigurationError, match=r"base_url must use https \(plain http"):
+            WrapperClient(manager, base_url=url)
+
+    @pytest.mark.parametrize(
+        "url",
+        ["http://127.0.0.1:8000", "http://localhost", "http://[::1]:9000/", "https://w.example"],
+    )
+    def test_https_or_loopback_accepted(self, manager: TokenManager, url: str) -> None:
+        """https anywhere, and plain http on loopback, are accepted."""
+        with WrapperClient(manager, base_url=url) as client:
+            assert url.rstrip("/") == client.base_url
+
+    @pytest.mark.parametrize("url", ["", "wrapper.example.com", "ftp://w.example", "https://"])
+    def test_not_a_url_refused(self, manager: TokenManager, url: str) -> None:
+        """A base_url that is not an absolute http(s) URL is refused, naming the public one."""
+        with pytest.raises(ConfigurationError, match=r"base_url.*public wrapper"):
+            WrapperClient(manager, base_url=url)
+
+    def test_refusal_hides_url_password(self, manager: TokenManager) -> None:
+        """The refusal of a plain http URL does not repeat its password."""
+        with pytest.raises(ConfigurationError) as error:
+            WrapperClient(manager, base_url="http://svc:hunter2@wrapper.example.com")
+
+        assert "hunter2" not in str(error.value)
+
+    def test_refusal_of_another_scheme_hides_url_password(self, manager: TokenManager) -> None:
+        """The refusal of a URL that is not http(s) does not repeat its password either."""
+        with pytest.raises(ConfigurationError) as error:
+            WrapperClient(manager, base_url="ftp://svc:hunter2@wrapper.example.com")
+
+        assert "hunter2" not in str(error.value)
+
     def test_wrong_manager_type(self, tmp_path: Path, fake: FakeProvider) -> None:
         """An AsyncTokenManager given to WrapperClient is a clear configuration error."""
         tokens = AsyncTokenManager(MemoryStore(), fake.provider(), journal=tmp_path)
@@ -602,6 +639,15 @@ class TestAsync:
         ):
             await m.put(KEY, fake.issue())
             yield c
+
+    @pytest.mark.anyio
+    async def test_plain_http_elsewhere_refused(
+        self, store: MemoryStore, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """The async client refuses plain http to a host other than loopback, as the sync one."""
+        async with AsyncTokenManager(store, fake.provider(), journal=tmp_path / "aj") as tokens:
+            with pytest.raises(ConfigurationError, match=r"base_url must use https \(plain http"):
+                AsyncWrapperClient(tokens, base_url="http://wrapper.example.com")
 
     @pytest.mark.anyio
     async def test_create(self, aclient: AsyncWrapperClient) -> None:

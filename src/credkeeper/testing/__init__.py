@@ -3,7 +3,8 @@
 Fakes that behave like the real systems, over real loopback HTTP: :class:`FakeProvider` (a
 rotating OAuth token endpoint with a fault schedule), :class:`FakeWrapper` (the Claude Wrapper
 API, checking tokens against a FakeProvider, with its own fault schedule) and :class:`FakeClock`
-(time that moves only when a test moves it); :class:`StoreConformance` and
+(time that moves only when a test moves it) and :class:`SkewedClock` (a host's clock
+running ahead or behind); :class:`StoreConformance` and
 :class:`AsyncStoreConformance`, the suite every store passes (it needs pytest); :func:`run_storm`,
 the many-process refresh storm.
 Use them in your own tests; they are part of the supported API.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ._clock import FakeClock
+from ._clock import FakeClock, SkewedClock
 from ._provider import FakeProvider, Fault, RefreshCall
 from ._storm import StormReport, run_storm
 from ._wrapper import FakeWrapper, WrapperCall, WrapperFault
@@ -37,6 +38,7 @@ __all__ = [
     "Fault",
     "KeySpace",
     "RefreshCall",
+    "SkewedClock",
     "StoreConformance",
     "StoreFactory",
     "StormReport",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
-__all__ = ["FakeClock"]
+__all__ = ["FakeClock", "SkewedClock"]
 
 _DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -83,3 +84,31 @@ class FakeClock:
         """Like :meth:`sleep`, then yield to the event loop once so other tasks can run."""
         self.sleep(seconds)
         await asyncio.sleep(0)
+
+
+class SkewedClock:
+    """The real clock, off by ``offset`` seconds: a host whose clock runs ahead (or behind).
+
+    ``now()`` is the system's time plus ``offset``; sleeping waits for real. Give managers in
+    different processes different offsets to test that hosts whose clocks disagree still
+    refresh once per expiry.
+    """
+
+    def __init__(self, offset: float | timedelta) -> None:
+        delta = offset if isinstance(offset, timedelta) else timedelta(seconds=offset)
+        self.offset = delta
+
+    def __repr__(self) -> str:
+        return f"SkewedClock(offset={self.offset.total_seconds():+g})"
+
+    def now(self) -> datetime:
+        """The system's time plus the offset, aware, in UTC."""
+        return datetime.now(UTC) + self.offset
+
+    def sleep(self, seconds: float) -> None:
+        """``time.sleep``."""
+        time.sleep(max(0.0, seconds))
+
+    async def asleep(self, seconds: float) -> None:
+        """``asyncio.sleep``."""
+        await asyncio.sleep(max(0.0, seconds))

@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import itertools
 import multiprocessing
 import multiprocessing.queues
 import multiprocessing.synchronize
@@ -141,6 +142,7 @@ _RACERS = 16
 _TASKS = 50
 _INCREMENTS_PER_TASK = 10
 _SCAN_KEYS = 300
+_CLOCK_READINGS = 5
 
 
 def _record(key: str, **changes: Any) -> Record:
@@ -447,6 +449,26 @@ async def _shutdown_loop() -> None:
     await loop.shutdown_default_executor()
 
 
+def _clock_report(
+    readings: Sequence[object], before: datetime, after: datetime, tolerance: timedelta
+) -> dict[str, bool]:
+    """Which of ``now()``'s promises ``readings``, taken between ``before`` and ``after``, keep."""
+    aware = [
+        reading
+        for reading in readings
+        if isinstance(reading, datetime) and reading.utcoffset() == timedelta(0)
+    ]
+    return {
+        "aware, in UTC": len(aware) == len(readings),
+        "near the host's clock": all(
+            before - tolerance <= reading <= after + tolerance for reading in aware
+        ),
+        "never going backwards": all(
+            earlier <= later for earlier, later in itertools.pairwise(aware)
+        ),
+    }
+
+
 class StoreConformance:
     """The conformance suite for :class:`~credkeeper.CredentialStore` implementations.
 
@@ -465,6 +487,10 @@ class StoreConformance:
     #: Seconds a concurrency case (threads, processes, one store call through
     #: :class:`BlockingStore`) may take before it fails as hung. Raise it for slow backends.
     concurrency_timeout: ClassVar[float] = 60.0
+
+    #: How far a store's own clock (``now()``) may be from the test host's. Its servers and the
+    #: test host are expected to keep time with NTP; widen it for a server that does not.
+    clock_tolerance: ClassVar[timedelta] = timedelta(seconds=5)
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -725,6 +751,25 @@ class StoreConformance:
         assert isinstance(result, Iterator)
         assert [keys()] == keys.own(result)
 
+    # -- the store's clock -----------------------------------------------------------------
+
+    def test_now_is_aware_utc_near_the_hosts_clock_and_never_goes_back(
+        self, store: CredentialStore
+    ) -> None:
+        """A store's now(), if it has one, is aware UTC, near the host's clock, never going back."""
+        now = getattr(store, "now", None)
+        if now is None:
+            pytest.skip(
+                f"{type(store).__name__} has no now(): leases are judged on the manager's clock"
+            )
+        before = datetime.now(UTC)
+        readings = [now() for _ in range(_CLOCK_READINGS)]
+        after = datetime.now(UTC)
+        if readings[0] is None:
+            pytest.skip(f"{type(store).__name__}.now() returned None: the store has no clock")
+        report = _clock_report(readings, before, after, self.clock_tolerance)
+        assert dict.fromkeys(report, True) == report
+
     # -- lifecycle --------------------------------------------------------------------------
 
     def test_close_can_be_called(self, keys: KeySpace) -> None:
@@ -930,3 +975,25 @@ class AsyncStoreConformance(StoreConformance):
 
         is_async_iterator, scanned = portal.run(scan)
         assert (True, [due]) == (is_async_iterator, keys.own(scanned))
+
+    def test_now_is_aware_utc_near_the_hosts_clock_and_never_goes_back(  # type: ignore[override]
+        self, portal: BlockingStore
+    ) -> None:
+        """An async store's ``now()``, if it has one, keeps the same promises as a sync one's."""
+        now = getattr(portal.async_store, "now", None)
+        if now is None:
+            pytest.skip(
+                f"{type(portal.async_store).__name__} has no now(): leases are judged on the "
+                "manager's clock"
+            )
+
+        async def read() -> tuple[datetime, list[object], datetime]:
+            before = datetime.now(UTC)
+            readings = [await now() for _ in range(_CLOCK_READINGS)]
+            return before, readings, datetime.now(UTC)
+
+        before, readings, after = portal.run(read)
+        if readings[0] is None:
+            pytest.skip(f"{type(portal.async_store).__name__}.now() returned None: no clock")
+        report = _clock_report(readings, before, after, self.clock_tolerance)
+        assert dict.fromkeys(report, True) == report

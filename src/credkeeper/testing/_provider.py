@@ -20,7 +20,7 @@ import secrets
 import threading
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
@@ -80,12 +80,15 @@ class Fault:
     did the work and only the answer got lost: the client then holds a dead token.
     """
 
-    kind: Literal["status", "timeout", "malformed", "drop"]
+    kind: Literal["status", "timeout", "malformed", "drop", "reshape"]
     code: int | None = None
     retry_after: float | str | None = None
     body: str | None = None
     seconds: float = 0.0
     consume: bool = False
+    transform: Callable[[dict[str, Any]], object] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @classmethod
     def status(
@@ -126,6 +129,19 @@ class Fault:
     def drop(cls, *, consume: bool = False) -> Fault:
         """Close the connection without sending any response."""
         return cls(kind="drop", consume=consume)
+
+    @classmethod
+    def reshape(cls, transform: Callable[[dict[str, Any]], object]) -> Fault:
+        """Refresh as usual (the token rotates), then answer 200 with ``transform(answer)``.
+
+        ``transform`` gets the normal JSON answer and returns the body to send: a ``str`` as
+        it is, anything else as JSON (a lone surrogate escaped, as JSON allows). For answers a
+        client cannot read although they carry the new tokens: nested, renamed, a token in a
+        list, an access token missing.
+        """
+        if not callable(transform):
+            raise TypeError(f"transform must be callable, not {type(transform).__name__}")
+        return cls(kind="reshape", transform=transform)
 
     @property
     def label(self) -> str:
@@ -416,7 +432,9 @@ class FakeProvider:
     client at :attr:`token_url`, and read what happened from :attr:`refresh_calls`,
     :meth:`access_token_state` and :meth:`refresh_token_state`. ``latency`` real seconds pass
     before each refresh request is checked, so concurrent refreshes overlap; ``clock`` decides
-    issue times and access-token expiry. Tokens are never printed, logged or shown in ``repr``.
+    issue times and access-token expiry. ``mint`` makes each new token, given ``"access"`` or
+    ``"refresh"`` (default: ``sk-ant-oat01-``/``sk-ant-ort01-`` and 64 random characters), for
+    tokens of other providers' shapes. Tokens are never printed, logged or shown in ``repr``.
     """
 
     def __init__(
@@ -431,6 +449,7 @@ class FakeProvider:
         require_client_id: bool = True,
         client_secret: str | None = None,
         scope: str = "user:inference user:profile user:sessions:claude_code",
+        mint: Callable[[Literal["access", "refresh"]], str] | None = None,
     ) -> None:
         if not math.isfinite(latency) or latency < 0:
             raise ValueError(f"latency must be a number of seconds >= 0, got {latency!r}")
@@ -448,6 +467,7 @@ class FakeProvider:
         self.require_client_id = require_client_id
         self._client_secret = client_secret
         self.scope = scope
+        self._mint = mint
 
         self._lock = threading.Condition(threading.Lock())
         self._families: dict[str, _Family] = {}
@@ -623,7 +643,7 @@ class FakeProvider:
         with self._lock:
             number = next(self._family_numbers)
             name = f"family-{number}"
-            access, refresh = _new_access_token(), _new_refresh_token()
+            access, refresh = self._new_token("access"), self._new_token("refresh")
             family = _Family(
                 name=name,
                 scopes=scope_tuple,
@@ -763,6 +783,8 @@ class FakeProvider:
                 return self._answer(request, None)
             if fault.kind == "status":
                 return self._answer_status_fault(request, fault)
+            if fault.kind == "reshape":
+                return self._answer_reshaped(request, fault)
             if fault.consume:
                 reply = self._answer(request, fault.label)
             else:
@@ -795,6 +817,15 @@ class FakeProvider:
                 fault.code, fault.body.encode(), _content_type_of(fault.body), tuple(headers)
             )
         return _json_reply(fault.code, _fault_body(fault.code), *headers)
+
+    def _answer_reshaped(self, request: _TokenRequest, fault: Fault) -> _Reply:
+        assert fault.transform is not None
+        reply = self._answer(request, fault.label)
+        if reply.status != 200:
+            return reply
+        shaped = fault.transform(json.loads(reply.body))
+        body = shaped if isinstance(shaped, str) else json.dumps(shaped)
+        return _Reply(200, body.encode(), _content_type_of(body), reply.headers)
 
     def _answer(self, request: _TokenRequest, outcome_override: str | None) -> _Reply:
         """Validate, rotate when the grant is good, log, and build the normal answer."""
@@ -865,7 +896,7 @@ class FakeProvider:
         if self.revoke_previous_access_tokens:
             for access in family.access_tokens:
                 self._access[access].revoked = True
-        access, refresh = _new_access_token(), _new_refresh_token()
+        access, refresh = self._new_token("access"), self._new_token("refresh")
         expiry = self.clock.now() + timedelta(seconds=self.access_token_lifetime)
         self._access[access] = _AccessToken(family.name, expiry)
         self._refresh[refresh] = _RefreshToken(family.name)
@@ -916,6 +947,14 @@ class FakeProvider:
             scopes=family.scopes,
             subscription_type=family.subscription_type,
         )
+
+    def _new_token(self, kind: Literal["access", "refresh"]) -> str:
+        if self._mint is None:
+            return _new_access_token() if kind == "access" else _new_refresh_token()
+        token = self._mint(kind)
+        if not isinstance(token, str) or not token:
+            raise TypeError(f"mint must return a non-empty str, not {type(token).__name__}")
+        return token
 
     @staticmethod
     def _invalid_client(*, basic: bool) -> _Reply:

@@ -13,7 +13,7 @@ import multiprocessing
 import queue
 import threading
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from credkeeper._registry import open_store
 from credkeeper._secret import Secret
 from credkeeper._store import CredentialStore
 
+from ._clock import SkewedClock
 from ._provider import FakeProvider
 
 __all__ = ["StormReport", "run_storm"]
@@ -71,6 +72,7 @@ def _storm_process(
     journal: str,
     key: str,
     threads: int,
+    skew: float,
     start: Any,
     results: Any,
 ) -> None:
@@ -81,6 +83,7 @@ def _storm_process(
             Provider.claude_code(token_url=token_url),
             keyring=KeyRing.parse(keys),
             journal=journal,
+            clock=SkewedClock(skew),
         )
     except Exception:  # noqa: BLE001 - reported to the parent, which fails the storm
         results.put(("error", traceback.format_exc(limit=3)))
@@ -114,13 +117,17 @@ def run_storm(
     threads: int = 16,
     latency: float = 0.2,
     timeout: float = 120.0,
+    clock_skews: Sequence[float] = (),
 ) -> StormReport:
     """Run one storm against the store at ``store_url`` and report what happened.
 
     ``directory`` holds the rescue journal. The store must be reachable from spawned processes
-    with the same URL and options. Tokens are sealed with a fresh key ring.
+    with the same URL and options. Tokens are sealed with a fresh key ring. ``clock_skews``
+    gives process ``i`` a clock off by ``clock_skews[i % len(clock_skews)]`` seconds, as if
+    each ran on a host whose clock disagrees with the others'.
     """
     options = dict(store_options or {})
+    skews = tuple(float(skew) for skew in clock_skews) or (0.0,)
     keyring = KeyRing.generate()
     journal = str(Path(directory) / "journal")
     context = multiprocessing.get_context("spawn")
@@ -145,12 +152,13 @@ def run_storm(
                     journal,
                     key,
                     threads,
+                    skews[number % len(skews)],
                     start,
                     results,
                 ),
                 daemon=True,
             )
-            for _ in range(processes)
+            for number in range(processes)
         ]
         for worker in workers:
             worker.start()

@@ -17,11 +17,17 @@ cases and the storm inherit the same credentials and nothing can reach a real ac
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import logging
 import os
+import threading
+import time
 import uuid
 from collections.abc import Iterator
-from urllib.parse import quote
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote, urlsplit
 
 import boto3
 import botocore.config
@@ -182,3 +188,86 @@ def sm_client(aws_endpoint: str) -> Iterator[object]:
     client = boto3.client("secretsmanager", region_name=REGION, endpoint_url=aws_endpoint)
     yield client
     client.close()
+
+
+# Headers the proxy sets itself rather than copying from moto's answer.
+_OWN_HEADERS = frozenset({"date", "server", "connection", "transfer-encoding", "content-length"})
+
+
+class Proxy:
+    """An HTTP proxy in front of moto's server that can move AWS's clock and throttle calls.
+
+    Every answer, moto's or the proxy's own, carries a ``Date`` header ``shift`` seconds off
+    the host's clock, as from an AWS whose clock disagrees with the host's. ``faults`` maps an
+    operation (``"GetSecretValue"``) to the HTTP status and AWS error code answered instead of
+    forwarding it, for as long as it is there: the throttling and server errors moto's server
+    cannot produce on demand. ``operations`` lists what was asked, in order.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self.shift = 0.0
+        self.faults: dict[str, tuple[int, str]] = {}
+        self.operations: list[str] = []
+        self._lock = threading.Lock()
+        proxy = self
+        target = urlsplit(upstream)
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                """Quiet: one line per request otherwise."""
+
+            def date_time_string(self, timestamp: float | None = None) -> str:
+                return formatdate(time.time() + proxy.shift, usegmt=True)
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                operation = (self.headers.get("X-Amz-Target") or "").rpartition(".")[2]
+                with proxy._lock:
+                    proxy.operations.append(operation)
+                    fault = proxy.faults.get(operation)
+                if fault is not None:
+                    status, code = fault
+                    answer = json.dumps({"__type": code, "message": "injected"}).encode()
+                    headers = [("Content-Type", "application/x-amz-json-1.1")]
+                    headers.append(("x-amzn-ErrorType", code))
+                else:
+                    connection = http.client.HTTPConnection(target.netloc, timeout=30)
+                    try:
+                        connection.request("POST", self.path, body, dict(self.headers.items()))
+                        response = connection.getresponse()
+                        status, answer = response.status, response.read()
+                        headers = [
+                            (name, value)
+                            for name, value in response.getheaders()
+                            if name.lower() not in _OWN_HEADERS
+                        ]
+                    finally:
+                        connection.close()
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def proxy(aws_endpoint: str) -> Iterator[Proxy]:
+    """A :class:`Proxy` in front of the session's endpoint, for this test."""
+    made = Proxy(aws_endpoint)
+    yield made
+    made.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import signal
@@ -11,6 +12,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -32,6 +34,7 @@ from credkeeper import (
     StoreUnavailable,
     TokenManager,
 )
+from credkeeper._budget import budget
 from credkeeper_file import FileStore
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -201,17 +204,17 @@ class TestFileStoreInit:
         monkeypatch.chdir(tmp_path)
         assert tmp_path / "creds.json" == FileStore("creds.json").path
 
-    def test_stores_through_a_symlink_share_the_real_file(self, tmp_path: Path) -> None:
-        """A store opened through a symlink writes the file it points to, keeping the link."""
-        real = tmp_path / "real.json"
-        link = tmp_path / "link.json"
-        FileStore(real).put(make_record())
+    def test_stores_through_a_symlinked_directory_share_the_real_file(self, tmp_path: Path) -> None:
+        """A store reached through a symlinked directory writes the real file, keeping the link."""
+        real = tmp_path / "real"
+        link = tmp_path / "link"
+        FileStore(real / "creds.json").put(make_record())
         link.symlink_to(real)
-        FileStore(link).put(make_record("bob"))
+        FileStore(link / "creds.json").put(make_record("bob"))
         expected = (True, ["alice", "bob"])
         assert expected == (
             link.is_symlink(),
-            sorted(json.loads(real.read_bytes())["records"]),
+            sorted(json.loads((real / "creds.json").read_bytes())["records"]),
         )
 
     @pytest.mark.parametrize("bad", [b"/srv/creds.json", "", "/srv/dir/", "/srv/a\x00b", 42])
@@ -492,6 +495,109 @@ class TestFileModes:
         assert expected == stat.S_IMODE(path.stat().st_mode)
 
 
+class TestPlantedFiles:
+    def test_a_symlink_as_the_data_file_is_refused(self, tmp_path: Path, path: Path) -> None:
+        """A symbolic link planted as the data file is not followed: StoreCorrupted names it."""
+        elsewhere = tmp_path / "elsewhere.json"
+        FileStore(elsewhere).put(make_record())
+        path.symlink_to(elsewhere)
+        with pytest.raises(StoreCorrupted, match="symbolic link") as caught:
+            FileStore(path).get("alice")
+        assert str(path) in str(caught.value)
+
+    def test_a_symlink_as_the_data_file_is_never_written_through(
+        self, tmp_path: Path, path: Path
+    ) -> None:
+        """A put refuses a symlinked data file, leaving the link and its target as they were."""
+        elsewhere = tmp_path / "elsewhere.json"
+        content = write_document(elsewhere, {})
+        path.symlink_to(elsewhere)
+        with pytest.raises(StoreCorrupted):
+            FileStore(path).put(make_record())
+        expected = (True, content)
+        assert expected == (path.is_symlink(), elsewhere.read_bytes())
+
+    def test_a_fifo_as_the_data_file_is_refused_without_hanging(self, path: Path) -> None:
+        """A FIFO planted as the data file raises StoreCorrupted at once instead of blocking."""
+        os.mkfifo(path, 0o600)
+        script = (
+            "import sys\n"
+            "from credkeeper import StoreCorrupted\n"
+            "from credkeeper_file import FileStore\n"
+            "try:\n"
+            "    FileStore(sys.argv[1]).get('alice')\n"
+            "except StoreCorrupted as exc:\n"
+            "    print('refused:', exc)\n"
+        )
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", script, str(path)],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail("reading a FIFO planted as the data file blocked")
+        expected = (True, True)
+        assert expected == (
+            result.stdout.startswith("refused:"),
+            "not a regular file" in result.stdout,
+        )
+
+    def test_a_symlink_as_the_lock_file_is_refused(self, tmp_path: Path, path: Path) -> None:
+        """A symbolic link where the lock file should be is not followed, nor its target made."""
+        target = tmp_path / "made-through-the-link"
+        Path(f"{path}.lock").symlink_to(target)
+        with pytest.raises(StoreCorrupted, match="symbolic link"):
+            FileStore(path).put(make_record())
+        expected = (False, False)
+        assert expected == (target.exists(), path.exists())
+
+
+class TestHostileDirectory:
+    @pytest.mark.parametrize("mode", [0o770, 0o707, 0o777, 0o1777])
+    def test_a_directory_others_can_write_is_refused(self, tmp_path: Path, mode: int) -> None:
+        """A directory group or others can write raises ConfigurationError with the fix."""
+        directory = tmp_path / "shared"
+        directory.mkdir()
+        directory.chmod(mode)
+        with pytest.raises(ConfigurationError, match="chmod go-w") as caught:
+            FileStore(directory / "creds.json").get("alice")
+        assert str(directory) in str(caught.value)
+
+    def test_nothing_is_written_in_a_directory_others_can_write(self, tmp_path: Path) -> None:
+        """A put into a directory others can write is refused before any file is made."""
+        directory = tmp_path / "shared"
+        directory.mkdir()
+        directory.chmod(0o777)
+        with pytest.raises(ConfigurationError):
+            FileStore(directory / "creds.json").put(make_record())
+        expected: list[str] = []
+        assert expected == os.listdir(directory)
+
+    def test_a_sticky_world_writable_parent_is_fine(self, tmp_path: Path) -> None:
+        """A /tmp-like parent is allowed: only the directory holding the file must be private."""
+        public = tmp_path / "public"
+        public.mkdir()
+        public.chmod(0o1777)
+        store = FileStore(public / "private" / "creds.json")
+        store.put(make_record())
+        expected = "1"
+        assert expected == store.get("alice").version  # type: ignore[union-attr]
+
+    def test_directories_are_made_private_under_umask_000(self, tmp_path: Path) -> None:
+        """Under umask 000 every directory the store makes, parents included, is 0700."""
+        old = os.umask(0)
+        try:
+            FileStore(tmp_path / "a" / "b" / "creds.json").put(make_record())
+        finally:
+            os.umask(old)
+        modes = [stat.S_IMODE((tmp_path / sub).stat().st_mode) for sub in ("a", "a/b")]
+        expected = [0o700, 0o700]
+        assert expected == modes
+
+
 class TestTempFiles:
     def test_none_left_after_writes(self, store: FileStore, path: Path) -> None:
         """Creates, updates and deletes leave only the data and lock files."""
@@ -628,11 +734,52 @@ class TestDamagedRecord:
         expected = (True, None)
         assert expected == (store.delete("alice"), store.get("alice"))
 
-    def test_scan_due_raises_naming_the_key(self, path: Path) -> None:
-        """scan_due raises StoreCorrupted naming a record it cannot read."""
+    def test_scan_due_skips_a_damaged_record(self, path: Path) -> None:
+        """scan_due lists the due keys it can read and leaves out a damaged record."""
+        write_document(
+            path,
+            {
+                "alice": stored_document(expires_at=None),
+                "bob": stored_document("bob", version=2),
+            },
+        )
+        expected = ["bob"]
+        assert expected == list(FileStore(path).scan_due(NOW + timedelta(days=1)))
+
+    def test_scan_due_warns_naming_a_damaged_record(
+        self, path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A record scan_due skips is named in a WARNING, with the reason."""
         write_document(path, {"alice": stored_document(expires_at=None)})
-        with pytest.raises(StoreCorrupted, match="'alice'"):
-            FileStore(path).scan_due(NOW)
+        list(FileStore(path).scan_due(NOW))
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        expected = 1
+        assert expected == len([m for m in warnings if "'alice'" in m and "expires_at" in m])
+
+    def test_damaged_records_names_each_with_its_reason(self, path: Path) -> None:
+        """damaged_records() maps every unreadable record's key to why it cannot be read."""
+        write_document(
+            path,
+            {
+                "alice": stored_document(expires_at=None),
+                "bob": stored_document("bob", version=2),
+                "carol": ["not", "a", "record"],
+            },
+        )
+        damaged = FileStore(path).damaged_records()
+        expected = (["alice", "carol"], True, True)
+        assert expected == (
+            sorted(damaged),
+            "'expires_at'" in damaged["alice"],
+            "not a JSON object" in damaged["carol"],
+        )
+
+    def test_a_sound_file_has_no_damaged_records(self, store: FileStore) -> None:
+        """damaged_records() is empty when every record reads, and for a missing file."""
+        before = store.damaged_records()
+        store.put(make_record())
+        expected: tuple[dict[str, str], dict[str, str]] = ({}, {})
+        assert expected == (before, store.damaged_records())
 
 
 class TestUnavailable:
@@ -695,6 +842,40 @@ class TestUnavailable:
         store.put(make_record())
         with lock_held_elsewhere(path), pytest.raises(StoreUnavailable, match="lock"):
             store.delete("alice")
+
+    def test_lock_wait_stops_at_the_call_budget(self, path: Path) -> None:
+        """Inside an engine call's budget, a held lock gives up at the budget, not lock_timeout."""
+        store = FileStore(path, lock_timeout=30)
+        with lock_held_elsewhere(path):
+            started = time.monotonic()
+            with budget(0.2), pytest.raises(StoreUnavailable) as caught:
+                store.put(make_record())
+            waited = time.monotonic() - started
+        expected = (True, "alice", True)
+        assert expected == (waited < 5, caught.value.key, "held" in str(caught.value))
+
+    def test_a_thread_waiting_behind_another_stops_at_its_budget(self, path: Path) -> None:
+        """A thread queued behind one that waits for the lock also gives up at its budget."""
+        store = FileStore(path, lock_timeout=30)
+        with lock_held_elsewhere(path) as holder:
+            # No budget here: this thread waits for the other process, holding the store's
+            # in-process lock, until that process dies.
+            first = threading.Thread(target=store.put, args=(make_record("bob"),))
+            first.start()
+            time.sleep(0.1)
+            started = time.monotonic()
+            with budget(0.2), pytest.raises(StoreUnavailable):
+                store.put(make_record())
+            waited = time.monotonic() - started
+            holder.kill()
+            holder.wait()
+            first.join(timeout=30)
+        expected = (True, False, ["bob"])
+        assert expected == (
+            waited < 5,
+            first.is_alive(),
+            list(store.scan_due(NOW + timedelta(days=1))),
+        )
 
     def test_a_killed_lock_holder_releases_the_lock(self, path: Path) -> None:
         """The OS drops the lock of a process that dies, so writes go on."""

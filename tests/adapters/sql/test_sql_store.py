@@ -31,9 +31,11 @@ from sqlalchemy.engine import make_url
 from credkeeper import (
     ConfigurationError,
     ConflictError,
+    Provider,
     Record,
     StoreError,
     StoreUnavailable,
+    TokenManager,
     open_store,
 )
 from credkeeper_sql import AsyncSQLStore, SQLStore, init_store
@@ -652,6 +654,15 @@ class TestEngines:
             store.get("alice")
 
         assert 1 == len(closed)
+
+    def test_an_async_driver_url_for_the_sync_manager_names_the_async_manager(
+        self, tmp_path: Path
+    ) -> None:
+        """TokenManager given an aiosqlite store says to use AsyncTokenManager."""
+        store = open_store(f"sqlite+aiosqlite:///{tmp_path / 'creds.db'}")
+
+        with pytest.raises(ConfigurationError, match="AsyncTokenManager"):
+            TokenManager(store, Provider.claude_code(), journal=tmp_path / "journal")
 
 
 # -- lost races --------------------------------------------------------------------------
