@@ -1,4 +1,4 @@
-"""Fixtures shared by every test: the fake provider, a clock, and real backend servers."""
+"""Fixtures shared by every test: the fake provider and wrapper, a clock, real backend servers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from credkeeper.testing import FakeClock, FakeProvider
+from credkeeper.testing import FakeClock, FakeProvider, FakeWrapper
 
 # postgres_url, mysql_url and the rule for unreachable servers: see tests/backends.py.
 pytest_plugins = ["tests.backends"]
@@ -29,3 +29,10 @@ def fake(clock: FakeClock) -> Iterator[FakeProvider]:
     """A rotating-token provider on loopback sharing the test's clock."""
     with FakeProvider(clock=clock) as provider:
         yield provider
+
+
+@pytest.fixture
+def wrapper(fake: FakeProvider) -> Iterator[FakeWrapper]:
+    """The fake wrapper on loopback, checking tokens against the test's provider."""
+    with FakeWrapper(fake) as server:
+        yield server

@@ -356,6 +356,26 @@ def _outcome(result: sa.CursorResult[Any]) -> Outcome:
     return Outcome(tuple(result.all()) if result.returns_rows else (), result.rowcount)
 
 
+def _execute(connection: sa.Connection, plan: Plan) -> Any:
+    """Execute ``plan``'s statements on ``connection``, each outcome sent back; its result."""
+    try:
+        statement = next(plan)
+        while True:
+            statement = plan.send(_outcome(connection.execute(statement)))
+    except StopIteration as stop:
+        return stop.value
+
+
+async def _execute_async(connection: AsyncConnection, plan: Plan) -> Any:
+    """:func:`_execute` on an async connection."""
+    try:
+        statement = next(plan)
+        while True:
+            statement = plan.send(_outcome(await connection.execute(statement)))
+    except StopIteration as stop:
+        return stop.value
+
+
 # -- SQLite's lock waits ------------------------------------------------------------------
 
 # A connection's busy timeout as it was configured, and as it is now: in Connection.info,
@@ -368,44 +388,36 @@ def _busy_timeout(configured: int, remaining: float | None) -> int:
     return configured if remaining is None else min(configured, int(remaining * 1000))
 
 
-def _bound_lock_waits(connection: sa.Connection) -> None:
-    """Make SQLite's wait for another writer's lock end by the credkeeper call's deadline.
+def _lock_waits(info: dict[Any, Any], remaining: float | None) -> Plan:
+    """The plan making SQLite's wait for another writer's lock end by the call's deadline.
 
     SQLite retries a locked file for the connection's busy timeout (30 s for a store's own
     engine) by itself; inside a credkeeper call that wait is part of the call's one budget.
-    A connection no budget ever touched keeps its own setting untouched.
+    ``info`` is the connection's; one no budget ever touched keeps its own setting untouched.
     """
-    if connection.dialect.name != "sqlite":
-        return
-    remaining = time_remaining()
-    state: list[int] | None = connection.info.get(_BUSY_TIMEOUT)
+    state: list[int] | None = info.get(_BUSY_TIMEOUT)
     if state is None:
         if remaining is None:
             return
-        configured = int(connection.exec_driver_sql("PRAGMA busy_timeout").scalar_one())
-        state = connection.info[_BUSY_TIMEOUT] = [configured, configured]
+        outcome = yield sa.text("PRAGMA busy_timeout")
+        configured = int(outcome.rows[0][0])
+        state = info[_BUSY_TIMEOUT] = [configured, configured]
     wanted = _busy_timeout(state[0], remaining)
     if wanted != state[1]:
-        connection.exec_driver_sql(f"PRAGMA busy_timeout = {wanted}")
+        yield sa.text(f"PRAGMA busy_timeout = {wanted}")
         state[1] = wanted
+
+
+def _bound_lock_waits(connection: sa.Connection) -> None:
+    """Bound SQLite's lock waits on ``connection`` by the call's deadline: :func:`_lock_waits`."""
+    if connection.dialect.name == "sqlite":
+        _execute(connection, _lock_waits(connection.info, time_remaining()))
 
 
 async def _bound_lock_waits_async(connection: AsyncConnection) -> None:
     """:func:`_bound_lock_waits` on an async connection."""
-    if connection.dialect.name != "sqlite":
-        return
-    remaining = time_remaining()
-    state: list[int] | None = connection.info.get(_BUSY_TIMEOUT)
-    if state is None:
-        if remaining is None:
-            return
-        result = await connection.exec_driver_sql("PRAGMA busy_timeout")
-        configured = int(result.scalar_one())
-        state = connection.info[_BUSY_TIMEOUT] = [configured, configured]
-    wanted = _busy_timeout(state[0], remaining)
-    if wanted != state[1]:
-        await connection.exec_driver_sql(f"PRAGMA busy_timeout = {wanted}")
-        state[1] = wanted
+    if connection.dialect.name == "sqlite":
+        await _execute_async(connection, _lock_waits(connection.info, time_remaining()))
 
 
 # -- the database's clock ----------------------------------------------------------------
@@ -551,14 +563,7 @@ class SQLStore:
         try:
             with self.engine.begin() as connection:
                 _bound_lock_waits(connection)
-                plan = plan_of(self._get_layout(connection))
-                statement = next(plan)
-                while True:
-                    outcome = _outcome(connection.execute(statement))
-                    try:
-                        statement = plan.send(outcome)
-                    except StopIteration as stop:
-                        return stop.value
+                return _execute(connection, plan_of(self._get_layout(connection)))
         except StoreError:
             raise
         except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
@@ -689,14 +694,7 @@ class AsyncSQLStore:
         try:
             async with self.engine.begin() as connection:
                 await _bound_lock_waits_async(connection)
-                plan = plan_of(await self._get_layout(connection))
-                statement = next(plan)
-                while True:
-                    outcome = _outcome(await connection.execute(statement))
-                    try:
-                        statement = plan.send(outcome)
-                    except StopIteration as stop:
-                        return stop.value
+                return await _execute_async(connection, plan_of(await self._get_layout(connection)))
         except StoreError:
             raise
         except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:

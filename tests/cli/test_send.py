@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Iterator
 from urllib.parse import quote, quote_plus
 
 import pytest
+from click.testing import Result
 
-from credkeeper import Credentials
 from credkeeper._cli_errors import ExitCode
 from credkeeper.testing import FakeProvider, FakeWrapper, Fault, WrapperFault
+from tests.echoes import unprocessable
 
 from .conftest import Cli, error_line, import_credentials, leaked
-
-
-@pytest.fixture
-def wrapper(fake: FakeProvider) -> Iterator[FakeWrapper]:
-    """The fake wrapper, checking tokens against the test's provider."""
-    with FakeWrapper(fake) as server:
-        yield server
 
 
 @pytest.fixture
@@ -129,11 +122,7 @@ class TestSend:
         self, send: Cli, fake: FakeProvider, wrapper: FakeWrapper
     ) -> None:
         """A 422 whose msg and input echo the credentials exits 2, and its line shows none."""
-        credentials = fake.issue()
-        import_credentials(send, "alice", credentials)
-        wrapper.fail_next(unprocessable(credentials))
-
-        result = send("send", "alice", "hi")
+        result = refused_as_unprocessable(send, fake, wrapper)
 
         assert (ExitCode.USAGE, set()) == (result.exit_code, leaked(fake, result))
 
@@ -182,11 +171,7 @@ class TestOpaqueTokens:
         self, send: Cli, fake: FakeProvider, wrapper: FakeWrapper
     ) -> None:
         """A 422 echoing opaque tokens URL-encoded exits 2, and its line shows none of them."""
-        credentials = fake.issue()
-        import_credentials(send, "alice", credentials)
-        wrapper.fail_next(unprocessable(credentials))
-
-        result = send("send", "alice", "hi")
+        result = refused_as_unprocessable(send, fake, wrapper)
 
         shown = result.stdout + result.stderr
         assert (ExitCode.USAGE, []) == (
@@ -195,17 +180,12 @@ class TestOpaqueTokens:
         )
 
 
-def unprocessable(credentials: Credentials) -> WrapperFault:
-    """A FastAPI 422 whose msg and input echo the oauth_credentials sent."""
-    access = credentials.access_token.get_secret_value()
-    refresh = credentials.refresh_token.get_secret_value()
-    detail = {
-        "type": "value_error",
-        "loc": ["body", "oauth_credentials"],
-        "msg": f"Value error, bad credentials {access} refresh_token={quote(refresh, safe='')}",
-        "input": credentials.to_wrapper(),
-    }
-    return WrapperFault.status(422, body=json.dumps({"detail": [detail]}))
+def refused_as_unprocessable(send: Cli, fake: FakeProvider, wrapper: FakeWrapper) -> Result:
+    """``send`` as alice, whose call the wrapper answers with a 422 echoing her credentials."""
+    credentials = fake.issue()
+    import_credentials(send, "alice", credentials)
+    wrapper.fail_next(unprocessable(credentials))
+    return send("send", "alice", "hi")
 
 
 def encoded(tokens: set[str]) -> set[str]:

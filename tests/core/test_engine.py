@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,21 +25,6 @@ from credkeeper import (
 from credkeeper.testing import FakeClock, FakeProvider, Fault
 
 KEY = "user-1"
-
-
-@pytest.fixture
-def store() -> MemoryStore:
-    """A fresh in-process store."""
-    return MemoryStore()
-
-
-@pytest.fixture
-def manager(
-    store: MemoryStore, fake: FakeProvider, clock: FakeClock, tmp_path: Path
-) -> Iterator[TokenManager]:
-    """A manager on the memory store, the fake provider and the fake clock."""
-    with TokenManager(store, fake.provider(), journal=tmp_path / "journal", clock=clock) as m:
-        yield m
 
 
 def stored(store: MemoryStore, key: str = KEY) -> Record:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, quote_plus
@@ -19,7 +19,6 @@ from urllib.parse import quote, quote_plus
 import pytest
 
 from credkeeper import (
-    AsyncTokenManager,
     AsyncWrapperClient,
     AuthFailed,
     CLIError,
@@ -38,8 +37,10 @@ from credkeeper import (
 )
 from credkeeper._provider import AuthMethod
 from credkeeper.testing import FakeClock, FakeProvider, FakeWrapper, Fault, WrapperFault
+from tests.echoes import echo, unprocessable
 
-KEY = "alice"
+from .conftest import KEY
+
 HELLO = [{"role": "user", "content": "hello"}]
 CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
 CLIENT_SECRET = "client/SECRET+" + secrets.token_hex(8) + "=é"
@@ -102,30 +103,11 @@ def fake(clock: FakeClock) -> Iterator[FakeProvider]:
 
 
 @pytest.fixture
-def manager(fake: FakeProvider, clock: FakeClock, tmp_path: Path) -> Iterator[TokenManager]:
-    """A manager on a memory store and the fake provider."""
-    with TokenManager(
-        MemoryStore(), fake.provider(), journal=tmp_path / "journal", clock=clock
-    ) as tokens:
-        yield tokens
-
-
-@pytest.fixture
 def due(manager: TokenManager, fake: FakeProvider) -> Credentials:
     """Stored credentials already expired, so the next get() must refresh."""
     credentials = fake.issue(expires_in=-60)
     manager.put(KEY, credentials)
     return credentials
-
-
-def echo(credentials: Credentials) -> str:
-    """A body that quotes the tokens sent, in every encoding a server might use."""
-    access = credentials.access_token.get_secret_value()
-    refresh = credentials.refresh_token.get_secret_value()
-    return (
-        f"refresh_token={quote(refresh, safe='')}&access={quote_plus(access)} "
-        f"json: {json.dumps({'token': refresh, 'at': access})} plain: {refresh} {access}"
-    )
 
 
 # -- the provider ------------------------------------------------------------------------
@@ -266,39 +248,6 @@ class TestProviderErrors:
 # -- the wrapper -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def wrapper(fake: FakeProvider) -> Iterator[FakeWrapper]:
-    """The wrapper on loopback, checking tokens against the fake provider."""
-    with FakeWrapper(fake) as server:
-        yield server
-
-
-@pytest.fixture
-def client(manager: TokenManager, wrapper: FakeWrapper) -> Iterator[WrapperClient]:
-    """The client under test."""
-    with WrapperClient(manager, base_url=wrapper.url) as c:
-        yield c
-
-
-@pytest.fixture
-def alice(manager: TokenManager, fake: FakeProvider) -> Credentials:
-    """Valid credentials, stored."""
-    credentials = fake.issue()
-    manager.put(KEY, credentials)
-    return credentials
-
-
-def unprocessable(credentials: Credentials) -> WrapperFault:
-    """A FastAPI 422 whose msg and input echo the oauth_credentials sent."""
-    detail = {
-        "type": "value_error",
-        "loc": ["body", "oauth_credentials"],
-        "msg": f"Value error, unusable credentials: {echo(credentials)}",
-        "input": credentials.to_wrapper(),
-    }
-    return WrapperFault.status(422, body=json.dumps({"detail": [detail]}))
-
-
 def faults(credentials: Credentials) -> dict[str, tuple[list[WrapperFault], type[Exception]]]:
     """Each wrapper error path: the faults that trigger it and the error it raises."""
     told = echo(credentials)
@@ -417,20 +366,6 @@ class TestWrapperErrors:
 
 
 class TestAsyncWrapperErrors:
-    @pytest.fixture
-    async def aclient(
-        self, fake: FakeProvider, clock: FakeClock, wrapper: FakeWrapper, tmp_path: Path
-    ) -> AsyncIterator[AsyncWrapperClient]:
-        """An async client on an async manager, with valid credentials stored."""
-        async with (
-            AsyncTokenManager(
-                MemoryStore(), fake.provider(), journal=tmp_path / "aj", clock=clock
-            ) as tokens,
-            AsyncWrapperClient(tokens, base_url=wrapper.url) as c,
-        ):
-            await tokens.put(KEY, fake.issue())
-            yield c
-
     @pytest.mark.anyio
     @pytest.mark.parametrize("path", PATHS)
     async def test_create(

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,46 +33,10 @@ from credkeeper import (
 )
 from credkeeper.testing import FakeClock, FakeProvider, FakeWrapper, WrapperFault
 
-KEY = "alice"
+from .conftest import KEY
+
 HELLO = [{"role": "user", "content": "hello"}]
 REPLY = "You said: hello"
-
-
-@pytest.fixture
-def store() -> MemoryStore:
-    """One in-process store shared by the test's managers."""
-    return MemoryStore()
-
-
-@pytest.fixture
-def wrapper(fake: FakeProvider) -> Iterator[FakeWrapper]:
-    """The wrapper on loopback, checking tokens against the fake provider."""
-    with FakeWrapper(fake) as server:
-        yield server
-
-
-@pytest.fixture
-def manager(
-    store: MemoryStore, fake: FakeProvider, clock: FakeClock, tmp_path: Path
-) -> Iterator[TokenManager]:
-    """A token manager with the default 15-minute leeway."""
-    with TokenManager(store, fake.provider(), journal=tmp_path / "journal", clock=clock) as m:
-        yield m
-
-
-@pytest.fixture
-def client(manager: TokenManager, wrapper: FakeWrapper) -> Iterator[WrapperClient]:
-    """The client under test, pointed at the fake wrapper."""
-    with WrapperClient(manager, base_url=wrapper.url) as c:
-        yield c
-
-
-@pytest.fixture
-def alice(manager: TokenManager, fake: FakeProvider) -> Credentials:
-    """Valid credentials for KEY, eight hours from expiry, already stored."""
-    credentials = fake.issue()
-    manager.put(KEY, credentials)
-    return credentials
 
 
 def outcomes(wrapper: FakeWrapper) -> list[str]:
@@ -623,23 +586,6 @@ class TestSecrets:
 
 
 class TestAsync:
-    @pytest.fixture
-    async def aclient(
-        self,
-        store: MemoryStore,
-        fake: FakeProvider,
-        clock: FakeClock,
-        wrapper: FakeWrapper,
-        tmp_path: Path,
-    ) -> AsyncIterator[AsyncWrapperClient]:
-        """An async client on an async manager over the same store."""
-        async with (
-            AsyncTokenManager(store, fake.provider(), journal=tmp_path / "aj", clock=clock) as m,
-            AsyncWrapperClient(m, base_url=wrapper.url) as c,
-        ):
-            await m.put(KEY, fake.issue())
-            yield c
-
     @pytest.mark.anyio
     async def test_plain_http_elsewhere_refused(
         self, store: MemoryStore, fake: FakeProvider, tmp_path: Path

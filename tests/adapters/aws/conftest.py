@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Iterator
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import boto3
@@ -34,6 +35,7 @@ import botocore.config
 import botocore.exceptions
 import pytest
 
+from credkeeper_aws import SecretsManagerStore
 from tests.backends import (
     Backend,
     _start_in_docker,
@@ -271,3 +273,20 @@ def proxy(aws_endpoint: str) -> Iterator[Proxy]:
     made = Proxy(aws_endpoint)
     yield made
     made.close()
+
+
+@pytest.fixture
+def prefix(sm_client: Any) -> Iterator[str]:
+    """This test's own secret name prefix; every secret under it is deleted afterwards."""
+    made = new_prefix()
+    yield made
+    for page in sm_client.get_paginator("list_secrets").paginate(
+        Filters=[{"Key": "name", "Values": [made]}]
+    ):
+        for entry in page["SecretList"]:
+            sm_client.delete_secret(SecretId=entry["Name"], ForceDeleteWithoutRecovery=True)
+
+
+def through(proxy: Proxy, prefix: str, **options: Any) -> SecretsManagerStore:
+    """A store on ``prefix`` whose calls go through ``proxy``."""
+    return SecretsManagerStore(prefix, region=REGION, endpoint_url=proxy.url, **options)

@@ -8,49 +8,19 @@ engine sets it, with :func:`credkeeper._budget.budget`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 
-from credkeeper import Record, StoreUnavailable
+from credkeeper import StoreUnavailable
 from credkeeper._budget import budget
 from credkeeper.testing import FakeClock
-from credkeeper_aws import SecretsManagerStore
+from tests.adapters.conftest import record
 
-from .conftest import REGION, Proxy, new_prefix
+from .conftest import Proxy, through
 
 THROTTLED = (400, "ThrottlingException")
 NOT_FOUND = (400, "ResourceNotFoundException")
 SERVER_FAULT = (500, "InternalServiceError")
-
-
-def record(key: str) -> Record:
-    """A never-stored record under ``key``."""
-    return Record(
-        key=key,
-        access_token="access",
-        refresh_token="refresh",
-        expires_at=datetime(2039, 1, 1, tzinfo=UTC),
-    )
-
-
-@pytest.fixture
-def prefix(sm_client: Any) -> Iterator[str]:
-    """This test's own secret name prefix; every secret under it is deleted afterwards."""
-    made = new_prefix()
-    yield made
-    for page in sm_client.get_paginator("list_secrets").paginate(
-        Filters=[{"Key": "name", "Values": [made]}]
-    ):
-        for entry in page["SecretList"]:
-            sm_client.delete_secret(SecretId=entry["Name"], ForceDeleteWithoutRecovery=True)
-
-
-def through(proxy: Proxy, prefix: str, **options: Any) -> SecretsManagerStore:
-    """A store on ``prefix`` whose calls go through ``proxy``."""
-    return SecretsManagerStore(prefix, region=REGION, endpoint_url=proxy.url, **options)
 
 
 class TestThrottling:

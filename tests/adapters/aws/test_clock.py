@@ -8,7 +8,6 @@ against moto's server through :class:`~tests.adapters.aws.conftest.Proxy`, which
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,12 +16,13 @@ import botocore.config
 import botocore.stub
 import pytest
 
-from credkeeper import Record, StoreError, StoreUnavailable
+from credkeeper import StoreError, StoreUnavailable
 from credkeeper.testing import FakeClock
 from credkeeper_aws import SecretsManagerStore
 from credkeeper_aws._server_clock import ServerClock
+from tests.adapters.conftest import record
 
-from .conftest import REGION, Proxy, new_prefix
+from .conftest import REGION, Proxy, through
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 MS = timedelta(milliseconds=1)
@@ -30,33 +30,6 @@ MS = timedelta(milliseconds=1)
 AT_START = "Thu, 01 Jan 2026 00:00:00 GMT"
 AT_START_PLUS_1 = "Thu, 01 Jan 2026 00:00:01 GMT"
 AT_START_PLUS_5 = "Thu, 01 Jan 2026 00:00:05 GMT"
-
-
-def record(key: str) -> Record:
-    """A never-stored record under ``key``."""
-    return Record(
-        key=key,
-        access_token="access",
-        refresh_token="refresh",
-        expires_at=datetime(2039, 1, 1, tzinfo=UTC),
-    )
-
-
-@pytest.fixture
-def prefix(sm_client: Any) -> Iterator[str]:
-    """This test's own secret name prefix; every secret under it is deleted afterwards."""
-    made = new_prefix()
-    yield made
-    for page in sm_client.get_paginator("list_secrets").paginate(
-        Filters=[{"Key": "name", "Values": [made]}]
-    ):
-        for entry in page["SecretList"]:
-            sm_client.delete_secret(SecretId=entry["Name"], ForceDeleteWithoutRecovery=True)
-
-
-def through(proxy: Proxy, prefix: str, **options: Any) -> SecretsManagerStore:
-    """A store on ``prefix`` whose calls go through ``proxy``."""
-    return SecretsManagerStore(prefix, region=REGION, endpoint_url=proxy.url, **options)
 
 
 # -- the estimate -------------------------------------------------------------------------------

@@ -23,13 +23,20 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from pymongo import MongoClient
-from pymongo.errors import PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
+from pymongo.monitoring import (
+    CommandFailedEvent,
+    CommandListener,
+    CommandStartedEvent,
+    CommandSucceededEvent,
+)
 
 from tests.backends import (
     CONNECT_TIMEOUT,
@@ -98,7 +105,7 @@ def start_secantus(directory: Path) -> tuple[subprocess.Popen[bytes] | None, str
     log = directory / "secantus.log"
     command = [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--storage-path", str(directory / "data"), "--log-level", "WARNING"]
-    # configureFailPoint, for the faults tests/adapters/mongo/test_mongo_store.py injects.
+    # configureFailPoint, for the faults the tests inject through fail_command below.
     command.append("--enable-test-commands")
     with log.open("wb") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
@@ -182,3 +189,47 @@ def mongo_client(mongodb_url: str) -> Iterator[MongoClient[dict[str, object]]]:
     client: MongoClient[dict[str, object]] = MongoClient(mongodb_url)
     with contextlib.closing(client):
         yield client
+
+
+# fail_command's arming function: (app, *commands, **data) fails app's next matching command.
+FailCommand = Callable[..., None]
+
+
+@pytest.fixture
+def fail_command(mongo_client: MongoClient[dict[str, object]]) -> Iterator[FailCommand]:
+    """Arms the server's ``failCommand`` fail point; skips when the server refuses it.
+
+    ``fail_command(app, *commands, **data)`` fails the next of ``commands`` that a client with
+    the appname ``app`` sends, once, as ``data`` says (``errorCode``, ``closeConnection``...).
+    """
+    try:
+        mongo_client.admin.command("configureFailPoint", "failCommand", mode="off")
+    except OperationFailure as exc:
+        pytest.skip(f"the server refuses configureFailPoint (test commands off): {exc}")
+
+    def arm(app: str, *commands: str, **data: Any) -> None:
+        mongo_client.admin.command(
+            "configureFailPoint",
+            "failCommand",
+            mode={"times": 1},
+            data={"failCommands": list(commands), "appName": app, **data},
+        )
+
+    yield arm
+    mongo_client.admin.command("configureFailPoint", "failCommand", mode="off")
+
+
+class Commands(CommandListener):
+    """The names of the commands a client sent, in order: pymongo's own monitoring API."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def started(self, event: CommandStartedEvent) -> None:
+        self.names.append(event.command_name)
+
+    def succeeded(self, event: CommandSucceededEvent) -> None:
+        """Not needed."""
+
+    def failed(self, event: CommandFailedEvent) -> None:
+        """Not needed."""

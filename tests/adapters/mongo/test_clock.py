@@ -9,50 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from bson.codec_options import CodecOptions
 from pymongo import MongoClient
-from pymongo.errors import OperationFailure
-from pymongo.monitoring import (
-    CommandFailedEvent,
-    CommandListener,
-    CommandStartedEvent,
-    CommandSucceededEvent,
-)
 
 from credkeeper import StoreError, StoreUnavailable, open_store
 from credkeeper_mongo import AsyncMongoStore, MongoStore
 
-from .conftest import free_port
+from .conftest import Commands, FailCommand, free_port
 
 # hello's localTime has millisecond precision, like $$NOW.
 MS = timedelta(milliseconds=1)
 AWARE: CodecOptions[dict[str, Any]] = CodecOptions(tz_aware=True, tzinfo=UTC)
 UNRECOGNIZED_STAGE = 40324
 NOT_WRITABLE_PRIMARY = 10107
-
-
-class Commands(CommandListener):
-    """The names of the commands a client sent, in order."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-
-    def started(self, event: CommandStartedEvent) -> None:
-        self.names.append(event.command_name)
-
-    def succeeded(self, event: CommandSucceededEvent) -> None:
-        """Not needed."""
-
-    def failed(self, event: CommandFailedEvent) -> None:
-        """Not needed."""
 
 
 def server_clock(client: MongoClient[dict[str, Any]]) -> datetime:
@@ -74,23 +52,9 @@ def app() -> str:
 
 
 @pytest.fixture
-def fail(mongo_client: MongoClient[dict[str, Any]], app: str) -> Iterator[Any]:
+def fail(fail_command: FailCommand, app: str) -> Callable[..., None]:
     """Arms ``failCommand`` for ``app``'s next matching command; skips without test commands."""
-    try:
-        mongo_client.admin.command("configureFailPoint", "failCommand", mode="off")
-    except OperationFailure as exc:
-        pytest.skip(f"the server refuses configureFailPoint (test commands off): {exc}")
-
-    def arm(*commands: str, times: int = 1, **data: Any) -> None:
-        mongo_client.admin.command(
-            "configureFailPoint",
-            "failCommand",
-            mode={"times": times},
-            data={"failCommands": list(commands), "appName": app, **data},
-        )
-
-    yield arm
-    mongo_client.admin.command("configureFailPoint", "failCommand", mode="off")
+    return functools.partial(fail_command, app)
 
 
 class TestServerClock:

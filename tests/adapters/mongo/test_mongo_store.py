@@ -20,13 +20,7 @@ from typing import Any, cast
 import pytest
 from bson import Int64
 from pymongo import AsyncMongoClient, MongoClient, WriteConcern
-from pymongo.errors import DuplicateKeyError, OperationFailure
-from pymongo.monitoring import (
-    CommandFailedEvent,
-    CommandListener,
-    CommandStartedEvent,
-    CommandSucceededEvent,
-)
+from pymongo.errors import DuplicateKeyError
 
 from credkeeper import (
     ConfigurationError,
@@ -40,7 +34,7 @@ from credkeeper import (
 )
 from credkeeper_mongo import DEFAULT_COLLECTION, AsyncMongoStore, EmbeddedLayout, MongoStore
 
-from .conftest import free_port
+from .conftest import Commands, FailCommand, free_port
 
 TOKEN = "sk-ant-ort01-do-not-leak-" + "x" * 40
 LATER = datetime(2031, 1, 1, tzinfo=UTC)
@@ -87,27 +81,11 @@ def collection_url(mongodb_store_url: str) -> str:
     return f"{mongodb_store_url}?collection={unique()}"
 
 
-class Commands(CommandListener):
-    """The names of the commands a client sent, in order: pymongo's own monitoring API."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-
-    def started(self, event: CommandStartedEvent) -> None:
-        self.names.append(event.command_name)
-
-    def succeeded(self, event: CommandSucceededEvent) -> None:
-        """Not needed."""
-
-    def failed(self, event: CommandFailedEvent) -> None:
-        """Not needed."""
-
-
 class FailPoints:
     """Arms the server's ``failCommand`` fail point for one application name at a time."""
 
-    def __init__(self, client: MongoClient[dict[str, Any]], store_url: str) -> None:
-        self.client = client
+    def __init__(self, fail_command: FailCommand, store_url: str) -> None:
+        self.fail_command = fail_command
         self.store_url = store_url
 
     def store(self, **query: str) -> MongoStore:
@@ -127,25 +105,13 @@ class FailPoints:
 
     def arm(self, *commands: str, **data: Any) -> None:
         """Fail the next matching command of the last store's appname, once."""
-        self.client.admin.command(
-            "configureFailPoint",
-            "failCommand",
-            mode={"times": 1},
-            data={"failCommands": list(commands), "appName": self.app, **data},
-        )
+        self.fail_command(self.app, *commands, **data)
 
 
 @pytest.fixture
-def faults(mongodb_url: str, mongodb_store_url: str) -> Iterator[FailPoints]:
+def faults(fail_command: FailCommand, mongodb_store_url: str) -> FailPoints:
     """Fault injection by the server; skips when the server refuses ``configureFailPoint``."""
-    client: MongoClient[dict[str, Any]] = MongoClient(mongodb_url)
-    with contextlib.closing(client):
-        try:
-            client.admin.command("configureFailPoint", "failCommand", mode="off")
-        except OperationFailure as exc:
-            pytest.skip(f"the server refuses configureFailPoint (test commands off): {exc}")
-        yield FailPoints(client, mongodb_store_url)
-        client.admin.command("configureFailPoint", "failCommand", mode="off")
+    return FailPoints(fail_command, mongodb_store_url)
 
 
 # -- opening -------------------------------------------------------------------------------

@@ -26,9 +26,10 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from credkeeper import ConflictError, Record, StoreUnavailable, open_store
+from credkeeper import ConflictError, StoreUnavailable, open_store
 from credkeeper._budget import budget
 from credkeeper_sql import AsyncSQLStore, ColumnMap, SQLStore, init_store
+from tests.adapters.conftest import record
 
 from .conftest import async_url
 
@@ -192,16 +193,6 @@ class TestErrors:
 
 
 # -- SQLite's lock waits share the call's budget ----------------------------------------------
-
-
-def record(key: str) -> Record:
-    """A never-stored record under ``key``."""
-    return Record(
-        key=key,
-        access_token="access",
-        refresh_token="refresh",
-        expires_at=datetime(2039, 1, 1, tzinfo=UTC),
-    )
 
 
 @contextmanager
