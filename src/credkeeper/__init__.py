@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._budget import time_remaining
 from ._clock import Clock, SystemClock
+from ._codec import TokenCodec
 from ._credentials import Credentials
 from ._exceptions import (
     AuthFailed,
@@ -115,6 +116,7 @@ __all__ = [
     "SystemClock",
     "SystemEvent",
     "ThreadOffloadStore",
+    "TokenCodec",
     "TokenManager",
     "UnknownSchemeError",
     "UnsafeFilePath",

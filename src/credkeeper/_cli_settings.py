@@ -164,13 +164,23 @@ class Settings:
         return self._store
 
     def manager(self) -> TokenManager:
-        """A :class:`TokenManager` on the store, the provider, the key ring and ``--journal``."""
+        """A :class:`TokenManager` on the store, the provider, the key ring and ``--journal``.
+
+        A store declared plaintext (its ``plaintext`` option) keeps tokens as the application
+        wrote them, so it needs no key ring; one given still seals the rescue journal.
+        """
         if self._manager is None:
-            keyring = self.keyring()  # first: a missing key ring is the likelier mistake
+            if self._plaintext_store():
+                keyring = self.keyring() if self.keys and self.keys.strip() else None
+            else:
+                keyring = self.keyring()  # first: a missing key ring is the likelier mistake
             self._manager = TokenManager(
                 self.store(), self.provider, keyring=keyring, journal=self.journal
             )
         return self._manager
+
+    def _plaintext_store(self) -> bool:
+        return bool(getattr(self.store(), "plaintext", False))
 
     def close(self) -> None:
         """Close what was opened; the manager closes its store too."""

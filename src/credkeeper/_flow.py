@@ -25,11 +25,13 @@ from typing import Any, TypeVar
 import httpx
 
 from ._clock import Clock
+from ._codec import TokenCodec
 from ._credentials import Credentials
 from ._exceptions import (
     ConfigurationError,
     ConflictError,
     CredentialNotFound,
+    CredkeeperError,
     DecryptionError,
     InvalidGrant,
     ProviderError,
@@ -173,7 +175,10 @@ class Policy:
     """Everything a flow needs besides effects: settings, the clock, randomness, the codec."""
 
     provider: Provider
+    # Opens values credkeeper sealed (``ck1:``), whatever seals new ones.
     keyring: KeyRing | None
+    # Seals what the manager writes: the key ring, the application's codec, or None (plain).
+    codec: TokenCodec | None
     clock: Clock
     rng: random.Random
     owner: str
@@ -203,6 +208,8 @@ class Policy:
 
     def _open(self, record: Record, name: str) -> Secret:
         value: str = getattr(record, name)
+        if self.codec is not None and not isinstance(self.codec, KeyRing):
+            return _open_with(self.codec, record, name, value)
         if KeyRing.is_sealed(value):
             if self.keyring is None:
                 raise ConfigurationError(
@@ -210,7 +217,7 @@ class Policy:
                     "(e.g. KeyRing.from_env()) to the manager"
                 )
             return Secret(self.keyring.unseal(value, key=record.key, field=name))
-        if self.keyring is not None:
+        if self.codec is not None:
             # Whoever can write the store but holds no key could plant tokens of their choosing.
             if not self.accept_plaintext:
                 raise StoreCorrupted(
@@ -228,13 +235,25 @@ class Policy:
                 )
         return Secret(value)
 
+    def _seal(self, key: str, name: str, token: Secret) -> str:
+        if self.codec is None:
+            return token.get_secret_value()
+        try:
+            sealed = self.codec.seal(token.get_secret_value(), key=key, field=name)
+        except CredkeeperError:
+            raise
+        except Exception:  # noqa: BLE001 - the codec's own error may quote the token
+            sealed = None
+        if not isinstance(sealed, str) or not sealed:
+            raise ConfigurationError(
+                f"the codec did not seal the {name} for key {key!r} into a non-empty string"
+            )
+        return sealed
+
     def record(self, key: str, credentials: Credentials, *, base: Record | None) -> Record:
         """An active, unleased record holding ``credentials``, versioned as ``base``."""
-        access = credentials.access_token.get_secret_value()
-        refresh = credentials.refresh_token.get_secret_value()
-        if self.keyring is not None:
-            access = self.keyring.seal(access, key=key, field="access_token")
-            refresh = self.keyring.seal(refresh, key=key, field="refresh_token")
+        access = self._seal(key, "access_token", credentials.access_token)
+        refresh = self._seal(key, "refresh_token", credentials.refresh_token)
         return Record(
             key=key,
             access_token=access,
@@ -259,6 +278,22 @@ class Policy:
         """How long the fleet leaves the provider alone after ``failures`` failed refreshes."""
         grown: timedelta = self.cooldown * 2.0 ** min(max(failures - 1, 0), 10)
         return max(min(grown, self.max_cooldown), timedelta(seconds=retry_after or 0))
+
+
+def _open_with(codec: TokenCodec, record: Record, name: str, value: str) -> Secret:
+    """``value`` opened by the application's codec; any failure is one opaque error."""
+    try:
+        plain = codec.unseal(value, key=record.key, field=name)
+    except CredkeeperError:
+        raise
+    except Exception:  # noqa: BLE001 - the codec's own error may quote the value
+        plain = None
+    if not isinstance(plain, str) or not plain:
+        raise DecryptionError(
+            f"the codec could not open the {name} under key {record.key!r}; check that "
+            "it is the scheme (and key) the application stores this field with"
+        )
+    return Secret(plain)
 
 
 def _skew(policy: Policy, store_now: object) -> timedelta:

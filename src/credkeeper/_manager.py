@@ -25,6 +25,7 @@ import httpx
 
 from ._budget import budget
 from ._clock import Clock, SystemClock
+from ._codec import TokenCodec
 from ._credentials import Credentials
 from ._exceptions import ConfigurationError, CredkeeperError, ReauthRequired, StoreUnavailable
 from ._flow import (
@@ -87,6 +88,8 @@ class _Base:
         rng: random.Random | None,
         owner: str | None,
         accept_plaintext: bool,
+        codec: TokenCodec | None,
+        plaintext_store: bool,
     ) -> None:
         if not isinstance(provider, Provider):
             raise ConfigurationError(
@@ -94,6 +97,16 @@ class _Base:
             )
         if keyring is not None and not isinstance(keyring, KeyRing):
             raise ConfigurationError("keyring must be a credkeeper.KeyRing or None")
+        if codec is not None and not isinstance(codec, TokenCodec):
+            raise ConfigurationError(
+                "codec must have seal(value, *, key, field) and unseal(value, *, key, field) "
+                "methods (credkeeper.TokenCodec)"
+            )
+        if plaintext_store and codec is not None:
+            raise ConfigurationError(
+                "the store is declared plaintext (its plaintext option), so it keeps tokens as "
+                "they are; drop codec=, or drop the store's plaintext option to seal with it"
+            )
         if not isinstance(accept_plaintext, bool):
             raise ConfigurationError(
                 f"accept_plaintext must be True or False, not {type(accept_plaintext).__name__}"
@@ -117,6 +130,7 @@ class _Base:
         self.policy = Policy(
             provider=provider,
             keyring=keyring,
+            codec=None if plaintext_store else (codec or keyring),
             clock=clock or SystemClock(),
             rng=rng or random.Random(),  # noqa: S311 - jitter, not secrecy
             owner="",
@@ -191,8 +205,12 @@ class TokenManager(_Base):
     store before any caller sees them.
 
     Each call runs under one deadline, ``refresh_timeout``, which the store's own retries share.
-    With a ``keyring``, a token stored in plain text is refused (anyone able to write the store
-    could plant one) unless ``accept_plaintext`` is set, for stores the application fills itself.
+
+    Token fields are sealed with ``keyring``, or with the application's own ``codec`` (a
+    :class:`TokenCodec`) when other code reads them; a store declared ``plaintext`` keeps them
+    as they are (``keyring`` then seals only the rescue journal, and opens values sealed before).
+    With a ``keyring`` as the codec, a token stored in plain text is refused (anyone able to
+    write the store could plant one) unless ``accept_plaintext`` is set.
     """
 
     def __init__(
@@ -212,6 +230,7 @@ class TokenManager(_Base):
         rng: random.Random | None = None,
         owner: str | None = None,
         accept_plaintext: bool = False,
+        codec: TokenCodec | None = None,
     ) -> None:
         super().__init__(
             provider,
@@ -226,6 +245,8 @@ class TokenManager(_Base):
             rng=rng,
             owner=owner,
             accept_plaintext=accept_plaintext,
+            codec=codec,
+            plaintext_store=bool(getattr(store, "plaintext", False)),
         )
         if is_async_store(store):
             raise ConfigurationError(
@@ -398,6 +419,7 @@ class AsyncTokenManager(_Base):
         rng: random.Random | None = None,
         owner: str | None = None,
         accept_plaintext: bool = False,
+        codec: TokenCodec | None = None,
     ) -> None:
         super().__init__(
             provider,
@@ -412,6 +434,8 @@ class AsyncTokenManager(_Base):
             rng=rng,
             owner=owner,
             accept_plaintext=accept_plaintext,
+            codec=codec,
+            plaintext_store=bool(getattr(store, "plaintext", False)),
         )
         self.store = as_async_store(store)
         self._own_http = http is None

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ._exceptions import ConflictError, DecryptionError, StoreCorrupted
+from ._exceptions import ConfigurationError, ConflictError, DecryptionError, StoreCorrupted
 from ._keyring import KeyRing
 from ._record import Record
 from ._store import CredentialStore, reported_damage
@@ -47,6 +47,11 @@ def rekey(store: CredentialStore, keyring: KeyRing) -> RekeyReport:
     ``keyring`` (add the key it was sealed under), and :class:`ConflictError` when a record
     kept changing through all the attempts.
     """
+    if getattr(store, "plaintext", False):
+        raise ConfigurationError(
+            "the store is declared plaintext (its plaintext option): its tokens are kept as the "
+            "application writes them, so there is nothing to re-seal"
+        )
     # Take all keys before writing: a scan cursor left open across writes can block writers
     # (SQLite) or see an updated row twice (document stores), and a key seen twice would be
     # counted twice.

@@ -1,0 +1,166 @@
+"""Token fields kept the application's way: its own codec, or plain text by declaration."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from credkeeper import (
+    ConfigurationError,
+    DecryptionError,
+    KeyRing,
+    MemoryStore,
+    Record,
+    TokenCodec,
+    TokenManager,
+    rekey,
+)
+from credkeeper.testing import FakeClock, FakeProvider
+from tests.core.test_engine import stored
+
+KEY = "user-codec"
+
+
+class ReversingCodec:
+    """A toy scheme: base64 of the reversed token, prefixed with the field's initial."""
+
+    def seal(self, plaintext: str, *, key: str, field: str) -> str:
+        """``a:`` or ``r:``, then base64 of the reversed token."""
+        return f"{field[0]}:" + base64.b64encode(plaintext[::-1].encode()).decode()
+
+    def unseal(self, sealed: str, *, key: str, field: str) -> str:
+        """The token, if the value was sealed for this field."""
+        prefix, _, body = sealed.partition(":")
+        if prefix != field[0]:
+            raise ValueError(f"not sealed for {field}: {sealed}")
+        return base64.b64decode(body).decode()[::-1]
+
+
+class PlaintextStore(MemoryStore):
+    """A memory store declared plaintext, as a mapped table with ``plaintext=true`` is."""
+
+    plaintext = True
+
+
+def manager(
+    store: MemoryStore, fake: FakeProvider, clock: FakeClock, tmp: Path, **options: object
+) -> TokenManager:
+    """A manager on ``store`` with the fake provider and clock."""
+    return TokenManager(store, fake.provider(), journal=tmp / "journal", clock=clock, **options)  # type: ignore[arg-type]
+
+
+class TestApplicationCodec:
+    def test_refreshed_tokens_are_stored_as_the_codec_seals_them(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """After a refresh the store holds codec.seal(token) for each field."""
+        store = MemoryStore()
+        tokens = manager(store, fake, clock, tmp_path, codec=ReversingCodec())
+        tokens.put(KEY, fake.issue(expires_in=0))
+
+        fresh = tokens.get(KEY)
+        codec = ReversingCodec()
+
+        assert (
+            codec.seal(fresh.access_token.get_secret_value(), key=KEY, field="access_token"),
+            codec.seal(fresh.refresh_token.get_secret_value(), key=KEY, field="refresh_token"),
+        ) == (stored(store, KEY).access_token, stored(store, KEY).refresh_token)
+
+    def test_a_value_the_codec_cannot_open_is_one_opaque_error(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """A codec failure names the key and field, never the stored value."""
+        store = MemoryStore()
+        store.put(
+            Record(key=KEY, access_token="x:garbage", refresh_token="r:", expires_at=clock.now())
+        )
+        tokens = manager(store, fake, clock, tmp_path, codec=ReversingCodec())
+
+        with pytest.raises(DecryptionError) as caught:
+            tokens.get(KEY)
+
+        assert "access_token under key 'user-codec'" in str(caught.value)
+        assert "garbage" not in str(caught.value)
+
+    def test_the_key_ring_still_seals_the_journal(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """With a codec and a key ring, the journal keeps no key file of its own."""
+        tokens = manager(
+            MemoryStore(), fake, clock, tmp_path, codec=ReversingCodec(), keyring=KeyRing.generate()
+        )
+        tokens.put(KEY, fake.issue(expires_in=0))
+        tokens.get(KEY)
+
+        assert not (tmp_path / "journal" / "journal.key").exists()
+
+    def test_an_object_without_seal_and_unseal_is_refused(
+        self, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """codec= must look like a TokenCodec."""
+        with pytest.raises(ConfigurationError, match="TokenCodec"):
+            TokenManager(MemoryStore(), fake.provider(), journal=tmp_path, codec=object())  # type: ignore[arg-type]
+
+    def test_the_key_ring_is_a_codec(self) -> None:
+        """KeyRing satisfies the TokenCodec protocol, so both take one path."""
+        assert isinstance(KeyRing.generate(), TokenCodec)
+
+
+class TestPlaintextStore:
+    def test_tokens_stay_plain_although_a_key_ring_is_given(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """A plaintext store gets the refreshed tokens as they are; the ring seals the journal."""
+        store = PlaintextStore()
+        tokens = manager(store, fake, clock, tmp_path, keyring=KeyRing.generate())
+        tokens.put(KEY, fake.issue(expires_in=0))
+
+        fresh = tokens.get(KEY)
+
+        assert (
+            fresh.access_token.get_secret_value(),
+            fresh.refresh_token.get_secret_value(),
+        ) == (stored(store, KEY).access_token, stored(store, KEY).refresh_token)
+
+    def test_values_sealed_before_are_opened_and_written_back_plain(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """A store switched to plaintext still reads what the key ring sealed, then stores plain."""
+        ring = KeyRing.generate()
+        store = PlaintextStore()
+        login = fake.issue(expires_in=0)
+        store.put(
+            Record(
+                key=KEY,
+                access_token=ring.seal(
+                    login.access_token.get_secret_value(), key=KEY, field="access_token"
+                ),
+                refresh_token=ring.seal(
+                    login.refresh_token.get_secret_value(), key=KEY, field="refresh_token"
+                ),
+                expires_at=login.expires_at,
+            )
+        )
+
+        fresh = manager(store, fake, clock, tmp_path, keyring=ring).get(KEY)
+
+        assert ("current", fresh.refresh_token.get_secret_value()) == (
+            fake.refresh_token_state(fresh.refresh_token),
+            stored(store, KEY).refresh_token,
+        )
+
+    def test_a_codec_for_a_plaintext_store_is_refused(
+        self, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """Declaring a store plaintext and giving a codec contradict each other."""
+        with pytest.raises(ConfigurationError, match="declared plaintext"):
+            TokenManager(
+                PlaintextStore(), fake.provider(), journal=tmp_path, codec=ReversingCodec()
+            )
+
+    def test_rekey_of_a_plaintext_store_is_refused(self) -> None:
+        """There is nothing to re-seal in a store that keeps tokens as they are."""
+        with pytest.raises(ConfigurationError, match="nothing to re-seal"):
+            rekey(PlaintextStore(), KeyRing.generate())
