@@ -7,34 +7,20 @@ tests run the real ``node`` on the values credkeeper stores, and the other way r
 
 from __future__ import annotations
 
-import importlib.util
+import hashlib
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from credkeeper import MemoryStore, Secret, TokenCodec, TokenManager
-from credkeeper.testing import FakeProvider
+from credkeeper import MemoryStore, Secret, TokenCodec, TokenManager, open_store
+from credkeeper.testing import FakeProvider, run_storm
 from tests.backends import require_service
+from tests.examples import APP_CIPHER, SECRET_KEY, app_cipher, load_app_cipher
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "app_cipher"
-SECRET_KEY = "the application's SECRET_KEY"
 KEY = "user-app-cipher"
-
-
-def load_example() -> ModuleType:
-    """docs/examples/app_cipher/app_cipher.py, imported from where the docs keep it."""
-    spec = importlib.util.spec_from_file_location("app_cipher", EXAMPLE / "app_cipher.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["app_cipher"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +34,14 @@ def node() -> str:
 
 @pytest.fixture(scope="module")
 def codec() -> TokenCodec:
-    """The example's AppCipher under the test's SECRET_KEY."""
-    cipher: TokenCodec = load_example().AppCipher(SECRET_KEY)
-    return cipher
+    """The example's AppCipher under the tests' SECRET_KEY."""
+    return app_cipher()
 
 
 def run_node(node: str, command: str, value: str) -> str:
     """``node app_cipher.mjs COMMAND`` on ``value``, with the application's SECRET_KEY."""
     result = subprocess.run(
-        [node, str(EXAMPLE / "app_cipher.mjs"), command],
+        [node, str(APP_CIPHER / "app_cipher.mjs"), command],
         input=value,
         capture_output=True,
         text=True,
@@ -100,7 +85,27 @@ class TestAppCipher:
 
     def test_a_wrong_secret_key_is_refused(self, codec: TokenCodec) -> None:
         """A value sealed under another SECRET_KEY does not open."""
-        other = load_example().AppCipher("another key").seal("t", key=KEY, field="access_token")
+        other = load_app_cipher().AppCipher("another key").seal("t", key=KEY, field="access_token")
 
         with pytest.raises(ValueError, match="not a value this SECRET_KEY sealed"):
             codec.unseal(other, key=KEY, field="access_token")
+
+    @pytest.mark.slow
+    def test_a_process_storm_through_the_codec_refreshes_once(
+        self, node: str, codec: TokenCodec, tmp_path: Path
+    ) -> None:
+        """4 processes x 8 threads on the app's cipher: 1 refresh, all served, the app reads it."""
+        url = f"file://{tmp_path / 'credentials.json'}"
+        report = run_storm(url, directory=tmp_path, threads=8, codec=app_cipher)
+        record = open_store(url).get("storm-user")
+        assert record is not None
+
+        assert (1, ("ok",), (), 32) == (
+            report.refreshes,
+            report.outcomes,
+            report.errors,
+            report.holding_current,
+        )
+        # Every caller holds the access token the application itself reads back from the store.
+        stored_access = run_node(node, "decrypt", record.access_token)
+        assert {hashlib.sha256(stored_access.encode()).hexdigest()} == set(report.tokens_seen)

@@ -13,11 +13,12 @@ import multiprocessing
 import queue
 import threading
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from credkeeper._codec import TokenCodec
 from credkeeper._keyring import KeyRing
 from credkeeper._manager import TokenManager
 from credkeeper._provider import Provider
@@ -73,6 +74,7 @@ def _storm_process(
     key: str,
     threads: int,
     skew: float,
+    codec: Callable[[], TokenCodec] | None,
     start: Any,
     results: Any,
 ) -> None:
@@ -84,6 +86,7 @@ def _storm_process(
             keyring=KeyRing.parse(keys),
             journal=journal,
             clock=SkewedClock(skew),
+            codec=None if codec is None else codec(),
         )
     except Exception:  # noqa: BLE001 - reported to the parent, which fails the storm
         results.put(("error", traceback.format_exc(limit=3)))
@@ -118,13 +121,16 @@ def run_storm(
     latency: float = 0.2,
     timeout: float = 120.0,
     clock_skews: Sequence[float] = (),
+    codec: Callable[[], TokenCodec] | None = None,
 ) -> StormReport:
     """Run one storm against the store at ``store_url`` and report what happened.
 
     ``directory`` holds the rescue journal. The store must be reachable from spawned processes
     with the same URL and options. Tokens are sealed with a fresh key ring. ``clock_skews``
     gives process ``i`` a clock off by ``clock_skews[i % len(clock_skews)]`` seconds, as if
-    each ran on a host whose clock disagrees with the others'.
+    each ran on a host whose clock disagrees with the others'. ``codec`` makes each manager's
+    :class:`TokenCodec` (the application's own cipher); it must be picklable, like a
+    module-level function, since every process calls it.
     """
     options = dict(store_options or {})
     skews = tuple(float(skew) for skew in clock_skews) or (0.0,)
@@ -133,7 +139,11 @@ def run_storm(
     context = multiprocessing.get_context("spawn")
     with FakeProvider(latency=latency, revoke_family_on_reuse=True) as fake:
         with TokenManager(
-            _open(store_url, options), fake.provider(), keyring=keyring, journal=journal
+            _open(store_url, options),
+            fake.provider(),
+            keyring=keyring,
+            journal=journal,
+            codec=None if codec is None else codec(),
         ) as setup:
             setup.delete(key)
             credentials = fake.issue(expires_in=0)
@@ -153,6 +163,7 @@ def run_storm(
                     key,
                     threads,
                     skews[number % len(skews)],
+                    codec,
                     start,
                     results,
                 ),
