@@ -45,6 +45,7 @@ __all__ = [
     "Find",
     "Insert",
     "Layout",
+    "ListIndexes",
     "Operation",
     "OwnCollection",
     "Plan",
@@ -69,9 +70,10 @@ class Find:
 
 @dataclass(frozen=True, slots=True)
 class Insert:
-    """``insert_one(document)``; a duplicate ``_id`` becomes ``ConflictError``."""
+    """``insert_one(document)``; a duplicate ``key_field`` becomes ``ConflictError``."""
 
     document: Document
+    key_field: str = "_id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +91,12 @@ class Delete:
     filter: Document
 
 
-Operation: TypeAlias = Find | Insert | Update | Delete
+@dataclass(frozen=True, slots=True)
+class ListIndexes:
+    """``list_indexes()``; the plan receives the index descriptions as a list of documents."""
+
+
+Operation: TypeAlias = Find | Insert | Update | Delete | ListIndexes
 Plan: TypeAlias = Generator[Operation, Any, Any]
 
 
@@ -119,6 +126,14 @@ def _moment(key: str, value: Any, name: str) -> datetime | None:
         return from_epoch_ms(value)
     except (OverflowError, ValueError, OSError):
         raise _corrupted(key, f"has an out-of-range {name!r} field") from None
+
+
+def _nest(document: Document, path: str, value: Any) -> None:
+    """Put ``value`` at a dotted ``path`` of ``document``, making the sub-documents on the way."""
+    *parents, last = path.split(".")
+    for step in parents:
+        document = document.setdefault(step, {})
+    document[last] = value
 
 
 def _walk(document: Mapping[str, Any] | None, path: str) -> Any:
@@ -248,13 +263,24 @@ class EmbeddedLayout:
     integer (keys of digits). ``field_path`` is the sub-document holding the credential
     (``claudeCredentials``, or a dotted path), with fields named the way the wrapper's guide
     stores them (``field_naming="camel"``: ``accessToken``, ``refreshToken``, ``expiresAt``,
-    ``scopes``, ``subscriptionType``) or ``"snake"`` (``access_token``, ...). ``expiresAt`` is
-    a number of epoch milliseconds (``expires_at_unit="ms"``, as the guide's JavaScript stores
-    ``Date.now() + ...``), of seconds (``"s"``), or a BSON date (``"date"``).
+    ``scopes``, ``subscriptionType``) or ``"snake"`` (``access_token``, ...).
+
+    Every field is written back in the format the document already has, so the application's
+    other readers keep working: ``expiresAt`` as a BSON date, or as a number of the same BSON
+    type (double, as JavaScript's ``Date.now() + ...`` is stored; int32; int64), and ``scopes``
+    as an array or a space-separated string. Numbers count epoch milliseconds, or seconds with
+    ``expires_at_unit="s"``. Where the document shows no format (a new credential, a missing or
+    null field), ``expires_at_unit`` (``"ms"``, ``"s"``: an int64; ``"date"``: a BSON date) and
+    ``scopes_format`` (``"array"`` or ``"space"``) decide.
+
+    With ``upsert=True``, storing a credential for a key no document matches creates the
+    document, holding only ``match_field`` and the credential; without it that is an error,
+    because the application is expected to own its documents. When ``match_field`` is not
+    ``_id`` it needs a unique index, or two concurrent creates could insert two documents.
 
     credkeeper's coordination state (version, lease, status, failures) lives beside the
     credential in the sub-document ``state_field`` (``claudeCredentials.credkeeper``), named in
-    the same style. Nothing outside ``field_path`` is ever written.
+    the same style. Nothing outside ``field_path`` of an existing document is ever written.
     """
 
     match_field: str = "_id"
@@ -262,6 +288,8 @@ class EmbeddedLayout:
     field_naming: Literal["camel", "snake"] = "camel"
     key_type: Literal["str", "objectid", "int"] = "str"
     expires_at_unit: Literal["ms", "s", "date"] = "ms"
+    scopes_format: Literal["array", "space"] = "array"
+    upsert: bool = False
     state_field: str = "credkeeper"
 
     def __post_init__(self) -> None:
@@ -280,6 +308,15 @@ class EmbeddedLayout:
                 "EmbeddedLayout.expires_at_unit must be 'ms', 's' or 'date', "
                 f"got {self.expires_at_unit!r}"
             )
+        if self.scopes_format not in ("array", "space"):
+            raise ConfigurationError(
+                "EmbeddedLayout.scopes_format must be 'array' or 'space' (one string, "
+                f"space-separated), got {self.scopes_format!r}"
+            )
+        if not isinstance(self.upsert, bool):
+            raise ConfigurationError(
+                f"EmbeddedLayout.upsert must be True or False, got {self.upsert!r}"
+            )
         if (
             not isinstance(self.state_field, str)
             or not self.state_field
@@ -291,6 +328,8 @@ class EmbeddedLayout:
         prefix = self.field_path + "."
         if self.match_field == self.field_path or self.match_field.startswith(prefix):
             raise ConfigurationError("EmbeddedLayout.match_field must lie outside field_path")
+        if self.field_path.startswith(self.match_field + "."):
+            raise ConfigurationError("EmbeddedLayout.field_path must lie outside match_field")
         if self.state_field in self.names().values():
             raise ConfigurationError(
                 f"EmbeddedLayout.state_field {self.state_field!r} clashes with a credential field"
@@ -313,6 +352,8 @@ def _digest(token: str) -> str:
 
 _NO_STATE = "-"
 _KEY_TYPES: dict[str, type] = {"str": str, "objectid": ObjectId, "int": int}
+_KEY_SHAPES = {"objectid": "24 hex digits", "int": "digits"}
+_INT32 = range(-(2**31), 2**31)
 
 
 @dataclass(slots=True)
@@ -320,18 +361,22 @@ class Embedded:
     """Credentials in a sub-document of the application's documents, state beside them.
 
     credkeeper only ever ``$set``\\s and ``$unset``\\s fields under ``field_path`` of documents
-    that exist: it never inserts, replaces or deletes the application's documents. Creating a
-    credential fills the sub-document where it holds no refresh token; deleting one unsets
-    credkeeper's fields, and the sub-document itself when nothing else is left in it.
+    that exist, each in the format the document already has: it never replaces or deletes the
+    application's documents, and inserts one only with ``upsert``. Creating a credential fills
+    the sub-document where it holds no refresh token; deleting one unsets credkeeper's fields,
+    and the sub-document itself when nothing else is left in it.
     """
 
     layout: EmbeddedLayout
     _path: str = field(init=False)
     _fields: dict[str, str] = field(init=False)
+    _unique_checked: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self._path = self.layout.field_path
         self._fields = self.layout.names()
+        # _id is always unique; another match field is checked once, before the first insert.
+        self._unique_checked = not self.layout.upsert or self.layout.match_field == "_id"
 
     @property
     def match_field(self) -> str:
@@ -361,19 +406,24 @@ class Embedded:
         """An index on the expiry field, created only when the store is asked to."""
         return [[(self._at("expires_at"), 1)]]
 
-    def _bound(self, before: datetime) -> Any:
-        if self.layout.expires_at_unit == "date":
-            return before.astimezone(UTC)
-        milliseconds = to_epoch_ms(before)
-        return Int64(milliseconds if self.layout.expires_at_unit == "ms" else milliseconds // 1000)
+    def _number(self, moment: datetime) -> int:
+        """``moment`` as the number stored for it: epoch milliseconds, or seconds if so set."""
+        milliseconds = to_epoch_ms(moment)
+        return milliseconds // 1000 if self.layout.expires_at_unit == "s" else milliseconds
 
     def due(self, before: datetime) -> tuple[Document, Document]:
         """The filter and projection of ``scan_due``: due, and holding a credential."""
         projection: Document = {self.layout.match_field: 1}
         if self.layout.match_field != "_id":
             projection["_id"] = 0
+        at = self._at("expires_at")
         condition = {
-            self._at("expires_at"): {"$lte": self._bound(before)},
+            # $lte compares within one BSON type only, and documents keep their own format:
+            # one bound for numbers (of any width), one for dates, both served by the index.
+            "$or": [
+                {at: {"$lte": Int64(self._number(before))}},
+                {at: {"$lte": before.astimezone(UTC)}},
+            ],
             self._at("refresh_token"): {"$ne": None},
         }
         return condition, projection
@@ -480,55 +530,130 @@ class Embedded:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _values(self, record: Record, version: str) -> Document:
-        """Every field credkeeper writes, relative to the credential sub-document."""
-        if self.layout.expires_at_unit == "date":
-            expires: Any = record.expires_at.astimezone(UTC)
-        else:
-            milliseconds = to_epoch_ms(record.expires_at)
-            expires = Int64(
-                milliseconds if self.layout.expires_at_unit == "ms" else milliseconds // 1000
-            )
+    def _expiry_value(self, moment: datetime, stored: Any) -> Any:
+        """``moment`` in the BSON type of the ``stored`` expiry, else as ``expires_at_unit`` says.
+
+        Other programs read this field; a Node driver hands an int64 back as a different
+        JavaScript value than a double, so even the number's width is kept.
+        """
+        date = from_epoch_ms(to_epoch_ms(moment))
+        number = self._number(moment)
+        if isinstance(stored, datetime):
+            return date
+        if isinstance(stored, float):
+            return float(number)
+        if isinstance(stored, int) and not isinstance(stored, bool | Int64):
+            # An int32 stays one while the value fits; past that only an int64 is exact.
+            return number if number in _INT32 else Int64(number)
+        if isinstance(stored, Int64):
+            return Int64(number)
+        # Nothing stored, or nothing usable: the option decides.
+        return date if self.layout.expires_at_unit == "date" else Int64(number)
+
+    def _scopes_value(self, scopes: tuple[str, ...], stored: Any) -> Any:
+        """``scopes`` as the stored field has them, else as ``scopes_format`` says."""
+        if isinstance(stored, str) or (
+            not isinstance(stored, list) and self.layout.scopes_format == "space"
+        ):
+            return " ".join(scopes)
+        return list(scopes)
+
+    def _values(self, record: Record, version: str, credential: Any) -> Document:
+        """Every field credkeeper writes, relative to the credential sub-document, in the
+        formats of the ``credential`` stored there (if any)."""
+        stored: Mapping[str, Any] = credential if isinstance(credential, Mapping) else {}
         names = self._fields
         state_name = self.layout.name
-        return {
+        values: Document = {
             names["access_token"]: record.access_token,
             names["refresh_token"]: record.refresh_token,
-            names["expires_at"]: expires,
-            names["scopes"]: list(record.scopes),
-            names["subscription_type"]: record.subscription_type,
-            self.layout.state_field: {
-                state_name("version"): version,
-                state_name("status"): record.status.value,
-                state_name("lease_owner"): record.lease_owner,
-                state_name("lease_until"): _ms(record.lease_until),
-                state_name("failures"): record.failures,
-                state_name("cooldown_until"): _ms(record.cooldown_until),
-                state_name("last_error"): record.last_error,
-            },
+            names["expires_at"]: self._expiry_value(
+                record.expires_at, stored.get(names["expires_at"])
+            ),
+            names["scopes"]: self._scopes_value(record.scopes, stored.get(names["scopes"])),
         }
+        # An application that never stored a subscription type gets no null one added.
+        if record.subscription_type is not None or names["subscription_type"] in stored:
+            values[names["subscription_type"]] = record.subscription_type
+        values[self.layout.state_field] = {
+            state_name("version"): version,
+            state_name("status"): record.status.value,
+            state_name("lease_owner"): record.lease_owner,
+            state_name("lease_until"): _ms(record.lease_until),
+            state_name("failures"): record.failures,
+            state_name("cooldown_until"): _ms(record.cooldown_until),
+            state_name("last_error"): record.last_error,
+        }
+        return values
 
     def _set_fields(self, values: Document) -> Document:
         # Field by field: anything else the application keeps in the sub-document survives.
         return {"$set": {f"{self._path}.{name}": value for name, value in values.items()}}
 
-    def put(self, record: Record) -> Plan:
-        """Plan: compare-and-swap on the state's version and the stored refresh token."""
-        match = self.match(record.key)
-        document = None if match is None else (yield Find(match, {self._path: 1}))
-        if match is None or document is None:
+    def _check_unique(self, indexes: list[Mapping[str, Any]]) -> None:
+        """Refuse to insert unless an index keeps ``match_field`` unique in every document."""
+        wanted = self.layout.match_field
+        for index in indexes:
+            keys = list(index.get("key", {}).items())
+            if (
+                index.get("unique")
+                and "partialFilterExpression" not in index
+                and len(keys) == 1
+                and keys[0][0] == wanted
+                and keys[0][1] in (1, -1)
+            ):
+                return
+        raise ConfigurationError(
+            f"upsert=true with match_field={wanted} needs a unique index on {wanted}: without "
+            "one, two workers creating the same key at once would insert two documents. "
+            f"Create it, e.g. db.<collection>.createIndex({{{wanted}: 1}}, {{unique: true}})"
+        )
+
+    def _insert(self, record: Record, match: Document) -> Plan:
+        """Plan: create the document for a key no document matches, if ``upsert`` allows."""
+        if not self.layout.upsert:
             raise StoreError(
                 f"no document in the collection has {self.layout.match_field} = {record.key!r}; "
-                "credkeeper stores credentials in existing documents and never inserts them",
+                "credkeeper stores credentials in existing documents and never inserts them, "
+                "unless the store is opened with upsert=true",
                 key=record.key,
             )
+        if record.version is not None:
+            # Re-creating a document the application deleted would resurrect a credential.
+            raise _conflict(record.key, "was deleted since it was read")
+        if not self._unique_checked:
+            self._check_unique((yield ListIndexes()))
+            self._unique_checked = True
+        version = _new_version()
+        document: Document = {}
+        _nest(document, self.layout.match_field, match[self.layout.match_field])
+        _nest(document, self._path, self._values(record, version, None))
+        # A duplicate of the (unique) match field, from another worker or the application
+        # creating the document first, fails the insert; the store makes that ConflictError.
+        yield Insert(document, key_field=self.layout.match_field)
+        return record.replace(version=f"{version}.{_digest(record.refresh_token)}")
+
+    def put(self, record: Record) -> Plan:
+        """Plan: compare-and-swap on the state's version and the stored refresh token; with
+        ``upsert``, an insert where no document matches."""
+        match = self.match(record.key)
+        if match is None:
+            shape = _KEY_SHAPES[self.layout.key_type]
+            raise StoreError(
+                f"key {record.key!r} cannot match {self.layout.match_field}: with "
+                f"key_type={self.layout.key_type} keys are {shape}",
+                key=record.key,
+            )
+        document = yield Find(match, {self._path: 1})
+        if document is None:
+            return (yield from self._insert(record, match))
         credential = _walk(document, self._path)
         current = self._record(record.key, credential)
         expected = None if current is None else current.version
         if record.version != expected:
             raise _conflict(record.key, "changed, was created or was deleted since it was read")
         version = _new_version()
-        values = self._values(record, version)
+        values = self._values(record, version, credential)
         if current is not None:
             assert isinstance(credential, Mapping)
             stored_version = self._state_version(record.key, credential)

@@ -44,6 +44,7 @@ from ._layout import (
     Find,
     Insert,
     Layout,
+    ListIndexes,
     Operation,
     OwnCollection,
     Plan,
@@ -58,6 +59,8 @@ _LAYOUT_OPTIONS = (
     "field_naming",
     "key_type",
     "expires_at_unit",
+    "scopes_format",
+    "upsert",
     "state_field",
 )
 _OPTIONS = frozenset(
@@ -68,6 +71,7 @@ _OPTIONS = frozenset(
         "batch_size",
         "create_index",
         "async",
+        "plaintext",
         *_LAYOUT_OPTIONS,
     }
 )
@@ -170,6 +174,7 @@ class _Settings:
     batch_size: int
     create_index: bool
     asynchronous: bool | None
+    plaintext: bool
 
     @classmethod
     def parse(cls, options: Mapping[str, Any]) -> _Settings:
@@ -182,6 +187,8 @@ class _Settings:
                 f"{', '.join(sorted(_KEYWORD_OPTIONS))}, and the URL may carry pymongo's own"
             )
         mapped = {name: given.pop(name) for name in _LAYOUT_OPTIONS if name in given}
+        if "upsert" in mapped:
+            mapped["upsert"] = _flag("upsert", mapped["upsert"])
         layout = given.pop("layout", None)
         if layout is not None and not isinstance(layout, EmbeddedLayout):
             raise ConfigurationError("layout must be a credkeeper_mongo.EmbeddedLayout")
@@ -214,6 +221,7 @@ class _Settings:
         concern = given.pop("write_concern", None)
         create_index = given.pop("create_index", None)
         asynchronous = given.pop("async", None)
+        plaintext = given.pop("plaintext", False)
         return cls(
             database=None if database is None else _name("database", database),
             collection=_name("collection", collection or DEFAULT_COLLECTION),
@@ -224,6 +232,7 @@ class _Settings:
                 layout is None if create_index is None else _flag("create_index", create_index)
             ),
             asynchronous=None if asynchronous is None else _flag("async", asynchronous),
+            plaintext=_flag("plaintext", plaintext),
         )
 
 
@@ -332,6 +341,7 @@ class _Parts:
     batch_size: int
     create_index: bool
     shown: str
+    plaintext: bool
 
 
 def _assemble(
@@ -370,6 +380,7 @@ def _assemble(
         settings.batch_size,
         settings.create_index,
         shown,
+        settings.plaintext,
     )
 
 
@@ -439,6 +450,17 @@ def _translate(exc: BaseException, key: str | None, operation: Operation | None)
     code = getattr(exc, "code", None)
     detail = f"{type(exc).__name__}{f' code {code}' if isinstance(code, int) else ''}"
     if isinstance(exc, mongo_errors.DuplicateKeyError) and isinstance(operation, Insert):
+        pattern = (exc.details or {}).get("keyPattern")
+        if isinstance(pattern, Mapping) and operation.key_field not in pattern:
+            # Not a lost race: some other unique index of the application's refuses every
+            # document credkeeper creates, and retrying would fail the same way.
+            return StoreError(
+                f"the document{about} cannot be created: the collection's unique index on "
+                f"{', '.join(map(str, pattern))} refuses it ({detail}); documents created with "
+                "upsert=true hold only the match field and the credential, so other unique "
+                "indexes must be sparse or partial",
+                key=key,
+            )
         return ConflictError(f"a record{about} already exists ({detail})", key=key)
     if isinstance(exc, mongo_errors.InvalidOperation):
         return StoreError(f"the MongoDB store is closed or misused ({detail})", key=key)
@@ -535,6 +557,8 @@ def _execute(collection: Collection[dict[str, Any]], operation: Operation) -> An
         return None
     if isinstance(operation, Update):
         return collection.update_one(operation.filter, operation.update).matched_count
+    if isinstance(operation, ListIndexes):
+        return list(collection.list_indexes())
     return collection.delete_one(operation.filter).deleted_count
 
 
@@ -552,7 +576,10 @@ class MongoStore:
     tag); without it, the URL's ``w``, or ``"majority"`` when the URL sets none. Reads go to the
     primary. ``batch_size`` is the cursor batch of :meth:`scan_due`. ``create_index`` (default:
     true for credkeeper's own collection, false in the application's) creates the index on the
-    expiry field on first use. Options in the URL's query string count as keywords.
+    expiry field on first use. ``plaintext=True`` declares that the application keeps its tokens
+    in plain text, so the engine must neither seal what it writes nor expect sealed values; the
+    store itself stores whatever it is given either way, and shows the declaration as
+    :attr:`plaintext`. Options in the URL's query string count as keywords.
     """
 
     def __init__(
@@ -565,6 +592,7 @@ class MongoStore:
         write_concern: WriteConcern | str | int | None = None,
         batch_size: int | None = None,
         create_index: bool | None = None,
+        plaintext: bool | None = None,
     ) -> None:
         given = {
             "database": database,
@@ -573,6 +601,7 @@ class MongoStore:
             "write_concern": write_concern,
             "batch_size": batch_size,
             "create_index": create_index,
+            "plaintext": plaintext,
         }
         options = {name: value for name, value in given.items() if value is not None}
         self._setup(_from_target(client, options, asynchronous=False))
@@ -591,10 +620,11 @@ class MongoStore:
 
         Options go as keywords or in the query string, which is otherwise pymongo's (``w``,
         ``replicaSet``, ``tls``, ``serverSelectionTimeoutMS``, ...): ``database``,
-        ``collection``, ``write_concern``, ``batch_size``, ``create_index``, ``async``
-        (``true`` gives an :class:`AsyncMongoStore`), and for credentials embedded in existing
-        documents ``field_path`` with ``match_field``, ``field_naming``, ``key_type``,
-        ``expires_at_unit`` and ``state_field`` (or ``layout=EmbeddedLayout(...)``).
+        ``collection``, ``write_concern``, ``batch_size``, ``create_index``, ``plaintext``,
+        ``async`` (``true`` gives an :class:`AsyncMongoStore`), and for credentials embedded in
+        existing documents ``field_path`` with ``match_field``, ``field_naming``, ``key_type``,
+        ``expires_at_unit``, ``scopes_format``, ``upsert`` and ``state_field`` (or
+        ``layout=EmbeddedLayout(...)``).
         """
         parts, asynchronous = _from_url(url, options, default_async=False, fixed=False)
         return AsyncMongoStore._with(parts) if asynchronous else cls._with(parts)
@@ -607,6 +637,12 @@ class MongoStore:
 
     def __repr__(self) -> str:
         return f"MongoStore({self._parts.shown!r}, collection={self.collection.name!r})"
+
+    @property
+    def plaintext(self) -> bool:
+        """Whether the application keeps this store's tokens in plain text (option
+        ``plaintext``): the engine then neither seals tokens nor expects sealed ones."""
+        return self._parts.plaintext
 
     def __enter__(self) -> MongoStore:
         return self
@@ -720,6 +756,8 @@ async def _execute_async(collection: AsyncCollection[dict[str, Any]], operation:
         return None
     if isinstance(operation, Update):
         return (await collection.update_one(operation.filter, operation.update)).matched_count
+    if isinstance(operation, ListIndexes):
+        return await (await collection.list_indexes()).to_list()
     return (await collection.delete_one(operation.filter)).deleted_count
 
 
@@ -737,6 +775,7 @@ class AsyncMongoStore:
         write_concern: WriteConcern | str | int | None = None,
         batch_size: int | None = None,
         create_index: bool | None = None,
+        plaintext: bool | None = None,
     ) -> None:
         given = {
             "database": database,
@@ -745,6 +784,7 @@ class AsyncMongoStore:
             "write_concern": write_concern,
             "batch_size": batch_size,
             "create_index": create_index,
+            "plaintext": plaintext,
         }
         options = {name: value for name, value in given.items() if value is not None}
         self._setup(_from_target(client, options, asynchronous=True))
@@ -770,6 +810,12 @@ class AsyncMongoStore:
 
     def __repr__(self) -> str:
         return f"AsyncMongoStore({self._parts.shown!r}, collection={self.collection.name!r})"
+
+    @property
+    def plaintext(self) -> bool:
+        """Whether the application keeps this store's tokens in plain text (option
+        ``plaintext``): the engine then neither seals tokens nor expects sealed ones."""
+        return self._parts.plaintext
 
     async def __aenter__(self) -> AsyncMongoStore:
         return self
