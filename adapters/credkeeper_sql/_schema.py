@@ -28,7 +28,14 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
-from credkeeper import ConflictError, Record, Status, StoreCorrupted, StoreError
+from credkeeper import (
+    ConfigurationError,
+    ConflictError,
+    Record,
+    Status,
+    StoreCorrupted,
+    StoreError,
+)
 from credkeeper._credentials import from_epoch_ms, to_epoch_ms
 
 __all__ = [
@@ -36,9 +43,11 @@ __all__ = [
     "DEFAULT_TABLE",
     "ColumnMap",
     "ExistingTable",
+    "KeyKind",
     "Outcome",
     "OwnTable",
     "credentials_table",
+    "key_kind",
     "leases_table",
     "metadata",
 ]
@@ -183,6 +192,10 @@ class OwnTable:
         self.key = table.c.key
         self.expires_at = table.c.expires_at
 
+    def spelling(self, value: Any) -> str:
+        """The key of a row whose key column holds ``value``."""
+        return str(value)
+
     def due(self, before: datetime) -> tuple[sa.ColumnElement[bool], Any]:
         """The condition of ``scan_due`` and the bound it compares the expiry column with."""
         bound = to_epoch_ms(before)
@@ -288,6 +301,33 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
+#: How a key column compares keys: as text, as an integer, or as a uuid.
+KeyKind = Literal["text", "integer", "uuid"]
+
+# Wide enough for BIGINT UNSIGNED; a value beyond it is in no integer column.
+_INTEGER_RANGE = range(-(2**63), 2**64)
+_EXAMPLES = {"integer": "'123'", "uuid": "'123e4567-e89b-42d3-a456-426614174000'"}
+
+
+def key_kind(column: sa.Column[Any]) -> KeyKind | None:
+    """How ``column`` compares keys, from its reflected type.
+
+    ``None`` for a type credkeeper cannot compare a key with: NUMERIC, a date, a binary
+    string, a type SQLAlchemy does not know.
+    """
+    if isinstance(column.type, sa.Uuid):
+        return "uuid"
+    if isinstance(column.type, sa.Integer):
+        return "integer"
+    if isinstance(column.type, sa.String):
+        return "text"
+    return None
+
+
+def _type_name(column: sa.Column[Any]) -> str:
+    return str(getattr(column.type, "__visit_name__", type(column.type).__name__)).upper()
+
+
 @dataclass(slots=True)
 class ExistingTable:
     """Credentials in mapped columns of the application's table, state in a side table.
@@ -296,25 +336,43 @@ class ExistingTable:
     deletes the application's rows, and never touches another column. Creating a credential
     fills the token columns of a row whose refresh token is ``NULL``; deleting one sets the
     mapped columns back to ``NULL``.
+
+    Keys are compared in the key column's own type (:func:`key_kind`): bound as an ``int`` for
+    an integer column and a ``uuid.UUID`` for a uuid column. Only a type's canonical spelling
+    is accepted (``"123"``, not ``"0123"``; a lowercase hyphenated uuid), and a row the column's
+    comparison matched under another spelling (a collation that ignores case) is refused: the
+    side table is keyed by the string, so a row must answer to exactly one key.
     """
 
     table: sa.Table
     leases: sa.Table
     columns: ColumnMap
     tables: tuple[sa.Table, ...] = field(init=False)
+    kind: KeyKind = field(init=False)
 
     def __post_init__(self) -> None:
         self.tables = (self.table, self.leases)
         for name, column in self.columns.columns().items():
             if column not in self.table.c:
-                raise StoreError(
+                raise ConfigurationError(
                     f"table {self.table.name!r} has no column {column!r} (mapped to {name}); "
-                    f"its columns are {', '.join(self.table.c.keys())}"
+                    f"correct the {name}_column option"
                 )
+        kind = key_kind(self.key)
+        if kind is None:
+            raise ConfigurationError(
+                f"key column {self._key_name()} is {_type_name(self.key)}; credkeeper compares "
+                "keys with text (CHAR, VARCHAR, TEXT), integer (SMALLINT, INTEGER, BIGINT) or "
+                "UUID columns: map key_column to one of those"
+            )
+        self.kind = kind
 
     def _column(self, name: str) -> sa.Column[Any]:
         column: sa.Column[Any] = self.table.c[getattr(self.columns, name)]
         return column
+
+    def _key_name(self) -> str:
+        return f"{self.table.name}.{self.columns.key}"
 
     @property
     def key(self) -> sa.Column[Any]:
@@ -352,22 +410,74 @@ class ExistingTable:
         bound = self._to_column(before)
         return sa.and_(self.expires_at <= bound, self._column("refresh_token").is_not(None)), bound
 
+    def spelling(self, value: Any) -> str:
+        """The key of a row whose key column holds ``value``.
+
+        The canonical string of an int or a uuid; text as stored, without the padding
+        PostgreSQL gives a CHAR(n) value (keys never end in spaces).
+        """
+        if isinstance(value, str):
+            return value.rstrip(" ") if isinstance(self.key.type, sa.CHAR) else value
+        return str(value)
+
+    def _value(self, key: str) -> Any:
+        """``key`` as a value of the key column's type; ConfigurationError unless canonical."""
+        if self.kind == "text":
+            return key
+        value: Any = None
+        try:
+            # int() also reads '+1', '0123', '1_000' and other scripts' digits, and UUID()
+            # uppercase, braces and URNs: each names a value whose str() is the one spelling.
+            value = int(key) if self.kind == "integer" else uuid.UUID(key)
+        except ValueError:
+            raise ConfigurationError(
+                f"key {key!r} cannot name a row of column {self._key_name()} "
+                f"({_type_name(self.key)}): keys there are its values in canonical form, "
+                f"e.g. {_EXAMPLES[self.kind]}"
+            ) from None
+        canonical = str(value)
+        if canonical != key:
+            raise ConfigurationError(
+                f"key {key!r} is not how column {self._key_name()} ({_type_name(self.key)}) "
+                f"spells it: use {canonical!r}, its canonical form, so that a row and its lease "
+                "are reached under one key"
+            )
+        if isinstance(value, int) and value not in _INTEGER_RANGE:
+            raise ConfigurationError(
+                f"key {key!r} cannot name a row of column {self._key_name()} "
+                f"({_type_name(self.key)}): it is beyond the range of any integer column"
+            )
+        if isinstance(value, uuid.UUID) and not getattr(self.key.type, "as_uuid", True):
+            return canonical
+        return value
+
     def _matches(self, key: str) -> sa.ColumnElement[bool]:
-        """The application's row for ``key``: credkeeper keys are strings, ids may be ints."""
-        if isinstance(self.key.type, sa.Integer):
-            if not (key.isascii() and key.isdigit()):
-                return sa.false()
-            return self.key == int(key)
-        return self.key == key
+        """The application's row for ``key``, compared in the key column's own type."""
+        matches: sa.ColumnElement[bool] = self.key == self._value(key)
+        return matches
+
+    def _exact(self, key: str, rows: Sequence[sa.Row[Any]]) -> sa.RowMapping | None:
+        """The row named ``key``, or ``None``; refused if the comparison matched another spelling.
+
+        A collation that folds case, accents or trailing spaces lets ``'Alice'`` reach the row
+        of ``'alice'``, whose lease is in the side table under ``'alice'``: two keys, one row,
+        two leases. Such a key is refused rather than used.
+        """
+        others = sorted({self.spelling(row._mapping["key"]) for row in rows} - {key})
+        if others:
+            raise ConfigurationError(
+                f"key {key!r} reaches the row whose {self.columns.key} is {others[0]!r} in "
+                f"column {self._key_name()}: the column's comparison (its collation) ignores "
+                "case, accents or trailing spaces, so one row would answer to two keys; use the "
+                "key exactly as the column holds it"
+            )
+        return rows[0]._mapping if rows else None
 
     def _select(self, key: str) -> sa.Select[Any]:
         mapped = [self._column(name).label(name) for name in self.columns.columns()]
         state = [c.label(f"lease_{c.name}") for c in self.leases.c if c.name != "key"]
-        joined = (
-            sa.cast(self.key, self.leases.c.key.type)
-            if isinstance(self.key.type, sa.Integer)
-            else self.key
-        )
+        # The side table's key is the canonical string; an int or a uuid cast to text is it.
+        joined = self.key if self.kind == "text" else sa.cast(self.key, self.leases.c.key.type)
         return (
             sa.select(*mapped, *state)
             .select_from(self.table.outerjoin(self.leases, self.leases.c.key == joined))
@@ -377,7 +487,7 @@ class ExistingTable:
     def _lock(self, key: str) -> sa.Select[Any]:
         # Writers lock the application's row first, alone: PostgreSQL refuses FOR UPDATE on
         # the nullable side of an outer join and MariaDB has no FOR UPDATE OF.
-        return sa.select(self.key).where(self._matches(key)).with_for_update()
+        return sa.select(self.key.label("key")).where(self._matches(key)).with_for_update()
 
     def _record(self, key: str, row: sa.RowMapping) -> Record | None:
         refresh = row["refresh_token"]
@@ -414,7 +524,8 @@ class ExistingTable:
     def get(self, key: str) -> Plan:
         """Plan: the record under ``key``, or ``None`` when the row holds no credential."""
         outcome = yield self._select(key)
-        return self._record(key, outcome.rows[0]._mapping) if outcome.rows else None
+        row = self._exact(key, outcome.rows)
+        return None if row is None else self._record(key, row)
 
     def _credential_values(self, record: Record) -> dict[str, Any]:
         values: dict[str, Any] = {
@@ -432,7 +543,8 @@ class ExistingTable:
         """Plan: compare-and-swap on the side row's version and the stored refresh token."""
         locked = yield self._lock(record.key)
         outcome = yield self._select(record.key)
-        if not locked.rows or not outcome.rows:
+        self._exact(record.key, locked.rows)
+        if not locked.rows or self._exact(record.key, outcome.rows) is None:
             raise StoreError(
                 f"table {self.table.name!r} has no row with {self.columns.key} = {record.key!r}; "
                 "credkeeper stores credentials in existing rows and never inserts them",
@@ -467,9 +579,11 @@ class ExistingTable:
 
     def delete(self, key: str) -> Plan:
         """Plan: clear the mapped columns and the side row; whether there was a credential."""
-        yield self._lock(key)
+        locked = yield self._lock(key)
         outcome = yield self._select(key)
-        if not outcome.rows or self._record(key, outcome.rows[0]._mapping) is None:
+        self._exact(key, locked.rows)
+        row = self._exact(key, outcome.rows)
+        if row is None or self._record(key, row) is None:
             return False
         cleared = {column: None for name, column in self.columns.columns().items() if name != "key"}
         yield sa.update(self.table).where(self._matches(key)).values(cleared)

@@ -6,6 +6,7 @@ module adds engines, options, and the translation of driver errors into credkeep
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from credkeeper import (
     ConfigurationError,
     ConflictError,
+    CredkeeperError,
     Record,
     StoreError,
     StoreUnavailable,
@@ -35,6 +37,7 @@ from ._schema import (
     OwnTable,
     Plan,
     credentials_table,
+    key_kind,
     leases_table,
 )
 
@@ -67,7 +70,93 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 # Lost races that left nothing written: serialization failures and deadlocks (PostgreSQL
 # SQLSTATE, MySQL error numbers), SQLite's "database is locked" between two writers.
 _RACE_CODES = frozenset({"40001", "40P01", "1213", "SQLITE_BUSY", "SQLITE_LOCKED"})
-_MISSING_TABLE_CODES = frozenset({"42P01", "42S02", "1146"})
+
+# What may pass by itself, so StoreUnavailable whatever exception class the driver chose:
+# PostgreSQL's read-only standby after a failover, too many connections, lock and statement
+# timeouts, shutdowns and restarts (and class 08, connection exceptions, by prefix); MySQL's
+# too many connections, lock wait timeout, read-only server or transaction, killed or lost
+# connections.
+_PASSING_CODES = frozenset(
+    {
+        *_RACE_CODES,
+        *("25006", "53300", "55P03", "57014", "57P01", "57P02", "57P03"),
+        *("1040", "1205", "1290", "1792", "1836", "1927", "2002", "2003", "2006", "2013", "4031"),
+    }
+)
+
+# What the store's configuration gets wrong, and its fix. Retrying cannot help, so these are
+# ConfigurationError (the CLI's exit 2), never StoreUnavailable. The server's own message is
+# quoted with them: it names databases, users, tables and columns, never a row's value.
+_DATABASE = ("the database does not exist", "create it, or correct the database in the store URL")
+_LOGIN = (
+    "the server refused the login",
+    "check the user and password in the store URL, and that the server lets that user in "
+    "from this host",
+)
+_PRIVILEGE = (
+    "the user lacks a privilege",
+    "grant it SELECT, INSERT, UPDATE and DELETE on credkeeper's tables, and SELECT and UPDATE "
+    "on a mapped table",
+)
+_SCHEMA = ("the schema does not exist", "create it, or correct the schema option")
+_TABLE = (
+    "a table does not exist",
+    "create credkeeper's tables with `credkeeper init-store URL` (or add credkeeper_sql.metadata "
+    "to your migrations), and check the table, schema and lease_table options",
+)
+_COLUMN = (
+    "a column does not exist",
+    "check the *_column options against the table's columns",
+)
+_FILE = (
+    "the database file cannot be opened",
+    "check that its directory exists and that this process may write there",
+)
+_MISCONFIGURED = {
+    # PostgreSQL SQLSTATEs
+    "3D000": _DATABASE,
+    "28000": _LOGIN,
+    "28P01": _LOGIN,
+    "42501": _PRIVILEGE,
+    "3F000": _SCHEMA,
+    "42P01": _TABLE,
+    "42703": _COLUMN,
+    # MySQL and MariaDB error numbers
+    "1049": _DATABASE,
+    "1045": _LOGIN,
+    "1698": _LOGIN,
+    "1044": _PRIVILEGE,
+    "1142": _PRIVILEGE,
+    "1143": _PRIVILEGE,
+    "1146": _TABLE,
+    "1054": _COLUMN,
+    # SQLite result codes
+    "SQLITE_CANTOPEN": _FILE,
+}
+# libpq reports a server's refusal at connection time as text only, without its SQLSTATE; and
+# SQLite reports a missing table or column as the generic SQLITE_ERROR.
+_UNCODED = (
+    ("psycopg", re.compile(r'database ".*" does not exist'), _DATABASE),
+    (
+        "psycopg",
+        re.compile(
+            r'role ".*" does not exist|password authentication failed|no pg_hba\.conf entry'
+            r"|authentication failed for user|no password supplied"
+        ),
+        _LOGIN,
+    ),
+    ("psycopg", re.compile(r"permission denied for database"), _PRIVILEGE),
+    ("sqlite3", re.compile(r"^no such table"), _TABLE),
+    ("sqlite3", re.compile(r"^no such column"), _COLUMN),
+)
+# How messages name each server; a mysql:// URL may well point at MariaDB.
+_SERVERS = {
+    "postgresql": ("PostgreSQL", 5432),
+    "mysql": ("MySQL/MariaDB", 3306),
+    "mariadb": ("MariaDB", 3306),
+}
+# Enough of a server's message to say what is wrong.
+_REASON_LENGTH = 300
 
 
 # -- options -----------------------------------------------------------------------------
@@ -263,44 +352,143 @@ class _Settings:
 
     def build(self, connection: sa.Connection) -> Layout:
         """The layout, reflecting the application's table when there is a mapping."""
-        meta = sa.MetaData(schema=self.schema)
         if self.columns is None:
-            layout: Layout = OwnTable(credentials_table(meta, self.table))
+            layout: Layout = OwnTable(
+                credentials_table(sa.MetaData(schema=self.schema), self.table)
+            )
         else:
+            table = self._reflect(connection, self.columns)
             try:
-                table = sa.Table(
-                    self.table,
-                    meta,
-                    autoload_with=connection,
-                    include_columns=list(self.columns.columns().values()),
+                layout = ExistingTable(
+                    table, leases_table(table.metadata, self.lease_table), self.columns
                 )
-            except sa_exc.NoSuchTableError:
-                raise StoreError(
-                    f"table {self.table!r} does not exist; the existing-table mapping needs the "
-                    "application's own table"
+            except ConfigurationError as exc:
+                raise ConfigurationError(
+                    f"cannot use the {_where(connection.engine.url)}: {exc}"
                 ) from None
-            layout = ExistingTable(table, leases_table(meta, self.lease_table), self.columns)
         if self.create:
             for table in layout.tables:
                 if table.name != self.table or self.columns is None:
                     table.create(connection, checkfirst=True)
         return layout
 
+    def _reflect(self, connection: sa.Connection, columns: ColumnMap) -> sa.Table:
+        """The application's table as the database has it.
+
+        A missing table or mapped column is a ConfigurationError naming it, with the columns
+        the table does have.
+        """
+        wanted = list(columns.columns().values())
+        where = _where(connection.engine.url)
+        try:
+            table = sa.Table(
+                self.table,
+                sa.MetaData(schema=self.schema),
+                autoload_with=connection,
+                include_columns=wanted,
+            )
+        except sa_exc.NoSuchTableError:
+            schema = f" in schema {self.schema!r}" if self.schema else ""
+            raise ConfigurationError(
+                f"cannot use the {where}: table {self.table!r} does not exist{schema}; the "
+                "existing-table mapping needs the application's own table: check the table and "
+                "schema options"
+            ) from None
+        missing = [
+            (name, column) for name, column in columns.columns().items() if column not in table.c
+        ]
+        if missing:
+            name, column = missing[0]
+            present = sa.inspect(connection).get_columns(self.table, schema=self.schema)
+            raise ConfigurationError(
+                f"cannot use the {where}: table {self.table!r} has no column {column!r} (mapped "
+                f"to {name}); its columns are {', '.join(c['name'] for c in present)}: correct "
+                f"the {name}_column option"
+            )
+        if connection.dialect.name == "sqlite" and key_kind(table.c[columns.key]) is None:
+            # SQLite keeps what it is given: a column declared UUID has NUMERIC affinity and
+            # holds the text the application wrote. Compare it as that text.
+            table = sa.Table(
+                self.table,
+                sa.MetaData(schema=self.schema),
+                sa.Column(columns.key, sa.Text, primary_key=table.c[columns.key].primary_key),
+                autoload_with=connection,
+                include_columns=wanted,
+            )
+        return table
+
+
+def _where(url: URL) -> str:
+    """The database ``url`` names, for messages: host, port, database and user, no password."""
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        return f"SQLite database {url.database or ':memory:'!r}"
+    name, port = _SERVERS.get(backend, (backend, None))
+    user = f", user {url.username!r}" if url.username else ""
+    return (
+        f"{name} server {url.host or 'localhost'}:{url.port or port}, "
+        f"database {url.database!r}{user}"
+    )
+
 
 def _code(exc: BaseException) -> str | None:
+    """The driver's code for ``exc``, or ``None``.
+
+    SQLite's result code name; MySQL's error number, finer than its SQLSTATE (42000 is both an
+    unknown database and a denied SELECT); else the SQLSTATE.
+    """
     original = getattr(exc, "orig", None) or exc
-    for attribute in ("sqlstate", "pgcode", "sqlite_errorname"):
+    name = getattr(original, "sqlite_errorname", None)
+    if isinstance(name, str):
+        return name
+    args = getattr(original, "args", ())
+    if args and isinstance(args[0], int) and not isinstance(args[0], bool):
+        return str(args[0])
+    for attribute in ("sqlstate", "pgcode"):
         value = getattr(original, attribute, None)
         if isinstance(value, str):
             return value
-    args = getattr(original, "args", ())
-    if args and isinstance(args[0], int):
-        return str(args[0])
     return None
 
 
-def _translate(exc: BaseException, key: str | None, *, writing: bool, table: str) -> StoreError:
-    """A driver or SQLAlchemy error as credkeeper's; the message never quotes SQL or values."""
+def _reason(exc: BaseException, url: URL) -> str:
+    """The server's message for ``exc``, without the SQL, connection details or password."""
+    original = getattr(exc, "orig", None) or exc
+    primary = getattr(getattr(original, "diag", None), "message_primary", None)
+    args: tuple[Any, ...] = getattr(original, "args", ())
+    if isinstance(primary, str) and primary:  # psycopg, after connecting
+        text = primary
+    elif len(args) >= 2 and isinstance(args[0], int) and isinstance(args[1], str):  # MySQL
+        text = args[1]
+    else:
+        # libpq puts the server's reason last, after "FATAL:".
+        text = str(original).rpartition("FATAL:")[2]
+    text = " ".join(text.split())
+    if url.password:
+        text = text.replace(str(url.password), "***")
+    return text[:_REASON_LENGTH]
+
+
+def _misconfiguration(exc: BaseException, code: str | None) -> tuple[str, str] | None:
+    """What ``exc`` says is wrong with the store's configuration, and the fix; or ``None``."""
+    if code in _MISCONFIGURED:
+        return _MISCONFIGURED[code]
+    original = getattr(exc, "orig", None) or exc
+    module = type(original).__module__
+    text = str(original)
+    for driver, pattern, cause in _UNCODED:
+        if module.startswith(driver) and code in (None, "SQLITE_ERROR") and pattern.search(text):
+            return cause
+    return None
+
+
+def _translate(exc: BaseException, key: str | None, *, writing: bool, url: URL) -> CredkeeperError:
+    """A driver or SQLAlchemy error as credkeeper's; the message never quotes SQL or values.
+
+    A wrong database, login, privilege, table or column is a ConfigurationError naming the
+    database (host, port, name, user; never the password) and the server's reason, since
+    retrying cannot help; only what may pass is StoreUnavailable.
+    """
     about = f" for key {key!r}" if key is not None else ""
     if isinstance(exc, ValueError | OverflowError):
         # Raised while binding a value (a lone surrogate, an integer too large): the record
@@ -318,17 +506,25 @@ def _translate(exc: BaseException, key: str | None, *, writing: bool, table: str
             "read the record again",
             key=key,
         )
-    if code in _MISSING_TABLE_CODES or "no such table" in str(getattr(exc, "orig", "")):
-        return StoreError(
-            f"table {table!r} does not exist; create it with `credkeeper init-store URL`, "
-            "or add credkeeper_sql.metadata to your migrations",
-            key=key,
+    misconfigured = _misconfiguration(exc, code)
+    if misconfigured is not None:
+        what, fix = misconfigured
+        source = "SQLite" if url.get_backend_name() == "sqlite" else "the server"
+        return ConfigurationError(
+            f"cannot use the {_where(url)}: {what} ({source} says: {_reason(exc, url)}); {fix}"
         )
-    if isinstance(
-        exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError | OSError
-    ) or getattr(exc, "connection_invalidated", False):
-        return StoreUnavailable(f"the SQL store failed{about}: {detail}; retry later", key=key)
-    return StoreError(f"the SQL store failed{about}: {detail}", key=key)
+    if (
+        code in _PASSING_CODES
+        or (code is not None and code.startswith("08"))
+        or isinstance(
+            exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError | OSError
+        )
+        or getattr(exc, "connection_invalidated", False)
+    ):
+        return StoreUnavailable(
+            f"the SQL store failed{about} ({_where(url)}): {detail}; retry later", key=key
+        )
+    return StoreError(f"the SQL store failed{about} ({_where(url)}): {detail}", key=key)
 
 
 def _page(
@@ -564,10 +760,10 @@ class SQLStore:
             with self.engine.begin() as connection:
                 _bound_lock_waits(connection)
                 return _execute(connection, plan_of(self._get_layout(connection)))
-        except StoreError:
+        except (StoreError, ConfigurationError):
             raise
         except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
-            raise _translate(exc, key, writing=writing, table=self._settings.table) from exc
+            raise _translate(exc, key, writing=writing, url=self.engine.url) from exc
 
     def get(self, key: str) -> Record | None:
         """See :meth:`credkeeper.CredentialStore.get`."""
@@ -592,14 +788,15 @@ class SQLStore:
             try:
                 with self.engine.connect() as connection:
                     _bound_lock_waits(connection)
-                    page = _page(self._get_layout(connection), before, after, size)
+                    layout = self._get_layout(connection)
+                    page = _page(layout, before, after, size)
                     rows = connection.execute(page).all()
-            except StoreError:
+            except (StoreError, ConfigurationError):
                 raise
             except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
-                raise _translate(exc, None, writing=False, table=self._settings.table) from exc
+                raise _translate(exc, None, writing=False, url=self.engine.url) from exc
             for row in rows:
-                yield str(row[0])
+                yield layout.spelling(row[0])
             if len(rows) < size:
                 return
             after = (rows[-1][0], rows[-1][1])
@@ -616,7 +813,7 @@ class SQLStore:
             with self.engine.connect() as connection:
                 value = connection.execute(_clock_query(dialect)).scalar_one()
         except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
-            raise _translate(exc, None, writing=False, table=self._settings.table) from exc
+            raise _translate(exc, None, writing=False, url=self.engine.url) from exc
         return _clock_value(value, dialect)
 
     def close(self) -> None:
@@ -695,10 +892,10 @@ class AsyncSQLStore:
             async with self.engine.begin() as connection:
                 await _bound_lock_waits_async(connection)
                 return await _execute_async(connection, plan_of(await self._get_layout(connection)))
-        except StoreError:
+        except (StoreError, ConfigurationError):
             raise
         except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
-            raise _translate(exc, key, writing=writing, table=self._settings.table) from exc
+            raise _translate(exc, key, writing=writing, url=self.engine.url) from exc
 
     async def get(self, key: str) -> Record | None:
         """See :meth:`credkeeper.AsyncCredentialStore.get`."""
@@ -723,14 +920,15 @@ class AsyncSQLStore:
             try:
                 async with self.engine.connect() as connection:
                     await _bound_lock_waits_async(connection)
-                    page = _page(await self._get_layout(connection), before, after, size)
+                    layout = await self._get_layout(connection)
+                    page = _page(layout, before, after, size)
                     rows = (await connection.execute(page)).all()
-            except StoreError:
+            except (StoreError, ConfigurationError):
                 raise
             except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
-                raise _translate(exc, None, writing=False, table=self._settings.table) from exc
+                raise _translate(exc, None, writing=False, url=self.engine.url) from exc
             for row in rows:
-                yield str(row[0])
+                yield layout.spelling(row[0])
             if len(rows) < size:
                 return
             after = (rows[-1][0], rows[-1][1])
@@ -742,7 +940,7 @@ class AsyncSQLStore:
             async with self.engine.connect() as connection:
                 value = (await connection.execute(_clock_query(dialect))).scalar_one()
         except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
-            raise _translate(exc, None, writing=False, table=self._settings.table) from exc
+            raise _translate(exc, None, writing=False, url=self.engine.url) from exc
         return _clock_value(value, dialect)
 
     async def close(self) -> None:
@@ -794,10 +992,10 @@ def init_store(url: str | sa.Engine, **options: Any) -> list[str]:
             for table in mine:
                 table.create(connection, checkfirst=True)
             return created
-    except StoreError:
+    except (StoreError, ConfigurationError):
         raise
     except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
-        raise _translate(exc, None, writing=True, table=settings.table) from exc
+        raise _translate(exc, None, writing=True, url=engine.url) from exc
     finally:
         if owned:
             engine.dispose()
