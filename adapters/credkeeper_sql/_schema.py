@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -38,15 +38,30 @@ from credkeeper import (
 )
 from credkeeper._credentials import from_epoch_ms, to_epoch_ms
 
+from ._formats import (
+    JAVASCRIPT_ISO,
+    SQLITE_DATETIME,
+    ExpiryKind,
+    IsoStyle,
+    ScopesFormat,
+    ScopesKind,
+    json_scopes,
+    parse_iso,
+    read_scopes,
+    text_scopes_format,
+)
+
 __all__ = [
     "DEFAULT_LEASE_TABLE",
     "DEFAULT_TABLE",
     "ColumnMap",
     "ExistingTable",
+    "Formats",
     "KeyKind",
     "Outcome",
     "OwnTable",
     "credentials_table",
+    "formats_of",
     "key_kind",
     "leases_table",
     "metadata",
@@ -192,6 +207,11 @@ class OwnTable:
         self.key = table.c.key
         self.expires_at = table.c.expires_at
 
+    @property
+    def order(self) -> sa.ColumnElement[Any]:
+        """What ``scan_due`` compares and orders expiries by: the expiry column."""
+        return self.expires_at
+
     def spelling(self, value: Any) -> str:
         """The key of a row whose key column holds ``value``."""
         return str(value)
@@ -263,12 +283,23 @@ def _invalid(key: str) -> datetime:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ColumnMap:
-    """Which columns of an existing table hold a credential's fields.
+    """Which columns of an existing table hold a credential's fields, and how.
 
     ``key`` identifies the row (e.g. ``id`` or ``user_id``); the three token columns are
-    required; ``scopes`` (a JSON array, or space-separated text) and ``subscription_type`` are
-    optional. ``expires_at`` may be a timestamp column or an integer one holding epoch
-    milliseconds (``expires_at_unit="ms"``, the default) or seconds (``"s"``).
+    required; ``scopes`` and ``subscription_type`` are optional.
+
+    Every column is written back in the format it has (see ``docs/stores/sql.md``). The
+    expiry column may be a timestamp, an integer of epoch milliseconds (``expires_at_unit="ms"``,
+    the default) or seconds (``"s"``), or ISO-8601 text (``"iso"``, which a text column implies).
+    The scopes column may be text holding space-separated scopes or a JSON array, a JSON column,
+    or a PostgreSQL ``text[]``; ``scopes_format`` (``"space"``, ``"json"``, ``"array"``) names
+    the format where neither the column type nor the row shows it, and is otherwise inferred
+    (``"space"`` for text).
+
+    With ``insert=True``, storing a credential for a key the table has no row for inserts one,
+    holding the key and the mapped columns; every other ``NOT NULL`` column must have a default
+    and the key column must be unique, both checked on first use. Without it credkeeper only
+    ever writes rows that exist.
     """
 
     key: str
@@ -277,7 +308,31 @@ class ColumnMap:
     expires_at: str
     scopes: str | None = None
     subscription_type: str | None = None
-    expires_at_unit: Literal["ms", "s"] = "ms"
+    expires_at_unit: Literal["ms", "s", "iso"] = "ms"
+    scopes_format: ScopesFormat | None = None
+    insert: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("key", "access_token", "refresh_token", "expires_at"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigurationError(f"ColumnMap.{name} must be a column name")
+        if self.expires_at_unit not in ("ms", "s", "iso"):
+            raise ConfigurationError(
+                "expires_at_unit must be 'ms' or 's' (epoch milliseconds or seconds in an "
+                f"integer column) or 'iso' (ISO-8601 text), got {self.expires_at_unit!r}"
+            )
+        if self.scopes_format not in (None, "space", "json", "array"):
+            raise ConfigurationError(
+                "scopes_format must be 'space' (one space-separated string), 'json' (a JSON "
+                f"array) or 'array' (a PostgreSQL text[]), got {self.scopes_format!r}"
+            )
+        if self.scopes_format is not None and self.scopes is None:
+            raise ConfigurationError(
+                "scopes_format describes the scopes column: map one with scopes_column, or drop "
+                "scopes_format"
+            )
+        if not isinstance(self.insert, bool):
+            raise ConfigurationError(f"insert must be true or false, got {self.insert!r}")
 
     def columns(self) -> dict[str, str]:
         """Field name to column name, for the fields that are mapped."""
@@ -328,14 +383,119 @@ def _type_name(column: sa.Column[Any]) -> str:
     return str(getattr(column.type, "__visit_name__", type(column.type).__name__)).upper()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Formats:
+    """How the application's table keeps the expiry and the scopes, from its column types.
+
+    ``iso`` is the ISO-8601 style written into a text expiry column whose row shows none;
+    ``scopes_default`` the format of a text scopes column whose row shows none. ``json_cast``
+    marks a PostgreSQL JSON or JSONB scopes column: read as its text and written by a cast from
+    text, so the application's spelling of the array survives (``json`` keeps it byte for byte).
+    """
+
+    expires_at: ExpiryKind
+    iso: IsoStyle = JAVASCRIPT_ISO
+    scopes: ScopesKind | None = None
+    scopes_default: Literal["space", "json"] = "space"
+    json_cast: bool = False
+
+
+def _expiry_kind(column: sa.Column[Any], dialect: str) -> ExpiryKind | None:
+    if isinstance(column.type, sa.Integer):
+        return "integer"
+    if isinstance(column.type, sa.String):
+        return "text"
+    if dialect == "sqlite":
+        # SQLite keeps what it is given: a DATETIME column holds the text its writer chose.
+        return "text"
+    if isinstance(column.type, sa.DateTime):
+        return "timestamp"
+    return None
+
+
+def _scopes_kind(
+    column: sa.Column[Any], dialect: str, json_columns: frozenset[str]
+) -> ScopesKind | None:
+    if isinstance(column.type, sa.ARRAY):
+        return "array" if isinstance(column.type.item_type, sa.String) else None
+    if isinstance(column.type, sa.JSON) or column.name in json_columns:
+        return "json"
+    if isinstance(column.type, sa.String) or dialect == "sqlite":
+        return "text"
+    return None
+
+
+def formats_of(
+    table: sa.Table, columns: ColumnMap, *, dialect: str, json_columns: frozenset[str] = frozenset()
+) -> Formats:
+    """The formats of ``table``'s mapped expiry and scopes columns, as reflected.
+
+    ``json_columns`` names columns the database holds JSON in without a JSON type (MariaDB's
+    ``JSON`` is ``LONGTEXT`` checked by ``json_valid``). An option that contradicts a column's
+    type, or a type credkeeper cannot keep the field in, is a ConfigurationError naming both.
+    """
+    expiry = table.c[columns.expires_at]
+    where = f"{table.name}.{columns.expires_at}"
+    kind = _expiry_kind(expiry, dialect)
+    if kind is None:
+        raise ConfigurationError(
+            f"expiry column {where} is {_type_name(expiry)}; credkeeper keeps expiries in "
+            "timestamp (TIMESTAMP, TIMESTAMPTZ, DATETIME), integer (INTEGER, BIGINT: epoch "
+            "milliseconds, or seconds with expires_at_unit=s) or text (ISO-8601) columns: map "
+            "expires_at_column to one of those"
+        )
+    if columns.expires_at_unit == "iso" and kind != "text":
+        fix = "use ms or s" if kind == "integer" else "drop expires_at_unit"
+        raise ConfigurationError(
+            f"expires_at_unit=iso declares ISO-8601 text, but expiry column {where} is "
+            f"{_type_name(expiry)}: {fix}"
+        )
+    iso = SQLITE_DATETIME if isinstance(expiry.type, sa.DateTime) else JAVASCRIPT_ISO
+    if columns.scopes is None:
+        return Formats(expires_at=kind, iso=iso)
+    scopes = table.c[columns.scopes]
+    where = f"{table.name}.{columns.scopes}"
+    scopes_kind = _scopes_kind(scopes, dialect, json_columns)
+    if scopes_kind is None:
+        raise ConfigurationError(
+            f"scopes column {where} is {_type_name(scopes)}; credkeeper keeps scopes in text "
+            "(space-separated, or a JSON array), JSON or PostgreSQL text[] columns: map "
+            "scopes_column to one of those"
+        )
+    wanted = columns.scopes_format
+    fits = {"text": ("space", "json"), "json": ("json",), "array": ("array",)}[scopes_kind]
+    if wanted is not None and wanted not in fits:
+        raise ConfigurationError(
+            f"scopes_format={wanted} does not fit scopes column {where} "
+            f"({_type_name(scopes)}), which holds {_HOLDS[scopes_kind]}: use "
+            f"{' or '.join(fits)}, or drop scopes_format to have it inferred"
+        )
+    return Formats(
+        expires_at=kind,
+        iso=iso,
+        scopes=scopes_kind,
+        scopes_default="json" if wanted == "json" else "space",
+        json_cast=dialect == "postgresql" and scopes_kind == "json",
+    )
+
+
+_HOLDS = {
+    "text": "text",
+    "json": "JSON",
+    "array": "an array",
+}
+
+
 @dataclass(slots=True)
 class ExistingTable:
     """Credentials in mapped columns of the application's table, state in a side table.
 
-    credkeeper only ever updates the mapped columns of rows that exist: it never inserts or
-    deletes the application's rows, and never touches another column. Creating a credential
-    fills the token columns of a row whose refresh token is ``NULL``; deleting one sets the
-    mapped columns back to ``NULL``.
+    credkeeper only ever updates the mapped columns of rows that exist, each in the format it
+    has (:class:`Formats`), and never touches another column. Creating a credential fills the
+    token columns of a row whose refresh token is ``NULL``; deleting one sets the mapped columns
+    back to ``NULL``. With ``insert`` (:class:`ColumnMap`), creating a credential for a key
+    without a row inserts the row; and where a mapped column is ``NOT NULL``, so that a row
+    cannot be without a credential, deleting the credential deletes its row.
 
     Keys are compared in the key column's own type (:func:`key_kind`): bound as an ``int`` for
     an integer column and a ``uuid.UUID`` for a uuid column. Only a type's canonical spelling
@@ -347,8 +507,11 @@ class ExistingTable:
     table: sa.Table
     leases: sa.Table
     columns: ColumnMap
+    formats: Formats
     tables: tuple[sa.Table, ...] = field(init=False)
     kind: KeyKind = field(init=False)
+    # The first NOT NULL mapped column, if any: its rows cannot hold "no credential".
+    not_null: str | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.tables = (self.table, self.leases)
@@ -366,6 +529,14 @@ class ExistingTable:
                 "UUID columns: map key_column to one of those"
             )
         self.kind = kind
+        self.not_null = next(
+            (
+                column
+                for name, column in self.columns.columns().items()
+                if name != "key" and not self.table.c[column].nullable
+            ),
+            None,
+        )
 
     def _column(self, name: str) -> sa.Column[Any]:
         column: sa.Column[Any] = self.table.c[getattr(self.columns, name)]
@@ -385,16 +556,36 @@ class ExistingTable:
         return self._column("expires_at")
 
     @property
-    def _timestamp(self) -> bool:
-        return isinstance(self.expires_at.type, sa.DateTime)
+    def order(self) -> sa.ColumnElement[Any]:
+        """What ``scan_due`` compares and orders expiries by.
 
-    def _to_column(self, moment: datetime) -> Any:
-        if self._timestamp:
-            if self.expires_at.type.timezone:  # type: ignore[attr-defined]
-                return moment
-            return moment.astimezone(UTC).replace(tzinfo=None)
+        ISO-8601 text sorts as time only when every row spells it alike; its first 19
+        characters with the ``T`` made a space do, whatever separator, fraction or ``Z`` each
+        row has, to the second.
+        """
+        if self.formats.expires_at == "text":
+            return sa.func.replace(sa.func.substr(self.expires_at, 1, 19), "T", " ")
+        return self.expires_at
+
+    def _epoch(self, moment: datetime) -> int:
         milliseconds = to_epoch_ms(moment)
-        return milliseconds if self.columns.expires_at_unit == "ms" else milliseconds // 1000
+        return milliseconds // 1000 if self.columns.expires_at_unit == "s" else milliseconds
+
+    def _expiry_value(self, moment: datetime, stored: Any) -> Any:
+        """``moment`` as the expiry column keeps it: in the format of the ``stored`` value,
+        else in the column type's (a naive timestamp is UTC)."""
+        if isinstance(stored, str):
+            parsed = parse_iso(stored)
+            return (self.formats.iso if parsed is None else parsed[1]).render(moment)
+        if isinstance(stored, int) and not isinstance(stored, bool):
+            return self._epoch(moment)
+        if self.formats.expires_at == "integer":
+            return self._epoch(moment)
+        if self.formats.expires_at == "text":
+            return self.formats.iso.render(moment)
+        if getattr(self.expires_at.type, "timezone", False):
+            return moment.astimezone(UTC)
+        return moment.astimezone(UTC).replace(tzinfo=None)
 
     def _from_column(self, key: str, value: Any) -> datetime:
         if isinstance(value, datetime):
@@ -403,12 +594,19 @@ class ExistingTable:
             return _moment(
                 key, value * 1000 if self.columns.expires_at_unit == "s" else value, "expires_at"
             ) or _invalid(key)
+        if isinstance(value, str):
+            parsed = parse_iso(value)
+            if parsed is not None:
+                return parsed[0]
         raise StoreCorrupted(f"the credential for key {key!r} has no usable expiry", key=key)
 
     def due(self, before: datetime) -> tuple[sa.ColumnElement[bool], Any]:
         """The condition of ``scan_due``: due, and holding a credential."""
-        bound = self._to_column(before)
-        return sa.and_(self.expires_at <= bound, self._column("refresh_token").is_not(None)), bound
+        if self.formats.expires_at == "text":
+            bound: Any = before.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        else:
+            bound = self._expiry_value(before, None)
+        return sa.and_(self.order <= bound, self._column("refresh_token").is_not(None)), bound
 
     def spelling(self, value: Any) -> str:
         """The key of a row whose key column holds ``value``.
@@ -473,8 +671,15 @@ class ExistingTable:
             )
         return rows[0]._mapping if rows else None
 
+    def _mapped(self, name: str) -> sa.ColumnElement[Any]:
+        column = self._column(name)
+        if name == "scopes" and self.formats.json_cast:
+            # psycopg hands JSON back parsed; its text shows how the application spaced it.
+            return sa.cast(column, sa.Text).label(name)
+        return column.label(name)
+
     def _select(self, key: str) -> sa.Select[Any]:
-        mapped = [self._column(name).label(name) for name in self.columns.columns()]
+        mapped = [self._mapped(name) for name in self.columns.columns()]
         state = [c.label(f"lease_{c.name}") for c in self.leases.c if c.name != "key"]
         # The side table's key is the canonical string; an int or a uuid cast to text is it.
         joined = self.key if self.kind == "text" else sa.cast(self.key, self.leases.c.key.type)
@@ -497,13 +702,10 @@ class ExistingTable:
         if not isinstance(access, str) or not isinstance(refresh, str):
             raise StoreCorrupted(f"the credential for key {key!r} has no tokens", key=key)
         side = row["lease_version"]
-        scopes: tuple[str, ...] = ()
-        raw_scopes = row.get("scopes")
-        if isinstance(raw_scopes, str) and raw_scopes.strip():
-            scopes = (
-                _scopes(key, raw_scopes)
-                if raw_scopes.lstrip().startswith("[")
-                else tuple(raw_scopes.split())
+        scopes = read_scopes(row.get("scopes"))
+        if scopes is None:
+            raise StoreCorrupted(
+                f"stored record for key {key!r} has a bad 'scopes' column", key=key
             )
         return Record(
             key=key,
@@ -527,29 +729,68 @@ class ExistingTable:
         row = self._exact(key, outcome.rows)
         return None if row is None else self._record(key, row)
 
-    def _credential_values(self, record: Record) -> dict[str, Any]:
+    def _scopes_value(self, scopes: tuple[str, ...], stored: Any) -> Any:
+        """``scopes`` as the scopes column keeps them: its type's format, or for text the
+        ``stored`` value's, else ``scopes_format``'s (space-separated by default)."""
+        kind = self.formats.scopes
+        if kind == "array":
+            return list(scopes)
+        if kind == "json" or (text_scopes_format(stored) or self.formats.scopes_default) == "json":
+            text = json_scopes(scopes, stored)
+        else:
+            text = " ".join(scopes)
+        if self.formats.json_cast:
+            return sa.cast(sa.literal(text, sa.Text()), self._column("scopes").type)
+        return text
+
+    def _credential_values(self, record: Record, stored: sa.RowMapping | None) -> dict[str, Any]:
+        """The mapped columns' new values, each in the format of the ``stored`` row (if any)."""
+        before: Mapping[str, Any] = {} if stored is None else dict(stored)
         values: dict[str, Any] = {
             self.columns.access_token: record.access_token,
             self.columns.refresh_token: record.refresh_token,
-            self.columns.expires_at: self._to_column(record.expires_at),
+            self.columns.expires_at: self._expiry_value(
+                record.expires_at, before.get("expires_at")
+            ),
         }
         if self.columns.scopes is not None:
-            values[self.columns.scopes] = json.dumps(list(record.scopes))
+            values[self.columns.scopes] = self._scopes_value(record.scopes, before.get("scopes"))
         if self.columns.subscription_type is not None:
             values[self.columns.subscription_type] = record.subscription_type
         return values
 
+    def _insert(self, record: Record) -> Plan:
+        """Plan: create the row of a key the table has none for, if ``insert`` allows."""
+        if not self.columns.insert:
+            raise StoreError(
+                f"table {self.table.name!r} has no row with {self.columns.key} = {record.key!r}; "
+                "credkeeper stores credentials in existing rows and never inserts them, unless "
+                "the store is opened with insert=true",
+                key=record.key,
+            )
+        if record.version is not None:
+            # Re-creating a row the application deleted would resurrect a credential.
+            raise _conflict(record, "was deleted since it was read")
+        version = _new_version()
+        # A duplicate key, from another worker or the application creating the row first,
+        # fails the insert (the key column is unique, checked on first use): ConflictError.
+        yield sa.insert(self.table).values(
+            {self.columns.key: self._value(record.key), **self._credential_values(record, None)}
+        )
+        # A side row left behind by a row the application deleted belongs to no credential.
+        yield sa.delete(self.leases).where(self.leases.c.key == record.key)
+        state = {**_state_values(record), "version": version}
+        yield sa.insert(self.leases).values(key=record.key, **state)
+        return record.replace(version=f"{version}.{_digest(record.refresh_token)}")
+
     def put(self, record: Record) -> Plan:
-        """Plan: compare-and-swap on the side row's version and the stored refresh token."""
+        """Plan: compare-and-swap on the side row's version and the stored refresh token; with
+        ``insert``, an insert where the table has no row for the key."""
         locked = yield self._lock(record.key)
         outcome = yield self._select(record.key)
         self._exact(record.key, locked.rows)
         if not locked.rows or self._exact(record.key, outcome.rows) is None:
-            raise StoreError(
-                f"table {self.table.name!r} has no row with {self.columns.key} = {record.key!r}; "
-                "credkeeper stores credentials in existing rows and never inserts them",
-                key=record.key,
-            )
+            return (yield from self._insert(record))
         row = outcome.rows[0]._mapping
         current = self._record(record.key, row)
         expected = None if current is None else current.version
@@ -560,7 +801,7 @@ class ExistingTable:
         yield (
             sa.update(self.table)
             .where(self._matches(record.key))
-            .values(self._credential_values(record))
+            .values(self._credential_values(record, row))
         )
         if row["lease_version"] is None:
             yield sa.delete(self.leases).where(self.leases.c.key == record.key)
@@ -578,14 +819,31 @@ class ExistingTable:
         return record.replace(version=f"{version}.{_digest(record.refresh_token)}")
 
     def delete(self, key: str) -> Plan:
-        """Plan: clear the mapped columns and the side row; whether there was a credential."""
+        """Plan: clear the mapped columns and the side row; whether there was a credential.
+
+        Where a mapped column is ``NOT NULL`` the row cannot be without a credential: with
+        ``insert`` it is deleted (credkeeper creates such rows again), else that is an error.
+        """
         locked = yield self._lock(key)
         outcome = yield self._select(key)
         self._exact(key, locked.rows)
         row = self._exact(key, outcome.rows)
         if row is None or self._record(key, row) is None:
             return False
-        cleared = {column: None for name, column in self.columns.columns().items() if name != "key"}
-        yield sa.update(self.table).where(self._matches(key)).values(cleared)
+        if self.not_null is None:
+            cleared = {
+                column: None for name, column in self.columns.columns().items() if name != "key"
+            }
+            yield sa.update(self.table).where(self._matches(key)).values(cleared)
+        elif self.columns.insert:
+            yield sa.delete(self.table).where(self._matches(key))
+        else:
+            raise StoreError(
+                f"cannot delete the credential for key {key!r}: column "
+                f"{self.table.name}.{self.not_null} is NOT NULL, so its row cannot be kept "
+                "without one; open the store with insert=true to let credkeeper delete such "
+                "rows (and insert them again), or allow NULL in the mapped columns",
+                key=key,
+            )
         yield sa.delete(self.leases).where(self.leases.c.key == key)
         return True

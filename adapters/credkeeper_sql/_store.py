@@ -33,10 +33,12 @@ from ._schema import (
     DEFAULT_TABLE,
     ColumnMap,
     ExistingTable,
+    Formats,
     Outcome,
     OwnTable,
     Plan,
     credentials_table,
+    formats_of,
     key_kind,
     leases_table,
 )
@@ -61,11 +63,27 @@ _COLUMN_OPTIONS = {
     "scopes_column": "scopes",
     "subscription_type_column": "subscription_type",
 }
+# Options describing an existing-table mapping beyond its columns: ColumnMap's own fields.
+_MAPPING_OPTIONS = ("expires_at_unit", "scopes_format", "insert")
 _OPTIONS = frozenset(
-    {"table", "schema", "lease_table", "page_size", "create", "expires_at_unit", *_COLUMN_OPTIONS}
+    {
+        "table",
+        "schema",
+        "lease_table",
+        "page_size",
+        "create",
+        "plaintext",
+        *_MAPPING_OPTIONS,
+        *_COLUMN_OPTIONS,
+    }
 )
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
+
+# A duplicate key: on a create, another writer created the record first.
+_DUPLICATE_CODES = frozenset(
+    {"23505", "1062", "1586", "SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"}
+)
 
 # Lost races that left nothing written: serialization failures and deadlocks (PostgreSQL
 # SQLSTATE, MySQL error numbers), SQLite's "database is locked" between two writers.
@@ -155,6 +173,8 @@ _SERVERS = {
     "mysql": ("MySQL/MariaDB", 3306),
     "mariadb": ("MariaDB", 3306),
 }
+# MariaDB's check on a JSON column, as information_schema shows it.
+_JSON_VALID = re.compile(r"json_valid\(`([^`]+)`\)")
 # Enough of a server's message to say what is wrong.
 _REASON_LENGTH = 300
 
@@ -275,6 +295,7 @@ class _Settings:
         lease_table: str,
         page_size: int,
         create: bool,
+        plaintext: bool = False,
     ) -> None:
         for name, value in (("table", table), ("lease_table", lease_table)):
             if not isinstance(value, str) or not value:
@@ -289,6 +310,7 @@ class _Settings:
         self.lease_table = lease_table
         self.page_size = page_size
         self.create = create
+        self.plaintext = plaintext
 
     @classmethod
     def of(
@@ -300,10 +322,14 @@ class _Settings:
         lease_table: str,
         page_size: int,
         create: bool,
+        plaintext: bool,
     ) -> _Settings:
         """Settings from a store constructor's keyword arguments."""
         given = {"schema": schema, "columns": columns, "lease_table": lease_table}
-        settings, _ = cls.parse({**given, "page_size": page_size, "create": create}, table=table)
+        settings, _ = cls.parse(
+            {**given, "page_size": page_size, "create": create, "plaintext": plaintext},
+            table=table,
+        )
         return settings
 
     @classmethod
@@ -315,8 +341,25 @@ class _Settings:
         mapped = {
             field: given.pop(option) for option, field in _COLUMN_OPTIONS.items() if option in given
         }
-        unit = given.pop("expires_at_unit", "ms")
+        described = {name: given.pop(name) for name in _MAPPING_OPTIONS if name in given}
+        if "insert" in described:
+            described["insert"] = _flag("insert", described["insert"])
         columns = given.pop("columns", None)
+        if described and not mapped:
+            names = ", ".join(sorted(described))
+            if columns is not None:
+                raise ConfigurationError(
+                    f"give {names} as fields of the ColumnMap passed as columns=, not as options"
+                )
+            raise ConfigurationError(
+                f"SQL store option(s) {names} only apply to an existing-table mapping: give "
+                "table, key_column, access_token_column, refresh_token_column and "
+                "expires_at_column too"
+            )
+        if mapped and columns is not None:
+            raise ConfigurationError(
+                "give either columns=ColumnMap(...) or the *_column options, not both"
+            )
         if mapped:
             missing = [
                 option
@@ -328,9 +371,7 @@ class _Settings:
                 raise ConfigurationError(
                     f"mapping credentials onto an existing table needs {', '.join(missing)} too"
                 )
-            if unit not in ("ms", "s"):
-                raise ConfigurationError(f"expires_at_unit must be 'ms' or 's', got {unit!r}")
-            columns = ColumnMap(**mapped, expires_at_unit=unit)
+            columns = ColumnMap(**mapped, **described)
         name = given.pop("table", table)
         if columns is not None and name is None:
             raise ConfigurationError("an existing-table mapping needs table=<the table's name>")
@@ -347,6 +388,7 @@ class _Settings:
             lease_table=given.pop("lease_table", DEFAULT_LEASE_TABLE),
             page_size=page_size,
             create=_flag("create", given.pop("create", False)),
+            plaintext=_flag("plaintext", given.pop("plaintext", False)),
         )
         return settings, given
 
@@ -357,29 +399,27 @@ class _Settings:
                 credentials_table(sa.MetaData(schema=self.schema), self.table)
             )
         else:
-            table = self._reflect(connection, self.columns)
+            where = _where(connection.engine.url)
             try:
+                table, formats = self._reflect(connection, self.columns)
                 layout = ExistingTable(
-                    table, leases_table(table.metadata, self.lease_table), self.columns
+                    table, leases_table(table.metadata, self.lease_table), self.columns, formats
                 )
             except ConfigurationError as exc:
-                raise ConfigurationError(
-                    f"cannot use the {_where(connection.engine.url)}: {exc}"
-                ) from None
+                raise ConfigurationError(f"cannot use the {where}: {exc}") from None
         if self.create:
             for table in layout.tables:
                 if table.name != self.table or self.columns is None:
                     table.create(connection, checkfirst=True)
         return layout
 
-    def _reflect(self, connection: sa.Connection, columns: ColumnMap) -> sa.Table:
-        """The application's table as the database has it.
+    def _reflect(self, connection: sa.Connection, columns: ColumnMap) -> tuple[sa.Table, Formats]:
+        """The application's table as the database has it, and the formats of its columns.
 
         A missing table or mapped column is a ConfigurationError naming it, with the columns
-        the table does have.
+        the table does have; so is a table that ``insert`` cannot insert rows into.
         """
         wanted = list(columns.columns().values())
-        where = _where(connection.engine.url)
         try:
             table = sa.Table(
                 self.table,
@@ -390,32 +430,134 @@ class _Settings:
         except sa_exc.NoSuchTableError:
             schema = f" in schema {self.schema!r}" if self.schema else ""
             raise ConfigurationError(
-                f"cannot use the {where}: table {self.table!r} does not exist{schema}; the "
-                "existing-table mapping needs the application's own table: check the table and "
-                "schema options"
+                f"table {self.table!r} does not exist{schema}; the existing-table mapping needs "
+                "the application's own table: check the table and schema options"
             ) from None
         missing = [
             (name, column) for name, column in columns.columns().items() if column not in table.c
         ]
+        inspector = sa.inspect(connection)
         if missing:
             name, column = missing[0]
-            present = sa.inspect(connection).get_columns(self.table, schema=self.schema)
+            present = inspector.get_columns(self.table, schema=self.schema)
             raise ConfigurationError(
-                f"cannot use the {where}: table {self.table!r} has no column {column!r} (mapped "
-                f"to {name}); its columns are {', '.join(c['name'] for c in present)}: correct "
-                f"the {name}_column option"
+                f"table {self.table!r} has no column {column!r} (mapped to {name}); its columns "
+                f"are {', '.join(c['name'] for c in present)}: correct the {name}_column option"
             )
-        if connection.dialect.name == "sqlite" and key_kind(table.c[columns.key]) is None:
-            # SQLite keeps what it is given: a column declared UUID has NUMERIC affinity and
-            # holds the text the application wrote. Compare it as that text.
+        dialect = connection.dialect.name
+        formats = formats_of(
+            table, columns, dialect=dialect, json_columns=self._json_columns(connection)
+        )
+        if columns.insert:
+            self._check_insertable(inspector, columns)
+        # Columns whose values credkeeper reads and writes as the driver hands them over,
+        # without SQLAlchemy's conversions: SQLite keeps what it is given (a column declared
+        # UUID holds the text the application wrote, a DATETIME column its text), and a JSON
+        # type would serialize again the JSON text credkeeper writes in the row's own spelling.
+        raw = [
+            column
+            for column, wanted_raw in (
+                (columns.key, dialect == "sqlite" and key_kind(table.c[columns.key]) is None),
+                (
+                    columns.expires_at,
+                    formats.expires_at == "text"
+                    and not isinstance(table.c[columns.expires_at].type, sa.String),
+                ),
+                (
+                    columns.scopes,
+                    formats.scopes == "json"
+                    and not formats.json_cast
+                    and not isinstance(table.c[str(columns.scopes)].type, sa.String),
+                ),
+            )
+            if wanted_raw and column is not None
+        ]
+        if raw:
             table = sa.Table(
                 self.table,
                 sa.MetaData(schema=self.schema),
-                sa.Column(columns.key, sa.Text, primary_key=table.c[columns.key].primary_key),
+                *(
+                    sa.Column(
+                        column,
+                        sa.Text,
+                        primary_key=table.c[column].primary_key,
+                        nullable=table.c[column].nullable,
+                    )
+                    for column in raw
+                ),
                 autoload_with=connection,
                 include_columns=wanted,
             )
-        return table
+        return table, formats
+
+    def _json_columns(self, connection: sa.Connection) -> frozenset[str]:
+        """Columns MariaDB keeps JSON in: its JSON type is LONGTEXT checked by json_valid()."""
+        if not getattr(connection.dialect, "is_mariadb", False):
+            return frozenset()
+        clauses = connection.execute(
+            sa.text(
+                "SELECT CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS "
+                "WHERE CONSTRAINT_SCHEMA = COALESCE(:schema, DATABASE()) AND TABLE_NAME = :table"
+            ),
+            {"schema": self.schema, "table": self.table},
+        ).scalars()
+        return frozenset(
+            match[1] for clause in clauses if (match := _JSON_VALID.fullmatch(str(clause)))
+        )
+
+    def _check_insertable(self, inspector: sa.Inspector, columns: ColumnMap) -> None:
+        """Refuse ``insert`` unless rows holding only the mapped columns can be inserted, and
+        the key column is unique, so that two workers creating one key insert one row."""
+        mapped = set(columns.columns().values())
+        primary = inspector.get_pk_constraint(self.table, schema=self.schema)
+        pk = list(primary.get("constrained_columns") or [])
+        described = inspector.get_columns(self.table, schema=self.schema)
+        required = [
+            str(column["name"])
+            for column in described
+            if column["name"] not in mapped
+            and not column.get("nullable", True)
+            and column.get("default") is None
+            and column.get("autoincrement") is not True
+            and not column.get("identity")
+            and not column.get("computed")
+            # SQLite's INTEGER PRIMARY KEY is the rowid, which SQLite numbers by itself.
+            and not (
+                inspector.dialect.name == "sqlite"
+                and pk == [column["name"]]
+                and type(column["type"]) is sa.INTEGER
+            )
+        ]
+        name = self.table
+        if required:
+            listed = ", ".join(required)
+            raise ConfigurationError(
+                f"insert=true inserts rows holding {columns.key} and the mapped columns only, "
+                f"but the NOT NULL column(s) {listed} of table {name!r} have no default; give "
+                f"them one (ALTER TABLE {name} ALTER COLUMN {required[0]} SET DEFAULT ...) or "
+                "allow NULL there"
+            )
+        indexes: list[Mapping[str, Any]] = [
+            *inspector.get_indexes(name, schema=self.schema),
+            *inspector.get_unique_constraints(name, schema=self.schema),
+        ]
+        unique = pk == [columns.key] or any(
+            index.get("column_names") == [columns.key]
+            and index.get("unique", True)
+            # A partial index (PostgreSQL's or SQLite's WHERE) leaves other rows unchecked.
+            and not any(
+                option.endswith("_where") and value is not None
+                for option, value in (index.get("dialect_options") or {}).items()
+            )
+            for index in indexes
+        )
+        if not unique:
+            raise ConfigurationError(
+                f"insert=true needs {name}.{columns.key} to be unique (its primary key, or a "
+                "unique index on it alone): without that, two workers creating the same key at "
+                f"once would insert two rows. Create it, e.g. CREATE UNIQUE INDEX "
+                f"{name}_{columns.key}_key ON {name} ({columns.key})"
+            )
 
 
 def _where(url: URL) -> str:
@@ -499,7 +641,15 @@ def _translate(exc: BaseException, key: str | None, *, writing: bool, url: URL) 
     code = _code(exc)
     detail = f"{type(getattr(exc, 'orig', None) or exc).__name__}{f' {code}' if code else ''}"
     if writing and isinstance(exc, sa_exc.IntegrityError):
-        return ConflictError(f"a record{about} already exists ({detail})", key=key)
+        if code is None or code in _DUPLICATE_CODES:
+            return ConflictError(f"a record{about} already exists ({detail})", key=key)
+        # NOT NULL, CHECK or FOREIGN KEY: the table refuses these values whoever writes first,
+        # so this is no lost race. The server's message names the column or constraint.
+        return StoreError(
+            f"the {_where(url)} refused the values written{about} ({detail}: "
+            f"{_reason(exc, url)}); check the mapped columns' constraints",
+            key=key,
+        )
     if writing and code in _RACE_CODES:
         return ConflictError(
             f"a concurrent write{about} won (deadlock or serialization failure, {detail}); "
@@ -532,20 +682,21 @@ def _page(
 ) -> sa.Select[Any]:
     """One keyset page of ``scan_due``: due keys after ``after``, in (expiry, key) order."""
     condition, _ = layout.due(before)
-    statement = sa.select(layout.key, layout.expires_at).where(condition)
+    expiry = layout.order
+    statement = sa.select(layout.key, expiry).where(condition)
     if after is not None:
         last_key, last_expiry = after
         # The redundant lower bound lets PostgreSQL and SQLite seek the index to the page's
         # start; without it they filter the OR from the first row on every page (quadratic).
         # The row-value form (expires_at, key) > (...) would be quadratic on MariaDB instead.
         statement = statement.where(
-            layout.expires_at >= last_expiry,
+            expiry >= last_expiry,
             sa.or_(
-                layout.expires_at > last_expiry,
-                sa.and_(layout.expires_at == last_expiry, layout.key > last_key),
+                expiry > last_expiry,
+                sa.and_(expiry == last_expiry, layout.key > last_key),
             ),
         )
-    return statement.order_by(layout.expires_at, layout.key).limit(size)
+    return statement.order_by(expiry, layout.key).limit(size)
 
 
 def _outcome(result: sa.CursorResult[Any]) -> Outcome:
@@ -668,9 +819,12 @@ class SQLStore:
     open on :meth:`close`) or a URL. By default credentials live in credkeeper's own table
     (``table``, default ``credkeeper_credentials``; create it with :func:`init_store`, the
     ``credkeeper init-store`` command, or ``credkeeper_sql.metadata`` in your migrations).
-    With ``columns`` they live in mapped columns of an existing ``table`` instead, and
-    coordination state in ``lease_table``. ``create=True`` creates missing credkeeper tables on
-    first use.
+    With ``columns`` they live in mapped columns of an existing ``table`` instead, each
+    written back in the format it has, and coordination state in ``lease_table``.
+    ``create=True`` creates missing credkeeper tables on first use. ``plaintext=True`` declares
+    that the application keeps its tokens in plain text, so the engine must neither seal what it
+    writes nor expect sealed values; the store itself stores whatever it is given either way,
+    and shows the declaration as :attr:`plaintext`.
     """
 
     def __init__(
@@ -683,6 +837,7 @@ class SQLStore:
         lease_table: str = DEFAULT_LEASE_TABLE,
         page_size: int = 500,
         create: bool = False,
+        plaintext: bool = False,
     ) -> None:
         self._settings = _Settings.of(
             table=table,
@@ -691,6 +846,7 @@ class SQLStore:
             lease_table=lease_table,
             page_size=page_size,
             create=create,
+            plaintext=plaintext,
         )
         if isinstance(engine, str):
             self.engine: sa.Engine = _engine_from_string(engine, want_async=False)
@@ -708,10 +864,10 @@ class SQLStore:
         ``+aiosqlite``, ``+psycopg_async``) gives an :class:`AsyncSQLStore`.
 
         Options go as keywords or in the query string, which is otherwise the driver's:
-        ``table``, ``schema``, ``lease_table``, ``page_size``, ``create``, and for an existing
-        table ``key_column``, ``access_token_column``, ``refresh_token_column``,
-        ``expires_at_column``, ``scopes_column``, ``subscription_type_column``,
-        ``expires_at_unit``.
+        ``table``, ``schema``, ``lease_table``, ``page_size``, ``create``, ``plaintext``, and
+        for an existing table ``key_column``, ``access_token_column``,
+        ``refresh_token_column``, ``expires_at_column``, ``scopes_column``,
+        ``subscription_type_column``, ``expires_at_unit``, ``scopes_format`` and ``insert``.
         """
         if not isinstance(url, str):
             raise ConfigurationError(f"SQL store URL must be a string, got {url!r}")
@@ -742,6 +898,12 @@ class SQLStore:
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
         return f"SQLStore({url!r}, table={self._settings.table!r})"
+
+    @property
+    def plaintext(self) -> bool:
+        """Whether the application keeps this store's tokens in plain text (option
+        ``plaintext``): the engine then neither seals tokens nor expects sealed ones."""
+        return self._settings.plaintext
 
     def __enter__(self) -> SQLStore:
         return self
@@ -839,6 +1001,7 @@ class AsyncSQLStore:
         lease_table: str = DEFAULT_LEASE_TABLE,
         page_size: int = 500,
         create: bool = False,
+        plaintext: bool = False,
     ) -> None:
         self._settings = _Settings.of(
             table=table,
@@ -847,6 +1010,7 @@ class AsyncSQLStore:
             lease_table=lease_table,
             page_size=page_size,
             create=create,
+            plaintext=plaintext,
         )
         if isinstance(engine, str):
             self.engine: AsyncEngine = _engine_from_string(engine, want_async=True)
@@ -872,6 +1036,11 @@ class AsyncSQLStore:
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
         return f"AsyncSQLStore({url!r}, table={self._settings.table!r})"
+
+    @property
+    def plaintext(self) -> bool:
+        """See :attr:`SQLStore.plaintext`."""
+        return self._settings.plaintext
 
     async def __aenter__(self) -> AsyncSQLStore:
         return self

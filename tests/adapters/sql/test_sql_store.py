@@ -250,8 +250,9 @@ class TestURLs:
 
         assert (
             "unknown SQL store option(s) tabel; the options are access_token_column, create, "
-            "expires_at_column, expires_at_unit, key_column, lease_table, page_size, "
-            "refresh_token_column, schema, scopes_column, subscription_type_column, table"
+            "expires_at_column, expires_at_unit, insert, key_column, lease_table, page_size, "
+            "plaintext, refresh_token_column, schema, scopes_column, scopes_format, "
+            "subscription_type_column, table"
         ) == str(caught.value)
 
     def test_option_in_url_and_keyword_is_refused(self) -> None:

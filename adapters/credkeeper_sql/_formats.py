@@ -1,0 +1,149 @@
+"""The formats of an application's credential columns, read and written back as they were; no I/O.
+
+Other programs read the same rows credkeeper refreshes (the wrapper guide's JavaScript and PHP
+clients among them), so every mapped column is written in the format it already has:
+
+- the expiry as a timestamp, an integer of epoch milliseconds or seconds, or ISO-8601 text,
+  spelled the way the row spells it (``T`` or space, fractional digits, zone suffix);
+- the scopes as space-separated text, a JSON array (in a JSON column or in text), or a
+  PostgreSQL ``text[]``.
+
+The column's reflected type decides where it is unambiguous; within a text column the stored
+value decides, and where the row shows nothing the options (``expires_at_unit``,
+``scopes_format``) or the column type's usual writer do.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, Literal
+
+__all__ = [
+    "JAVASCRIPT_ISO",
+    "SQLITE_DATETIME",
+    "ExpiryKind",
+    "IsoStyle",
+    "ScopesFormat",
+    "ScopesKind",
+    "json_scopes",
+    "parse_iso",
+    "read_scopes",
+    "text_scopes_format",
+]
+
+#: How an expiry column holds instants: a timestamp type, an integer of epoch ms or s, text.
+ExpiryKind = Literal["timestamp", "integer", "text"]
+#: How a scopes column holds them: text (space-separated or a JSON array), JSON, text[].
+ScopesKind = Literal["text", "json", "array"]
+#: The ``scopes_format`` option's values.
+ScopesFormat = Literal["space", "json", "array"]
+
+# Date, separator, time, optional fraction, optional zone: the ISO-8601 forms programs write.
+_ISO = re.compile(
+    r"(?P<date>\d{4}-\d{2}-\d{2})(?P<sep>[T ])(?P<time>\d{2}:\d{2}:\d{2})"
+    r"(?:\.(?P<fraction>\d{1,9}))?(?P<zone>Z|[+-]\d{2}(?::?\d{2})?)?"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class IsoStyle:
+    """How one program spells an instant as ISO-8601 text.
+
+    ``separator`` between date and time (``"T"`` or ``" "``), ``digits`` of fractional
+    seconds (0 for none), and ``zone``, the suffix exactly as written (``"Z"``, ``"+00:00"``,
+    ``"+0200"``; ``""`` for a naive time, which credkeeper reads and writes as UTC).
+    """
+
+    separator: str
+    digits: int
+    zone: str
+
+    def render(self, moment: datetime) -> str:
+        """``moment`` in this style, in the zone the style's suffix names."""
+        local = moment.astimezone(_zone(self.zone))
+        text = local.strftime(f"%Y-%m-%d{self.separator}%H:%M:%S")
+        if self.digits:
+            # Digits past microseconds (Java's nanoseconds) are zeros: there is nothing finer.
+            text += "." + f"{local.microsecond:06d}".ljust(self.digits, "0")[: self.digits]
+        return text + self.zone
+
+
+#: ``Date.prototype.toISOString()``: the wrapper guide's JavaScript, and credkeeper's default
+#: for a text expiry column whose row shows no style.
+JAVASCRIPT_ISO = IsoStyle("T", 3, "Z")
+#: What SQLAlchemy and Python's ``str(datetime)`` write into a SQLite DATETIME column, which
+#: SQLite keeps as text.
+SQLITE_DATETIME = IsoStyle(" ", 6, "")
+
+
+def _zone(suffix: str) -> timezone:
+    if suffix in ("", "Z"):
+        return UTC
+    sign = -1 if suffix[0] == "-" else 1
+    digits = suffix[1:].replace(":", "")
+    hours, minutes = int(digits[:2]), int(digits[2:] or 0)
+    return timezone(sign * timedelta(hours=hours, minutes=minutes))
+
+
+def parse_iso(text: str) -> tuple[datetime, IsoStyle] | None:
+    """The aware instant ``text`` spells and the style it is spelled in; ``None`` if it is not
+    ISO-8601 text. A time without a zone is UTC."""
+    match = _ISO.fullmatch(text)
+    if match is None:
+        return None
+    fraction = match["fraction"] or ""
+    zone = match["zone"] or ""
+    try:
+        moment = datetime.fromisoformat(
+            f"{match['date']}T{match['time']}"
+            + (f".{fraction[:6].ljust(6, '0')}" if fraction else "")
+        )
+    except ValueError:  # 2026-02-30 and the like
+        return None
+    instant = moment.replace(tzinfo=_zone(zone)).astimezone(UTC)
+    return instant, IsoStyle(match["sep"], len(fraction), zone)
+
+
+def read_scopes(value: Any) -> tuple[str, ...] | None:
+    """The scopes a column value holds, whatever its format; ``None`` if it holds none usable.
+
+    ``NULL`` and empty text are no scopes; text starting with ``[`` is a JSON array of strings,
+    other text is space-separated; a list is a PostgreSQL array.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, list):
+        return tuple(value) if all(isinstance(item, str) for item in value) else None
+    if not isinstance(value, str):
+        return None
+    if not value.lstrip().startswith("["):
+        return tuple(value.split())
+    try:
+        scopes = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(scopes, list) or not all(isinstance(item, str) for item in scopes):
+        return None
+    return tuple(scopes)
+
+
+def text_scopes_format(stored: Any) -> Literal["space", "json"] | None:
+    """The format of scopes stored as text, or ``None`` when the value shows none."""
+    if not isinstance(stored, str) or not stored.strip():
+        return None
+    return "json" if stored.lstrip().startswith("[") else "space"
+
+
+def json_scopes(scopes: tuple[str, ...], stored: Any) -> str:
+    """``scopes`` as a JSON array, spaced as the ``stored`` array was.
+
+    ``JSON.stringify`` and PHP's ``json_encode`` write ``["a","b"]``; Python's ``json.dumps``
+    writes ``["a", "b"]`` (and escapes non-ASCII). The stored text tells which program wrote
+    it; without a telling value (none, or a single scope) the compact form is written.
+    """
+    if isinstance(stored, str) and '", "' in stored:
+        return json.dumps(list(scopes))
+    return json.dumps(list(scopes), separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,406 @@
+"""Rows created at login: ``insert=true`` on a ``claude_tokens`` table the application keeps.
+
+Some applications keep tokens in a table of their own whose row is created when the user logs
+in (``claude_tokens(user_id, access_token, ...)``), not in ``users``. With ``insert=true``
+credkeeper creates that row for a new key, holding the key and the mapped columns, and
+everything else takes the table's defaults. Creating stays a compare-and-swap: the key column
+is unique, so of several workers creating one key exactly one inserts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from credkeeper import (
+    ConfigurationError,
+    ConflictError,
+    CredentialStore,
+    Record,
+    StoreError,
+    open_store,
+)
+from credkeeper.testing import StoreConformance, StoreFactory
+from credkeeper_sql import init_store
+
+from .apptables import BACKENDS, AppTable, create_table, database_url
+
+MAPPING = (
+    "key_column=user_id&access_token_column=access_token&refresh_token_column=refresh_token"
+    "&expires_at_column=expires_at&scopes_column=scopes&subscription_type_column=plan"
+)
+INSERT = f"{MAPPING}&insert=true"
+NOW = {"sqlite": "CURRENT_TIMESTAMP", "postgresql": "now()", "mariadb": "CURRENT_TIMESTAMP"}
+# A surrogate primary key the database numbers, beside a user_id that is not the key.
+SERIAL = {
+    "sqlite": "id INTEGER PRIMARY KEY, ",
+    "postgresql": "id SERIAL PRIMARY KEY, ",
+    "mariadb": "id INTEGER NOT NULL AUTO_INCREMENT PRIMARY KEY, ",
+}
+
+
+def claude_tokens(backend: str, *, extra: str = "", key: str | None = None) -> str:
+    """The columns of a ``claude_tokens`` table as an application declares it: a row exists
+    only for a logged-in user, so its token columns are NOT NULL."""
+    return (
+        f"user_id {key or 'INTEGER NOT NULL PRIMARY KEY'}, access_token TEXT NOT NULL, "
+        "refresh_token TEXT NOT NULL, expires_at BIGINT NOT NULL, scopes TEXT NOT NULL, "
+        "plan VARCHAR(20), source VARCHAR(20) NOT NULL DEFAULT 'web-login', "
+        f"created_at TIMESTAMP NOT NULL DEFAULT {NOW[backend]}{extra}"
+    )
+
+
+def new_record(key: str, **changes: Any) -> Record:
+    """A never-stored credential under ``key``."""
+    fields: dict[str, Any] = {
+        "key": key,
+        "access_token": "access-token",
+        "refresh_token": "refresh-token",
+        "expires_at": datetime(2031, 5, 17, 8, 30, 12, 345000, tzinfo=UTC),
+        "scopes": ("user:inference", "user:profile"),
+        "subscription_type": "max",
+    }
+    return Record(**{**fields, **changes})
+
+
+@contextlib.contextmanager
+def opened(url: str) -> Iterator[CredentialStore]:
+    """A sync store on ``url``, closed afterwards."""
+    store = open_store(url)
+    assert isinstance(store, CredentialStore)
+    with contextlib.closing(store):
+        yield store
+
+
+def select(table: AppTable, sql: str) -> list[tuple[Any, ...]]:
+    """The rows of one query, read with plain SQL."""
+    engine = sa.create_engine(table.server)
+    try:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(sa.text(sql))]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each backend's database URL (without credkeeper's options)."""
+    return database_url(request, request.param, tmp_path)
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> str:
+    """The backend ``server`` is on."""
+    name: str = request.node.callspec.params["server"]
+    return name
+
+
+@pytest.fixture
+def tokens(server: str, backend: str) -> Iterator[AppTable]:
+    """An empty ``claude_tokens`` table, mapped with insert=true; dropped afterwards."""
+    table = create_table(server, backend, claude_tokens(backend), options=INSERT, prefix="tokens")
+    try:
+        yield table
+    finally:
+        table.drop()
+
+
+def test_without_insert_a_missing_row_is_refused_naming_the_option(
+    server: str, backend: str
+) -> None:
+    """Storing for a key the table has no row for raises StoreError telling of insert=true."""
+    table = create_table(server, backend, claude_tokens(backend), options=MAPPING)
+    try:
+        with opened(table.url) as store, pytest.raises(StoreError) as raised:
+            store.put(new_record("42"))
+    finally:
+        table.drop()
+
+    assert (
+        f"table {table.name!r} has no row with user_id = '42'; credkeeper stores credentials "
+        "in existing rows and never inserts them, unless the store is opened with insert=true"
+    ) == str(raised.value)
+
+
+def test_insert_creates_the_row_with_the_key_and_the_mapped_columns(tokens: AppTable) -> None:
+    """With insert=true a new key gets a row of its own; other columns take their defaults."""
+    with opened(tokens.url) as store:
+        created = store.put(new_record("42"))
+        read = store.get("42")
+    rows = select(
+        tokens,
+        f"SELECT user_id, access_token, refresh_token, expires_at, scopes, plan, source, "  # noqa: S608
+        f"created_at IS NOT NULL FROM {tokens.name}",
+    )
+
+    assert (created, [(42, "access-token", "refresh-token", 1_936_773_012_345,
+            "user:inference user:profile", "max", "web-login", 1)]) == (read, rows)  # fmt: skip
+
+
+def test_insert_gives_the_side_table_its_row(tokens: AppTable) -> None:
+    """The created credential's lease state lives in the side table, under the key."""
+    with opened(tokens.url) as store:
+        store.put(new_record("42", lease_owner="worker-1"))
+
+    assert [("42", "worker-1")] == select(
+        tokens,
+        f"SELECT {'`key`' if tokens.backend == 'mariadb' else 'key'}, lease_owner "  # noqa: S608
+        f"FROM {tokens.leases}",
+    )
+
+
+def test_a_create_over_a_stored_credential_conflicts(tokens: AppTable) -> None:
+    """A create (version None) where the row holds a credential raises ConflictError."""
+    tokens.insert(
+        user_id=42,
+        access_token="a",
+        refresh_token="the app's",
+        expires_at=1_893_456_000_000,
+        scopes="user:inference",
+    )
+
+    with opened(tokens.url) as store, pytest.raises(ConflictError):
+        store.put(new_record("42"))
+
+    assert [("the app's",)] == select(tokens, f"SELECT refresh_token FROM {tokens.name}")  # noqa: S608
+
+
+def test_an_update_never_recreates_a_row_the_application_deleted(tokens: AppTable) -> None:
+    """An update (version set) whose row was deleted since it was read raises ConflictError."""
+    with opened(tokens.url) as store:
+        created = store.put(new_record("42"))
+        tokens.execute(f"DELETE FROM {tokens.name}")  # noqa: S608 - a logout, by the app
+        with pytest.raises(ConflictError):
+            store.put(created.replace(failures=1))
+
+    assert [] == select(tokens, f"SELECT user_id FROM {tokens.name}")  # noqa: S608
+
+
+def test_concurrent_creates_make_one_row_and_one_winner(tokens: AppTable) -> None:
+    """Eight threads creating one new key: one wins, seven conflict, one row exists."""
+    start = threading.Barrier(8)
+    outcomes: list[Record | BaseException] = []
+
+    def create(store: CredentialStore, index: int) -> None:
+        start.wait()
+        try:
+            outcomes.append(store.put(new_record("42", access_token=f"token-{index}")))
+        except ConflictError as exc:
+            outcomes.append(exc)
+
+    with opened(tokens.url) as store:
+        threads = [threading.Thread(target=create, args=(store, i)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        winners = [outcome for outcome in outcomes if isinstance(outcome, Record)]
+        read = store.get("42")
+
+    assert ([read], 7, [(1,)]) == (
+        winners,
+        sum(isinstance(outcome, ConflictError) for outcome in outcomes),
+        select(tokens, f"SELECT COUNT(*) FROM {tokens.name}"),  # noqa: S608
+    )
+
+
+def test_delete_removes_a_row_that_cannot_be_without_a_credential(tokens: AppTable) -> None:
+    """With insert=true and NOT NULL token columns, delete deletes the row and its side row."""
+    with opened(tokens.url) as store:
+        store.put(new_record("42"))
+        deleted = store.delete("42")
+
+    assert (True, [(0,)], [(0,)]) == (
+        deleted,
+        select(tokens, f"SELECT COUNT(*) FROM {tokens.name}"),  # noqa: S608
+        select(tokens, f"SELECT COUNT(*) FROM {tokens.leases}"),  # noqa: S608
+    )
+
+
+def test_without_insert_delete_of_a_not_null_row_is_refused(server: str, backend: str) -> None:
+    """Without insert=true credkeeper may not delete rows: the error names the column and fix."""
+    table = create_table(server, backend, claude_tokens(backend), options=MAPPING)
+    table.insert(
+        user_id=42, access_token="a", refresh_token="r", expires_at=1_893_456_000_000, scopes=""
+    )
+    try:
+        with (
+            opened(table.url) as store,
+            pytest.raises(StoreError, match=r"access_token is NOT NULL.*insert=true"),
+        ):
+            store.delete("42")
+        rows = select(table, f"SELECT refresh_token FROM {table.name}")  # noqa: S608
+    finally:
+        table.drop()
+
+    assert [("r",)] == rows
+
+
+def test_a_not_null_column_left_empty_is_a_store_error_not_a_conflict(
+    server: str, backend: str
+) -> None:
+    """A NOT NULL mapped column the record has no value for is refused as such, not as a race."""
+    table = create_table(
+        server,
+        backend,
+        claude_tokens(backend).replace("plan VARCHAR(20)", "plan VARCHAR(20) NOT NULL"),
+        options=INSERT,
+    )
+    try:
+        with opened(table.url) as store, pytest.raises(StoreError) as raised:
+            store.put(new_record("42", subscription_type=None))
+    finally:
+        table.drop()
+
+    assert (False, True) == (
+        isinstance(raised.value, ConflictError),
+        "plan" in str(raised.value),
+    )
+
+
+def test_not_null_columns_without_defaults_are_named_at_first_use(
+    server: str, backend: str
+) -> None:
+    """insert=true on a table with NOT NULL columns the mapping cannot fill is refused early."""
+    table = create_table(
+        server,
+        backend,
+        claude_tokens(backend, extra=", device VARCHAR(20) NOT NULL, ip VARCHAR(40) NOT NULL"),
+        options=INSERT,
+        init=False,
+    )
+    try:
+        with pytest.raises(ConfigurationError) as raised:
+            init_store(table.url)
+    finally:
+        table.drop()
+
+    assert (
+        "the NOT NULL column(s) device, ip of table "
+        f"{table.name!r} have no default; give them one (ALTER TABLE {table.name} ALTER COLUMN "
+        "device SET DEFAULT ...) or allow NULL there"
+    ) in str(raised.value)
+
+
+def test_insert_needs_a_unique_key_column(server: str, backend: str) -> None:
+    """Without a unique key column two creates could insert two rows: refused, with the fix."""
+    table = create_table(
+        server,
+        backend,
+        SERIAL[backend] + claude_tokens(backend, key="INTEGER NOT NULL"),
+        options=INSERT,
+        init=False,
+    )
+    try:
+        with opened(table.url) as store, pytest.raises(ConfigurationError) as raised:
+            store.get("42")
+    finally:
+        table.drop()
+
+    assert (
+        f"insert=true needs {table.name}.user_id to be unique (its primary key, or a unique "
+        "index on it alone): without that, two workers creating the same key at once would "
+        f"insert two rows. Create it, e.g. CREATE UNIQUE INDEX {table.name}_user_id_key ON "
+        f"{table.name} (user_id)"
+    ) in str(raised.value)
+
+
+def test_a_unique_index_makes_the_key_column_unique_enough(server: str, backend: str) -> None:
+    """A unique index on the key column alone serves as well as a primary key."""
+    table = create_table(
+        server,
+        backend,
+        SERIAL[backend]
+        + claude_tokens(backend, key="INTEGER NOT NULL", extra=", UNIQUE (user_id)"),
+        options=INSERT,
+    )
+    try:
+        with opened(table.url) as store:
+            created = store.put(new_record("42"))
+            read = store.get("42")
+    finally:
+        table.drop()
+
+    assert created == read
+
+
+def test_insert_must_be_a_boolean() -> None:
+    """insert=maybe is a ConfigurationError naming the option."""
+    with pytest.raises(ConfigurationError, match="insert must be true or false, got 'maybe'"):
+        open_store(f"sqlite:///app.db?table=claude_tokens&{MAPPING}&insert=maybe")
+
+
+# -- the store contract on rows credkeeper creates ---------------------------------------------
+
+
+def conformance_columns(backend: str) -> str:
+    """A claude_tokens table whose text key holds any credkeeper key, byte for byte."""
+    key = {
+        "sqlite": "TEXT NOT NULL PRIMARY KEY",
+        "postgresql": "VARCHAR(255) NOT NULL PRIMARY KEY",
+        "mariadb": "VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL PRIMARY KEY",
+    }[backend]
+    return claude_tokens(backend, key=key)
+
+
+@pytest.fixture(scope="module")
+def conformance_tables(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """One claude_tokens table per backend, mapped with insert=true; the store URL of each."""
+    made: dict[str, AppTable] = {}
+    try:
+        for backend in BACKENDS:
+            directory = tmp_path_factory.mktemp("conformance")
+            server = database_url(request, backend, directory)
+            made[backend] = create_table(
+                server, backend, conformance_columns(backend), options=INSERT, prefix="tokens"
+            )
+        yield {backend: table.url for backend, table in made.items()}
+    finally:
+        for table in made.values():
+            table.drop()
+
+
+class _InsertConformance(StoreConformance):
+    backend: str
+    url: str
+
+    @pytest.fixture(autouse=True)
+    def table(self, conformance_tables: dict[str, str]) -> None:
+        """This backend's claude_tokens table."""
+        self.url = conformance_tables[self.backend]
+
+    def make_store(self) -> CredentialStore:
+        store = open_store(self.url)
+        assert isinstance(store, CredentialStore)
+        return store
+
+    def store_factory(self) -> StoreFactory:
+        return functools.partial(open_store, self.url)
+
+
+class TestInsertConformanceSQLite(_InsertConformance):
+    """The whole store contract on rows credkeeper inserts, in a SQLite file."""
+
+    backend = "sqlite"
+
+
+class TestInsertConformancePostgres(_InsertConformance):
+    """The whole store contract on rows credkeeper inserts, on PostgreSQL."""
+
+    backend = "postgresql"
+
+
+class TestInsertConformanceMariaDB(_InsertConformance):
+    """The whole store contract on rows credkeeper inserts, on MariaDB."""
+
+    backend = "mariadb"
