@@ -17,14 +17,17 @@ from ._schema import (
     leases_table,
     metadata,
 )
-from ._store import AsyncSQLStore, SQLStore, init_store
+from ._store import AsyncSQLStore, FieldMapping, SQLStore, StoreCheck, check_store, init_store
 
 __all__ = [
     "DEFAULT_LEASE_TABLE",
     "DEFAULT_TABLE",
     "AsyncSQLStore",
     "ColumnMap",
+    "FieldMapping",
     "SQLStore",
+    "StoreCheck",
+    "check_store",
     "credentials_table",
     "init_store",
     "leases_table",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -1121,19 +1122,16 @@ class AsyncSQLStore:
 # -- init-store --------------------------------------------------------------------------
 
 
-def init_store(url: str | sa.Engine, **options: Any) -> list[str]:
-    """Create credkeeper's tables if they are absent; the names of the tables created.
-
-    Idempotent. For the own-table layout that is the credentials table; with an existing-table
-    mapping, only the side table for leases: the application's table is never created,
-    altered or dropped. ``options`` are :meth:`SQLStore.from_url`'s.
-    """
+def _setup_engine(
+    url: str | sa.Engine, options: Mapping[str, Any], *, command: str
+) -> tuple[sa.Engine, _Settings, bool]:
+    """The engine, the parsed settings and whether the engine is ours, for a setup command."""
     if isinstance(url, str):
         engine_url, from_query = _split_url(url)
         made = _make_engine(engine_url)
         if isinstance(made, AsyncEngine):
             raise ConfigurationError(
-                "init-store needs a synchronous driver URL, e.g. postgresql+psycopg:// "
+                f"{command} needs a synchronous driver URL, e.g. postgresql+psycopg:// "
                 "instead of postgresql+asyncpg://"
             )
         engine, owned = made, True
@@ -1148,6 +1146,17 @@ def init_store(url: str | sa.Engine, **options: Any) -> list[str]:
     if unknown:
         raise ConfigurationError(f"unknown SQL store option(s) {', '.join(sorted(unknown))}")
     settings.create = False
+    return engine, settings, owned
+
+
+def init_store(url: str | sa.Engine, **options: Any) -> list[str]:
+    """Create credkeeper's tables if they are absent; the names of the tables created.
+
+    Idempotent. For the own-table layout that is the credentials table; with an existing-table
+    mapping, only the side table for leases: the application's table is never created,
+    altered or dropped. ``options`` are :meth:`SQLStore.from_url`'s.
+    """
+    engine, settings, owned = _setup_engine(url, options, command="init-store")
     try:
         with engine.begin() as connection:
             layout = settings.build(connection)
@@ -1168,3 +1177,146 @@ def init_store(url: str | sa.Engine, **options: Any) -> list[str]:
     finally:
         if owned:
             engine.dispose()
+
+
+@dataclass(frozen=True, slots=True)
+class FieldMapping:
+    """One credential field: the column holding it, the column's type, and how it is kept."""
+
+    field: str
+    column: str
+    type: str
+    format: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCheck:
+    """What :func:`check_store` found, without writing anything.
+
+    ``where`` names the database; ``fields`` the mapping the store will use; ``tables`` and
+    ``indexes`` each with whether it exists; ``problems`` what must be fixed first, each with
+    its fix. An empty ``problems`` means the store is ready.
+    """
+
+    where: str
+    fields: tuple[FieldMapping, ...] = ()
+    tables: tuple[tuple[str, bool], ...] = ()
+    indexes: tuple[tuple[str, bool], ...] = ()
+    problems: tuple[str, ...] = ()
+
+
+def check_store(url: str | sa.Engine, **options: Any) -> StoreCheck:
+    """Reflect the live database and report the mapping the store would use; writes nothing.
+
+    ``options`` are :meth:`SQLStore.from_url`'s. A missing table or column, a type the store
+    cannot keep a field in, a table ``insert=true`` cannot insert into, and a missing index
+    ``scan_due`` needs are reported as problems with their fix, not raised.
+    """
+    engine, settings, owned = _setup_engine(url, options, command="init-store --check")
+    where = _where(engine.url)
+    try:
+        with engine.connect() as connection:
+            try:
+                layout = settings.build(connection)
+            except ConfigurationError as exc:
+                return StoreCheck(where=where, problems=(str(exc),))
+            inspector = sa.inspect(connection)
+            tables = tuple(
+                (table.name, inspector.has_table(table.name, schema=settings.schema))
+                for table in layout.tables
+            )
+            index = _expiry_index(inspector, layout, settings.schema)
+    except (StoreError, ConfigurationError):
+        raise
+    except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
+        raise _translate(exc, None, writing=False, url=engine.url) from exc
+    finally:
+        if owned:
+            engine.dispose()
+    problems = [
+        f"table {name!r} does not exist: run `credkeeper init-store URL` to create it"
+        for name, exists in tables
+        if not exists
+    ]
+    table_name, column, found = index
+    if not found and dict(tables).get(table_name, False):
+        problems.append(
+            f"no index starts with {table_name}.{column}, so scan_due reads the whole table: "
+            f"CREATE INDEX ix_{table_name}_{column} ON {table_name} ({column})"
+        )
+    return StoreCheck(
+        where=where,
+        fields=_field_mappings(layout, settings),
+        tables=tables,
+        indexes=((f"{table_name}({column})", found),),
+        problems=tuple(problems),
+    )
+
+
+def _expiry_index(
+    inspector: sa.Inspector, layout: Layout, schema: str | None
+) -> tuple[str, str, bool]:
+    """The table and expiry column ``scan_due`` orders by, and whether an index leads with it."""
+    table = layout.tables[0]
+    column = layout.expires_at.name
+    if not inspector.has_table(table.name, schema=schema):
+        return table.name, column, False
+    leading = {
+        index["column_names"][0]
+        for index in inspector.get_indexes(table.name, schema=schema)
+        if index["column_names"]
+    }
+    return table.name, column, column in leading
+
+
+_KEY_FORMATS = {
+    "text": "text, compared exactly",
+    "integer": "integer; keys spelled canonically ('123', not '0123')",
+    "uuid": "uuid; keys spelled canonically (lowercase, hyphenated)",
+}
+
+
+def _field_mappings(layout: Layout, settings: _Settings) -> tuple[FieldMapping, ...]:
+    """One row per mapped field, saying how the store keeps it."""
+    tokens = (
+        "as written (plaintext=true)"
+        if settings.plaintext
+        else "sealed by the manager's key ring or codec"
+    )
+
+    def row(field: str, column: sa.Column[Any], kept: str) -> FieldMapping:
+        return FieldMapping(field, column.name, str(column.type), kept)
+
+    table = layout.tables[0]
+    if not isinstance(layout, ExistingTable):
+        return (
+            row("key", table.c.key, "text, compared exactly"),
+            row("access_token", table.c.access_token, tokens),
+            row("refresh_token", table.c.refresh_token, tokens),
+            row("expires_at", table.c.expires_at, "epoch milliseconds"),
+            row("scopes", table.c.scopes, "JSON array"),
+            row("subscription_type", table.c.subscription_type, "text"),
+        )
+    columns, formats = layout.columns, layout.formats
+    expiry = {
+        "timestamp": "timestamp",
+        "integer": "epoch seconds" if columns.expires_at_unit == "s" else "epoch milliseconds",
+        "text": "ISO-8601 text, in the row's own style",
+    }[formats.expires_at]
+    scopes = {
+        None: "",
+        "json": "JSON array",
+        "array": "text[] array",
+        "text": f"text as the row has it ({formats.scopes_default} when it has none)",
+    }[formats.scopes]
+    kept = {
+        "key": _KEY_FORMATS[layout.kind],
+        "access_token": tokens,
+        "refresh_token": tokens,
+        "expires_at": expiry,
+        "scopes": scopes,
+        "subscription_type": "text",
+    }
+    return tuple(
+        row(field, table.c[column], kept[field]) for field, column in columns.columns().items()
+    )

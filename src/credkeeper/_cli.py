@@ -30,7 +30,7 @@ from rich.markup import escape
 
 from . import __version__
 from ._cli_errors import PREFIX, ExitCode, describe, epilog, exit_code_for, one_line
-from ._cli_format import expiry_phrase, load_records, record_json, status_table
+from ._cli_format import expiry_phrase, load_records, mapping_table, record_json, status_table
 from ._cli_settings import (
     DEFAULT_WRAPPER_URL,
     PROVIDER_PROFILES,
@@ -565,16 +565,27 @@ def _report_damaged(damaged: Mapping[str, str]) -> None:
 
 @cli.command("init-store", short_help="Create a SQL store's tables if they are missing.")
 @click.argument("url", metavar="URL")
-def init_store_command(url: str) -> None:
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Write nothing: show the mapping the store will use, and what is missing, with the fix.",
+)
+def init_store_command(url: str, check: bool) -> None:
     """Create credkeeper's tables in the SQL database at URL, where they are missing.
 
     URL is a SQLAlchemy URL (sqlite:///path, postgresql+psycopg://..., mysql+pymysql://...) whose
     query may hold the store's options: ?table=NAME, ?schema=NAME, or for credentials kept in
     an existing table ?table=users&key_column=...&lease_table=NAME. Idempotent: it creates only
     what is missing and never alters or drops a table. The global options are not used.
+
+    With --check it reflects the live tables and prints each field's column, type and format,
+    the tables and the index scan_due needs, then exits 2 with the fixes if anything is wrong.
     """
+    if check:
+        _print_check(_sql_module(url).check_store(url))
+        return
     shown = display_url(url)
-    created = _sql_init_store(url)
+    created = _sql_module(url).init_store(url)
     if created:
         noun = "table" if len(created) == 1 else "tables"
         click.echo(f"created {noun} {', '.join(created)} in {shown}")
@@ -582,8 +593,25 @@ def init_store_command(url: str) -> None:
         click.echo(f"credkeeper's tables already exist in {shown}; nothing to create")
 
 
-def _sql_init_store(url: str) -> list[str]:
-    """``credkeeper_sql.init_store(url)``, once the URL is known to name a SQL database."""
+def _print_check(report: Any) -> None:
+    """``init-store --check``'s report; exit 2 when something must be fixed first."""
+    console = _console(soft_wrap=False)
+    console.print(escape(report.where))
+    if report.fields:
+        console.print(mapping_table(report.fields))
+    for name, exists in report.tables:
+        console.print(f"table {escape(name)}: {'exists' if exists else 'missing'}")
+    for name, exists in report.indexes:
+        console.print(f"index on {escape(name)}: {'exists' if exists else 'missing'}")
+    for problem in report.problems:
+        _error(problem)
+    if report.problems:
+        raise click.exceptions.Exit(ExitCode.USAGE)
+    console.print("ready: nothing to fix")
+
+
+def _sql_module(url: str) -> Any:
+    """The ``credkeeper_sql`` package, once the URL is known to name a SQL database."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if KNOWN_SCHEMES.get(scheme.split("+", 1)[0]) != "sql":
         raise ConfigurationError(
@@ -599,7 +627,7 @@ def _sql_init_store(url: str) -> list[str]:
             "install it with pip install 'credkeeper[sql]'",
             scheme=scheme,
         ) from exc
-    return credkeeper_sql.init_store(url)
+    return credkeeper_sql
 
 
 def main(args: Sequence[str] | None = None) -> int:

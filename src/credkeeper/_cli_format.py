@@ -24,6 +24,7 @@ __all__ = [
     "expiry_text",
     "humanise",
     "load_records",
+    "mapping_table",
     "record_json",
     "status_table",
 ]
@@ -157,4 +158,14 @@ def status_table(records: list[Record], *, now: datetime) -> Table:
             _lease_cell(record, now),
             _failures_cell(record, now),
         )
+    return table
+
+
+def mapping_table(fields: Any) -> Table:
+    """``init-store --check``'s table: each field's column, type and format."""
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, pad_edge=False)
+    for heading in ("field", "column", "type", "format"):
+        table.add_column(heading, overflow="fold")
+    for row in fields:
+        table.add_row(*(Text(value) for value in (row.field, row.column, row.type, row.format)))
     return table
