@@ -106,6 +106,10 @@ _PASSING_CODES = frozenset(
 # What the store's configuration gets wrong, and its fix. Retrying cannot help, so these are
 # ConfigurationError (the CLI's exit 2), never StoreUnavailable. The server's own message is
 # quoted with them: it names databases, users, tables and columns, never a row's value.
+# Values the table refuses, reported by MySQL (3819 CHECK, 1364 no default) and MariaDB
+# (4025 CHECK) outside IntegrityError.
+_REFUSED_VALUE_CODES = frozenset({"3819", "4025", "1364"})
+
 _DATABASE = ("the database does not exist", "create it, or correct the database in the store URL")
 _LOGIN = (
     "the server refused the login",
@@ -115,7 +119,7 @@ _LOGIN = (
 _PRIVILEGE = (
     "the user lacks a privilege",
     "grant it SELECT, INSERT, UPDATE and DELETE on credkeeper's tables, and SELECT and UPDATE "
-    "on a mapped table",
+    "on a mapped table (INSERT and DELETE too with insert=true)",
 )
 _SCHEMA = ("the schema does not exist", "create it, or correct the schema option")
 _TABLE = (
@@ -128,8 +132,8 @@ _COLUMN = (
     "check the *_column options against the table's columns",
 )
 _FILE = (
-    "the database file cannot be opened",
-    "check that its directory exists and that this process may write there",
+    "the database file cannot be opened or written",
+    "check that its directory exists and that this process may read and write the file there",
 )
 _MISCONFIGURED = {
     # PostgreSQL SQLSTATEs
@@ -151,6 +155,10 @@ _MISCONFIGURED = {
     "1054": _COLUMN,
     # SQLite result codes
     "SQLITE_CANTOPEN": _FILE,
+    "SQLITE_READONLY": _FILE,
+    "SQLITE_READONLY_DIRECTORY": _FILE,
+    "SQLITE_READONLY_DBMOVED": _FILE,
+    "SQLITE_PERM": _FILE,
 }
 # libpq reports a server's refusal at connection time as text only, without its SQLSTATE; and
 # SQLite reports a missing table or column as the generic SQLITE_ERROR.
@@ -606,6 +614,8 @@ def _reason(exc: BaseException, url: URL) -> str:
     else:
         # libpq puts the server's reason last, after "FATAL:".
         text = str(original).rpartition("FATAL:")[2]
+    # A DETAIL or HINT line may quote the failing row, tokens included: keep the reason only.
+    text = re.split(r"\n\s*(?:DETAIL|HINT|LINE \d+)\s*:", text, maxsplit=1)[0]
     text = " ".join(text.split())
     if url.password:
         text = text.replace(str(url.password), "***")
@@ -641,7 +651,9 @@ def _translate(exc: BaseException, key: str | None, *, writing: bool, url: URL) 
         )
     code = _code(exc)
     detail = f"{type(getattr(exc, 'orig', None) or exc).__name__}{f' {code}' if code else ''}"
-    if writing and isinstance(exc, sa_exc.IntegrityError):
+    # MySQL and MariaDB report some refused values (CHECK, a column without a default) as
+    # OperationalError: the same refusal, whatever the class.
+    if writing and (isinstance(exc, sa_exc.IntegrityError) or code in _REFUSED_VALUE_CODES):
         if code is None or code in _DUPLICATE_CODES:
             return ConflictError(f"a record{about} already exists ({detail})", key=key)
         # NOT NULL, CHECK or FOREIGN KEY: the table refuses these values whoever writes first,

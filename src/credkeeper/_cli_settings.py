@@ -22,7 +22,7 @@ from ._keyring import KeyRing
 from ._manager import TokenManager
 from ._provider import Provider
 from ._registry import open_store
-from ._store import CredentialStore
+from ._store import CredentialStore, declares_plaintext
 
 __all__ = [
     "DEFAULT_WRAPPER_URL",
@@ -173,14 +173,14 @@ class Settings:
             if self._plaintext_store():
                 keyring = self.keyring() if self.keys and self.keys.strip() else None
             else:
-                keyring = self.keyring()  # first: a missing key ring is the likelier mistake
+                keyring = self.keyring()
             self._manager = TokenManager(
                 self.store(), self.provider, keyring=keyring, journal=self.journal
             )
         return self._manager
 
     def _plaintext_store(self) -> bool:
-        return bool(getattr(self.store(), "plaintext", False))
+        return declares_plaintext(self.store())
 
     def close(self) -> None:
         """Close what was opened; the manager closes its store too."""

@@ -176,9 +176,10 @@ class Policy:
 
     provider: Provider
     # Opens values credkeeper sealed (``ck1:``), whatever seals new ones.
-    keyring: KeyRing | None
+    keyring: KeyRing | None = field(repr=False)
     # Seals what the manager writes: the key ring, the application's codec, or None (plain).
-    codec: TokenCodec | None
+    # Not in the repr: an application's codec may show its secret in its own.
+    codec: TokenCodec | None = field(repr=False)
     clock: Clock
     rng: random.Random
     owner: str

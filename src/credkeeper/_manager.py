@@ -52,7 +52,13 @@ from ._keyring import KeyRing
 from ._provider import Provider
 from ._record import check_key
 from ._secret import Secret
-from ._store import AsyncCredentialStore, CredentialStore, as_async_store, is_async_store
+from ._store import (
+    AsyncCredentialStore,
+    CredentialStore,
+    as_async_store,
+    declares_plaintext,
+    is_async_store,
+)
 
 __all__ = ["AsyncTokenManager", "TokenManager"]
 
@@ -129,8 +135,9 @@ class _Base:
         self._cache: dict[str, Credentials] | None = {} if cache else None
         self.policy = Policy(
             provider=provider,
-            keyring=keyring,
-            codec=None if plaintext_store else (codec or keyring),
+            # A key ring given as the codec also opens what it sealed.
+            keyring=codec if isinstance(codec, KeyRing) else keyring,
+            codec=None if plaintext_store else (codec if codec is not None else keyring),
             clock=clock or SystemClock(),
             rng=rng or random.Random(),  # noqa: S311 - jitter, not secrecy
             owner="",
@@ -246,7 +253,7 @@ class TokenManager(_Base):
             owner=owner,
             accept_plaintext=accept_plaintext,
             codec=codec,
-            plaintext_store=bool(getattr(store, "plaintext", False)),
+            plaintext_store=declares_plaintext(store),
         )
         if is_async_store(store):
             raise ConfigurationError(
@@ -435,7 +442,7 @@ class AsyncTokenManager(_Base):
             owner=owner,
             accept_plaintext=accept_plaintext,
             codec=codec,
-            plaintext_store=bool(getattr(store, "plaintext", False)),
+            plaintext_store=declares_plaintext(store),
         )
         self.store = as_async_store(store)
         self._own_http = http is None

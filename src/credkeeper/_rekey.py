@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from ._exceptions import ConfigurationError, ConflictError, DecryptionError, StoreCorrupted
 from ._keyring import KeyRing
 from ._record import Record
-from ._store import CredentialStore, reported_damage
+from ._store import CredentialStore, declares_plaintext, reported_damage
 
 __all__ = ["RekeyReport", "rekey"]
 
@@ -47,7 +47,7 @@ def rekey(store: CredentialStore, keyring: KeyRing) -> RekeyReport:
     ``keyring`` (add the key it was sealed under), and :class:`ConflictError` when a record
     kept changing through all the attempts.
     """
-    if getattr(store, "plaintext", False):
+    if declares_plaintext(store):
         raise ConfigurationError(
             "the store is declared plaintext (its plaintext option): its tokens are kept as the "
             "application writes them, so there is nothing to re-seal"

@@ -14,6 +14,7 @@ __all__ = [
     "CredentialStore",
     "ThreadOffloadStore",
     "as_async_store",
+    "declares_plaintext",
     "is_async_store",
     "reported_damage",
 ]
@@ -150,3 +151,11 @@ def reported_damage(store: object) -> dict[str, str]:
     """The damaged records ``store`` names through its optional ``damaged_records()``, or {}."""
     listing = getattr(store, "damaged_records", None)
     return dict(listing()) if callable(listing) else {}
+
+
+def declares_plaintext(store: object) -> bool:
+    """Whether ``store`` (or the sync store a :class:`ThreadOffloadStore` wraps) keeps tokens
+    as the application writes them, by its ``plaintext`` option."""
+    if isinstance(store, ThreadOffloadStore):
+        store = store.sync_store
+    return getattr(store, "plaintext", False) is True

@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 
 from credkeeper import (
+    AsyncTokenManager,
     ConfigurationError,
     DecryptionError,
     KeyRing,
     MemoryStore,
     Record,
+    ThreadOffloadStore,
     TokenCodec,
     TokenManager,
     rekey,
@@ -107,6 +109,18 @@ class TestApplicationCodec:
         """KeyRing satisfies the TokenCodec protocol, so both take one path."""
         assert isinstance(KeyRing.generate(), TokenCodec)
 
+    def test_a_key_ring_given_as_the_codec_opens_what_it_sealed(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """codec=KeyRing(...) round-trips: a refresh, then a read of the sealed tokens."""
+        tokens = manager(
+            MemoryStore(), fake, clock, tmp_path, codec=KeyRing.generate(), cache=False
+        )
+        tokens.put(KEY, fake.issue(expires_in=0))
+        fresh = tokens.get(KEY)
+
+        assert fresh == tokens.get(KEY)
+
 
 class TestPlaintextStore:
     def test_tokens_stay_plain_although_a_key_ring_is_given(
@@ -159,6 +173,24 @@ class TestPlaintextStore:
             TokenManager(
                 PlaintextStore(), fake.provider(), journal=tmp_path, codec=ReversingCodec()
             )
+
+    @pytest.mark.anyio
+    async def test_the_declaration_survives_the_thread_offload_wrapper(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """An async manager on a wrapped plaintext store still writes plain tokens."""
+        store = PlaintextStore()
+        tokens = AsyncTokenManager(
+            ThreadOffloadStore(store),
+            fake.provider(),
+            keyring=KeyRing.generate(),
+            journal=tmp_path / "journal",
+            clock=clock,
+        )
+        login = fake.issue()
+        await tokens.put(KEY, login)
+
+        assert login.refresh_token.get_secret_value() == stored(store, KEY).refresh_token
 
     def test_rekey_of_a_plaintext_store_is_refused(self) -> None:
         """There is nothing to re-seal in a store that keeps tokens as they are."""

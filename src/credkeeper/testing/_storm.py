@@ -126,11 +126,12 @@ def run_storm(
     """Run one storm against the store at ``store_url`` and report what happened.
 
     ``directory`` holds the rescue journal. The store must be reachable from spawned processes
-    with the same URL and options. Tokens are sealed with a fresh key ring. ``clock_skews``
-    gives process ``i`` a clock off by ``clock_skews[i % len(clock_skews)]`` seconds, as if
-    each ran on a host whose clock disagrees with the others'. ``codec`` makes each manager's
-    :class:`TokenCodec` (the application's own cipher); it must be picklable, like a
-    module-level function, since every process calls it.
+    with the same URL and options. Tokens are sealed with a fresh key ring, unless the store is
+    declared plaintext or ``codec`` is given; the ring seals the rescue journal either way.
+    ``clock_skews`` gives process ``i`` a clock off by ``clock_skews[i % len(clock_skews)]``
+    seconds, as if each ran on a host whose clock disagrees with the others'. ``codec`` makes
+    each manager's :class:`TokenCodec` (the application's own cipher); it must be picklable,
+    like a module-level function, since every process calls it.
     """
     options = dict(store_options or {})
     skews = tuple(float(skew) for skew in clock_skews) or (0.0,)

@@ -23,6 +23,7 @@ from credkeeper import (
     ConfigurationError,
     CredkeeperError,
     Record,
+    StoreError,
     StoreUnavailable,
     open_store,
 )
@@ -30,6 +31,7 @@ from credkeeper._cli import cli
 from credkeeper._cli_errors import PREFIX, ExitCode
 from credkeeper._store import AsyncCredentialStore, CredentialStore
 from credkeeper_sql import init_store
+from credkeeper_sql._store import _reason
 
 from .conftest import async_url
 from .test_existing_table import MAPPING, UsersTable, drop, make_users
@@ -260,7 +262,8 @@ class TestPrivilege:
             ConfigurationError,
             f"cannot use the {where(url)}: the user lacks a privilege (the server says: "
             f"permission denied for table {table}); grant it SELECT, INSERT, UPDATE and DELETE "
-            "on credkeeper's tables, and SELECT and UPDATE on a mapped table",
+            "on credkeeper's tables, and SELECT and UPDATE on a mapped table (INSERT and DELETE "
+            "too with insert=true)",
         ) == (type(error), str(error))
 
     def test_mariadb_table_without_privilege(
@@ -382,10 +385,60 @@ class TestMissingObjects:
 
         assert (
             ConfigurationError,
-            f"cannot use the SQLite database '{path}': the database file cannot be opened "
-            "(SQLite says: unable to open database file); check that its directory exists and "
-            "that this process may write there",
+            f"cannot use the SQLite database '{path}': the database file cannot be opened or "
+            "written (SQLite says: unable to open database file); check that its directory "
+            "exists and that this process may read and write the file there",
         ) == (type(error), str(error))
+
+
+class TestRefusals:
+    def test_a_sqlite_file_opened_read_only_is_a_configuration_error(self, tmp_path: Path) -> None:
+        """A write to a read-only SQLite file is not 'retry later': retrying cannot help."""
+        path = tmp_path / "credentials.db"
+        init_store(f"sqlite:///{path}")
+
+        error = failure(f"sqlite:///file:{path}?mode=ro&uri=true", write=True)
+
+        assert (ConfigurationError, False) == (type(error), "retry later" in str(error))
+
+    def test_a_check_constraint_on_mariadb_is_a_store_error(self, mysql_url: str) -> None:
+        """MariaDB reports CHECK failures as OperationalError; they are refusals, not outages."""
+        table = f"ck_check_{uuid.uuid4().hex[:8]}"
+        execute(
+            mysql_url,
+            f"CREATE TABLE {table} (id INT PRIMARY KEY, access_token TEXT, refresh_token TEXT "
+            "CHECK (refresh_token IS NULL OR refresh_token LIKE 'ok%'), expires_at BIGINT)",
+            f"INSERT INTO {table} (id) VALUES (7)",  # noqa: S608 - a generated test table name
+        )
+        url = with_query(
+            mysql_url,
+            f"table={table}&lease_table={table}_leases&create=true&key_column=id"
+            "&access_token_column=access_token&refresh_token_column=refresh_token"
+            "&expires_at_column=expires_at",
+        )
+        store = open_store(url)
+        try:
+            with pytest.raises(CredkeeperError) as caught:
+                store.put(record("7"))
+        finally:
+            store.close()
+            execute(mysql_url, f"DROP TABLE {table}", f"DROP TABLE IF EXISTS {table}_leases")
+
+        assert (StoreError, False) == (type(caught.value), "retry later" in str(caught.value))
+
+    def test_a_detail_line_quoting_the_row_is_left_out(self) -> None:
+        """A server message's DETAIL (asyncpg puts the failing row there) is never quoted."""
+        error = Exception(
+            'null value in column "x" violates not-null constraint\n'
+            "DETAIL:  Failing row contains (42, sk-ant-oat01-secret, sk-ant-ort01-secret)."
+        )
+
+        reason = _reason(error, make_url("postgresql://u@h/db"))
+
+        assert ('null value in column "x" violates not-null constraint', False) == (
+            reason,
+            "secret" in reason,
+        )
 
 
 class TestWhatMayPass:
