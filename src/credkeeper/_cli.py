@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -50,6 +50,9 @@ from ._provider import Provider
 from ._registry import KNOWN_SCHEMES
 from ._rekey import rekey
 from ._wrapper import WrapperClient
+
+if TYPE_CHECKING:  # the SQL store loads only for init-store, and only if installed
+    from credkeeper_sql import StoreCheck
 
 __all__ = ["cli", "main"]
 
@@ -593,7 +596,7 @@ def init_store_command(url: str, check: bool) -> None:
         click.echo(f"credkeeper's tables already exist in {shown}; nothing to create")
 
 
-def _print_check(report: Any) -> None:
+def _print_check(report: StoreCheck) -> None:
     """``init-store --check``'s report; exit 2 when something must be fixed first."""
     console = _console(soft_wrap=False)
     console.print(escape(report.where))

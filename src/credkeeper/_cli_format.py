@@ -7,8 +7,9 @@ named with the store's reason, which names keys and fields, never values.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.table import Table
@@ -17,6 +18,9 @@ from rich.text import Text
 from ._exceptions import StoreCorrupted
 from ._record import Record, Status
 from ._store import CredentialStore, reported_damage
+
+if TYPE_CHECKING:  # the SQL store is an optional extra
+    from credkeeper_sql import FieldMapping
 
 __all__ = [
     "FAR_FUTURE",
@@ -161,7 +165,7 @@ def status_table(records: list[Record], *, now: datetime) -> Table:
     return table
 
 
-def mapping_table(fields: Any) -> Table:
+def mapping_table(fields: Iterable[FieldMapping]) -> Table:
     """``init-store --check``'s table: each field's column, type and format."""
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, pad_edge=False)
     for heading in ("field", "column", "type", "format"):

@@ -10,7 +10,6 @@ is unique, so of several workers creating one key exactly one inserts.
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -28,10 +27,10 @@ from credkeeper import (
     StoreError,
     open_store,
 )
-from credkeeper.testing import StoreConformance, StoreFactory
 from credkeeper_sql import init_store
 
 from .apptables import BACKENDS, AppTable, create_table, database_url
+from .test_conformance import _Sync
 
 MAPPING = (
     "key_column=user_id&access_token_column=access_token&refresh_token_column=refresh_token"
@@ -370,22 +369,13 @@ def conformance_tables(
             table.drop()
 
 
-class _InsertConformance(StoreConformance):
+class _InsertConformance(_Sync):
     backend: str
-    url: str
 
     @pytest.fixture(autouse=True)
     def table(self, conformance_tables: dict[str, str]) -> None:
         """This backend's claude_tokens table."""
         self.url = conformance_tables[self.backend]
-
-    def make_store(self) -> CredentialStore:
-        store = open_store(self.url)
-        assert isinstance(store, CredentialStore)
-        return store
-
-    def store_factory(self) -> StoreFactory:
-        return functools.partial(open_store, self.url)
 
 
 class TestInsertConformanceSQLite(_InsertConformance):
