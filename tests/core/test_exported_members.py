@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from types import ModuleType
 
 import pytest
@@ -55,6 +56,10 @@ class TestCredkeeper:
             "__version__" in credkeeper.__all__,
             isinstance(credkeeper.__version__, str),
         )
+
+    def test_the_distribution_has_the_package_version(self) -> None:
+        """The installed distribution's version is __version__, its one source."""
+        assert credkeeper.__version__ == importlib.metadata.version("credkeeper")
 
 
 class TestTesting:
