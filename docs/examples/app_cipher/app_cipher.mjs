@@ -1,7 +1,8 @@
 // The application's own token cipher, as the wrapper guide suggests:
 // encryptedRefreshToken = encrypt(refreshToken, SECRET_KEY).
 // AES-256-GCM under SHA-256(SECRET_KEY), stored as base64(iv):base64(tag):base64(ciphertext).
-// credkeeper reads and writes the same format through app_cipher.py's AppCipher codec.
+// credkeeper reads and writes the same format through app_cipher.py's AppCipher codec;
+// tokens.mjs uses this module on the database row the two share.
 //
 //   node app_cipher.mjs encrypt|decrypt   (SECRET_KEY in the environment, the value on stdin)
 import crypto from "node:crypto";
