@@ -168,27 +168,56 @@ def _check_mcp_servers(servers: object) -> Iterable[FieldViolation]:
             yield FieldViolation(f"{where}.env", "must be a dict of strings")
 
 
-def _mcp_rule(config: Mapping[str, Any]) -> tuple[str, str] | None:
+def _mcp_rule(config: Mapping[str, Any]) -> tuple[str, str, str] | None:
     """The wrapper's MCP validator, in its order: it tests truthiness, not presence.
 
-    The field to blame (empty for the server as a whole) and the rule broken, or ``None``.
+    The field to blame (empty for the server as a whole), the rule broken, and the wrapper's own
+    words for it (what its 422 says after ``Value error, ``), or ``None``.
     """
     command, url, transport = config.get("command"), config.get("url"), config.get("transport")
     auth_type, auth_token = config.get("auth_type"), config.get("auth_token")
     if transport and transport not in TRANSPORTS:
-        return "transport", "must be 'sse' or 'streamableHttp'"
+        return (
+            "transport",
+            "must be 'sse' or 'streamableHttp'",
+            "transport must be 'sse' or 'streamableHttp'",
+        )
     if transport and not url:
-        return "url", "is required with a transport"
+        return (
+            "url",
+            "is required with a transport",
+            "transport requires 'url' to be provided",
+        )
     if auth_type and auth_type not in AUTH_TYPES:
-        return "auth_type", "must be 'jwt', 'oauth' or 'bearer'"
+        return (
+            "auth_type",
+            "must be 'jwt', 'oauth' or 'bearer'",
+            "auth_type must be 'jwt', 'oauth', or 'bearer'",
+        )
     if auth_type and not auth_token:
-        return "auth_token", f"is required with auth_type {auth_type!r}"
+        return (
+            "auth_token",
+            f"is required with auth_type {auth_type!r}",
+            "auth_type requires 'auth_token' to be provided",
+        )
     if not command and not url:
-        return "", "needs 'command' (a local server) or 'url' (a remote one)"
+        return (
+            "",
+            "needs 'command' (a local server) or 'url' (a remote one)",
+            "Either 'command' or 'url' must be provided",
+        )
     if command and url:
-        return "", "takes 'command' or 'url', not both"
+        return (
+            "",
+            "takes 'command' or 'url', not both",
+            "Cannot specify both 'command' and 'url'",
+        )
     if url and not transport:
-        return "transport", "is required with a url: 'sse' or 'streamableHttp'"
+        return (
+            "transport",
+            "is required with a url: 'sse' or 'streamableHttp'",
+            "'url' requires 'transport' to be provided",
+        )
     return None
 
 

@@ -172,19 +172,24 @@ class Redactor:
     that capture a traceback's locals would find them; its ``repr`` shows only how many it holds.
     """
 
-    __slots__ = ("_count", "_forms")
+    __slots__ = ("_count", "_forms", "_secrets")
 
     def __init__(self, secrets: Iterable[str | Secret | None] = ()) -> None:
-        forms: set[str] = set()
-        count = 0
-        for secret in secrets:
-            value = secret.get_secret_value() if isinstance(secret, Secret) else secret
-            if value:
-                count += 1
-                forms |= _encodings(value)
-        self._count = count
-        # Longest first, so a secret that is a prefix of another cannot leave the other's tail.
-        self._forms = tuple(sorted(forms, key=len, reverse=True))
+        values = (s.get_secret_value() if isinstance(s, Secret) else s for s in secrets)
+        self._secrets = tuple(value for value in values if value)
+        self._count = len(self._secrets)
+        # Built on first use: most exchanges succeed and never quote anything.
+        self._forms: tuple[str, ...] | None = None
+
+    def _masked(self) -> tuple[str, ...]:
+        """Every form of every secret, longest first, so a secret that is a prefix of another
+        cannot leave the other's tail."""
+        if self._forms is None:
+            forms: set[str] = set()
+            for secret in self._secrets:
+                forms |= _encodings(secret)
+            self._forms = tuple(sorted(forms, key=len, reverse=True))
+        return self._forms
 
     def __repr__(self) -> str:
         return f"Redactor({self._count} secrets)"
@@ -210,16 +215,16 @@ class Redactor:
     def including(self, secrets: Iterable[str | Secret | None]) -> Redactor:
         """A redactor masking these secrets and ``secrets`` too."""
         extra = Redactor(secrets)
-        if not extra._forms:
+        if not extra._secrets:
             return self
         combined = Redactor()
+        combined._secrets = self._secrets + extra._secrets
         combined._count = self._count + extra._count
-        combined._forms = tuple(sorted({*self._forms, *extra._forms}, key=len, reverse=True))
         return combined
 
     def redact(self, text: str) -> str:
         """``text`` with every secret and every token-shaped substring masked."""
-        for form in self._forms:
+        for form in self._masked():
             text = text.replace(form, _MASK)
         for pattern in _PATTERNS:
             text = pattern.sub(

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from credkeeper import Credentials, Secret
+from credkeeper import Credentials, MemoryStore, Provider, Secret, TokenManager
 from credkeeper.testing import FakeClock, FakeProvider, Fault, RefreshCall
 
 CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
@@ -925,3 +925,88 @@ class TestLifecycle:
         fake.stop()
 
         assert "url=None" in repr(fake)
+
+
+# No server runs for these: the host is never looked up, and the fake is never started.
+IN_PROCESS_TOKEN_URL = "https://provider.test/v1/oauth/token"
+
+
+def in_process(fake: FakeProvider, *, timeout: float = 5.0) -> httpx.Client:
+    return httpx.Client(transport=httpx.MockTransport(fake.handler), timeout=timeout)
+
+
+def refresh_body(credentials: Credentials) -> dict[str, str]:
+    """The JSON body of a Claude Code refresh with ``credentials``."""
+    return {
+        "grant_type": "refresh_token",
+        "refresh_token": token_of(credentials),
+        "client_id": CLIENT_ID,
+    }
+
+
+class TestInProcess:
+    def test_manager_refreshes_through_the_handler(self, clock: FakeClock) -> None:
+        """A TokenManager on a MockTransport client refreshes at an unstarted fake."""
+        fake = FakeProvider(clock=clock)
+        credentials = fake.issue()
+        provider = Provider.claude_code(token_url=IN_PROCESS_TOKEN_URL)
+        with (
+            in_process(fake) as http,
+            TokenManager(MemoryStore(), provider, http=http, clock=clock) as tokens,
+        ):
+            tokens.put("alice", credentials)
+
+            renewed = tokens.refresh("alice")
+
+        family = fake.family_of(credentials)
+        assert family is not None
+        assert (1, fake.current_credentials(family)) == (fake.refresh_count, renewed)
+
+    def test_answers_are_the_servers(self, fake: FakeProvider, client: httpx.Client) -> None:
+        """The handler answers a reused token with the same status and body as the server."""
+        credentials = fake.issue()
+        refresh(client, fake, credentials)
+
+        with in_process(fake) as http:
+            response = refresh(http, fake, credentials)
+
+        assert (400, INVALID_GRANT) == (response.status_code, response.json())
+
+    def test_unknown_path_is_not_found(self) -> None:
+        """In-process, any other path answers 404 as well."""
+        with in_process(FakeProvider()) as http:
+            response = http.post("https://provider.test/oauth/token", json={})
+
+        assert 404 == response.status_code
+
+    def test_drop_raises_remote_protocol_error(self) -> None:
+        """Fault.drop() in-process raises what a dropped connection raises, token consumed."""
+        fake = FakeProvider()
+        credentials = fake.issue()
+        fake.fail_next(Fault.drop(consume=True))
+
+        with in_process(fake) as http, pytest.raises(httpx.RemoteProtocolError):
+            http.post(IN_PROCESS_TOKEN_URL, json=refresh_body(credentials))
+
+        assert "used" == fake.refresh_token_state(credentials.refresh_token)
+
+    def test_timeout_past_the_client_timeout_raises_read_timeout(self) -> None:
+        """A timeout fault longer than the client's read timeout raises ReadTimeout in-process."""
+        fake = FakeProvider()
+        credentials = fake.issue()
+        fake.fail_next(Fault.timeout(30.0, consume=True))
+
+        with in_process(fake, timeout=0.05) as http, pytest.raises(httpx.ReadTimeout):
+            http.post(IN_PROCESS_TOKEN_URL, json=refresh_body(credentials))
+
+        assert [("fault:timeout", True)] == [(c.outcome, c.rotated) for c in fake.refresh_calls]
+
+    def test_timeout_within_the_client_timeout_answers(self) -> None:
+        """A shorter timeout fault in-process is waited out and answered, as over a socket."""
+        fake = FakeProvider()
+        fake.fail_next(Fault.timeout(0.01))
+
+        with in_process(fake) as http:
+            response = http.post(IN_PROCESS_TOKEN_URL, json=refresh_body(fake.issue()))
+
+        assert 504 == response.status_code

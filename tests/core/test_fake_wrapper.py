@@ -12,7 +12,15 @@ from typing import Any
 import httpx
 import pytest
 
-from credkeeper import Credentials, Secret
+from credkeeper import (
+    AsyncTokenManager,
+    AsyncWrapperClient,
+    Credentials,
+    MemoryStore,
+    Secret,
+    TokenManager,
+    WrapperClient,
+)
 from credkeeper.testing import FakeClock, FakeProvider, FakeWrapper, WrapperCall, WrapperFault
 
 EIGHT_HOURS = 8 * 3600
@@ -92,6 +100,10 @@ def detail(response: httpx.Response) -> list[dict[str, Any]]:
 
 def cli_error(message: str, code: str = "cli_error") -> dict[str, Any]:
     return {"type": "error", "error": {"message": message, "code": code}}
+
+
+def outcomes(wrapper: FakeWrapper) -> list[str]:
+    return [call.outcome for call in wrapper.calls]
 
 
 class TestHealth:
@@ -1324,3 +1336,81 @@ class TestLifecycle:
         wrapper.stop()
 
         assert "url=None" in repr(wrapper)
+
+
+# No server runs for these: the host is never looked up, and the wrapper is never started.
+IN_PROCESS_URL = "https://wrapper.test"
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+class TestInProcess:
+    @pytest.fixture
+    def unstarted(self, fake: FakeProvider) -> FakeWrapper:
+        return FakeWrapper(fake)
+
+    @pytest.fixture
+    def mock_client(
+        self, manager: TokenManager, alice: Credentials, unstarted: FakeWrapper
+    ) -> Iterator[WrapperClient]:
+        transport = httpx.MockTransport(unstarted.handler)
+        with (
+            httpx.Client(transport=transport) as http,
+            WrapperClient(manager, base_url=IN_PROCESS_URL, http=http) as wrapper_client,
+        ):
+            yield wrapper_client
+
+    def test_client_call_through_the_handler(
+        self, mock_client: WrapperClient, unstarted: FakeWrapper
+    ) -> None:
+        """A WrapperClient on a MockTransport gets the reply, and the fake logs the call."""
+        message = mock_client.messages.create("alice", HELLO)
+
+        assert ("You said: Hello", ["ok"]) == (message.text, outcomes(unstarted))
+
+    @pytest.mark.parametrize("keepalive", [False, True], ids=["ndjson", "sse"])
+    def test_client_stream_through_the_handler(
+        self, mock_client: WrapperClient, keepalive: bool
+    ) -> None:
+        """A stream over a MockTransport yields the deltas and ends with the result."""
+        with mock_client.messages.stream("alice", HELLO, keepalive=keepalive) as stream:
+            text = "".join(stream.text_deltas())
+
+        result = stream.result.result if stream.result else None
+        assert ("You said: Hello", "You said: Hello") == (text, result)
+
+    @pytest.mark.anyio
+    async def test_async_client_stream_through_the_handler(
+        self, store: MemoryStore, fake: FakeProvider, clock: FakeClock, unstarted: FakeWrapper
+    ) -> None:
+        """An async client on a MockTransport reads a keepalive stream from the same handler."""
+        async with (
+            AsyncTokenManager(store, fake.provider(), clock=clock) as tokens,
+            httpx.AsyncClient(transport=httpx.MockTransport(unstarted.handler)) as http,
+            AsyncWrapperClient(tokens, base_url=IN_PROCESS_URL, http=http) as wrapper_client,
+        ):
+            await tokens.put("alice", fake.issue())
+            async with wrapper_client.messages.stream("alice", HELLO, keepalive=True) as stream:
+                text = "".join([delta async for delta in stream.text_deltas()])
+
+        assert "You said: Hello" == text
+
+    def test_answers_are_the_servers(self, unstarted: FakeWrapper) -> None:
+        """In-process, a wrong method gets the server's 405 with its Allow header."""
+        with httpx.Client(transport=httpx.MockTransport(unstarted.handler)) as http:
+            response = http.get(IN_PROCESS_URL + "/v1/messages")
+
+        assert (405, "POST") == (response.status_code, response.headers["Allow"])
+
+    def test_delay_past_the_client_timeout_raises_read_timeout(
+        self, unstarted: FakeWrapper, credentials: Credentials
+    ) -> None:
+        """A delay past the client's read timeout raises ReadTimeout; the call is still logged."""
+        unstarted.fail_next(WrapperFault.delay(30.0))
+        transport = httpx.MockTransport(unstarted.handler)
+        with (
+            httpx.Client(transport=transport, timeout=0.05) as http,
+            pytest.raises(httpx.ReadTimeout),
+        ):
+            http.post(IN_PROCESS_URL + "/v1/messages", json=body(credentials))
+
+        assert [("ok", "fault:delay")] == [(c.outcome, c.fault) for c in unstarted.calls]

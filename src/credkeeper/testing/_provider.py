@@ -17,21 +17,18 @@ import itertools
 import json
 import math
 import secrets
-import threading
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from socketserver import TCPServer
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import parse_qs, unquote_plus, urlsplit
+from urllib.parse import parse_qs, unquote_plus
 
 from credkeeper._clock import Clock, SystemClock
 from credkeeper._credentials import Credentials
 from credkeeper._secret import Secret
+
+from ._http import FakeServer, Reply, Request, check_seconds, check_status, content_type_of, phrase
 
 if TYPE_CHECKING:
     from credkeeper._provider import Provider
@@ -42,11 +39,9 @@ AccessTokenState = Literal["valid", "expired", "revoked", "unknown"]
 RefreshTokenState = Literal["current", "used", "revoked", "unknown"]
 
 TOKEN_PATH = "/v1/oauth/token"
-LEGACY_TOKEN_PATH = "/legacy/v1/oauth/token"
 CLAUDE_CODE_CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
 MALFORMED_BODY = "<html>upstream error</html>"
 
-_MAX_BODY = 1 << 20
 _INVALID_REQUEST = {"error": "invalid_request", "error_description": "Invalid request format"}
 _INVALID_GRANT = {
     "error": "invalid_grant",
@@ -99,8 +94,7 @@ class Fault:
         ``retry_after`` becomes a ``Retry-After`` header (seconds; a string is sent verbatim, for
         HTTP dates). ``body`` replaces the default Anthropic-style JSON error body.
         """
-        if isinstance(code, bool) or not isinstance(code, int) or not 200 <= code <= 599:
-            raise ValueError(f"code must be an HTTP status between 200 and 599, got {code!r}")
+        check_status(code)
         if isinstance(retry_after, int | float) and (
             isinstance(retry_after, bool) or not math.isfinite(retry_after) or retry_after < 0
         ):
@@ -114,11 +108,7 @@ class Fault:
         With ``consume`` the token is rotated when the request arrives and the normal answer is
         sent after the delay; without it nothing changes server-side and the late answer is a 504.
         """
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-            raise TypeError(f"seconds must be a number, not {type(seconds).__name__}")
-        if not math.isfinite(seconds) or seconds <= 0:
-            raise ValueError(f"seconds must be a positive number, got {seconds!r}")
-        return cls(kind="timeout", seconds=float(seconds), consume=consume)
+        return cls(kind="timeout", seconds=check_seconds(seconds), consume=consume)
 
     @classmethod
     def malformed(cls, *, consume: bool = False) -> Fault:
@@ -227,36 +217,14 @@ class _TokenRequest:
         return None if self.params is None else self.params.get("client_id")
 
 
-@dataclass(frozen=True, slots=True)
-class _Reply:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-def _json_reply(status: int, document: object, *headers: tuple[str, str]) -> _Reply:
+def _json_reply(status: int, document: object, *headers: tuple[str, str]) -> Reply:
     no_store = (("Cache-Control", "no-store"), ("Pragma", "no-cache"))
-    return _Reply(status, json.dumps(document).encode(), headers=no_store + headers)
+    return Reply(status, json.dumps(document).encode(), headers=no_store + headers)
 
 
 def _fault_body(code: int) -> object:
-    try:
-        message = HTTPStatus(code).phrase
-    except ValueError:
-        message = "Error"
-    return {
-        "type": "error",
-        "error": {"type": _ERROR_TYPES.get(code, "api_error"), "message": message},
-    }
-
-
-def _content_type_of(body: str) -> str:
-    try:
-        json.loads(body)
-    except ValueError:
-        return "text/html; charset=utf-8" if body.lstrip().startswith("<") else "text/plain"
-    return "application/json"
+    error_type = _ERROR_TYPES.get(code, "api_error")
+    return {"type": "error", "error": {"type": error_type, "message": phrase(code)}}
 
 
 def _token_value(token: str | Secret) -> str:
@@ -267,92 +235,11 @@ def _token_value(token: str | Secret) -> str:
     raise TypeError(f"expected a token string or Secret, not {type(token).__name__}")
 
 
-# -- HTTP plumbing -----------------------------------------------------------------------
+# -- request parsing ---------------------------------------------------------------------
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    # Engine tests start dozens of concurrent refreshes; the default backlog of 5 would make
-    # some of them wait on SYN retries instead of racing.
-    request_queue_size = 128
-
-    def __init__(self, fake: FakeProvider) -> None:
-        self.fake = fake
-        self.stopping = threading.Event()
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host's FQDN, which can stall on a machine
-        # without working reverse DNS; a loopback fake needs no name.
-        TCPServer.server_bind(self)
-        self.server_name = "127.0.0.1"
-        self.server_port = self.server_address[1]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.0"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # Silence BaseHTTPRequestHandler's stderr log: the fake never logs anything.
-        return
-
-    def do_POST(self) -> None:
-        body = self._read_body()
-        path = urlsplit(self.path).path
-        if path == TOKEN_PATH:
-            reply = self.server.fake._serve_token(self, body, self.server.stopping)
-        else:
-            reply = _json_reply(404, _NOT_FOUND)
-        self._send(reply)
-
-    def do_GET(self) -> None:
-        self._not_found()
-
-    def do_PUT(self) -> None:
-        self._not_found()
-
-    def do_PATCH(self) -> None:
-        self._not_found()
-
-    def do_DELETE(self) -> None:
-        self._not_found()
-
-    def _not_found(self) -> None:
-        self._read_body()
-        self._send(_json_reply(404, _NOT_FOUND))
-
-    def _read_body(self) -> bytes | None:
-        """The request body, or ``None`` when its length is missing, bad or too large."""
-        raw = self.headers.get("Content-Length")
-        try:
-            length = int(raw) if raw is not None else -1
-        except ValueError:
-            length = -1
-        if not 0 <= length <= _MAX_BODY:
-            self.close_connection = True
-            return None
-        return self.rfile.read(length)
-
-    def _send(self, reply: _Reply | None) -> None:
-        self.close_connection = True
-        if reply is None:
-            return
-        try:
-            self.send_response(reply.status)
-            self.send_header("Content-Type", reply.content_type)
-            self.send_header("Content-Length", str(len(reply.body)))
-            for name, value in reply.headers:
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(reply.body)
-        except OSError:
-            # The client gave up (a timeout fault) and closed its end; nobody is listening.
-            return
-
-
-def _parse_request(handler: _Handler, body: bytes | None) -> _TokenRequest:
-    headers = handler.headers
+def _parse_request(request: Request) -> _TokenRequest:
+    headers, body = request.headers, request.body
     content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
     body_format: Literal["json", "form", "unknown"] = "unknown"
     params: dict[str, str] | None = None
@@ -425,7 +312,7 @@ def _parse_basic(credentials: str) -> tuple[str, str] | None:
 # -- the fake ----------------------------------------------------------------------------
 
 
-class FakeProvider:
+class FakeProvider(FakeServer[Fault, RefreshCall]):
     """An OAuth token endpoint with rotating, single-use refresh tokens, on ``127.0.0.1``.
 
     Start it with :meth:`start` or a ``with`` block, mint credentials with :meth:`issue`, point a
@@ -435,7 +322,11 @@ class FakeProvider:
     issue times and access-token expiry. ``mint`` makes each new token, given ``"access"`` or
     ``"refresh"`` (default: ``sk-ant-oat01-``/``sk-ant-ort01-`` and 64 random characters), for
     tokens of other providers' shapes. Tokens are never printed, logged or shown in ``repr``.
+    :meth:`handler` answers the same requests in-process, for ``httpx.MockTransport``.
     """
+
+    _fault_type = Fault
+    _max_body = 1 << 20
 
     def __init__(
         self,
@@ -469,73 +360,23 @@ class FakeProvider:
         self.scope = scope
         self._mint = mint
 
-        self._lock = threading.Condition(threading.Lock())
+        super().__init__()
         self._families: dict[str, _Family] = {}
         self._access: dict[str, _AccessToken] = {}
         self._refresh: dict[str, _RefreshToken] = {}
-        self._faults: deque[Fault] = deque()
-        self._calls: list[RefreshCall] = []
         self._family_numbers = itertools.count(1)
         self._in_flight = 0
         self._max_in_flight = 0
-
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle -----------------------------------------------------------------------
-
-    def start(self) -> FakeProvider:
-        """Bind a free port on ``127.0.0.1`` and serve in a daemon thread; a no-op if running."""
-        if self._server is not None:
-            return self
-        server = _Server(self)
-        thread = threading.Thread(
-            target=server.serve_forever,
-            # shutdown() waits up to one poll interval; keep stop() quick for per-test fakes.
-            kwargs={"poll_interval": 0.01},
-            name=f"FakeProvider:{server.server_port}",
-            daemon=True,
-        )
-        thread.start()
-        self._server, self._thread = server, thread
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and close the port; requests still sleeping are dropped. Idempotent."""
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        self._server = self._thread = None
-        server.stopping.set()
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join()
-
-    def __enter__(self) -> FakeProvider:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         with self._lock:
             calls = len(self._calls)
             refreshes = sum(1 for call in self._calls if call.outcome == "ok")
             families = len(self._families)
-        server = self._server
-        url = None if server is None else f"http://127.0.0.1:{server.server_port}"
         return (
-            f"FakeProvider(url={url!r}, refresh_count={refreshes}, calls={calls}, "
+            f"FakeProvider(url={self._url_or_none()!r}, refresh_count={refreshes}, calls={calls}, "
             f"families={families})"
         )
-
-    @property
-    def url(self) -> str:
-        """The base URL, ``http://127.0.0.1:<port>``."""
-        if self._server is None:
-            raise RuntimeError("the FakeProvider is not running; call start() or use `with`")
-        return f"http://127.0.0.1:{self._server.server_port}"
 
     @property
     def token_url(self) -> str:
@@ -548,34 +389,12 @@ class FakeProvider:
 
         return Provider.claude_code(token_url=self.token_url, **overrides)
 
-    # -- faults and log ------------------------------------------------------------------
-
-    def fail_next(self, *faults: Fault) -> None:
-        """Queue ``faults``; each refresh request that arrives takes the next one, in order."""
-        for fault in faults:
-            if not isinstance(fault, Fault):
-                raise TypeError(f"expected Fault instances, got {type(fault).__name__}")
-        with self._lock:
-            self._faults.extend(faults)
-
-    def clear_faults(self) -> int:
-        """Drop every queued fault no request has taken yet; return how many were dropped."""
-        with self._lock:
-            dropped = len(self._faults)
-            self._faults.clear()
-            return dropped
-
-    @property
-    def pending_faults(self) -> int:
-        """How many queued faults no request has taken yet."""
-        with self._lock:
-            return len(self._faults)
+    # -- log -----------------------------------------------------------------------------
 
     @property
     def refresh_calls(self) -> list[RefreshCall]:
         """A snapshot of every token-endpoint request handled, in the order they were decided."""
-        with self._lock:
-            return list(self._calls)
+        return self._logged()
 
     @property
     def refresh_count(self) -> int:
@@ -594,20 +413,6 @@ class FakeProvider:
         with self._lock:
             self._calls.clear()
             self._max_in_flight = self._in_flight
-
-    def wait_for_calls(self, count: int, *, timeout: float = 5.0) -> list[RefreshCall]:
-        """Block until at least ``count`` requests are logged; return the log.
-
-        For requests still in flight on the server's threads, such as a timeout fault the
-        client has already given up on. Raises ``TimeoutError`` after ``timeout`` real seconds.
-        """
-        with self._lock:
-            if not self._lock.wait_for(lambda: len(self._calls) >= count, timeout):
-                raise TimeoutError(
-                    f"the FakeProvider logged {len(self._calls)} calls, not {count}, "
-                    f"within {timeout} s"
-                )
-            return list(self._calls)
 
     # -- tokens --------------------------------------------------------------------------
 
@@ -671,7 +476,7 @@ class FakeProvider:
         token = _token_value(refresh_token)
         with self._lock:
             outcome, family = self._grant_locked(token)
-            self._calls.append(
+            self._record_locked(
                 RefreshCall(
                     at=self.clock.now(),
                     outcome=outcome,
@@ -680,7 +485,6 @@ class FakeProvider:
                     refresh_token=Secret(token),
                 )
             )
-            self._lock.notify_all()
             if outcome != "ok" or family is None:
                 return None
             return self._credentials_locked(self._families[family])
@@ -766,18 +570,21 @@ class FakeProvider:
                 raise KeyError(f"no token family named {family!r}") from None
             return self._credentials_locked(entry)
 
-    # -- request handling (runs on server threads) ----------------------------------------
+    # -- request handling ----------------------------------------------------------------
 
-    def _serve_token(
-        self, handler: _Handler, body: bytes | None, stopping: threading.Event
-    ) -> _Reply | None:
-        request = _parse_request(handler, body)
+    def _respond(self, request: Request) -> Reply | None:
+        if request.method == "POST" and request.path == TOKEN_PATH:
+            return self._serve_token(request)
+        return _json_reply(404, _NOT_FOUND)
+
+    def _serve_token(self, raw: Request) -> Reply | None:
+        request = _parse_request(raw)
+        fault = self._take_fault()
         with self._lock:
-            fault = self._faults.popleft() if self._faults else None
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
         try:
-            if self.latency and stopping.wait(self.latency):
+            if self.latency and raw.wait(self.latency):
                 return None
             if fault is None:
                 return self._answer(request, None)
@@ -790,22 +597,22 @@ class FakeProvider:
             else:
                 with self._lock:
                     family = self._family_of_locked(request.refresh_token)
-                    self._record_locked(request, fault.label, family, rotated=False)
+                    self._log_locked(request, fault.label, family, rotated=False)
                 reply = _json_reply(504, _fault_body(504))
             if fault.kind == "timeout":
-                return None if stopping.wait(fault.seconds) else reply
+                return None if raw.wait(fault.seconds) else reply
             if fault.kind == "malformed":
-                return _Reply(200, MALFORMED_BODY.encode(), "text/html; charset=utf-8")
+                return Reply(200, MALFORMED_BODY.encode(), "text/html; charset=utf-8")
             return None
         finally:
             with self._lock:
                 self._in_flight -= 1
 
-    def _answer_status_fault(self, request: _TokenRequest, fault: Fault) -> _Reply:
+    def _answer_status_fault(self, request: _TokenRequest, fault: Fault) -> Reply:
         assert fault.code is not None
         with self._lock:
             family = self._family_of_locked(request.refresh_token)
-            self._record_locked(request, fault.label, family, rotated=False)
+            self._log_locked(request, fault.label, family, rotated=False)
         headers: list[tuple[str, str]] = []
         if isinstance(fault.retry_after, str):
             headers.append(("Retry-After", fault.retry_after))
@@ -813,30 +620,28 @@ class FakeProvider:
             value = fault.retry_after
             headers.append(("Retry-After", str(int(value)) if value == int(value) else str(value)))
         if fault.body is not None:
-            return _Reply(
-                fault.code, fault.body.encode(), _content_type_of(fault.body), tuple(headers)
+            return Reply(
+                fault.code, fault.body.encode(), content_type_of(fault.body), tuple(headers)
             )
         return _json_reply(fault.code, _fault_body(fault.code), *headers)
 
-    def _answer_reshaped(self, request: _TokenRequest, fault: Fault) -> _Reply:
+    def _answer_reshaped(self, request: _TokenRequest, fault: Fault) -> Reply:
         assert fault.transform is not None
         reply = self._answer(request, fault.label)
         if reply.status != 200:
             return reply
         shaped = fault.transform(json.loads(reply.body))
         body = shaped if isinstance(shaped, str) else json.dumps(shaped)
-        return _Reply(200, body.encode(), _content_type_of(body), reply.headers)
+        return Reply(200, body.encode(), content_type_of(body), reply.headers)
 
-    def _answer(self, request: _TokenRequest, outcome_override: str | None) -> _Reply:
+    def _answer(self, request: _TokenRequest, outcome_override: str | None) -> Reply:
         """Validate, rotate when the grant is good, log, and build the normal answer."""
         with self._lock:
             reply, outcome, family = self._decide_locked(request)
-            self._record_locked(
-                request, outcome_override or outcome, family, rotated=outcome == "ok"
-            )
+            self._log_locked(request, outcome_override or outcome, family, rotated=outcome == "ok")
             return reply
 
-    def _decide_locked(self, request: _TokenRequest) -> tuple[_Reply, str, str | None]:
+    def _decide_locked(self, request: _TokenRequest) -> tuple[Reply, str, str | None]:
         params = request.params
         if params is None:
             return _json_reply(400, _INVALID_REQUEST), "invalid_request", None
@@ -918,12 +723,12 @@ class FakeProvider:
         entry = self._refresh.get(token) or self._access.get(token)
         return None if entry is None else entry.family
 
-    def _record_locked(
+    def _log_locked(
         self, request: _TokenRequest, outcome: str, family: str | None, *, rotated: bool
     ) -> None:
         presented = request.refresh_token
         params = request.params or {}
-        self._calls.append(
+        self._record_locked(
             RefreshCall(
                 at=self.clock.now(),
                 outcome=outcome,
@@ -937,7 +742,6 @@ class FakeProvider:
                 user_agent=request.user_agent,
             )
         )
-        self._lock.notify_all()
 
     def _credentials_locked(self, family: _Family) -> Credentials:
         return Credentials(
@@ -957,7 +761,7 @@ class FakeProvider:
         return token
 
     @staticmethod
-    def _invalid_client(*, basic: bool) -> _Reply:
+    def _invalid_client(*, basic: bool) -> Reply:
         # RFC 6749 section 5.2: a client that tried the Authorization header gets a challenge.
         challenge = (("WWW-Authenticate", 'Basic realm="fake-provider"'),) if basic else ()
         return _json_reply(401, _INVALID_CLIENT, *challenge)

@@ -18,25 +18,20 @@ import hashlib
 import json
 import math
 import re
-import socket
-import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from socketserver import TCPServer
 from typing import Any, ClassVar, Literal, cast
-from urllib.parse import urlsplit
 
 from credkeeper._clock import Clock
 from credkeeper._credentials import from_epoch_ms, to_epoch_ms
+from credkeeper._messages import _mcp_rule
 from credkeeper._secret import Secret
 
-from ._provider import FakeProvider, _content_type_of
+from ._http import FakeServer, Reply, Request, check_seconds, check_status, content_type_of, phrase
+from ._provider import FakeProvider
 
 __all__ = ["FakeWrapper", "WrapperCall", "WrapperFault"]
 
@@ -66,9 +61,7 @@ MODEL_IDS = {
     "sonnet": "claude-sonnet-4-5-20250929",
     "haiku": "claude-3-5-haiku-20241022",
 }
-
-# FastAPI has no body limit; this only keeps a runaway test from exhausting memory.
-_MAX_BODY = 64 << 20
+_ROUTES = {"/health": "GET", MESSAGES_PATH: "POST", KEEPALIVE_PATH: "POST"}
 _AUTH_FAILURES = {
     "unknown": ("invalid_api_key", INVALID_API_KEY),
     "expired": ("token_expired", TOKEN_EXPIRED),
@@ -109,12 +102,11 @@ class WrapperFault:
         ``Invalid OAuth token format`` for 401. ``body`` replaces the whole body verbatim, for
         answers from something in front of the wrapper (a load balancer's HTML page).
         """
-        if isinstance(code, bool) or not isinstance(code, int) or not 200 <= code <= 599:
-            raise ValueError(f"code must be an HTTP status between 200 and 599, got {code!r}")
+        check_status(code)
         if detail is not None and body is not None:
             raise ValueError("pass detail or body, not both")
         if detail is None and body is None:
-            detail = _DEFAULT_DETAILS.get(code) or _phrase(code)
+            detail = _DEFAULT_DETAILS.get(code) or phrase(code)
         return cls(kind="status", code=code, detail=detail, body=body)
 
     @classmethod
@@ -144,11 +136,7 @@ class WrapperFault:
 
         For client timeouts; the CLI can run for up to 180 s and Cloud Run cuts at 300 s.
         """
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-            raise TypeError(f"seconds must be a number, not {type(seconds).__name__}")
-        if not math.isfinite(seconds) or seconds <= 0:
-            raise ValueError(f"seconds must be a positive number, got {seconds!r}")
-        return cls(kind="delay", seconds=float(seconds))
+        return cls(kind="delay", seconds=check_seconds(seconds))
 
     @classmethod
     def stream_error(
@@ -360,25 +348,13 @@ def _model(
     return validate
 
 
-def _mcp_rule(server: Mapping[str, object]) -> str | None:
-    """MCPServer.validate_mcp_config, in its order; it tests truthiness, not presence."""
-    transport, url, command = server["transport"], server["url"], server["command"]
-    auth_type, auth_token = server["auth_type"], server["auth_token"]
-    if transport and transport not in ("sse", "streamableHttp"):
-        return "transport must be 'sse' or 'streamableHttp'"
-    if transport and not url:
-        return "transport requires 'url' to be provided"
-    if auth_type and auth_type not in ("jwt", "oauth", "bearer"):
-        return "auth_type must be 'jwt', 'oauth', or 'bearer'"
-    if auth_type and not auth_token:
-        return "auth_type requires 'auth_token' to be provided"
-    if not command and not url:
-        return "Either 'command' or 'url' must be provided"
-    if command and url:
-        return "Cannot specify both 'command' and 'url'"
-    if url and not transport:
-        return "'url' requires 'transport' to be provided"
-    return None
+def _mcp_problem(server: Mapping[str, object]) -> str | None:
+    """MCPServer.validate_mcp_config's message for the first rule ``server`` breaks, if any.
+
+    The rules are the ones the client checks before sending, so the two cannot drift apart.
+    """
+    rule = _mcp_rule(server)
+    return None if rule is None else rule[2]
 
 
 _OPTIONAL_STRING = _optional(_string)
@@ -403,7 +379,7 @@ _MCP_SERVER = _model(
         ("auth_token", _OPTIONAL_STRING, None),
         ("streamable_http_path", _string, "/mcp"),
     ),
-    _mcp_rule,
+    _mcp_problem,
 )
 _MESSAGE_REQUEST = _model(
     (
@@ -482,31 +458,13 @@ def _pieces(text: str) -> list[str]:
     return re.findall(r"\S+\s*|\s+", text)
 
 
-def _phrase(code: int) -> str:
-    try:
-        return HTTPStatus(code).phrase
-    except ValueError:
-        return "Error"
-
-
 # -- replies -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Reply:
-    status: int
-    body: bytes = b""
-    content_type: str = "application/json"
-    # A chunked body: the real server streams with Transfer-Encoding: chunked.
-    chunks: tuple[bytes, ...] | None = None
-    headers: tuple[tuple[str, str], ...] = ()
-    close: bool = False
-
-
-def _json_reply(status: int, document: object, *headers: tuple[str, str]) -> _Reply:
+def _json_reply(status: int, document: object, *headers: tuple[str, str]) -> Reply:
     # Starlette's JSONResponse rendering.
     body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
-    return _Reply(status, body, headers=headers)
+    return Reply(status, body, headers=headers)
 
 
 def _cli_error_document(message: str, code: str = "cli_error") -> dict[str, object]:
@@ -540,173 +498,7 @@ class _File:
         return {"path": self.path, "content": content, "encoding": encoding, "size": len(self.data)}
 
 
-# -- HTTP plumbing -------------------------------------------------------------------------
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    # Tests and benchmarks open many connections at once; the default backlog of 5 would make
-    # some of them wait on SYN retries.
-    request_queue_size = 128
-
-    def __init__(self, fake: FakeWrapper) -> None:
-        self.fake = fake
-        self.stopping = threading.Event()
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host's FQDN, which can stall on a machine
-        # without working reverse DNS; a loopback fake needs no name.
-        TCPServer.server_bind(self)
-        self.server_name = "127.0.0.1"
-        self.server_port = self.server_address[1]
-
-    def close_connections(self) -> None:
-        """Wake handlers idling on keep-alive connections, so nothing is served after stop()."""
-        with self.connections_lock:
-            for connection in self.connections:
-                try:
-                    connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    continue
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    # Persistent connections: a client sends thousands of calls over one connection.
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes; with Nagle the second waits for a delayed ACK.
-    disable_nagle_algorithm = True
-
-    def setup(self) -> None:
-        super().setup()
-        with self.server.connections_lock:
-            self.server.connections.add(self.connection)
-
-    def finish(self) -> None:
-        with self.server.connections_lock:
-            self.server.connections.discard(self.connection)
-        try:
-            super().finish()
-        except OSError:
-            return
-
-    def version_string(self) -> str:
-        return "uvicorn"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # Silence BaseHTTPRequestHandler's stderr log: the fake never logs anything.
-        return
-
-    def do_GET(self) -> None:
-        body = self._read_body()
-        path = urlsplit(self.path).path
-        if body is None:
-            self._send(_Reply(413, b'{"detail":"Request body too large"}', close=True))
-        elif path == "/health":
-            self._send(self.server.fake._health())
-        else:
-            self._not_found_or_not_allowed(path, "POST")
-
-    def do_POST(self) -> None:
-        body = self._read_body()
-        path = urlsplit(self.path).path
-        if body is None:
-            self._send(_Reply(413, b'{"detail":"Request body too large"}', close=True))
-        elif path in (MESSAGES_PATH, KEEPALIVE_PATH):
-            content_type = self.headers.get("Content-Type")
-            stopping = self.server.stopping
-            self._send(self.server.fake._serve_messages(path, content_type, body, stopping))
-        else:
-            self._not_found_or_not_allowed(path, "GET")
-
-    def do_PUT(self) -> None:
-        self._other_method()
-
-    def do_PATCH(self) -> None:
-        self._other_method()
-
-    def do_DELETE(self) -> None:
-        self._other_method()
-
-    def _other_method(self) -> None:
-        self._read_body()
-        path = urlsplit(self.path).path
-        self._not_found_or_not_allowed(path, "GET" if path == "/health" else "POST")
-
-    def _not_found_or_not_allowed(self, path: str, allowed: str) -> None:
-        if path in (MESSAGES_PATH, KEEPALIVE_PATH, "/health"):
-            self._send(_json_reply(405, {"detail": "Method Not Allowed"}, ("Allow", allowed)))
-        else:
-            self._send(_json_reply(404, {"detail": "Not Found"}))
-
-    def _read_body(self) -> bytes | None:
-        """The request body, or ``None`` when it is malformed or too large."""
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            return self._read_chunked()
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            return b""
-        try:
-            length = int(raw)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= _MAX_BODY:
-            self.close_connection = True
-            return None
-        return self.rfile.read(length)
-
-    def _read_chunked(self) -> bytes | None:
-        parts: list[bytes] = []
-        total = 0
-        while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                size = -1
-            total += size
-            if size < 0 or total > _MAX_BODY:
-                self.close_connection = True
-                return None
-            if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    continue
-                return b"".join(parts)
-            parts.append(self.rfile.read(size))
-            self.rfile.readline(1024)
-
-    def _send(self, reply: _Reply | None) -> None:
-        if reply is None:
-            # Stopping while a request was held: drop it, as a dying server would.
-            self.close_connection = True
-            return
-        try:
-            self.send_response(reply.status)
-            self.send_header("Content-Type", reply.content_type)
-            for name, value in reply.headers:
-                self.send_header(name, value)
-            if reply.close:
-                self.send_header("Connection", "close")
-                self.close_connection = True
-            if reply.chunks is None:
-                self.send_header("Content-Length", str(len(reply.body)))
-                self.end_headers()
-                self.wfile.write(reply.body)
-                return
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            # Sent in one go, as the buffered /v1/messages stream is.
-            framed = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in reply.chunks)
-            self.wfile.write(framed + b"0\r\n\r\n")
-        except OSError:
-            # The client gave up (a delay fault) and closed its end; nobody is listening.
-            self.close_connection = True
-
-
-def _decode_body(content_type: str | None, raw: bytes) -> tuple[object, _Reply | None]:
+def _decode_body(content_type: str | None, raw: bytes) -> tuple[object, Reply | None]:
     """The body as FastAPI hands it to validation, or the reply that ends the request."""
     if not raw:
         return None, None
@@ -734,7 +526,7 @@ def _decode_body(content_type: str | None, raw: bytes) -> tuple[object, _Reply |
 # -- the fake ------------------------------------------------------------------------------
 
 
-class FakeWrapper:
+class FakeWrapper(FakeServer[WrapperFault, WrapperCall]):
     """The Claude Wrapper API on ``127.0.0.1``, checking access tokens against a FakeProvider.
 
     Start it with :meth:`start` or a ``with`` block, point a client at :attr:`url`, and read
@@ -744,8 +536,15 @@ class FakeWrapper:
     the provider and the new tokens are never returned. ``reply`` maps the prompt the server
     builds to the model's answer (default ``"You said: <last user message>"``); ``latency``
     real seconds pass before each message request is handled. Token validity is the
-    provider's verdict. Tokens are never printed, logged or shown in ``repr``.
+    provider's verdict. Tokens are never printed, logged or shown in ``repr``. :meth:`handler`
+    answers the same requests in-process, for ``httpx.MockTransport``.
     """
+
+    _fault_type = WrapperFault
+    _persistent = True
+    # FastAPI has no body limit; this only keeps a runaway test from exhausting memory.
+    _max_body = 64 << 20
+    _server_header = "uvicorn"
 
     #: The CLI's text for an access token the provider does not know.
     INVALID_API_KEY: ClassVar[str] = INVALID_API_KEY
@@ -780,72 +579,17 @@ class FakeWrapper:
         self.clock: Clock = clock if clock is not None else provider.clock
         self.latency = float(latency)
         self.reply = reply
-
-        self._lock = threading.Condition(threading.Lock())
-        self._faults: deque[WrapperFault] = deque()
-        self._calls: list[WrapperCall] = []
+        super().__init__()
         self._files: dict[str, _File] = {}
-
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle -----------------------------------------------------------------------
-
-    def start(self) -> FakeWrapper:
-        """Bind a free port on ``127.0.0.1`` and serve in a daemon thread; a no-op if running."""
-        if self._server is not None:
-            return self
-        server = _Server(self)
-        thread = threading.Thread(
-            target=server.serve_forever,
-            # shutdown() waits up to one poll interval; keep stop() quick for per-test fakes.
-            kwargs={"poll_interval": 0.005},
-            name=f"FakeWrapper:{server.server_port}",
-            daemon=True,
-        )
-        thread.start()
-        self._server, self._thread = server, thread
-        return self
-
-    def stop(self) -> None:
-        """Stop serving, close the port and open connections; held requests are dropped.
-
-        Idempotent.
-        """
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        self._server = self._thread = None
-        server.stopping.set()
-        server.shutdown()
-        server.server_close()
-        server.close_connections()
-        if thread is not None:
-            thread.join()
-
-    def __enter__(self) -> FakeWrapper:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         with self._lock:
             calls = len(self._calls)
             refreshes = sum(1 for call in self._calls if call.self_refreshed)
-        server = self._server
-        url = None if server is None else f"http://127.0.0.1:{server.server_port}"
         return (
-            f"FakeWrapper(url={url!r}, calls={calls}, self_refresh={self.self_refresh}, "
-            f"self_refresh_count={refreshes})"
+            f"FakeWrapper(url={self._url_or_none()!r}, calls={calls}, "
+            f"self_refresh={self.self_refresh}, self_refresh_count={refreshes})"
         )
-
-    @property
-    def url(self) -> str:
-        """The base URL, ``http://127.0.0.1:<port>``."""
-        if self._server is None:
-            raise RuntimeError("the FakeWrapper is not running; call start() or use `with`")
-        return f"http://127.0.0.1:{self._server.server_port}"
 
     # -- workspace -----------------------------------------------------------------------
 
@@ -872,34 +616,12 @@ class FakeWrapper:
         with self._lock:
             self._files.clear()
 
-    # -- faults and log ------------------------------------------------------------------
-
-    def fail_next(self, *faults: WrapperFault) -> None:
-        """Queue ``faults``; each valid message request that arrives takes the next one."""
-        for fault in faults:
-            if not isinstance(fault, WrapperFault):
-                raise TypeError(f"expected WrapperFault instances, got {type(fault).__name__}")
-        with self._lock:
-            self._faults.extend(faults)
-
-    def clear_faults(self) -> int:
-        """Drop every queued fault no request has taken yet; return how many were dropped."""
-        with self._lock:
-            dropped = len(self._faults)
-            self._faults.clear()
-            return dropped
-
-    @property
-    def pending_faults(self) -> int:
-        """How many queued faults no request has taken yet."""
-        with self._lock:
-            return len(self._faults)
+    # -- log -----------------------------------------------------------------------------
 
     @property
     def calls(self) -> list[WrapperCall]:
         """A snapshot of every message request answered, in the order they were decided."""
-        with self._lock:
-            return list(self._calls)
+        return self._logged()
 
     @property
     def self_refresh_count(self) -> int:
@@ -907,28 +629,21 @@ class FakeWrapper:
         with self._lock:
             return sum(1 for call in self._calls if call.self_refreshed)
 
-    def reset_log(self) -> None:
-        """Forget :attr:`calls`; faults and files stay."""
-        with self._lock:
-            self._calls.clear()
+    # -- request handling ----------------------------------------------------------------
 
-    def wait_for_calls(self, count: int, *, timeout: float = 5.0) -> list[WrapperCall]:
-        """Block until at least ``count`` requests are logged; return the log.
+    def _respond(self, request: Request) -> Reply | None:
+        if request.body is None:
+            return Reply(413, b'{"detail":"Request body too large"}', close=True)
+        allowed = _ROUTES.get(request.path)
+        if allowed is None:
+            return _json_reply(404, {"detail": "Not Found"})
+        if request.method != allowed:
+            return _json_reply(405, {"detail": "Method Not Allowed"}, ("Allow", allowed))
+        if request.path == "/health":
+            return self._health()
+        return self._serve_messages(request)
 
-        For requests still held on the server's threads, such as a delay fault the client has
-        already given up on. Raises ``TimeoutError`` after ``timeout`` real seconds.
-        """
-        with self._lock:
-            if not self._lock.wait_for(lambda: len(self._calls) >= count, timeout):
-                raise TimeoutError(
-                    f"the FakeWrapper logged {len(self._calls)} calls, not {count}, "
-                    f"within {timeout} s"
-                )
-            return list(self._calls)
-
-    # -- request handling (runs on server threads) ----------------------------------------
-
-    def _health(self) -> _Reply:
+    def _health(self) -> Reply:
         document = {
             "status": "healthy",
             "version": VERSION,
@@ -937,11 +652,10 @@ class FakeWrapper:
         }
         return _json_reply(200, document)
 
-    def _serve_messages(
-        self, path: str, content_type: str | None, raw: bytes, stopping: threading.Event
-    ) -> _Reply | None:
-        arrived = self.clock.now()
-        document, reply = _decode_body(content_type, raw)
+    def _serve_messages(self, raw: Request) -> Reply | None:
+        arrived, path = self.clock.now(), raw.path
+        assert raw.body is not None
+        document, reply = _decode_body(raw.headers.get("Content-Type"), raw.body)
         errors: _Errors = []
         fields: object = _INVALID
         if reply is None:
@@ -961,11 +675,10 @@ class FakeWrapper:
                 )
             return reply or _json_reply(422, {"detail": errors})
         request = _Request.of(cast("dict[str, Any]", fields))
-        with self._lock:
-            fault = self._faults.popleft() if self._faults else None
-        if self.latency and stopping.wait(self.latency):
+        fault = self._take_fault()
+        if self.latency and raw.wait(self.latency):
             return None
-        if fault is not None and fault.kind == "delay" and stopping.wait(fault.seconds):
+        if fault is not None and fault.kind == "delay" and raw.wait(fault.seconds):
             return None
         keepalive = path == KEEPALIVE_PATH
         outcome, self_refreshed, reply = self._answer(request, fault, keepalive=keepalive)
@@ -988,12 +701,12 @@ class FakeWrapper:
 
     def _answer(
         self, request: _Request, fault: WrapperFault | None, *, keepalive: bool
-    ) -> tuple[str, bool, _Reply]:
+    ) -> tuple[str, bool, Reply]:
         """Decide one valid request: ``(outcome, self_refreshed, reply)``."""
         if fault is not None and fault.kind == "status":
             assert fault.code is not None
             if fault.body is not None:
-                reply = _Reply(fault.code, fault.body.encode(), _content_type_of(fault.body))
+                reply = Reply(fault.code, fault.body.encode(), content_type_of(fault.body))
                 return fault.label, False, reply
             return fault.label, False, _json_reply(fault.code, {"detail": fault.detail})
         if fault is not None and fault.kind == "cli_timeout":
@@ -1020,27 +733,9 @@ class FakeWrapper:
                 assert cut.message is not None
                 return outcome, self_refreshed, _cli_error(cut.message, keepalive=False)
             return outcome, self_refreshed, self._message_reply(request, text)
-        objects, result = _conversation(request, prompt, text, cut)
-        if not keepalive:
-            lines = [_ndjson_line(obj) for obj in objects]
-            if result is not None:
-                lines.append(_ndjson_line(result))
-            return (
-                outcome,
-                self_refreshed,
-                _Reply(200, content_type=_EVENT_STREAM, chunks=(b"".join(lines),)),
-            )
-        events = [_sse_event(obj) for obj in objects]
-        if result is not None:
-            if request.include_files:
-                events.extend(_sse_event(event) for event in self._file_events())
-            events.append(_sse_event(result))
-        events.append(_SSE_DONE)
-        return (
-            outcome,
-            self_refreshed,
-            _Reply(200, content_type=_EVENT_STREAM, chunks=tuple(events)),
-        )
+        files = self._file_events() if keepalive and request.include_files else []
+        objects = _conversation(request, prompt, text, cut, files)
+        return outcome, self_refreshed, _stream(objects, keepalive=keepalive)
 
     def _authenticate(self, request: _Request) -> tuple[bool, tuple[str, str] | None]:
         """``(self_refreshed, failure)``: what the CLI would make of these credentials."""
@@ -1065,7 +760,7 @@ class FakeWrapper:
             raise TypeError(f"reply must return a str, not {type(text).__name__}")
         return text
 
-    def _message_reply(self, request: _Request, text: str) -> _Reply:
+    def _message_reply(self, request: _Request, text: str) -> Reply:
         # The server json.loads the CLI's stdout first: a reply that is JSON is the whole body.
         try:
             return _json_reply(200, json.loads(text))
@@ -1107,12 +802,8 @@ class FakeWrapper:
         events.append({"type": "files_batch", "files": documents, "count": len(documents)})
         return events
 
-    def _record_locked(self, call: WrapperCall) -> None:
-        self._calls.append(call)
-        self._lock.notify_all()
 
-
-def _cli_error(message: str, *, keepalive: bool) -> _Reply:
+def _cli_error(message: str, *, keepalive: bool) -> Reply:
     """A CLI failure: a 200 JSON body, or on keepalive what the CLI itself streams.
 
     In stream-json mode the CLI reports a failed API call in band: ``system/init``, a synthetic
@@ -1146,8 +837,16 @@ def _cli_error(message: str, *, keepalive: bool) -> _Reply:
             "session_id": session_id,
         },
     ]
-    chunks = (*(_sse_event(obj) for obj in objects), _SSE_DONE)
-    return _Reply(200, content_type=_EVENT_STREAM, chunks=chunks)
+    return _stream(objects, keepalive=True)
+
+
+def _stream(objects: list[dict[str, object]], *, keepalive: bool) -> Reply:
+    """A streamed answer: SSE events then ``[DONE]`` on keepalive, else NDJSON in one chunk."""
+    if keepalive:
+        chunks = (*(_sse_event(obj) for obj in objects), _SSE_DONE)
+    else:
+        chunks = (b"".join(_ndjson_line(obj) for obj in objects),)
+    return Reply(200, content_type=_EVENT_STREAM, chunks=chunks)
 
 
 def _timeout_detail(request: _Request) -> str:
@@ -1175,13 +874,19 @@ def _timeout_detail(request: _Request) -> str:
 
 
 def _conversation(
-    request: _Request, prompt: str, text: str, cut: WrapperFault | None
-) -> tuple[list[dict[str, object]], dict[str, object] | None]:
-    """The CLI's stream-json objects before the ``result``, and the result (``None`` if cut)."""
+    request: _Request,
+    prompt: str,
+    text: str,
+    cut: WrapperFault | None,
+    files: list[dict[str, object]],
+) -> list[dict[str, object]]:
+    """The CLI's stream-json objects, with the ``files`` events just before the ``result``.
+
+    A ``cut`` stream stops after ``cut.after_deltas`` text deltas with its in-band error instead.
+    """
     started = time.perf_counter()
     session_id = str(uuid.uuid4())
     model_id = MODEL_IDS.get(request.model, request.model)
-    message_id = "msg_" + uuid.uuid4().hex[:24]
     pieces = _pieces(text)
     usage = {
         "input_tokens": max(1, len(prompt.split())),
@@ -1206,19 +911,23 @@ def _conversation(
         }
     ]
 
-    def event(payload: dict[str, object]) -> None:
+    def event(kind: str, **fields: object) -> None:
+        """One Anthropic streaming event, wrapped as the CLI wraps it."""
         objects.append(
             {
                 "type": "stream_event",
-                "event": payload,
+                "event": {"type": kind, **fields},
                 "session_id": session_id,
                 "parent_tool_use_id": None,
                 "uuid": str(uuid.uuid4()),
             }
         )
 
+    def delta(index: int, kind: str, **fields: object) -> None:
+        event("content_block_delta", index=index, delta={"type": kind, **fields})
+
     message: dict[str, object] = {
-        "id": message_id,
+        "id": "msg_" + uuid.uuid4().hex[:24],
         "type": "message",
         "role": "assistant",
         "model": model_id,
@@ -1227,77 +936,34 @@ def _conversation(
         "stop_sequence": None,
         "usage": {**usage, "output_tokens": 1},
     }
-    event({"type": "message_start", "message": message})
+    event("message_start", message=message)
     content: list[dict[str, object]] = []
-    index = 0
     if request.thinking:
         thinking = f"The user wrote {len(prompt.split())} words. I will answer them."
         signature = base64.b64encode(hashlib.sha256(thinking.encode()).digest()).decode()
-        event(
-            {
-                "type": "content_block_start",
-                "index": index,
-                "content_block": {"type": "thinking", "thinking": "", "signature": ""},
-            }
-        )
+        block = {"type": "thinking", "thinking": "", "signature": ""}
+        event("content_block_start", index=0, content_block=block)
         for piece in _pieces(thinking):
-            event(
-                {
-                    "type": "content_block_delta",
-                    "index": index,
-                    "delta": {"type": "thinking_delta", "thinking": piece},
-                }
-            )
-        event(
-            {
-                "type": "content_block_delta",
-                "index": index,
-                "delta": {"type": "signature_delta", "signature": signature},
-            }
-        )
-        event({"type": "content_block_stop", "index": index})
+            delta(0, "thinking_delta", thinking=piece)
+        delta(0, "signature_delta", signature=signature)
+        event("content_block_stop", index=0)
         content.append({"type": "thinking", "thinking": thinking, "signature": signature})
-        index += 1
-    event(
-        {
-            "type": "content_block_start",
-            "index": index,
-            "content_block": {"type": "text", "text": ""},
-        }
-    )
-    for number, piece in enumerate(pieces):
-        if cut is not None and number == cut.after_deltas:
-            break
-        event(
-            {
-                "type": "content_block_delta",
-                "index": index,
-                "delta": {"type": "text_delta", "text": piece},
-            }
-        )
+    index = len(content)
+    event("content_block_start", index=index, content_block={"type": "text", "text": ""})
+    for piece in pieces if cut is None else pieces[: cut.after_deltas]:
+        delta(index, "text_delta", text=piece)
     if cut is not None:
         assert cut.message is not None
-        objects.append(_cli_error_document(cut.message, "stream_error"))
-        return objects, None
-    event({"type": "content_block_stop", "index": index})
-    event(
-        {
-            "type": "message_delta",
-            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-            "usage": {"output_tokens": usage["output_tokens"]},
-        }
-    )
-    event({"type": "message_stop"})
+        return [*objects, _cli_error_document(cut.message, "stream_error")]
+    event("content_block_stop", index=index)
+    stop = {"stop_reason": "end_turn", "stop_sequence": None}
+    event("message_delta", delta=stop, usage={"output_tokens": usage["output_tokens"]})
+    event("message_stop")
     content.append({"type": "text", "text": text})
     objects.append(
         {
             "type": "assistant",
-            "message": {
-                **message,
-                "content": content,
-                "stop_reason": "end_turn",
-                "usage": usage,
-            },
+            "message": {**message, "content": content, "stop_reason": "end_turn", "usage": usage},
             "parent_tool_use_id": None,
             "session_id": session_id,
             "uuid": str(uuid.uuid4()),
@@ -1322,4 +988,4 @@ def _conversation(
         "permission_denials": [],
         "uuid": str(uuid.uuid4()),
     }
-    return objects, result
+    return [*objects, *files, result]
