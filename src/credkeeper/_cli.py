@@ -198,6 +198,14 @@ def _configure_logging(ctx: click.Context, *, debug: bool) -> None:
     "[env CREDKEEPER_KEYS].",
 )
 @click.option(
+    "--codec",
+    envvar="CREDKEEPER_CODEC",
+    metavar="MODULE:FACTORY",
+    help="The application's own cipher for the stored tokens: FACTORY(), from the importable "
+    "MODULE, returns its credkeeper.TokenCodec; tokens are then written as the application "
+    "writes them, and --keys seals only the rescue journal [env CREDKEEPER_CODEC].",
+)
+@click.option(
     "--provider",
     envvar="CREDKEEPER_PROVIDER",
     callback=_provider_option,
@@ -230,6 +238,7 @@ def cli(
     ctx: click.Context,
     store_url: str | None,
     keys: str | None,
+    codec: str | None,
     provider: Provider,
     wrapper_url: str,
     journal: Path | None,
@@ -237,13 +246,16 @@ def cli(
 ) -> None:
     """Keep rotating OAuth credentials fresh: one provider refresh per expiry, none lost.
 
-    Commands that touch tokens (import, refresh, rekey) need a key ring; status does not.
+    Commands that touch tokens (import, refresh, send) need a key ring, unless --codec gives
+    the application's own cipher or the store is declared plaintext; rekey always needs one,
+    and status none.
     """
     _configure_logging(ctx, debug=debug)
     settings = Settings(
         store_url=store_url or default_store_path().as_uri(),
         default_store=not store_url,
         keys=keys,
+        codec=codec,
         provider=provider,
         wrapper_url=wrapper_url,
         journal=journal.expanduser() if journal is not None else None,
@@ -544,9 +556,18 @@ def rekey_command(settings: Settings) -> None:
     """Re-seal every stored token under the key ring's primary key (after a rotation).
 
     Run it once every writer has the new ring; records are written by compare-and-swap, so
-    refreshes running meanwhile are never overwritten.
+    refreshes running meanwhile are never overwritten. With --codec, the codec must be a key
+    ring: an application's own cipher is the application's to rotate.
     """
-    keyring = settings.keyring()
+    codec = settings.token_codec()
+    if codec is not None and not isinstance(codec, KeyRing):
+        raise ConfigurationError(
+            f"rekey re-seals tokens under the primary key of a credkeeper key ring, but --codec "
+            f"(CREDKEEPER_CODEC) {settings.codec!r} gives the application's own cipher "
+            f"({type(codec).__name__}); rotate that cipher's secret with the application's own "
+            "tools, and run rekey without --codec only on stores sealed with the key ring"
+        )
+    keyring = codec if codec is not None else settings.keyring()
     report = rekey(settings.store(), keyring)
     click.echo(
         f"re-sealed {report.rekeyed} record(s) under key {keyring.primary_id}; "

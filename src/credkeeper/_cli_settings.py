@@ -1,14 +1,16 @@
 """The ``credkeeper`` command's global options, and the store, key ring and manager they open.
 
 A command receives a :class:`Settings` through ``@pass_settings`` and asks it for what it needs
-(``settings.store()``, ``settings.keyring()``, ``settings.manager()``); everything is opened on
-first use and closed when the command ends, so a command is one function and opens nothing
-it does not use (``status`` never needs the key ring, ``keygen`` never touches a store).
+(``settings.store()``, ``settings.keyring()``, ``settings.token_codec()``, ``settings.manager()``);
+everything is opened on first use and closed when the command ends, so a command is one
+function and opens nothing it does not use (``status`` never needs the key ring, ``keygen``
+never touches a store).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import click
 
-from ._exceptions import ConfigurationError
+from ._codec import TokenCodec
+from ._exceptions import ConfigurationError, CredkeeperError
 from ._files import make_private_directories
 from ._keyring import KeyRing
 from ._manager import TokenManager
@@ -31,6 +34,7 @@ __all__ = [
     "default_keys_path",
     "default_store_path",
     "display_url",
+    "load_codec",
     "load_keyring",
     "pass_settings",
     "resolve_provider",
@@ -78,6 +82,72 @@ def load_keyring(value: str) -> KeyRing:
     return KeyRing.parse(value)
 
 
+def load_codec(value: str) -> TokenCodec:
+    """The codec a ``--codec`` / ``CREDKEEPER_CODEC`` value names: ``MODULE:FACTORY``.
+
+    MODULE is imported from credkeeper's environment (installed there, or on ``PYTHONPATH``;
+    the command line adds no directory to the import path), and FACTORY, an attribute of it
+    (dotted for a nested one), is called with no arguments.
+    Every failure is a ConfigurationError naming the option, the value and the fix. Errors
+    raised by the application's code are named by type only, as their text could hold its
+    secret; ``--debug`` shows them whole.
+    """
+    option = f"--codec (CREDKEEPER_CODEC) {value!r}"
+    module_name, colon, factory_name = value.strip().partition(":")
+    if not colon or not module_name or not factory_name:
+        raise ConfigurationError(
+            f"{option} must be MODULE:FACTORY, such as myapp.tokens:make_codec: FACTORY() "
+            "must return the application's credkeeper.TokenCodec"
+        )
+    try:
+        target: object = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ConfigurationError(
+            f"{option}: cannot import {module_name!r} (no module named {exc.name!r}); "
+            "install what is missing in credkeeper's environment, or add the directory "
+            "holding it to PYTHONPATH"
+        ) from exc
+    except Exception as exc:
+        raise ConfigurationError(
+            f"{option}: importing {module_name!r} raised {_reason(exc)}; fix the module "
+            "(rerun with --debug for the traceback)"
+        ) from exc
+    for name in factory_name.split("."):
+        if not hasattr(target, name):
+            raise ConfigurationError(
+                f"{option}: {module_name!r} has no attribute {factory_name!r}; name a function "
+                "or class of that module that builds the codec with no arguments"
+            )
+        target = getattr(target, name)
+    if not callable(target):
+        raise ConfigurationError(
+            f"{option}: {factory_name} is a {type(target).__name__}, not something to call; "
+            "name a function or class that builds the codec with no arguments"
+        )
+    try:
+        codec = target()
+    except Exception as exc:
+        raise ConfigurationError(
+            f"{option}: {factory_name}() raised {_reason(exc)}; it must build the codec with no "
+            "arguments, reading its secret from the environment, say (rerun with --debug for "
+            "the traceback)"
+        ) from exc
+    if not (isinstance(codec, TokenCodec) and callable(codec.seal) and callable(codec.unseal)):
+        raise ConfigurationError(
+            f"{option}: {factory_name}() returned a {type(codec).__name__}, not a codec; it must "
+            "return an object with seal(value, *, key, field) and unseal(value, *, key, field) "
+            "methods (credkeeper.TokenCodec)"
+        )
+    return codec
+
+
+def _reason(exc: Exception) -> str:
+    # credkeeper's own messages hold no secret; anything else is named by its type alone.
+    if isinstance(exc, CredkeeperError):
+        return f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__
+
+
 def resolve_provider(value: str) -> Provider:
     """The provider a ``--provider`` value names: a profile name, or a token URL.
 
@@ -113,12 +183,14 @@ class Settings:
     """The global options of one ``credkeeper`` run, and the resources opened from them.
 
     ``store_url`` is already resolved (``default_store`` says whether it is the default);
-    ``keys`` is the raw ``--keys`` value, read only when a command asks for the key ring.
+    ``keys`` and ``codec`` are the raw ``--keys`` and ``--codec`` values, read only when a
+    command asks for the key ring or the codec.
     """
 
     store_url: str
     default_store: bool
     keys: str | None
+    codec: str | None
     provider: Provider
     wrapper_url: str
     journal: Path | None
@@ -146,6 +218,12 @@ class Settings:
             )
         return load_keyring(self.keys)
 
+    def token_codec(self) -> TokenCodec | None:
+        """The application's codec from ``--codec``, or None when the option is not given."""
+        if not self.codec or not self.codec.strip():
+            return None
+        return load_codec(self.codec)
+
     def store(self) -> CredentialStore:
         """The store ``--store`` names, opened once and closed when the command ends."""
         if self._store is None:
@@ -166,16 +244,26 @@ class Settings:
     def manager(self) -> TokenManager:
         """A :class:`TokenManager` on the store, the provider, the key ring and ``--journal``.
 
-        A store declared plaintext (its ``plaintext`` option) keeps tokens as the application
-        wrote them, so it needs no key ring; one given still seals the rescue journal.
+        With ``--codec`` the application's codec seals the tokens, as the application's own
+        manager does, so that it can read what the command line writes; a store declared
+        plaintext (its ``plaintext`` option) keeps tokens as the application wrote them. Either
+        way no key ring is needed; one given still seals the rescue journal.
         """
         if self._manager is None:
-            if self._plaintext_store():
+            if self.codec and self.codec.strip() and self._plaintext_store():
+                raise ConfigurationError(
+                    f"--codec (CREDKEEPER_CODEC) {self.codec!r} is given, but the store "
+                    f"{self.store_display} is declared plaintext (its plaintext option) and "
+                    "keeps tokens as they are; drop --codec, or drop the store's plaintext "
+                    "option to seal with the codec"
+                )
+            codec = self.token_codec()
+            if codec is not None or self._plaintext_store():
                 keyring = self.keyring() if self.keys and self.keys.strip() else None
             else:
                 keyring = self.keyring()
             self._manager = TokenManager(
-                self.store(), self.provider, keyring=keyring, journal=self.journal
+                self.store(), self.provider, keyring=keyring, journal=self.journal, codec=codec
             )
         return self._manager
 

@@ -237,19 +237,27 @@ class Policy:
         return Secret(value)
 
     def _seal(self, key: str, name: str, token: Secret) -> str:
+        """``token`` as the store keeps it; a codec failure is a write that did not happen.
+
+        The codec passed its check when the manager was built, so a failure now is most
+        likely its key service's, which a retry may cure: it is raised as StoreUnavailable, and
+        after a refresh takes the path of a store that did not take the new tokens.
+        """
         if self.codec is None:
             return token.get_secret_value()
         try:
             sealed = self.codec.seal(token.get_secret_value(), key=key, field=name)
-        except CredkeeperError:
-            raise
-        except Exception:  # noqa: BLE001 - the codec's own error may quote the token
-            sealed = None
-        if not isinstance(sealed, str) or not sealed:
-            raise ConfigurationError(
-                f"the codec did not seal the {name} for key {key!r} into a non-empty string"
-            )
-        return sealed
+        except Exception as exc:  # noqa: BLE001 - named by type: its text may quote the token
+            failure = type(exc).__name__
+        else:
+            if isinstance(sealed, str) and sealed:
+                return sealed
+            failure = f"it gave a {type(sealed).__name__}, not a non-empty str"
+        raise StoreUnavailable(
+            f"the codec {type(self.codec).__name__} could not seal the {name} for key {key!r} "
+            f"({failure})",
+            key=key,
+        )
 
     def record(self, key: str, credentials: Credentials, *, base: Record | None) -> Record:
         """An active, unleased record holding ``credentials``, versioned as ``base``."""
@@ -596,8 +604,10 @@ def _persist(
                 failures >= policy.store_retries
                 or policy.now() + timedelta(seconds=delay) >= write_until
             ):
+                # The same words whether the store or the codec failed: the tokens are safe
+                # in the journal either way, and the next use of the key writes them.
                 raise StoreUnavailable(
-                    f"the store did not take the new tokens for key {key!r}; {kept}", key=key
+                    f"the new tokens for key {key!r} were not stored ({exc}); {kept}", key=key
                 ) from exc
             yield Sleep(delay)
             continue

@@ -25,7 +25,7 @@ import httpx
 
 from ._budget import budget
 from ._clock import Clock, SystemClock
-from ._codec import TokenCodec
+from ._codec import TokenCodec, probe_codec
 from ._credentials import Credentials
 from ._exceptions import ConfigurationError, CredkeeperError, ReauthRequired, StoreUnavailable
 from ._flow import (
@@ -125,6 +125,9 @@ class _Base:
                 f"({refresh.total_seconds() + provider.timeout:g} s), or a slow refresh "
                 "could be taken over while it is still running"
             )
+        if codec is not None:
+            # Last, once everything cheap is checked: a codec may call a key service.
+            probe_codec(codec)
         if isinstance(journal, RescueJournal):
             self.journal = journal
         else:
@@ -217,7 +220,9 @@ class TokenManager(_Base):
     :class:`TokenCodec`) when other code reads them; a store declared ``plaintext`` keeps them
     as they are (``keyring`` then seals only the rescue journal, and opens values sealed before).
     With a ``keyring`` as the codec, a token stored in plain text is refused (anyone able to
-    write the store could plant one) unless ``accept_plaintext`` is set.
+    write the store could plant one) unless ``accept_plaintext`` is set. A ``codec`` is tried
+    once here, on a test value: one that cannot seal and unseal is a ConfigurationError before
+    any provider call.
     """
 
     def __init__(

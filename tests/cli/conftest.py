@@ -24,6 +24,7 @@ from credkeeper.testing import FakeProvider
 ENVIRONMENT = (
     "CREDKEEPER_STORE",
     "CREDKEEPER_KEYS",
+    "CREDKEEPER_CODEC",
     "CREDKEEPER_JOURNAL",
     "CREDKEEPER_PROVIDER",
     "CREDKEEPER_WRAPPER_URL",

@@ -14,11 +14,14 @@ from credkeeper import (
     KeyRing,
     MemoryStore,
     Record,
+    RescueJournal,
+    StoreUnavailable,
     ThreadOffloadStore,
     TokenCodec,
     TokenManager,
     rekey,
 )
+from credkeeper._record import check_key
 from credkeeper.testing import FakeClock, FakeProvider
 from tests.core.test_engine import stored
 
@@ -40,10 +43,64 @@ class ReversingCodec:
         return base64.b64decode(body).decode()[::-1]
 
 
+class WrongSecretCodec(ReversingCodec):
+    """A codec built with the wrong secret: it seals, but opens nothing, not even its own."""
+
+    def unseal(self, sealed: str, *, key: str, field: str) -> str:
+        """Never opens: the secret does not match."""
+        raise ValueError("not a value this secret sealed")
+
+
+class EchoingCodec(ReversingCodec):
+    """A codec whose unseal gives back something other than what seal was given."""
+
+    def unseal(self, sealed: str, *, key: str, field: str) -> str:
+        """The stored form itself, not the token."""
+        return sealed
+
+
+class RecordingCodec(ReversingCodec):
+    """A working codec that notes every (value, key) it is asked to seal."""
+
+    def __init__(self) -> None:
+        self.sealed: list[tuple[str, str]] = []
+
+    def seal(self, plaintext: str, *, key: str, field: str) -> str:
+        """Note the call, then seal as the reversing codec does."""
+        self.sealed.append((plaintext, key))
+        return super().seal(plaintext, key=key, field=field)
+
+
+class FlakyCodec(ReversingCodec):
+    """A codec whose key service goes away after the manager is built: seal then raises.
+
+    Stands in for a KMS-backed codec losing its service between the provider's answer and the
+    store write, which no real service does on demand at that exact moment.
+    """
+
+    def __init__(self) -> None:
+        self.down = False
+
+    def seal(self, plaintext: str, *, key: str, field: str) -> str:
+        """Seal as the reversing codec does, unless the service is down."""
+        if self.down:
+            raise ConnectionError(f"key service unreachable while sealing {plaintext}")
+        return super().seal(plaintext, key=key, field=field)
+
+
 class PlaintextStore(MemoryStore):
     """A memory store declared plaintext, as a mapped table with ``plaintext=true`` is."""
 
     plaintext = True
+
+
+def is_valid_key(key: str) -> bool:
+    """Whether ``key`` could name a credential."""
+    try:
+        check_key(key)
+    except ConfigurationError:
+        return False
+    return True
 
 
 def manager(
@@ -120,6 +177,102 @@ class TestApplicationCodec:
         fresh = tokens.get(KEY)
 
         assert fresh == tokens.get(KEY)
+
+
+class TestCodecProbe:
+    def test_a_codec_that_cannot_open_what_it_seals_is_refused_at_construction(
+        self, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """TokenManager tries the codec once and names it when the round trip fails."""
+        with pytest.raises(ConfigurationError, match="the codec WrongSecretCodec failed its check"):
+            TokenManager(MemoryStore(), fake.provider(), journal=tmp_path, codec=WrongSecretCodec())
+
+    def test_the_async_manager_refuses_it_too(self, fake: FakeProvider, tmp_path: Path) -> None:
+        """AsyncTokenManager runs the same check when it is built."""
+        with pytest.raises(ConfigurationError, match="the codec WrongSecretCodec failed its check"):
+            AsyncTokenManager(
+                MemoryStore(), fake.provider(), journal=tmp_path, codec=WrongSecretCodec()
+            )
+
+    def test_a_codec_that_gives_back_another_value_is_refused(
+        self, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """A round trip that does not return the value sealed fails the check."""
+        with pytest.raises(ConfigurationError, match="did not give back the value"):
+            TokenManager(MemoryStore(), fake.provider(), journal=tmp_path, codec=EchoingCodec())
+
+    def test_the_check_uses_a_key_no_credential_can_have(
+        self, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """The probe's key is one check_key refuses, so it never meets a real credential."""
+        codec = RecordingCodec()
+        TokenManager(MemoryStore(), fake.provider(), journal=tmp_path, codec=codec)
+
+        assert {False} == {is_valid_key(key) for _, key in codec.sealed}
+
+
+class TestSealFailureAfterRefresh:
+    def failed_refresh(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> tuple[MemoryStore, pytest.ExceptionInfo[StoreUnavailable]]:
+        """A refresh whose store write fails because the codec stopped sealing."""
+        store = MemoryStore()
+        codec = FlakyCodec()
+        tokens = manager(store, fake, clock, tmp_path, codec=codec)
+        tokens.put(KEY, fake.issue(expires_in=0))
+        codec.down = True
+        with pytest.raises(StoreUnavailable) as caught:
+            tokens.get(KEY)
+        return store, caught
+
+    def test_the_caller_is_told_the_tokens_are_kept_in_the_journal(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """The error is a store write's: the new tokens are in the rescue journal."""
+        _, caught = self.failed_refresh(fake, clock, tmp_path)
+
+        assert (
+            "the new tokens for key 'user-codec' were not stored (the codec FlakyCodec could "
+            "not seal the access_token for key 'user-codec' (ConnectionError)); they are kept "
+            "in the rescue journal and will be written on the next use of the key"
+        ) == str(caught.value)
+
+    def test_no_token_is_in_the_error(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """The codec's own message quotes the token; the caller's error does not."""
+        _, caught = self.failed_refresh(fake, clock, tmp_path)
+
+        assert set() == {token for token in fake.all_tokens() if token in str(caught.value)}
+
+    def test_the_journal_holds_the_new_tokens(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """The provider's answer, which the store did not take, is in the rescue journal."""
+        self.failed_refresh(fake, clock, tmp_path)
+
+        entries = RescueJournal(tmp_path / "journal").pending(KEY)
+
+        assert ["current"] == [
+            fake.refresh_token_state(entry.credentials.refresh_token) for entry in entries
+        ]
+
+    def test_a_manager_with_a_working_codec_writes_them_without_a_refresh(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """The next manager replays the journal: the new tokens, from one provider refresh."""
+        store, _ = self.failed_refresh(fake, clock, tmp_path)
+        (entry,) = RescueJournal(tmp_path / "journal").pending(KEY)
+
+        fresh = manager(store, fake, clock, tmp_path, codec=ReversingCodec()).get(KEY)
+
+        assert (1, entry.credentials, fresh.refresh_token.get_secret_value()) == (
+            fake.refresh_count,
+            fresh,
+            ReversingCodec().unseal(
+                stored(store, KEY).refresh_token, key=KEY, field="refresh_token"
+            ),
+        )
 
 
 class TestPlaintextStore:
