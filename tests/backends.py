@@ -1,7 +1,7 @@
 """Where the test suite finds its real backend servers, and what happens when it cannot.
 
-credkeeper's tests talk to real servers over real connections (DESIGN.md, section 6). Each backend
-fixture resolves its server once per session, in this order:
+credkeeper's tests talk to real servers over real connections (docs/design.md, "How it is
+proven"). Each backend fixture resolves its server once per session, in this order:
 
 1. ``CREDKEEPER_TEST_<NAME>_URL``, used as is when set. An explicit URL that does not answer is a
    failure, never a reason to fall back: whoever set it expects that server to be tested.

@@ -16,7 +16,9 @@ Two layouts share the plans' interface:
   coordination state sits beside the credential in a ``credkeeper`` sub-document; the version
   a reader sees binds that state's version to a digest of the stored refresh token, and a write
   filters on both, so a write based on an old token loses even when the application replaced
-  the credential behind credkeeper's back.
+  the credential behind credkeeper's back. The state's version also names the refresh token the
+  state belongs to: once the application stores another one (the user logged in again), the
+  state no longer applies.
 
 Keys only ever appear as *values* in filters, never in field names or operator positions, so
 a key such as ``$where.field`` or ``{"a": 1}`` is just a string.
@@ -350,10 +352,32 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+def _new_state_version(refresh_token: str) -> str:
+    """A new state version naming the refresh token the state belongs to: random hex digits,
+    ``:`` and the token's digest, the shape the SQL store's side rows have too."""
+    return f"{uuid.uuid4().hex[:15]}:{_digest(refresh_token)}"
+
+
+def _state_applies(version: str, refresh_token: str) -> bool:
+    """Whether the state versioned ``version`` belongs to ``refresh_token``.
+
+    Not when the application stored another refresh token (a re-login setting only
+    ``refreshToken``) since credkeeper last wrote: a ``needs_reauth``, a lease or a cooldown of
+    the old token must not hold the new one back. A version without a digest, written before
+    versions named their token, always applies, so a lease taken before an upgrade is never
+    dropped.
+    """
+    _, named, digest = version.partition(":")
+    return not named or digest == _digest(refresh_token)
+
+
 _NO_STATE = "-"
 _KEY_TYPES: dict[str, type] = {"str": str, "objectid": ObjectId, "int": int}
 _KEY_SHAPES = {"objectid": "24 hex digits", "int": "digits"}
 _INT32 = range(-(2**31), 2**31)
+# Epoch seconds stay below it until the year 5138, epoch milliseconds passed it in March 1973:
+# a positive expiry on the wrong side of it is in the other unit.
+_SECONDS_LIMIT = 10**11
 
 
 @dataclass(slots=True)
@@ -365,6 +389,11 @@ class Embedded:
     application's documents, and inserts one only with ``upsert``. Creating a credential fills
     the sub-document where it holds no refresh token; deleting one unsets credkeeper's fields,
     and the sub-document itself when nothing else is left in it.
+
+    The state (status, lease, failures, cooldown, last error) belongs to the refresh token
+    credkeeper last wrote: where the application has stored another one since, by a re-login
+    that bypasses credkeeper, the credential reads as active, with no lease, failures or
+    cooldown, and credkeeper's next write replaces that state.
     """
 
     layout: EmbeddedLayout
@@ -390,16 +419,34 @@ class Embedded:
         return f"{self._path}.{self.layout.state_field}.{self.layout.name(field_name)}"
 
     def match(self, key: str) -> Document | None:
-        """The filter matching the document for ``key``, or ``None`` if no document can."""
+        """The filter matching the document for ``key``, or ``None`` if no document can.
+
+        A key naming an id in another spelling than the id's own (``"0123"``, an ObjectId in
+        uppercase) is a ConfigurationError: state is kept under the key, so a document must
+        answer to exactly one.
+        """
         value: Any = key
         if self.layout.key_type == "objectid":
             if not ObjectId.is_valid(key) or len(key) != 24:
                 return None
             value = ObjectId(key)
         elif self.layout.key_type == "int":
-            if not (key.isascii() and key.isdigit()) or len(key) > 18:
+            try:
+                # int() also reads '+1', '0123', '1_000' and other scripts' digits.
+                value = int(key)
+            except ValueError:
                 return None
-            value = Int64(int(key))
+        canonical = str(value)
+        if canonical != key:
+            raise ConfigurationError(
+                f"key {key!r} is not how {self.layout.match_field} (key_type="
+                f"{self.layout.key_type}) spells it: use {canonical!r}, its canonical form, so "
+                "that a document answers to one key"
+            )
+        if self.layout.key_type == "int":
+            if not key.isdigit() or len(key) > 18:
+                return None
+            value = Int64(value)
         return {self.layout.match_field: value}
 
     def indexes(self) -> list[list[tuple[str, int]]]:
@@ -445,11 +492,36 @@ class Embedded:
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             value = int(value)
         if isinstance(value, int) and not isinstance(value, bool):
+            self._check_unit(key, value)
             scale = 1000 if self.layout.expires_at_unit == "s" else 1
             moment = _moment(key, value * scale, self._fields["expires_at"])
             assert moment is not None
             return moment
         raise _corrupted(key, f"has no usable {self._at('expires_at')!r} field")
+
+    def _check_unit(self, key: str, value: int) -> None:
+        """Refuse an epoch number that reads as the other unit than ``expires_at_unit``'s.
+
+        Seconds read as milliseconds put an expiry in 1970 (refreshed on every call), and
+        milliseconds read as seconds thousands of years ahead (never refreshed): the layout is
+        wrong, not the document. 0, which many programs write for "expired", is no value of
+        either. An int32 field holds no epoch milliseconds past January 1970, so the same rule
+        catches it: the value alone decides, whatever the number's BSON type.
+        """
+        at = self._at("expires_at")
+        if self.layout.expires_at_unit != "s" and 0 < value < _SECONDS_LIMIT:
+            raise ConfigurationError(
+                f"the expiry of key {key!r} in field {at} is {value}, which is epoch seconds "
+                "(as milliseconds it would fall in 1970-1973), but expires_at_unit="
+                f"{self.layout.expires_at_unit} reads numbers as milliseconds: set "
+                "expires_at_unit=s"
+            )
+        if self.layout.expires_at_unit == "s" and value >= _SECONDS_LIMIT:
+            raise ConfigurationError(
+                f"the expiry of key {key!r} in field {at} is {value}, which is epoch "
+                "milliseconds (as seconds it would fall after the year 5000), but "
+                "expires_at_unit=s reads it as seconds: set expires_at_unit=ms"
+            )
 
     def _scopes(self, key: str, value: Any) -> tuple[str, ...]:
         if value is None:
@@ -488,8 +560,10 @@ class Embedded:
         subscription = credential.get(names["subscription_type"])
         if subscription is not None and not isinstance(subscription, str):
             raise _corrupted(key, f"has a bad {self._at('subscription_type')!r} field")
-        state = self._state(key, credential)
         version = self._state_version(key, credential)
+        # The record's version still binds the state's, so a write replaces a void state.
+        applies = version is None or _state_applies(version, refresh)
+        state = self._state(key, credential) if applies else {}
 
         def stated(name: str) -> Any:
             return state.get(self.layout.name(name))
@@ -624,7 +698,7 @@ class Embedded:
         if not self._unique_checked:
             self._check_unique((yield ListIndexes()))
             self._unique_checked = True
-        version = _new_version()
+        version = _new_state_version(record.refresh_token)
         document: Document = {}
         _nest(document, self.layout.match_field, match[self.layout.match_field])
         _nest(document, self._path, self._values(record, version, None))
@@ -652,7 +726,7 @@ class Embedded:
         expected = None if current is None else current.version
         if record.version != expected:
             raise _conflict(record.key, "changed, was created or was deleted since it was read")
-        version = _new_version()
+        version = _new_state_version(record.refresh_token)
         values = self._values(record, version, credential)
         if current is not None:
             assert isinstance(credential, Mapping)

@@ -24,6 +24,7 @@ from typing import Any, Literal
 __all__ = [
     "JAVASCRIPT_ISO",
     "SQLITE_DATETIME",
+    "WIDEST_OFFSET",
     "ExpiryKind",
     "IsoStyle",
     "ScopesFormat",
@@ -40,6 +41,10 @@ ExpiryKind = Literal["timestamp", "integer", "text"]
 ScopesKind = Literal["text", "json", "array"]
 #: The ``scopes_format`` option's values.
 ScopesFormat = Literal["space", "json", "array"]
+
+#: The widest UTC offset in use (Kiribati's +14:00; the westmost is -12:00). ISO text with a
+#: wider one is not read as an instant, so every expiry read lies within it of its wall time.
+WIDEST_OFFSET = timedelta(hours=14)
 
 # Date, separator, time, optional fraction, optional zone: the ISO-8601 forms programs write.
 _ISO = re.compile(
@@ -63,7 +68,9 @@ class IsoStyle:
 
     def render(self, moment: datetime) -> str:
         """``moment`` in this style, in the zone the style's suffix names."""
-        local = moment.astimezone(_zone(self.zone))
+        zone = _zone(self.zone)
+        assert zone is not None, "a style's zone is one parse_iso accepted"
+        local = moment.astimezone(zone)
         text = local.strftime(f"%Y-%m-%d{self.separator}%H:%M:%S")
         if self.digits:
             # Digits past microseconds (Java's nanoseconds) are zeros: there is nothing finer.
@@ -79,23 +86,30 @@ JAVASCRIPT_ISO = IsoStyle("T", 3, "Z")
 SQLITE_DATETIME = IsoStyle(" ", 6, "")
 
 
-def _zone(suffix: str) -> timezone:
+def _zone(suffix: str) -> timezone | None:
+    """The zone a suffix names; ``None`` for an offset no zone has (``+23:00``, ``+05:75``)."""
     if suffix in ("", "Z"):
         return UTC
     sign = -1 if suffix[0] == "-" else 1
     digits = suffix[1:].replace(":", "")
     hours, minutes = int(digits[:2]), int(digits[2:] or 0)
-    return timezone(sign * timedelta(hours=hours, minutes=minutes))
+    offset = timedelta(hours=hours, minutes=minutes)
+    if minutes > 59 or offset > WIDEST_OFFSET:
+        return None
+    return timezone(sign * offset)
 
 
 def parse_iso(text: str) -> tuple[datetime, IsoStyle] | None:
     """The aware instant ``text`` spells and the style it is spelled in; ``None`` if it is not
-    ISO-8601 text. A time without a zone is UTC."""
+    ISO-8601 text, or its offset is wider than :data:`WIDEST_OFFSET`. A time without a zone is
+    UTC."""
     match = _ISO.fullmatch(text)
     if match is None:
         return None
+    zone = _zone(match["zone"] or "")
+    if zone is None:
+        return None
     fraction = match["fraction"] or ""
-    zone = match["zone"] or ""
     try:
         moment = datetime.fromisoformat(
             f"{match['date']}T{match['time']}"
@@ -103,8 +117,11 @@ def parse_iso(text: str) -> tuple[datetime, IsoStyle] | None:
         )
     except ValueError:  # 2026-02-30 and the like
         return None
-    instant = moment.replace(tzinfo=_zone(zone)).astimezone(UTC)
-    return instant, IsoStyle(match["sep"], len(fraction), zone)
+    try:
+        instant = moment.replace(tzinfo=zone).astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 and the like: before year 1 in UTC
+        return None
+    return instant, IsoStyle(match["sep"], len(fraction), match["zone"] or "")
 
 
 def read_scopes(value: Any) -> tuple[str, ...] | None:

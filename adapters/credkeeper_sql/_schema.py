@@ -12,7 +12,9 @@ Two layouts share the plans' interface:
   has (``users.claude_access_token``, ...). Coordination state lives in a side table; the
   version a reader sees binds the side row's version to a digest of the refresh token stored in
   the user's row, and a write re-reads that token under a row lock, so a write based on an old
-  token loses even when the application changed the row behind credkeeper's back.
+  token loses even when the application changed the row behind credkeeper's back. The side
+  row's version also names the refresh token its state belongs to: once the application stores
+  another one (the user logged in again), the side row's state no longer applies.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from credkeeper._credentials import from_epoch_ms, to_epoch_ms
 from ._formats import (
     JAVASCRIPT_ISO,
     SQLITE_DATETIME,
+    WIDEST_OFFSET,
     ExpiryKind,
     IsoStyle,
     ScopesFormat,
@@ -65,6 +68,7 @@ __all__ = [
     "key_kind",
     "leases_table",
     "metadata",
+    "wall_time",
 ]
 
 DEFAULT_TABLE = "credkeeper_credentials"
@@ -221,6 +225,10 @@ class OwnTable:
         bound = to_epoch_ms(before)
         return self.expires_at <= bound, bound
 
+    def is_due(self, expiry: Any, before: datetime) -> bool:
+        """Whether a row :meth:`due` found is due: always, as its comparison is exact."""
+        return True
+
     def get(self, key: str) -> Plan:
         """Plan: the record under ``key``, or ``None``."""
         outcome = yield sa.select(self.table).where(self.key == key)
@@ -300,6 +308,11 @@ class ColumnMap:
     holding the key and the mapped columns; every other ``NOT NULL`` column must have a default
     and the key column must be unique, both checked on first use. Without it credkeeper only
     ever writes rows that exist.
+
+    With ``delete_rows=True``, deleting a credential deletes its whole row, the application's
+    other columns with it. Without it deleting sets the mapped columns to ``NULL``, and where
+    one of them is ``NOT NULL`` (the row cannot be without a credential) that is a
+    ConfigurationError: credkeeper deletes the application's rows only when told to.
     """
 
     key: str
@@ -311,6 +324,7 @@ class ColumnMap:
     expires_at_unit: Literal["ms", "s", "iso"] = "ms"
     scopes_format: ScopesFormat | None = None
     insert: bool = False
+    delete_rows: bool = False
 
     def __post_init__(self) -> None:
         for name in ("key", "access_token", "refresh_token", "expires_at"):
@@ -333,6 +347,8 @@ class ColumnMap:
             )
         if not isinstance(self.insert, bool):
             raise ConfigurationError(f"insert must be true or false, got {self.insert!r}")
+        if not isinstance(self.delete_rows, bool):
+            raise ConfigurationError(f"delete_rows must be true or false, got {self.delete_rows!r}")
 
     def columns(self) -> dict[str, str]:
         """Field name to column name, for the fields that are mapped."""
@@ -349,11 +365,36 @@ class ColumnMap:
 
 _NO_SIDE_ROW = "-"
 
+# Epoch seconds stay below it until the year 5138, epoch milliseconds passed it in March 1973:
+# a positive expiry on the wrong side of it is in the other unit.
+_SECONDS_LIMIT = 10**11
+
 
 def _digest(token: str) -> str:
     # Part of the version string, which shows in reprs: a short digest of a long random
     # token, enough to notice that the token changed and useless for anything else.
     return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+def _side_version(refresh_token: str) -> str:
+    """A new side-row version naming the refresh token its state belongs to.
+
+    15 random hex digits, ``:`` and the token's digest: 32 characters, the width the side
+    table's ``version`` column already has in every deployment.
+    """
+    return f"{uuid.uuid4().hex[:15]}:{_digest(refresh_token)}"
+
+
+def _side_applies(side: str, refresh_token: str) -> bool:
+    """Whether the side row versioned ``side`` holds the state of ``refresh_token``.
+
+    Not when the application stored another refresh token (a re-login) since credkeeper last
+    wrote the row: a ``needs_reauth``, a lease or a cooldown of the old token must not hold
+    the new one back. A version without a digest, written before versions named their token,
+    always applies, so a lease taken before an upgrade is never dropped.
+    """
+    _, named, digest = side.partition(":")
+    return not named or digest == _digest(refresh_token)
 
 
 #: How a key column compares keys: as text, as an integer, or as a uuid.
@@ -450,6 +491,8 @@ def formats_of(
             f"expires_at_unit=iso declares ISO-8601 text, but expiry column {where} is "
             f"{_type_name(expiry)}: {fix}"
         )
+    if kind == "integer":
+        _check_width(expiry, where, columns.expires_at_unit, dialect)
     iso = SQLITE_DATETIME if isinstance(expiry.type, sa.DateTime) else JAVASCRIPT_ISO
     if columns.scopes is None:
         return Formats(expires_at=kind, iso=iso)
@@ -486,6 +529,44 @@ _HOLDS = {
 }
 
 
+def wall_time(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """The wall time in ISO-8601 text held in ``column``: its first 19 characters, ``T`` made a
+    space, which sort as time whatever separator or fraction each row spells.
+
+    Its constants are SQL literals, not parameters: an expression index serves only a query
+    spelling the very expression it was created on.
+    """
+    wall = sa.func.substr(column, sa.literal_column("1"), sa.literal_column("19"))
+    return sa.func.replace(wall, sa.literal_column("'T'"), sa.literal_column("' '"))
+
+
+def _check_width(column: sa.Column[Any], where: str, unit: str, dialect: str) -> None:
+    """Refuse an integer expiry column too narrow for epoch values in ``unit``.
+
+    Epoch milliseconds passed 2**31 in January 1970, so only a 64-bit column holds them; epoch
+    seconds fit in 32 bits until 2038, in 16 or 24 never. SQLite's integers are 64-bit whatever
+    the column is declared as.
+    """
+    if dialect == "sqlite" or isinstance(column.type, sa.BigInteger):
+        return
+    narrow = isinstance(column.type, sa.SmallInteger) or _type_name(column) in _NARROW
+    if unit == "ms":
+        raise ConfigurationError(
+            f"expiry column {where} is {_type_name(column)}, a 32-bit integer or smaller, which "
+            "cannot hold epoch milliseconds: set expires_at_unit=s if it holds epoch seconds, "
+            "or widen it to BIGINT"
+        )
+    if narrow:
+        raise ConfigurationError(
+            f"expiry column {where} is {_type_name(column)}, narrower than 32 bits, which "
+            "cannot hold epoch seconds: widen it to BIGINT"
+        )
+
+
+# MySQL's and MariaDB's integers narrower than INT (SMALLINT is a SmallInteger already).
+_NARROW = frozenset({"TINYINT", "MEDIUMINT"})
+
+
 @dataclass(slots=True)
 class ExistingTable:
     """Credentials in mapped columns of the application's table, state in a side table.
@@ -494,8 +575,12 @@ class ExistingTable:
     has (:class:`Formats`), and never touches another column. Creating a credential fills the
     token columns of a row whose refresh token is ``NULL``; deleting one sets the mapped columns
     back to ``NULL``. With ``insert`` (:class:`ColumnMap`), creating a credential for a key
-    without a row inserts the row; and where a mapped column is ``NOT NULL``, so that a row
-    cannot be without a credential, deleting the credential deletes its row.
+    without a row inserts the row; with ``delete_rows``, deleting a credential deletes its row.
+
+    The side row's state (status, lease, failures, cooldown, last error) belongs to the refresh
+    token credkeeper last wrote: where the application has stored another one since, by a
+    re-login that bypasses credkeeper, the credential reads as active, with no lease, failures
+    or cooldown, and credkeeper's next write replaces that state.
 
     Keys are compared in the key column's own type (:func:`key_kind`): bound as an ``int`` for
     an integer column and a ``uuid.UUID`` for a uuid column. Only a type's canonical spelling
@@ -560,11 +645,12 @@ class ExistingTable:
         """What ``scan_due`` compares and orders expiries by.
 
         ISO-8601 text sorts as time only when every row spells it alike; its first 19
-        characters with the ``T`` made a space do, whatever separator, fraction or ``Z`` each
-        row has, to the second.
+        characters with the ``T`` made a space, the wall time, do whatever separator or
+        fraction each row has, to the second. A row's offset is not in them: :meth:`due`
+        widens its bound to cover every offset and :meth:`is_due` reads the real instant.
         """
         if self.formats.expires_at == "text":
-            return sa.func.replace(sa.func.substr(self.expires_at, 1, 19), "T", " ")
+            return wall_time(self.expires_at)
         return self.expires_at
 
     def _epoch(self, moment: datetime) -> int:
@@ -591,6 +677,7 @@ class ExistingTable:
         if isinstance(value, datetime):
             return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
         if isinstance(value, int) and not isinstance(value, bool):
+            self._check_unit(key, value)
             return _moment(
                 key, value * 1000 if self.columns.expires_at_unit == "s" else value, "expires_at"
             ) or _invalid(key)
@@ -600,13 +687,56 @@ class ExistingTable:
                 return parsed[0]
         raise StoreCorrupted(f"the credential for key {key!r} has no usable expiry", key=key)
 
+    def _check_unit(self, key: str, value: int) -> None:
+        """Refuse an epoch value that reads as the other unit than ``expires_at_unit``'s.
+
+        Seconds read as milliseconds put an expiry in 1970 (refreshed on every call), and
+        milliseconds read as seconds thousands of years ahead (never refreshed): the mapping is
+        wrong, not the row. 0, which many programs write for "expired", is no value of either.
+        """
+        unit = self.columns.expires_at_unit
+        where = f"{self.table.name}.{self.columns.expires_at}"
+        if unit == "ms" and 0 < value < _SECONDS_LIMIT:
+            raise ConfigurationError(
+                f"the expiry of key {key!r} in column {where} is {value}, which is epoch "
+                "seconds (as milliseconds it would fall in 1970-1973), but expires_at_unit=ms "
+                "reads it as milliseconds: set expires_at_unit=s"
+            )
+        if unit == "s" and value >= _SECONDS_LIMIT:
+            raise ConfigurationError(
+                f"the expiry of key {key!r} in column {where} is {value}, which is epoch "
+                "milliseconds (as seconds it would fall after the year 5000), but "
+                "expires_at_unit=s reads it as seconds: set expires_at_unit=ms"
+            )
+
     def due(self, before: datetime) -> tuple[sa.ColumnElement[bool], Any]:
-        """The condition of ``scan_due``: due, and holding a credential."""
+        """The condition of ``scan_due``: due, and holding a credential.
+
+        For ISO-8601 text, whose :attr:`order` is the wall time in the row's own offset, the
+        bound is widened by the widest offset, so no due row is missed; :meth:`is_due` then
+        drops the rows that are not due yet.
+        """
         if self.formats.expires_at == "text":
-            bound: Any = before.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+            latest = before.astimezone(UTC)
+            try:
+                widened = latest + WIDEST_OFFSET
+            except OverflowError:
+                widened = datetime.max.replace(tzinfo=UTC)
+            bound: Any = widened.replace(tzinfo=None, microsecond=0).isoformat(sep=" ")
         else:
             bound = self._expiry_value(before, None)
         return sa.and_(self.order <= bound, self._column("refresh_token").is_not(None)), bound
+
+    def is_due(self, expiry: Any, before: datetime) -> bool:
+        """Whether a row :meth:`due` found, holding ``expiry``, is due at ``before``.
+
+        Only ISO-8601 text is read again, at its real instant; text that is not ISO-8601 is
+        yielded, so that reading the credential reports it.
+        """
+        if self.formats.expires_at != "text" or not isinstance(expiry, str):
+            return True
+        parsed = parse_iso(expiry)
+        return parsed is None or parsed[0] <= before
 
     def spelling(self, value: Any) -> str:
         """The key of a row whose key column holds ``value``.
@@ -707,20 +837,25 @@ class ExistingTable:
             raise StoreCorrupted(
                 f"stored record for key {key!r} has a bad 'scopes' column", key=key
             )
-        return Record(
+        record = Record(
             key=key,
             access_token=access,
             refresh_token=refresh,
             expires_at=self._from_column(key, row["expires_at"]),
             scopes=scopes,
             subscription_type=row.get("subscription_type"),
-            status=_status(key, row["lease_status"]) if side is not None else Status.ACTIVE,
+            # The version still binds the side row, so a write replaces its void state.
+            version=f"{side or _NO_SIDE_ROW}.{_digest(refresh)}",
+        )
+        if side is None or not _side_applies(side, refresh):
+            return record
+        return record.replace(
+            status=_status(key, row["lease_status"]),
             lease_owner=row["lease_lease_owner"],
             lease_until=_moment(key, row["lease_lease_until"], "lease_until"),
             failures=row["lease_failures"] or 0,
             cooldown_until=_moment(key, row["lease_cooldown_until"], "cooldown_until"),
             last_error=row["lease_last_error"],
-            version=f"{side or _NO_SIDE_ROW}.{_digest(refresh)}",
         )
 
     def get(self, key: str) -> Plan:
@@ -771,7 +906,7 @@ class ExistingTable:
         if record.version is not None:
             # Re-creating a row the application deleted would resurrect a credential.
             raise _conflict(record, "was deleted since it was read")
-        version = _new_version()
+        version = _side_version(record.refresh_token)
         # A duplicate key, from another worker or the application creating the row first,
         # fails the insert (the key column is unique, checked on first use): ConflictError.
         yield sa.insert(self.table).values(
@@ -796,7 +931,7 @@ class ExistingTable:
         expected = None if current is None else current.version
         if record.version != expected:
             raise _conflict(record, "changed, was created or was deleted since it was read")
-        version = _new_version()
+        version = _side_version(record.refresh_token)
         state = {**_state_values(record), "version": version}
         yield (
             sa.update(self.table)
@@ -819,10 +954,12 @@ class ExistingTable:
         return record.replace(version=f"{version}.{_digest(record.refresh_token)}")
 
     def delete(self, key: str) -> Plan:
-        """Plan: clear the mapped columns and the side row; whether there was a credential.
+        """Plan: clear the mapped columns, or with ``delete_rows`` delete the row, and the side
+        row; whether there was a credential.
 
-        Where a mapped column is ``NOT NULL`` the row cannot be without a credential: with
-        ``insert`` it is deleted (credkeeper creates such rows again), else that is an error.
+        Where a mapped column is ``NOT NULL`` the row cannot be without a credential, and
+        without ``delete_rows`` that is a ConfigurationError: the row may hold columns the
+        application owns, so credkeeper deletes it only when told to.
         """
         locked = yield self._lock(key)
         outcome = yield self._select(key)
@@ -830,20 +967,19 @@ class ExistingTable:
         row = self._exact(key, outcome.rows)
         if row is None or self._record(key, row) is None:
             return False
-        if self.not_null is None:
+        if self.columns.delete_rows:
+            yield sa.delete(self.table).where(self._matches(key))
+        elif self.not_null is None:
             cleared = {
                 column: None for name, column in self.columns.columns().items() if name != "key"
             }
             yield sa.update(self.table).where(self._matches(key)).values(cleared)
-        elif self.columns.insert:
-            yield sa.delete(self.table).where(self._matches(key))
         else:
-            raise StoreError(
+            raise ConfigurationError(
                 f"cannot delete the credential for key {key!r}: column "
                 f"{self.table.name}.{self.not_null} is NOT NULL, so its row cannot be kept "
-                "without one; open the store with insert=true to let credkeeper delete such "
-                "rows (and insert them again), or allow NULL in the mapped columns",
-                key=key,
+                "without one; open the store with delete_rows=true to let credkeeper delete "
+                "such rows, or allow NULL in the mapped columns"
             )
         yield sa.delete(self.leases).where(self.leases.c.key == key)
         return True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import threading
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,6 +43,7 @@ from ._schema import (
     formats_of,
     key_kind,
     leases_table,
+    wall_time,
 )
 
 __all__ = ["AsyncSQLStore", "SQLStore", "init_store"]
@@ -65,7 +67,7 @@ _COLUMN_OPTIONS = {
     "subscription_type_column": "subscription_type",
 }
 # Options describing an existing-table mapping beyond its columns: ColumnMap's own fields.
-_MAPPING_OPTIONS = ("expires_at_unit", "scopes_format", "insert")
+_MAPPING_OPTIONS = ("expires_at_unit", "scopes_format", "insert", "delete_rows")
 _OPTIONS = frozenset(
     {
         "table",
@@ -119,7 +121,7 @@ _LOGIN = (
 _PRIVILEGE = (
     "the user lacks a privilege",
     "grant it SELECT, INSERT, UPDATE and DELETE on credkeeper's tables, and SELECT and UPDATE "
-    "on a mapped table (INSERT and DELETE too with insert=true)",
+    "on a mapped table (INSERT too with insert=true, DELETE with delete_rows=true)",
 )
 _SCHEMA = ("the schema does not exist", "create it, or correct the schema option")
 _TABLE = (
@@ -183,6 +185,7 @@ _SERVERS = {
     "mariadb": ("MariaDB", 3306),
 }
 # MariaDB's check on a JSON column, as information_schema shows it.
+_SKIPPED_INDEX = "Skipped unsupported reflection of expression-based index"
 _JSON_VALID = re.compile(r"json_valid\(`([^`]+)`\)")
 # Enough of a server's message to say what is wrong.
 _REASON_LENGTH = 300
@@ -351,8 +354,9 @@ class _Settings:
             field: given.pop(option) for option, field in _COLUMN_OPTIONS.items() if option in given
         }
         described = {name: given.pop(name) for name in _MAPPING_OPTIONS if name in given}
-        if "insert" in described:
-            described["insert"] = _flag("insert", described["insert"])
+        for name in ("insert", "delete_rows"):
+            if name in described:
+                described[name] = _flag(name, described[name])
         columns = given.pop("columns", None)
         if described and not mapped:
             names = ", ".join(sorted(described))
@@ -410,7 +414,11 @@ class _Settings:
         else:
             where = _where(connection.engine.url)
             try:
-                table, formats = self._reflect(connection, self.columns)
+                with warnings.catch_warnings():
+                    # SQLite's reflection says it skips an expression index, such as the one
+                    # init-store --check names for ISO-8601 text; none is needed here.
+                    warnings.filterwarnings("ignore", _SKIPPED_INDEX, sa_exc.SAWarning)
+                    table, formats = self._reflect(connection, self.columns)
                 layout = ExistingTable(
                     table, leases_table(table.metadata, self.lease_table), self.columns, formats
                 )
@@ -693,10 +701,16 @@ def _translate(exc: BaseException, key: str | None, *, writing: bool, url: URL) 
 def _page(
     layout: Layout, before: datetime, after: tuple[Any, Any] | None, size: int
 ) -> sa.Select[Any]:
-    """One keyset page of ``scan_due``: due keys after ``after``, in (expiry, key) order."""
+    """One keyset page of ``scan_due``: candidate keys after ``after``, in (expiry, key) order.
+
+    Each row is the key, the expiry as ordered, and the expiry as stored, for
+    ``layout.is_due``; a page is full or the last one whatever that keeps of it.
+    """
+    if not isinstance(before, datetime) or before.utcoffset() is None:
+        raise ConfigurationError("scan_due(before) needs a timezone-aware datetime")
     condition, _ = layout.due(before)
     expiry = layout.order
-    statement = sa.select(layout.key, expiry).where(condition)
+    statement = sa.select(layout.key, expiry, layout.expires_at).where(condition)
     if after is not None:
         last_key, last_expiry = after
         # The redundant lower bound lets PostgreSQL and SQLite seek the index to the page's
@@ -880,7 +894,8 @@ class SQLStore:
         ``table``, ``schema``, ``lease_table``, ``page_size``, ``create``, ``plaintext``, and
         for an existing table ``key_column``, ``access_token_column``,
         ``refresh_token_column``, ``expires_at_column``, ``scopes_column``,
-        ``subscription_type_column``, ``expires_at_unit``, ``scopes_format`` and ``insert``.
+        ``subscription_type_column``, ``expires_at_unit``, ``scopes_format``, ``insert`` and
+        ``delete_rows``.
         """
         if not isinstance(url, str):
             raise ConfigurationError(f"SQL store URL must be a string, got {url!r}")
@@ -971,7 +986,8 @@ class SQLStore:
             except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
                 raise _translate(exc, None, writing=False, url=self.engine.url) from exc
             for row in rows:
-                yield layout.spelling(row[0])
+                if layout.is_due(row[2], before):
+                    yield layout.spelling(row[0])
             if len(rows) < size:
                 return
             after = (rows[-1][0], rows[-1][1])
@@ -1110,7 +1126,8 @@ class AsyncSQLStore:
             except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
                 raise _translate(exc, None, writing=False, url=self.engine.url) from exc
             for row in rows:
-                yield layout.spelling(row[0])
+                if layout.is_due(row[2], before):
+                    yield layout.spelling(row[0])
             if len(rows) < size:
                 return
             after = (rows[-1][0], rows[-1][1])
@@ -1237,7 +1254,7 @@ def check_store(url: str | sa.Engine, **options: Any) -> StoreCheck:
                 (table.name, inspector.has_table(table.name, schema=settings.schema))
                 for table in layout.tables
             )
-            index = _expiry_index(inspector, layout, settings.schema)
+            index = _expiry_index(connection, layout, settings.schema)
     except (StoreError, ConfigurationError):
         raise
     except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
@@ -1250,35 +1267,87 @@ def check_store(url: str | sa.Engine, **options: Any) -> StoreCheck:
         for name, exists in tables
         if not exists
     ]
-    table_name, column, found = index
+    table_name, indexed, found = index
     if not found and dict(tables).get(table_name, False):
-        problems.append(
-            f"no index starts with {table_name}.{column}, so scan_due reads the whole table: "
-            f"CREATE INDEX ix_{table_name}_{column} ON {table_name} ({column})"
-        )
+        problems.append(_index_problem(engine.dialect, layout, table_name, indexed))
     return StoreCheck(
         where=where,
         fields=_field_mappings(layout, settings),
         tables=tables,
-        indexes=((f"{table_name}({column})", found),),
+        indexes=((f"{table_name}({indexed})", found),),
         problems=tuple(problems),
     )
 
 
+def _index_problem(dialect: sa.Dialect, layout: Layout, table: str, indexed: str) -> str:
+    """The problem of an expiry no index serves, with its fix."""
+    column = layout.expires_at.name
+    if indexed == column:
+        return (
+            f"no index starts with {table}.{column}, so scan_due reads the whole table: "
+            f"CREATE INDEX ix_{table}_{column} ON {table} ({column})"
+        )
+    why = (
+        f"scan_due compares the ISO-8601 text in {table}.{column} by its wall time, "
+        f"{indexed}, which an index on the column itself does not serve, so it reads the whole "
+        "table"
+    )
+    if getattr(dialect, "is_mariadb", False):
+        return (
+            f"{why}, and MariaDB cannot index that expression: keep the expiry in a BIGINT "
+            "(epoch milliseconds) or DATETIME column for an index to serve scan_due"
+        )
+    return f"{why}: CREATE INDEX ix_{table}_{column}_wall ON {table} (({indexed}))"
+
+
 def _expiry_index(
-    inspector: sa.Inspector, layout: Layout, schema: str | None
+    connection: sa.Connection, layout: Layout, schema: str | None
 ) -> tuple[str, str, bool]:
-    """The table and expiry column ``scan_due`` orders by, and whether an index leads with it."""
+    """The table, what ``scan_due`` orders by in it, and whether an index leads with that.
+
+    That is the expiry column, or for ISO-8601 text the expression of its wall time
+    (:func:`wall_time`), which only an expression index on exactly it serves.
+    """
+    inspector = sa.inspect(connection)
     table = layout.tables[0]
     column = layout.expires_at.name
+    text = isinstance(layout, ExistingTable) and layout.formats.expires_at == "text"
+    indexed = (
+        str(wall_time(sa.column(column)).compile(dialect=connection.dialect)) if text else column
+    )
     if not inspector.has_table(table.name, schema=schema):
-        return table.name, column, False
-    leading = {
-        index["column_names"][0]
+        return table.name, indexed, False
+    if not text:
+        leading = {
+            index["column_names"][0]
+            for index in inspector.get_indexes(table.name, schema=schema)
+            if index["column_names"]
+        }
+        return table.name, column, column in leading
+    wanted = _normal(indexed)
+    if connection.dialect.name == "sqlite":
+        # SQLite's reflection skips expression indexes; their CREATE INDEX shows the terms.
+        master = "sqlite_master" if schema is None else f'"{schema}".sqlite_master'
+        statements = connection.execute(
+            sa.text(f"SELECT sql FROM {master} WHERE type = 'index' AND tbl_name = :table"),  # noqa: S608 - the schema option, quoted
+            {"table": table.name},
+        ).scalars()
+        found = any(
+            f"on{_normal(table.name)}{wanted}" in _normal(str(sql)) for sql in statements if sql
+        )
+        return table.name, indexed, found
+    found = any(
+        _normal(str(terms[0])) == wanted
         for index in inspector.get_indexes(table.name, schema=schema)
-        if index["column_names"]
-    }
-    return table.name, column, column in leading
+        if (terms := index.get("expressions") or index["column_names"])
+    )
+    return table.name, indexed, found
+
+
+def _normal(sql: str) -> str:
+    """``sql`` without what databases add or drop when they show an expression back:
+    PostgreSQL's ``::text`` casts, parentheses, quotes around names, case and spaces."""
+    return re.sub(r"::[a-z ]+|[\s\"`()]", "", sql.lower())
 
 
 _KEY_FORMATS = {

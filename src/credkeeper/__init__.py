@@ -8,14 +8,12 @@ from ._codec import TokenCodec
 from ._credentials import Credentials
 from ._exceptions import (
     AuthFailed,
-    CLIError,
     ConfigurationError,
     ConflictError,
     CredentialNotFound,
     CredentialsError,
     CredkeeperError,
     DecryptionError,
-    FieldViolation,
     InvalidGrant,
     InvalidRequest,
     ProviderError,
@@ -29,6 +27,7 @@ from ._exceptions import (
     UnknownSchemeError,
     UnsafeFilePath,
     UsageLimitReached,
+    WrapperCLIError,
     WrapperError,
     WrapperUnavailable,
 )
@@ -36,67 +35,34 @@ from ._journal import RescueJournal
 from ._keyring import KeyRing
 from ._manager import AsyncTokenManager, TokenManager
 from ._memory import MemoryStore
-from ._messages import (
-    AssistantEvent,
-    ContentBlock,
-    Event,
-    FileEvent,
-    FilesBatchEvent,
-    Health,
-    Message,
-    ResultEvent,
-    StreamEvent,
-    SystemEvent,
-    WorkspaceFile,
-)
 from ._provider import Provider
 from ._record import Record, Status
 from ._registry import open_store
 from ._rekey import RekeyReport, rekey
 from ._secret import Secret
 from ._store import AsyncCredentialStore, CredentialStore, ThreadOffloadStore, as_async_store
-from ._wrapper import (
-    AsyncMessages,
-    AsyncMessageStream,
-    AsyncWrapperClient,
-    Messages,
-    MessageStream,
-    WrapperClient,
-)
+from ._wrapper import AsyncWrapperClient, WrapperClient
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AssistantEvent",
     "AsyncCredentialStore",
-    "AsyncMessageStream",
-    "AsyncMessages",
     "AsyncTokenManager",
     "AsyncWrapperClient",
     "AuthFailed",
-    "CLIError",
     "Clock",
     "ConfigurationError",
     "ConflictError",
-    "ContentBlock",
     "CredentialNotFound",
     "CredentialStore",
     "Credentials",
     "CredentialsError",
     "CredkeeperError",
     "DecryptionError",
-    "Event",
-    "FieldViolation",
-    "FileEvent",
-    "FilesBatchEvent",
-    "Health",
     "InvalidGrant",
     "InvalidRequest",
     "KeyRing",
     "MemoryStore",
-    "Message",
-    "MessageStream",
-    "Messages",
     "Provider",
     "ProviderError",
     "ProviderUnavailable",
@@ -105,23 +71,20 @@ __all__ = [
     "RefreshTimeout",
     "RekeyReport",
     "RescueJournal",
-    "ResultEvent",
     "Secret",
     "Status",
     "StoreContention",
     "StoreCorrupted",
     "StoreError",
     "StoreUnavailable",
-    "StreamEvent",
     "SystemClock",
-    "SystemEvent",
     "ThreadOffloadStore",
     "TokenCodec",
     "TokenManager",
     "UnknownSchemeError",
     "UnsafeFilePath",
     "UsageLimitReached",
-    "WorkspaceFile",
+    "WrapperCLIError",
     "WrapperClient",
     "WrapperError",
     "WrapperUnavailable",

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 def main(args: Sequence[str] | None = None) -> int:
     """Run ``credkeeper`` with ``args`` (default: the process's); return the exit code."""
     try:
-        from ._cli import main as cli_main  # noqa: PLC0415 - click and rich are optional
+        from .cli import main as cli_main  # noqa: PLC0415, TID251 - click and rich are optional
     except ImportError as exc:
         if exc.name not in ("click", "rich"):
             raise

@@ -22,7 +22,7 @@ The tree::
         ├── InvalidRequest (ValueError)       the request breaks the wrapper's rules; lists fields
         ├── AuthFailed                        credentials refused again after a refresh
         ├── UsageLimitReached                 the account hit a usage limit; no refresh helps
-        ├── CLIError                          the wrapper's CLI failed for another reason
+        ├── WrapperCLIError                   the wrapper's CLI failed for another reason
         ├── UnsafeFilePath (ValueError)       a returned file would land outside its directory
         └── WrapperUnavailable                5xx, connection failure or timeout; retry later
 
@@ -37,7 +37,6 @@ from dataclasses import dataclass
 
 __all__ = [
     "AuthFailed",
-    "CLIError",
     "ConfigurationError",
     "ConflictError",
     "CredentialNotFound",
@@ -58,6 +57,7 @@ __all__ = [
     "UnknownSchemeError",
     "UnsafeFilePath",
     "UsageLimitReached",
+    "WrapperCLIError",
     "WrapperError",
     "WrapperUnavailable",
 ]
@@ -255,8 +255,12 @@ class UsageLimitReached(WrapperError):
     """The account behind ``key`` hit a usage limit (a weekly limit, say); no refresh can help."""
 
 
-class CLIError(WrapperError):
-    """The wrapper's CLI failed for a reason that is neither authentication nor a usage limit."""
+class WrapperCLIError(WrapperError):
+    """The wrapper's CLI failed for a reason that is neither authentication nor a usage limit.
+
+    The wrapper runs the Claude Code CLI and answers its failures with a ``cli_error``; this is
+    not about credkeeper's own command line.
+    """
 
 
 class UnsafeFilePath(WrapperError, ValueError):

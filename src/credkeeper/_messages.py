@@ -19,7 +19,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
+
+import httpx
 
 from ._exceptions import FieldViolation, InvalidRequest, UnsafeFilePath, WrapperError
 from ._redact import Redactor
@@ -32,12 +34,19 @@ __all__ = [
     "FilesBatchEvent",
     "Health",
     "Message",
+    "RequestOptions",
     "ResultEvent",
     "StreamEvent",
     "SystemEvent",
     "WorkspaceFile",
 ]
 
+DEFAULT_MODEL = "sonnet"
+# For isinstance: the builtin type answers at once for what JSON decoding and most callers
+# give, where the ABC alone goes through ABCMeta's Python-level hook; these checks run on
+# every request, for every message.
+MAPPING = (dict, Mapping)
+SEQUENCE = (list, tuple, Sequence)
 ROLES = frozenset({"user", "assistant"})
 TRANSPORTS = frozenset({"sse", "streamableHttp"})
 AUTH_TYPES = frozenset({"jwt", "oauth", "bearer"})
@@ -49,32 +58,85 @@ def _empty() -> Mapping[str, Any]:
 
 
 def _frozen(value: object) -> Mapping[str, Any]:
-    return MappingProxyType(dict(value)) if isinstance(value, Mapping) else _EMPTY
+    return MappingProxyType(dict(value)) if isinstance(value, MAPPING) else _EMPTY
 
 
 # -- request -----------------------------------------------------------------------------
 
 
-def build_body(
-    messages: Sequence[Mapping[str, Any]],
-    *,
-    model: str,
-    session_id: str | None,
-    thinking: bool | None,
-    fallback_model: str | None,
-    include_files: bool,
-    mcp_servers: Mapping[str, Mapping[str, Any]] | None,
-) -> dict[str, Any]:
-    """The request body without ``oauth_credentials``; :class:`InvalidRequest` lists every fault."""
-    problems: list[FieldViolation] = []
-    problems.extend(_check_messages(messages))
+class RequestOptions(TypedDict, total=False):
+    """The options of a request: the keywords of ``messages.create`` and ``messages.stream``.
+
+    Defined once for both methods and both clients. Each may be left out:
+
+    - ``model`` (default ``"sonnet"``): ``opus``, ``sonnet``, ``haiku`` or a full model id.
+    - ``fallback_model`` (default ``None``): the same, for when the model is overloaded.
+    - ``session_id`` (default ``None``): passed on, though the wrapper resumes no session.
+    - ``thinking`` (default ``None``, the wrapper's choice): ``True`` or ``False`` turns extended
+      thinking on or off.
+    - ``include_files`` (default ``False``): return the CLI's workspace files in
+      :attr:`Message.files`.
+    - ``mcp_servers`` (default ``None``): server names mapped to ``{"command": ...}`` or
+      ``{"url": ..., "transport": "sse" | "streamableHttp"}``.
+    - ``timeout`` (default ``None``, the client's own): seconds or an ``httpx.Timeout`` for this
+      call.
+    """
+
+    model: str
+    session_id: str | None
+    thinking: bool | None
+    fallback_model: str | None
+    include_files: bool
+    mcp_servers: Mapping[str, Mapping[str, Any]] | None
+    timeout: float | httpx.Timeout | None
+
+
+OPTIONS = RequestOptions.__optional_keys__
+
+
+def build_body(messages: Sequence[Mapping[str, Any]], options: RequestOptions) -> dict[str, Any]:
+    """The request body without ``oauth_credentials``; :class:`InvalidRequest` lists every fault.
+
+    ``options`` holds what the caller gave; one left out takes its default. ``timeout`` is the
+    client's business, not the body's. A name that is no option is a ``TypeError``, as it was
+    when each method listed its keywords.
+    """
+    problems = _check_messages(messages)
+    # Most calls give no option: defaults need neither checking nor sending.
+    if options:
+        problems += _check_options(options)
+    if problems:
+        raise InvalidRequest(problems)
+    body: dict[str, Any] = {
+        "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+        "model": options.get("model", DEFAULT_MODEL),
+    }
+    if options:
+        body.update(_sent_options(options))
+    return body
+
+
+def _check_options(options: RequestOptions) -> list[FieldViolation]:
+    """The faults of the options given, in a fixed order whatever the caller's."""
+    unknown = options.keys() - OPTIONS
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument {min(unknown)!r}; "
+            f"the request options are {', '.join(sorted(OPTIONS))}"
+        )
+    problems = []
+    model = options.get("model", DEFAULT_MODEL)
     if not isinstance(model, str) or not model:
         problems.append(
             FieldViolation("model", "must be a non-empty string such as 'sonnet' or 'opus'")
         )
-    for name, value in (("session_id", session_id), ("fallback_model", fallback_model)):
+    for name, value in (
+        ("session_id", options.get("session_id")),
+        ("fallback_model", options.get("fallback_model")),
+    ):
         if value is not None and not isinstance(value, str):
             problems.append(FieldViolation(name, "must be a string or None"))
+    thinking = options.get("thinking")
     if thinking is not None and not isinstance(thinking, bool):
         problems.append(
             FieldViolation(
@@ -83,42 +145,43 @@ def build_body(
                 "{'type': ..., 'budget_tokens': ...} object",
             )
         )
-    if not isinstance(include_files, bool):
+    if not isinstance(options.get("include_files", False), bool):
         problems.append(FieldViolation("include_files", "must be True or False"))
-    if mcp_servers is not None:
-        problems.extend(_check_mcp_servers(mcp_servers))
-    if problems:
-        raise InvalidRequest(problems)
-    body: dict[str, Any] = {
-        "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-        "model": model,
+    servers = options.get("mcp_servers")
+    if servers is not None:
+        problems.extend(_check_mcp_servers(servers))
+    return problems
+
+
+def _sent_options(options: RequestOptions) -> dict[str, Any]:
+    """The options sent only when set, under the wrapper's names (``model`` is always sent)."""
+    servers = options.get("mcp_servers")
+    fields = {
+        "session_id": options.get("session_id"),
+        "thinking": options.get("thinking"),
+        "fallback_model": options.get("fallback_model"),
+        "mcp_servers": None if servers is None else _plain(servers),
+        "include_files": True if options.get("include_files") else None,
     }
-    optional = {
-        "session_id": session_id,
-        "thinking": thinking,
-        "fallback_model": fallback_model,
-        "mcp_servers": None if mcp_servers is None else _plain(mcp_servers),
-    }
-    body.update({name: value for name, value in optional.items() if value is not None})
-    if include_files:
-        body["include_files"] = True
-    return body
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def _plain(servers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     return {name: dict(config) for name, config in servers.items()}
 
 
-def _check_messages(messages: object) -> Iterable[FieldViolation]:
-    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
-        yield FieldViolation("messages", "must be a list of {'role': ..., 'content': ...} dicts")
-        return
+def _check_messages(messages: object) -> list[FieldViolation]:
+    if isinstance(messages, str | bytes) or not isinstance(messages, SEQUENCE):
+        return [FieldViolation("messages", "must be a list of {'role': ..., 'content': ...} dicts")]
+    problems = []
     if not messages:
-        yield FieldViolation("messages", "must hold at least one message; the CLI needs a prompt")
+        problems.append(
+            FieldViolation("messages", "must hold at least one message; the CLI needs a prompt")
+        )
     for index, message in enumerate(messages):
         where = f"messages.{index}"
-        if not isinstance(message, Mapping):
-            yield FieldViolation(where, "must be a dict with 'role' and 'content'")
+        if not isinstance(message, MAPPING):
+            problems.append(FieldViolation(where, "must be a dict with 'role' and 'content'"))
             continue
         role = message.get("role")
         if role not in ROLES:
@@ -127,21 +190,24 @@ def _check_messages(messages: object) -> Iterable[FieldViolation]:
                 if role == "system"
                 else ""
             )
-            yield FieldViolation(f"{where}.role", f"must be 'user' or 'assistant'{hint}")
+            problems.append(FieldViolation(f"{where}.role", f"must be 'user' or 'assistant'{hint}"))
         if not isinstance(message.get("content"), str):
-            yield FieldViolation(
-                f"{where}.content",
-                "must be a string; the wrapper refuses content blocks, join their text instead",
+            problems.append(
+                FieldViolation(
+                    f"{where}.content",
+                    "must be a string; the wrapper refuses content blocks, join their text instead",
+                )
             )
+    return problems
 
 
 def _check_mcp_servers(servers: object) -> Iterable[FieldViolation]:
-    if not isinstance(servers, Mapping):
+    if not isinstance(servers, MAPPING):
         yield FieldViolation("mcp_servers", "must be a dict of server name to configuration")
         return
     for name, config in servers.items():
         where = f"mcp_servers.{name}"
-        if not isinstance(config, Mapping):
+        if not isinstance(config, MAPPING):
             yield FieldViolation(where, "must be a dict such as {'command': ...} or {'url': ...}")
             continue
         strings = ("command", "url", "transport", "auth_type", "auth_token")
@@ -157,13 +223,13 @@ def _check_mcp_servers(servers: object) -> Iterable[FieldViolation]:
         args = config.get("args")
         if args is not None and (
             isinstance(args, str)
-            or not isinstance(args, Sequence)
+            or not isinstance(args, SEQUENCE)
             or not all(isinstance(arg, str) for arg in args)
         ):
             yield FieldViolation(f"{where}.args", "must be a list of strings")
         env = config.get("env")
         if env is not None and not (
-            isinstance(env, Mapping) and all(isinstance(v, str) for v in env.values())
+            isinstance(env, MAPPING) and all(isinstance(v, str) for v in env.values())
         ):
             yield FieldViolation(f"{where}.env", "must be a dict of strings")
 
@@ -227,13 +293,13 @@ def violations_from_422(document: object, redactor: Redactor | None = None) -> l
     Only locations and messages are kept: ``input`` echoes what was sent, tokens included.
     Both pass ``redactor`` (the exchange's tokens), since a message can quote the input too.
     """
-    detail = document.get("detail") if isinstance(document, Mapping) else None
+    detail = document.get("detail") if isinstance(document, MAPPING) else None
     if not isinstance(detail, list):
         return [FieldViolation("body", "the wrapper refused the request without details")]
     clean = (redactor or Redactor()).redact
     found = []
     for item in detail:
-        if not isinstance(item, Mapping):
+        if not isinstance(item, MAPPING):
             continue
         location = [str(part) for part in item.get("loc", ()) if part != "body"]
         message = item.get("msg")
@@ -266,11 +332,12 @@ class ContentBlock:
     @classmethod
     def parse(cls, data: object) -> ContentBlock:
         """A block from its JSON object; unknown block types are kept, not refused."""
-        if not isinstance(data, Mapping):
+        if not isinstance(data, MAPPING):
             return cls(type="unknown", raw=MappingProxyType({"value": data}))
         kind = str(data.get("type", "unknown"))
         text = data.get("thinking") if kind == "thinking" else data.get("text")
-        return cls(type=kind, text=text if isinstance(text, str) else "", raw=_frozen(data))
+        text = text if isinstance(text, str) else ""
+        return cls(type=kind, text=text, raw=MappingProxyType(dict(data)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -290,7 +357,7 @@ class WorkspaceFile:
     @classmethod
     def parse(cls, data: object) -> WorkspaceFile:
         """A file from the wrapper's ``{path, content, encoding, size}`` object."""
-        if not isinstance(data, Mapping):
+        if not isinstance(data, MAPPING):
             raise WrapperError("the wrapper returned a file entry that is not an object")
         path, content, encoding = data.get("path"), data.get("content"), data.get("encoding")
         if not isinstance(path, str) or not isinstance(content, str):
@@ -384,18 +451,18 @@ class Message:
     def parse(cls, document: Any, *, model: str) -> Message:
         """A message from a 200 body: the envelope, or the raw JSON value the wrapper returns
         when the model's reply is itself valid JSON."""
-        if not (isinstance(document, Mapping) and document.get("type") == "message"):
+        if not (isinstance(document, MAPPING) and document.get("type") == "message"):
             text = json.dumps(document, ensure_ascii=False)
             return cls(content=(ContentBlock(type="text", text=text),), model=model, raw=document)
         blocks = document.get("content")
         files = document.get("files")
         return cls(
-            content=tuple(ContentBlock.parse(block) for block in blocks)
+            content=tuple([ContentBlock.parse(block) for block in blocks])
             if isinstance(blocks, list)
             else (),
             model=str(document.get("model") or model),
             usage=_frozen(document.get("usage")),
-            files=tuple(WorkspaceFile.parse(f) for f in files) if isinstance(files, list) else (),
+            files=tuple([WorkspaceFile.parse(f) for f in files]) if isinstance(files, list) else (),
             files_summary=_frozen(document.get("files_summary")),
             raw=document,
         )
@@ -413,7 +480,7 @@ class Health:
     @classmethod
     def parse(cls, document: object) -> Health:
         """From the wrapper's ``{"status", "version", "security_level", "timestamp"}``."""
-        if not isinstance(document, Mapping) or not isinstance(document.get("status"), str):
+        if not isinstance(document, MAPPING) or not isinstance(document.get("status"), str):
             raise WrapperError("the wrapper's /health answer has no status")
         version, level, stamp = (
             document.get("version"),
@@ -602,6 +669,6 @@ def read_line(line: str) -> Mapping[str, Any] | Literal[End.DONE] | WrapperError
         document = json.loads(text)
     except (ValueError, RecursionError):
         return WrapperError("the wrapper's stream holds a line that is not JSON")
-    if not isinstance(document, Mapping):
+    if not isinstance(document, MAPPING):
         return WrapperError("the wrapper's stream holds a line that is not a JSON object")
     return document

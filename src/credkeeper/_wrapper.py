@@ -10,7 +10,6 @@ once. The decision lives in :func:`call_flow`; the two clients only perform its 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -26,7 +25,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Generic, Literal, Self, TypeVar
+from typing import Any, Generic, Literal, Self, TypeVar, Unpack
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -34,20 +33,22 @@ import httpx
 from ._credentials import Credentials
 from ._exceptions import (
     AuthFailed,
-    CLIError,
     ConfigurationError,
     InvalidRequest,
     UsageLimitReached,
+    WrapperCLIError,
     WrapperError,
     WrapperUnavailable,
 )
 from ._manager import AsyncTokenManager, TokenManager
 from ._messages import (
     DONE,
+    MAPPING,
     End,
     Event,
     Health,
     Message,
+    RequestOptions,
     ResultEvent,
     StreamEvent,
     build_body,
@@ -162,9 +163,9 @@ def _redactor(credentials: Credentials) -> Redactor:
 
 def _is_error(document: object) -> bool:
     return (
-        isinstance(document, Mapping)
+        isinstance(document, MAPPING)
         and document.get("type") == "error"
-        and isinstance(document.get("error"), Mapping)
+        and isinstance(document.get("error"), MAPPING)
     )
 
 
@@ -186,7 +187,7 @@ def error_outcome(
         )
     if _AUTH.search(text):
         return Refused(quoted)
-    kind = CLIError if code == "cli_error" else WrapperError
+    kind = WrapperCLIError if code == "cli_error" else WrapperError
     return kind(
         f"the wrapper failed for key {key!r} ({code or 'no code'}): {quoted}",
         status=status,
@@ -308,23 +309,62 @@ def _stream_truncated(key: str) -> WrapperError:
     return WrapperError(f"the wrapper's stream for key {key!r} ended before its result", key=key)
 
 
-@contextlib.contextmanager
-def _transport_errors(key: str | None, url: str) -> Iterator[None]:
-    """httpx's connection and timeout errors as :class:`WrapperUnavailable`."""
-    shown = _display(url)
-    about = f" for key {key!r}" if key is not None else ""
-    try:
-        yield
-    except httpx.TimeoutException as exc:
-        raise WrapperUnavailable(
-            f"the wrapper at {shown} did not answer in time{about}; "
-            "raise the timeout or retry later",
-            key=key,
-        ) from exc
-    except httpx.TransportError as exc:
+@dataclass(frozen=True, slots=True)
+class _Endpoint:
+    """One of the wrapper's URLs, parsed once per client, and the form messages show it in.
+
+    httpx parses a URL given as a string again for every request, one of the larger costs of
+    a call; an ``httpx.URL`` it takes as it is.
+    """
+
+    url: httpx.URL
+    shown: str
+
+    @classmethod
+    def of(cls, base_url: str, path: str) -> _Endpoint:
+        shown = _display(base_url + path)
+        try:
+            url = httpx.URL(base_url + path)
+        except httpx.InvalidURL as exc:
+            raise ConfigurationError(f"base_url is not a valid URL ({exc}): {shown!r}") from None
+        return cls(url, shown)
+
+
+class _TransportErrors:
+    """httpx's connection and timeout errors as :class:`WrapperUnavailable`, mapped in one place.
+
+    A class rather than a generator-based context manager: it is entered on every call, and
+    this is the cheaper of the two.
+    """
+
+    __slots__ = ("_endpoint", "_key")
+
+    def __init__(self, key: str | None, endpoint: _Endpoint) -> None:
+        self._key = key
+        self._endpoint = endpoint
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not isinstance(exc, httpx.TransportError):
+            return
+        shown = self._endpoint.shown
+        about = f" for key {self._key!r}" if self._key is not None else ""
+        if isinstance(exc, httpx.TimeoutException):
+            raise WrapperUnavailable(
+                f"the wrapper at {shown} did not answer in time{about}; "
+                "raise the timeout or retry later",
+                key=self._key,
+            ) from exc
         raise WrapperUnavailable(
             f"could not reach the wrapper at {shown}{about}: {type(exc).__name__}",
-            key=key,
+            key=self._key,
         ) from exc
 
 
@@ -364,62 +404,61 @@ def _request(
     as a local of every frame a timeout's traceback passes through.
     """
     return http.build_request(
-        "POST", call.url, json=_payload(call.body, credentials), timeout=call.timeout
+        "POST",
+        call.endpoint.url,
+        json=_payload(call.body, credentials),
+        extensions=call.extensions,
     )
 
 
-@dataclass(frozen=True, slots=True)
+def _extensions(timeout: float | httpx.Timeout) -> dict[str, Any]:
+    """The request extensions httpx's ``build_request`` makes of ``timeout=``.
+
+    Made once per client for its default timeout rather than again for every request.
+    """
+    return {"timeout": httpx.Timeout(timeout).as_dict()}
+
+
+@dataclass(slots=True)
 class _Call:
     key: str
-    url: str
+    endpoint: _Endpoint
     # Out of the repr: an MCP server's auth_token may be in it.
     body: dict[str, Any] = field(repr=False)
     model: str
-    timeout: Any
+    extensions: dict[str, Any]
 
 
 class _Settings:
-    """What both clients share: the URL, the timeout, and request preparation."""
+    """What both clients share: the URLs, the timeout, and request preparation."""
 
     def __init__(self, base_url: str, timeout: float | httpx.Timeout | None) -> None:
         self.base_url = _base_url(base_url)
         # Always set, so that an httpx client passed in does not shorten calls to its own
         # default (5 s for httpx), far below what the wrapper's CLI may take.
         self.timeout = DEFAULT_TIMEOUT if timeout is None else _timeout(timeout)
+        self.extensions = _extensions(self.timeout)
+        self.messages = _Endpoint.of(self.base_url, "/v1/messages")
+        self.keepalive = _Endpoint.of(self.base_url, "/v1/messages/keepalive")
+        self.health = _Endpoint.of(self.base_url, "/health")
 
     def call(
         self,
         key: str,
         messages: Sequence[Mapping[str, Any]],
+        options: RequestOptions,
         *,
-        path: str,
         stream: bool,
-        model: str,
-        session_id: str | None,
-        thinking: bool | None,
-        fallback_model: str | None,
-        include_files: bool,
-        mcp_servers: Mapping[str, Mapping[str, Any]] | None,
-        timeout: float | httpx.Timeout | None,
+        keepalive: bool = False,
     ) -> _Call:
         check_key(key)
-        body = build_body(
-            messages,
-            model=model,
-            session_id=session_id,
-            thinking=thinking,
-            fallback_model=fallback_model,
-            include_files=include_files,
-            mcp_servers=mcp_servers,
-        )
+        body = build_body(messages, options)
         if stream:
             body["stream"] = True
-        chosen = self.timeout if timeout is None else _timeout(timeout)
-        return _Call(key, self.base_url + path, body, model, chosen)
-
-
-def _stream_path(keepalive: bool) -> str:
-    return "/v1/messages/keepalive" if keepalive else "/v1/messages"
+        endpoint = self.keepalive if keepalive else self.messages
+        timeout = options.get("timeout")
+        extensions = self.extensions if timeout is None else _extensions(_timeout(timeout))
+        return _Call(key, endpoint, body, body["model"], extensions)
 
 
 # -- sync --------------------------------------------------------------------------------
@@ -436,10 +475,11 @@ class _Opened(Generic[L]):
 
 
 class _StreamBase:
-    """What both stream types share: the key, the final result, and reading after the head."""
+    """What both stream types share: the call, the final result, and reading after the head."""
 
-    def __init__(self, key: str) -> None:
-        self._key = key
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+        self._key = call.key
         self.result: ResultEvent | None = None
 
     def _after(
@@ -488,8 +528,8 @@ class MessageStream(_StreamBase):
     ``with`` block (or call :meth:`close`) to release the connection when stopping early.
     """
 
-    def __init__(self, open_stream: Callable[[], _Opened[Iterator[str]]], key: str) -> None:
-        super().__init__(key)
+    def __init__(self, open_stream: Callable[[], _Opened[Iterator[str]]], call: _Call) -> None:
+        super().__init__(call)
         self._open = open_stream
         self._events: Generator[Event, None, None] | None = None
         self._closed = False
@@ -537,7 +577,7 @@ class MessageStream(_StreamBase):
                 yield event
                 if self.result is not None:
                     return
-            with _transport_errors(self._key, str(response.request.url)):
+            with _TransportErrors(self._key, self._call.endpoint):
                 for item in self._items(opened.lines, opened.redactor):
                     if isinstance(item, WrapperError):
                         raise item
@@ -559,42 +599,20 @@ class Messages:
         self,
         key: str,
         messages: Sequence[Mapping[str, Any]],
-        *,
-        model: str = "sonnet",
-        session_id: str | None = None,
-        thinking: bool | None = None,
-        fallback_model: str | None = None,
-        include_files: bool = False,
-        mcp_servers: Mapping[str, Mapping[str, Any]] | None = None,
-        timeout: float | httpx.Timeout | None = None,
+        **options: Unpack[RequestOptions],
     ) -> Message:
         """Send ``messages`` (the full history: the wrapper keeps no session) as user ``key``.
 
-        ``model`` is ``opus``, ``sonnet``, ``haiku`` or a full model id; ``thinking`` turns
-        extended thinking on; ``include_files`` returns the CLI's workspace files in
-        :attr:`Message.files`; ``mcp_servers`` maps names to ``{"command": ...}`` or
-        ``{"url": ..., "transport": "sse" | "streamableHttp"}``. ``session_id`` is passed on,
-        though the wrapper does not resume sessions. Raises :class:`InvalidRequest` before
-        sending when the wrapper would refuse the request.
+        ``options`` are the keywords of :class:`RequestOptions` (``model="sonnet"``,
+        ``thinking``, ``include_files``, ``mcp_servers``, ``timeout``, ...). Raises
+        :class:`InvalidRequest` before sending when the wrapper would refuse the request.
         """
-        call = self._client._settings.call(
-            key,
-            messages,
-            path="/v1/messages",
-            stream=False,
-            model=model,
-            session_id=session_id,
-            thinking=thinking,
-            fallback_model=fallback_model,
-            include_files=include_files,
-            mcp_servers=mcp_servers,
-            timeout=timeout,
-        )
+        call = self._client._settings.call(key, messages, options, stream=False)
         http = self._client._http
 
         def attempt(credentials: Credentials) -> Message | Refused:
             request = _request(http, call, credentials)
-            with _transport_errors(call.key, call.url):
+            with _TransportErrors(call.key, call.endpoint):
                 response = http.send(request)
             return interpret(
                 response, key=call.key, model=call.model, redactor=_redactor(credentials)
@@ -607,14 +625,8 @@ class Messages:
         key: str,
         messages: Sequence[Mapping[str, Any]],
         *,
-        model: str = "sonnet",
-        session_id: str | None = None,
-        thinking: bool | None = None,
-        fallback_model: str | None = None,
-        include_files: bool = False,
-        mcp_servers: Mapping[str, Mapping[str, Any]] | None = None,
         keepalive: bool = False,
-        timeout: float | httpx.Timeout | None = None,
+        **options: Unpack[RequestOptions],
     ) -> MessageStream:
         """Like :meth:`create`, but the reply's events as they are read.
 
@@ -623,28 +635,16 @@ class Messages:
         ``file_created`` events under ``include_files``). Either way the :class:`ResultEvent`
         ends the stream.
         """
-        call = self._client._settings.call(
-            key,
-            messages,
-            path=_stream_path(keepalive),
-            stream=True,
-            model=model,
-            session_id=session_id,
-            thinking=thinking,
-            fallback_model=fallback_model,
-            include_files=include_files,
-            mcp_servers=mcp_servers,
-            timeout=timeout,
-        )
+        call = self._client._settings.call(key, messages, options, stream=True, keepalive=keepalive)
         http = self._client._http
 
         def attempt(credentials: Credentials) -> _Opened[Iterator[str]] | Refused:
             redactor = _redactor(credentials)
             request = _request(http, call, credentials)
-            with _transport_errors(call.key, call.url):
+            with _TransportErrors(call.key, call.endpoint):
                 response = http.send(request, stream=True)
             try:
-                with _transport_errors(call.key, call.url):
+                with _TransportErrors(call.key, call.endpoint):
                     if not _streams(response):
                         response.read()
                         return _unstreamed(call, response, redactor)
@@ -658,7 +658,7 @@ class Messages:
                 raise outcome
             return outcome
 
-        return MessageStream(lambda: self._client._run(call.key, attempt), call.key)
+        return MessageStream(lambda: self._client._run(call.key, attempt), call)
 
 
 class WrapperClient:
@@ -722,9 +722,9 @@ class WrapperClient:
 
     def health(self) -> Health:
         """``GET /health``: the wrapper's status and version (no credentials needed)."""
-        url = self.base_url + "/health"
-        with _transport_errors(None, url):
-            response = self._http.get(url, timeout=self._settings.timeout)
+        health = self._settings.health
+        with _TransportErrors(None, health):
+            response = self._http.get(health.url, timeout=self._settings.timeout)
         return _health(response.status_code, response.content)
 
     def _run(self, key: str, attempt: Callable[[Credentials], Any]) -> Any:
@@ -751,9 +751,11 @@ class AsyncMessageStream(_StreamBase):
     """The async twin of :class:`MessageStream`: ``async for event in stream``."""
 
     def __init__(
-        self, open_stream: Callable[[], Coroutine[Any, Any, _Opened[AsyncIterator[str]]]], key: str
+        self,
+        open_stream: Callable[[], Coroutine[Any, Any, _Opened[AsyncIterator[str]]]],
+        call: _Call,
     ) -> None:
-        super().__init__(key)
+        super().__init__(call)
         self._open = open_stream
         self._events: AsyncGenerator[Event, None] | None = None
         self._closed = False
@@ -801,7 +803,7 @@ class AsyncMessageStream(_StreamBase):
                 yield event
                 if self.result is not None:
                     return
-            with _transport_errors(self._key, str(response.request.url)):
+            with _TransportErrors(self._key, self._call.endpoint):
                 async for item in self._aitems(opened.lines, opened.redactor):
                     if isinstance(item, WrapperError):
                         raise item
@@ -823,34 +825,15 @@ class AsyncMessages:
         self,
         key: str,
         messages: Sequence[Mapping[str, Any]],
-        *,
-        model: str = "sonnet",
-        session_id: str | None = None,
-        thinking: bool | None = None,
-        fallback_model: str | None = None,
-        include_files: bool = False,
-        mcp_servers: Mapping[str, Mapping[str, Any]] | None = None,
-        timeout: float | httpx.Timeout | None = None,  # noqa: ASYNC109 - an HTTP timeout, as httpx's
+        **options: Unpack[RequestOptions],
     ) -> Message:
         """Send ``messages`` as user ``key``; see :meth:`Messages.create`."""
-        call = self._client._settings.call(
-            key,
-            messages,
-            path="/v1/messages",
-            stream=False,
-            model=model,
-            session_id=session_id,
-            thinking=thinking,
-            fallback_model=fallback_model,
-            include_files=include_files,
-            mcp_servers=mcp_servers,
-            timeout=timeout,
-        )
+        call = self._client._settings.call(key, messages, options, stream=False)
         http = self._client._http
 
         async def attempt(credentials: Credentials) -> Message | Refused:
             request = _request(http, call, credentials)
-            with _transport_errors(call.key, call.url):
+            with _TransportErrors(call.key, call.endpoint):
                 response = await http.send(request)
             return interpret(
                 response, key=call.key, model=call.model, redactor=_redactor(credentials)
@@ -863,42 +846,24 @@ class AsyncMessages:
         key: str,
         messages: Sequence[Mapping[str, Any]],
         *,
-        model: str = "sonnet",
-        session_id: str | None = None,
-        thinking: bool | None = None,
-        fallback_model: str | None = None,
-        include_files: bool = False,
-        mcp_servers: Mapping[str, Mapping[str, Any]] | None = None,
         keepalive: bool = False,
-        timeout: float | httpx.Timeout | None = None,
+        **options: Unpack[RequestOptions],
     ) -> AsyncMessageStream:
         """The reply's events as they are read; see :meth:`Messages.stream`.
 
         Not a coroutine: ``async with client.messages.stream(...) as stream`` or
         ``async for event in client.messages.stream(...)``.
         """
-        call = self._client._settings.call(
-            key,
-            messages,
-            path=_stream_path(keepalive),
-            stream=True,
-            model=model,
-            session_id=session_id,
-            thinking=thinking,
-            fallback_model=fallback_model,
-            include_files=include_files,
-            mcp_servers=mcp_servers,
-            timeout=timeout,
-        )
+        call = self._client._settings.call(key, messages, options, stream=True, keepalive=keepalive)
         http = self._client._http
 
         async def attempt(credentials: Credentials) -> _Opened[AsyncIterator[str]] | Refused:
             redactor = _redactor(credentials)
             request = _request(http, call, credentials)
-            with _transport_errors(call.key, call.url):
+            with _TransportErrors(call.key, call.endpoint):
                 response = await http.send(request, stream=True)
             try:
-                with _transport_errors(call.key, call.url):
+                with _TransportErrors(call.key, call.endpoint):
                     if not _streams(response):
                         await response.aread()
                         return _unstreamed(call, response, redactor)
@@ -914,7 +879,7 @@ class AsyncMessages:
                 raise outcome
             return outcome
 
-        return AsyncMessageStream(lambda: self._client._run(call.key, attempt), call.key)
+        return AsyncMessageStream(lambda: self._client._run(call.key, attempt), call)
 
 
 class AsyncWrapperClient:
@@ -969,9 +934,9 @@ class AsyncWrapperClient:
 
     async def health(self) -> Health:
         """``GET /health``: the wrapper's status and version (no credentials needed)."""
-        url = self.base_url + "/health"
-        with _transport_errors(None, url):
-            response = await self._http.get(url, timeout=self._settings.timeout)
+        health = self._settings.health
+        with _TransportErrors(None, health):
+            response = await self._http.get(health.url, timeout=self._settings.timeout)
         return _health(response.status_code, response.content)
 
     async def _run(

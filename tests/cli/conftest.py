@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from credkeeper import Credentials, KeyRing, Record, open_store
-from credkeeper._cli import cli
-from credkeeper._cli_errors import PREFIX
 from credkeeper._store import CredentialStore
+from credkeeper.cli import cli
+from credkeeper.cli._errors import PREFIX
 from credkeeper.testing import FakeProvider
 
 ENVIRONMENT = (

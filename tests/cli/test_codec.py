@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from credkeeper import DecryptionError, KeyRing
-from credkeeper._cli_errors import ExitCode
+from credkeeper.cli._errors import ExitCode
 from credkeeper.testing import FakeProvider
 from tests.examples import app_cipher
 

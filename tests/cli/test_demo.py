@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 from click.testing import CliRunner, Result
 
-from credkeeper._cli import cli
-from credkeeper._demo import DemoResult
+from credkeeper.cli import cli
+from credkeeper.cli._demo import DemoResult
 
 
 @pytest.fixture(scope="module")

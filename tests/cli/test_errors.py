@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from credkeeper import KeyRing
-from credkeeper._cli_errors import PREFIX, ExitCode
+from credkeeper.cli._errors import PREFIX, ExitCode
 from credkeeper.testing import FakeProvider
 
 from .conftest import Cli, error_line, import_credentials

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from credkeeper import Credentials, KeyRing
-from credkeeper._cli_errors import ExitCode
+from credkeeper.cli._errors import ExitCode
 from credkeeper.testing import FakeProvider
 
 from .conftest import Cli, claude_code_file, error_line, leaked, stored, stored_tokens

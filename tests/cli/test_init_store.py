@@ -17,7 +17,7 @@ from click.testing import Result
 from sqlalchemy.engine import make_url
 
 from credkeeper import Record, open_store
-from credkeeper._cli_errors import PREFIX, ExitCode
+from credkeeper.cli._errors import PREFIX, ExitCode
 from credkeeper_sql import SQLStore
 
 from .conftest import Cli, error_line

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import Result
 
-from credkeeper._cli_errors import ExitCode
+from credkeeper.cli._errors import ExitCode
 
 from .conftest import Cli, error_line
 
@@ -126,3 +126,106 @@ class TestCheck:
 
         assert (ExitCode.USAGE, ExitCode.OK) == (missing.exit_code, ready.exit_code)
         assert "epoch milliseconds" in ready.stdout
+
+
+WALL_TIME = "replace(substr(expires_at, 1, 19), 'T', ' ')"
+
+
+def text_expiry_table(server: str) -> str:
+    """An application table keeping ``expires_at`` as ISO-8601 text, with a plain index on it
+    (which scan_due cannot use); its name."""
+    name = f"iso_tokens_{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(server)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            f"CREATE TABLE {name} (user_id BIGINT PRIMARY KEY, access_token TEXT, "
+            "refresh_token TEXT, expires_at VARCHAR(40), scopes TEXT)"
+        )
+        connection.exec_driver_sql(f"CREATE INDEX ix_{name}_plain ON {name} (expires_at)")
+    engine.dispose()
+    return name
+
+
+def run_fix(server: str, problem: str) -> None:
+    """Execute the CREATE INDEX a problem line ends with, exactly as the check printed it."""
+    engine = sa.create_engine(server)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(problem[problem.index("CREATE INDEX") :])
+    engine.dispose()
+
+
+def drop(server: str, *tables: str) -> None:
+    """Drop ``tables`` where they exist."""
+    engine = sa.create_engine(server)
+    with engine.begin() as connection:
+        for table in tables:
+            connection.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite_server(tmp_path: object) -> str:
+    """A SQLite file's URL."""
+    return f"sqlite:///{tmp_path}/app.db"
+
+
+class TestTextExpiryIndex:
+    @pytest.mark.parametrize("server_fixture", ["postgres_url", "sqlite_server"])
+    def test_an_index_on_the_column_itself_is_reported_missing_with_the_expression_index(
+        self, server_fixture: str, request: pytest.FixtureRequest
+    ) -> None:
+        """scan_due compares the text's wall time: only an index on that expression serves it."""
+        server: str = request.getfixturevalue(server_fixture)
+        table = text_expiry_table(server)
+        try:
+            url = url_of(server, table)
+            Cli([])("init-store", url)
+            result = check(url)
+        finally:
+            drop(server, table, f"{table}_leases")
+
+        assert (ExitCode.USAGE, f"index on {table}({WALL_TIME}): missing") == (
+            result.exit_code,
+            result.stdout.splitlines()[-1],
+        )
+        assert error_line(result).endswith(
+            f"CREATE INDEX ix_{table}_expires_at_wall ON {table} (({WALL_TIME}))"
+        )
+
+    @pytest.mark.parametrize("server_fixture", ["postgres_url", "sqlite_server"])
+    def test_the_expression_index_it_names_makes_the_store_ready(
+        self, server_fixture: str, request: pytest.FixtureRequest
+    ) -> None:
+        """Creating the index the check prints, verbatim, passes the check."""
+        server: str = request.getfixturevalue(server_fixture)
+        table = text_expiry_table(server)
+        try:
+            url = url_of(server, table)
+            Cli([])("init-store", url)
+            run_fix(server, error_line(check(url)))
+            result = check(url)
+        finally:
+            drop(server, table, f"{table}_leases")
+
+        assert (ExitCode.OK, f"index on {table}({WALL_TIME}): exists") == (
+            result.exit_code,
+            result.stdout.splitlines()[-2],
+        )
+
+    def test_mariadb_is_told_no_index_can_serve_text(self, mysql_url: str) -> None:
+        """MariaDB cannot index the expression: the fix is a BIGINT or DATETIME column."""
+        table = text_expiry_table(mysql_url)
+        try:
+            url = url_of(mysql_url, table)
+            Cli([])("init-store", url)
+            result = check(url)
+        finally:
+            drop(mysql_url, table, f"{table}_leases")
+
+        assert (ExitCode.USAGE, True) == (
+            result.exit_code,
+            error_line(result).endswith(
+                "MariaDB cannot index that expression: keep the expiry in a BIGINT (epoch "
+                "milliseconds) or DATETIME column for an index to serve scan_due"
+            ),
+        )

@@ -9,8 +9,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from credkeeper import KeyRing
-from credkeeper._cli import cli
-from credkeeper._cli_errors import ExitCode
+from credkeeper.cli import cli
+from credkeeper.cli._errors import ExitCode
 
 from .conftest import error_line, write_keys
 

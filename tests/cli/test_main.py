@@ -24,8 +24,8 @@ from credkeeper import (
     StoreUnavailable,
     UnknownSchemeError,
 )
-from credkeeper._cli import cli, main
-from credkeeper._cli_errors import MEANINGS, ExitCode, describe, exit_code_for
+from credkeeper.cli import cli, main
+from credkeeper.cli._errors import MEANINGS, ExitCode, describe, exit_code_for
 
 from .conftest import error_line
 

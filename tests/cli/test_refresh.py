@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from credkeeper import KeyRing
-from credkeeper._cli_errors import ExitCode
+from credkeeper.cli._errors import ExitCode
 from credkeeper.testing import FakeProvider, Fault
 
 from .conftest import Cli, error_line, import_credentials, leaked, stored_tokens, write_keys

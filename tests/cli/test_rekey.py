@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from credkeeper import KeyRing
-from credkeeper._cli_errors import ExitCode
+from credkeeper.cli._errors import ExitCode
 from credkeeper.testing import FakeProvider
 
 from .conftest import Cli, damage, error_line, import_credentials, stored, write_keys

@@ -9,7 +9,7 @@ from urllib.parse import quote, quote_plus
 import pytest
 from click.testing import Result
 
-from credkeeper._cli_errors import ExitCode
+from credkeeper.cli._errors import ExitCode
 from credkeeper.testing import FakeProvider, FakeWrapper, Fault, WrapperFault
 from tests.echoes import unprocessable
 

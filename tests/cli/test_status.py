@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from credkeeper import Credentials, KeyRing, open_store
-from credkeeper._cli_errors import PREFIX
-from credkeeper._cli_format import humanise
 from credkeeper._journal import RescueEntry, RescueJournal
 from credkeeper._store import CredentialStore
+from credkeeper.cli._errors import PREFIX
+from credkeeper.cli._output import humanise
 from credkeeper.testing import FakeProvider
 
 from .conftest import Cli, damage, import_credentials, leaked, stored

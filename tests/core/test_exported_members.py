@@ -1,4 +1,7 @@
-"""The public surface: ``__all__`` of credkeeper and credkeeper.testing (httpx's idea)."""
+"""The public surface: ``__all__`` of credkeeper, credkeeper.wrapper and credkeeper.testing.
+
+httpx's idea: each public module's ``__all__`` is sorted and lists every public name it binds.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from types import ModuleType
 import pytest
 
 import credkeeper
+import credkeeper.wrapper
 
 # Dunder names that belong in __all__ although they start with an underscore.
 PUBLIC_DUNDERS = {"__version__"}
@@ -60,6 +64,49 @@ class TestCredkeeper:
     def test_the_distribution_has_the_package_version(self) -> None:
         """The installed distribution's version is __version__, its one source."""
         assert credkeeper.__version__ == importlib.metadata.version("credkeeper")
+
+
+class TestWrapper:
+    def test_all_sorted(self) -> None:
+        """credkeeper.wrapper.__all__ is sorted."""
+        assert sorted(credkeeper.wrapper.__all__) == credkeeper.wrapper.__all__
+
+    def test_all_unique(self) -> None:
+        """credkeeper.wrapper.__all__ names each member once."""
+        assert len(set(credkeeper.wrapper.__all__)) == len(credkeeper.wrapper.__all__)
+
+    def test_all_importable(self) -> None:
+        """Every name in credkeeper.wrapper.__all__ can be imported from credkeeper.wrapper."""
+        namespace: dict[str, object] = {}
+        exec("from credkeeper.wrapper import *", namespace)  # noqa: S102 - the star import is the subject
+
+        assert [] == [name for name in credkeeper.wrapper.__all__ if name not in namespace]
+
+    def test_every_public_name_exported(self) -> None:
+        """Every public name bound in credkeeper.wrapper is in its __all__."""
+        assert set() == public_names(credkeeper.wrapper) - set(credkeeper.wrapper.__all__)
+
+    def test_shared_names_are_the_same_objects(self) -> None:
+        """A name exported by both credkeeper and credkeeper.wrapper is one object, one meaning."""
+        shared = set(credkeeper.__all__) & set(credkeeper.wrapper.__all__)
+
+        assert [] == sorted(
+            name
+            for name in shared
+            if getattr(credkeeper, name) is not getattr(credkeeper.wrapper, name)
+        )
+
+    def test_top_level_keeps_the_clients_and_the_errors(self) -> None:
+        """credkeeper exports the two clients and every wrapper error, and no wrapper value type."""
+        wrapper_errors = {
+            name
+            for name in credkeeper.wrapper.__all__
+            if isinstance(getattr(credkeeper.wrapper, name), type)
+            and issubclass(getattr(credkeeper.wrapper, name), BaseException)
+        }
+        expected = wrapper_errors | {"AsyncWrapperClient", "WrapperClient"}
+
+        assert sorted(expected) == sorted(set(credkeeper.__all__) & set(credkeeper.wrapper.__all__))
 
 
 class TestTesting:

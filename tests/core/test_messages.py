@@ -6,34 +6,37 @@ import base64
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import httpx
 import pytest
 
 from credkeeper import (
-    AssistantEvent,
     AuthFailed,
-    CLIError,
     Credentials,
-    FieldViolation,
-    FileEvent,
-    FilesBatchEvent,
     InvalidRequest,
-    Message,
-    ResultEvent,
-    StreamEvent,
-    SystemEvent,
     UnsafeFilePath,
     UsageLimitReached,
-    WorkspaceFile,
+    WrapperCLIError,
     WrapperError,
     WrapperUnavailable,
 )
 from credkeeper._messages import DONE, build_body, parse_event, read_line, violations_from_422
 from credkeeper._redact import Redactor
 from credkeeper._wrapper import Attempt, Fetch, Refused, Renew, call_flow, interpret
+from credkeeper.wrapper import (
+    AssistantEvent,
+    FieldViolation,
+    FileEvent,
+    FilesBatchEvent,
+    Message,
+    RequestOptions,
+    ResultEvent,
+    StreamEvent,
+    SystemEvent,
+    WorkspaceFile,
+)
 
 ACCESS = "sk-ant-oat01-" + "a" * 40
 REFRESH = "sk-ant-ort01-" + "r" * 40
@@ -43,16 +46,7 @@ USER = [{"role": "user", "content": "hello"}]
 
 
 def body(messages: Any = USER, **options: Any) -> dict[str, Any]:
-    settings: dict[str, Any] = {
-        "model": "sonnet",
-        "session_id": None,
-        "thinking": None,
-        "fallback_model": None,
-        "include_files": False,
-        "mcp_servers": None,
-    }
-    settings.update(options)
-    return build_body(messages, **settings)
+    return build_body(messages, cast(RequestOptions, options))
 
 
 def fields_of(error: pytest.ExceptionInfo[InvalidRequest]) -> list[str]:
@@ -63,6 +57,25 @@ class TestBuildBody:
     def test_minimal_body(self) -> None:
         """A plain request sends the messages and the model, nothing else."""
         assert {"messages": USER, "model": "sonnet"} == body()
+
+    def test_defaults_given_explicitly(self) -> None:
+        """Every option given at its default makes the same body as none given."""
+        defaults = body(
+            model="sonnet",
+            session_id=None,
+            thinking=None,
+            fallback_model=None,
+            include_files=False,
+            mcp_servers=None,
+            timeout=None,
+        )
+
+        assert body() == defaults
+
+    def test_unknown_option_refused(self) -> None:
+        """A keyword that is no request option is a TypeError naming it and the options."""
+        with pytest.raises(TypeError, match=r"'modle'.*fallback_model, include_files"):
+            body(modle="opus")
 
     def test_optional_fields_sent_when_set(self) -> None:
         """Set options appear in the body under the wrapper's names."""
@@ -480,8 +493,8 @@ class TestInterpret:
             read(200, error_body(text))
 
     def test_other_cli_error(self) -> None:
-        """Another cli_error raises CLIError with the redacted text."""
-        with pytest.raises(CLIError, match="Command failed"):
+        """Another cli_error raises WrapperCLIError with the redacted text."""
+        with pytest.raises(WrapperCLIError, match="Command failed"):
             read(200, error_body(f"Command failed --token {ACCESS}"))
 
     def test_server_error_redacted(self) -> None:

@@ -21,7 +21,6 @@ import pytest
 from credkeeper import (
     AsyncWrapperClient,
     AuthFailed,
-    CLIError,
     Credentials,
     InvalidRequest,
     MemoryStore,
@@ -32,6 +31,7 @@ from credkeeper import (
     TokenManager,
     UsageLimitReached,
     WrapperClient,
+    WrapperCLIError,
     WrapperError,
     WrapperUnavailable,
 )
@@ -269,7 +269,7 @@ def faults(credentials: Credentials) -> dict[str, tuple[list[WrapperFault], type
             AuthFailed,
         ),
         "500": ([WrapperFault.status(500, detail=f"Server error: {told}")], WrapperUnavailable),
-        "cli-error": ([WrapperFault.cli_error(f"Command failed: {told}")], CLIError),
+        "cli-error": ([WrapperFault.cli_error(f"Command failed: {told}")], WrapperCLIError),
         "usage-limit": (
             [WrapperFault.cli_error(f"{FakeWrapper.OPUS_WEEKLY_LIMIT} {told}")],
             UsageLimitReached,

@@ -21,9 +21,6 @@ from credkeeper import (
     InvalidRequest,
     MemoryStore,
     ReauthRequired,
-    ResultEvent,
-    StreamEvent,
-    SystemEvent,
     TokenManager,
     UnsafeFilePath,
     UsageLimitReached,
@@ -32,6 +29,7 @@ from credkeeper import (
     WrapperUnavailable,
 )
 from credkeeper.testing import FakeClock, FakeProvider, FakeWrapper, WrapperFault
+from credkeeper.wrapper import ResultEvent, StreamEvent, SystemEvent
 
 from .conftest import KEY
 
@@ -221,6 +219,20 @@ class TestCreate:
 
         assert ("opus", ["ok"]) == (message.model, outcomes(wrapper))
 
+    def test_unknown_option_sends_nothing(
+        self, client: WrapperClient, alice: Credentials, wrapper: FakeWrapper
+    ) -> None:
+        """A misspelt option is a TypeError naming it, raised before the network."""
+        with pytest.raises(TypeError, match="'modle'"):
+            client.messages.create(KEY, HELLO, modle="opus")  # type: ignore[call-arg]
+
+        assert [] == wrapper.calls
+
+    def test_keepalive_is_for_streams_only(self, client: WrapperClient, alice: Credentials) -> None:
+        """create() takes no keepalive: it is an option of stream() alone."""
+        with pytest.raises(TypeError, match="'keepalive'"):
+            client.messages.create(KEY, HELLO, keepalive=True)  # type: ignore[call-arg]
+
     def test_unreachable_wrapper(self, manager: TokenManager, alice: Credentials) -> None:
         """A wrapper that is not listening raises WrapperUnavailable, hiding URL passwords."""
         with socket.socket() as probe:
@@ -277,6 +289,11 @@ class TestCreate:
         """A base_url that is not an absolute http(s) URL is refused, naming the public one."""
         with pytest.raises(ConfigurationError, match=r"base_url.*public wrapper"):
             WrapperClient(manager, base_url=url)
+
+    def test_url_httpx_cannot_use_refused(self, manager: TokenManager) -> None:
+        """A base_url httpx cannot parse is refused when the client is made, not at each call."""
+        with pytest.raises(ConfigurationError, match=r"base_url is not a valid URL \(Invalid port"):
+            WrapperClient(manager, base_url="https://svc:hunter2@wrapper.example:abc")
 
     def test_refusal_hides_url_password(self, manager: TokenManager) -> None:
         """The refusal of a plain http URL does not repeat its password."""
@@ -439,7 +456,7 @@ class TestStream:
     def test_keepalive_other_failure_raises(
         self, client: WrapperClient, alice: Credentials, wrapper: FakeWrapper
     ) -> None:
-        """A failed result on keepalive raises CLIError instead of ending quietly."""
+        """A failed result on keepalive raises WrapperCLIError instead of ending quietly."""
         wrapper.fail_next(WrapperFault.cli_error("API Error: 500 Internal server error"))
 
         with pytest.raises(WrapperError, match="Internal server error"):
@@ -594,6 +611,25 @@ class TestAsync:
         async with AsyncTokenManager(store, fake.provider(), journal=tmp_path / "aj") as tokens:
             with pytest.raises(ConfigurationError, match=r"base_url must use https \(plain http"):
                 AsyncWrapperClient(tokens, base_url="http://wrapper.example.com")
+
+    @pytest.mark.anyio
+    async def test_async_with_closes_its_own_http_client(self, aclient: AsyncWrapperClient) -> None:
+        """Leaving ``async with`` closes the httpx client the async client made."""
+        async with AsyncWrapperClient(aclient.tokens, base_url=aclient.base_url) as client:
+            pass
+
+        assert client._http.is_closed
+
+    @pytest.mark.anyio
+    async def test_aclose_leaves_a_given_http_client_open(
+        self, aclient: AsyncWrapperClient
+    ) -> None:
+        """aclose() leaves open an httpx.AsyncClient that was passed in."""
+        async with httpx.AsyncClient() as http:
+            client = AsyncWrapperClient(aclient.tokens, base_url=aclient.base_url, http=http)
+            await client.aclose()
+
+            assert not http.is_closed
 
     @pytest.mark.anyio
     async def test_create(self, aclient: AsyncWrapperClient) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from credkeeper._codec import TokenCodec
+from credkeeper._credentials import Credentials
 from credkeeper._keyring import KeyRing
 from credkeeper._manager import TokenManager
 from credkeeper._provider import Provider
@@ -122,6 +123,7 @@ def run_storm(
     timeout: float = 120.0,
     clock_skews: Sequence[float] = (),
     codec: Callable[[], TokenCodec] | None = None,
+    seed: Callable[[Credentials], None] | None = None,
 ) -> StormReport:
     """Run one storm against the store at ``store_url`` and report what happened.
 
@@ -132,6 +134,13 @@ def run_storm(
     seconds, as if each ran on a host whose clock disagrees with the others'. ``codec`` makes
     each manager's :class:`TokenCodec` (the application's own cipher); it must be picklable,
     like a module-level function, since every process calls it.
+
+    The stormed credential is one the fake provider issues, already due. credkeeper stores it
+    under ``key``, after deleting whatever the key held; with ``seed``, ``seed(credentials)``
+    writes it instead, the way the application would (a plain ``INSERT`` of the row, say), so
+    the storm runs on a credential credkeeper never wrote. Only the calling process calls
+    ``seed``, so it need not be picklable; it must leave tokens in the form the store reads
+    them (plain text for a store declared plaintext, else sealed by ``codec``).
     """
     options = dict(store_options or {})
     skews = tuple(float(skew) for skew in clock_skews) or (0.0,)
@@ -139,16 +148,19 @@ def run_storm(
     journal = str(Path(directory) / "journal")
     context = multiprocessing.get_context("spawn")
     with FakeProvider(latency=latency, revoke_family_on_reuse=True) as fake:
-        with TokenManager(
-            _open(store_url, options),
-            fake.provider(),
-            keyring=keyring,
-            journal=journal,
-            codec=None if codec is None else codec(),
-        ) as setup:
-            setup.delete(key)
-            credentials = fake.issue(expires_in=0)
-            setup.put(key, credentials)
+        credentials = fake.issue(expires_in=0)
+        if seed is None:
+            with TokenManager(
+                _open(store_url, options),
+                fake.provider(),
+                keyring=keyring,
+                journal=journal,
+                codec=None if codec is None else codec(),
+            ) as setup:
+                setup.delete(key)
+                setup.put(key, credentials)
+        else:
+            seed(credentials)
         family = fake.family_of(credentials)
         start = context.Barrier(processes + 1)
         results = context.Queue()

@@ -3,7 +3,9 @@
 The application's documents here hold fields of many BSON types, some hold a credential the
 application wrote itself the way the wrapper's guide does (camelCase, ``expiresAt`` as a
 JavaScript number), and some hold none. credkeeper reads and refreshes through the
-``claudeCredentials`` sub-document and leaves everything else as it was, byte for byte.
+``claudeCredentials`` sub-document and leaves everything else as it was, byte for byte. Its
+state there belongs to the refresh token credkeeper wrote: when the application logs the user in
+again by setting new tokens, the old token's ``needs_reauth``, lease and failures no longer apply.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ from pymongo.collection import Collection
 
 from credkeeper import (
     ConflictError,
+    Credentials,
     CredentialStore,
+    ReauthRequired,
     Record,
+    Status,
     StoreCorrupted,
     StoreError,
     TokenManager,
     open_store,
 )
+from credkeeper._credentials import to_epoch_ms
 from credkeeper.testing import FakeProvider, run_storm
 from credkeeper_mongo import EmbeddedLayout, MongoStore
 
@@ -449,6 +455,151 @@ class TestEmbedded:
             store.put(new_record("alice", expires_at=moment + timedelta(milliseconds=999)))
 
         assert int(moment.timestamp()) == stored(users, "alice")["expiresAt"]
+
+
+def relogin(users: Collection[dict[str, Any]], user_id: str, credentials: Credentials) -> None:
+    """The application's own login handler: the guide's fields set straight in the document."""
+    users.update_one(
+        {"_id": user_id},
+        {
+            "$set": {
+                f"{PATH}.accessToken": credentials.access_token.get_secret_value(),
+                f"{PATH}.refreshToken": credentials.refresh_token.get_secret_value(),
+                f"{PATH}.expiresAt": float(to_epoch_ms(credentials.expires_at)),
+            }
+        },
+    )
+
+
+def refused(manager: TokenManager, fake: FakeProvider, key: str) -> None:
+    """Store a credential under ``key`` whose refresh the provider refuses: needs_reauth."""
+    issued = fake.issue(expires_in=60)
+    manager.put(key, issued)
+    fake.revoke(issued)
+    with pytest.raises(ReauthRequired):
+        manager.get(key)
+
+
+FUTURE = datetime(2031, 1, 1, tzinfo=UTC)
+
+
+def stuck(key: str) -> Record:
+    """A never-stored record of ``key`` held back by every kind of coordination state."""
+    return new_record(
+        key,
+        refresh_token="old refresh token",
+        status=Status.NEEDS_REAUTH,
+        lease_owner="crashed-host:1:2",
+        lease_until=FUTURE,
+        failures=3,
+        cooldown_until=FUTURE,
+        last_error="invalid_grant",
+    )
+
+
+def state(record: Record | None) -> tuple[Any, ...]:
+    """The coordination state of ``record``."""
+    assert record is not None
+    return (
+        record.status,
+        record.lease_owner,
+        record.lease_until,
+        record.failures,
+        record.cooldown_until,
+        record.last_error,
+    )
+
+
+FRESH = (Status.ACTIVE, None, None, 0, None, None)
+
+
+class TestRelogin:
+    def test_a_relogin_by_the_application_ends_needs_reauth(
+        self, users: Collection[dict[str, Any]], manager: TokenManager, fake: FakeProvider
+    ) -> None:
+        """After invalid_grant, the tokens the app's re-login set are served, not refused."""
+        refused(manager, fake, "alice")
+        login = fake.issue(expires_at=FUTURE)
+        relogin(users, "alice", login)
+
+        served = manager.get("alice")
+
+        assert (login.access_token, login.refresh_token) == (
+            served.access_token,
+            served.refresh_token,
+        )
+
+    def test_the_next_refresh_after_a_relogin_works(
+        self,
+        users: Collection[dict[str, Any]],
+        store: CredentialStore,
+        manager: TokenManager,
+        fake: FakeProvider,
+    ) -> None:
+        """The re-login's refresh token refreshes, and credkeeper stores the rotated tokens."""
+        refused(manager, fake, "alice")
+        relogin(users, "alice", fake.issue())
+
+        refreshed = manager.refresh("alice")
+
+        stored_record = store.get("alice")
+        assert stored_record is not None
+        assert ("ok", refreshed.refresh_token.get_secret_value(), FRESH) == (
+            fake.refresh_calls[-1].outcome,
+            stored_record.refresh_token,
+            state(stored_record),
+        )
+
+    def test_a_relogin_voids_a_stale_lease_failures_and_cooldown(
+        self, users: Collection[dict[str, Any]], store: CredentialStore, fake: FakeProvider
+    ) -> None:
+        """A lease, failures, cooldown and error of the old token do not hold the new one."""
+        store.put(stuck("alice"))
+        relogin(users, "alice", fake.issue())
+
+        assert FRESH == state(store.get("alice"))
+
+    def test_the_same_refresh_token_set_again_keeps_the_state(
+        self, users: Collection[dict[str, Any]], store: CredentialStore
+    ) -> None:
+        """The app setting the refresh token it already had is no re-login: state holds."""
+        store.put(stuck("alice"))
+        users.update_one(
+            {"_id": "alice"},
+            {
+                "$set": {
+                    f"{PATH}.accessToken": "another access token",
+                    f"{PATH}.refreshToken": "old refresh token",
+                }
+            },
+        )
+
+        assert state(stuck("alice")) == state(store.get("alice"))
+
+    def test_a_write_based_on_the_old_token_still_conflicts(
+        self, users: Collection[dict[str, Any]], store: CredentialStore, fake: FakeProvider
+    ) -> None:
+        """A record read before the re-login cannot be written back over the app's tokens."""
+        login = fake.issue()
+        read = store.put(stuck("alice"))
+        relogin(users, "alice", login)
+
+        with pytest.raises(ConflictError):
+            store.put(read.replace(lease_owner=None, lease_until=None))
+
+        assert login.refresh_token.get_secret_value() == stored(users, "alice")["refreshToken"]
+
+    def test_a_state_versioned_before_the_upgrade_always_applies(
+        self, users: Collection[dict[str, Any]], store: CredentialStore, fake: FakeProvider
+    ) -> None:
+        """A state whose version names no token (an older credkeeper's) is never voided."""
+        store.put(stuck("alice"))
+        users.update_one(
+            {"_id": "alice"}, {"$set": {f"{PATH}.credkeeper.version": uuid.uuid4().hex}}
+        )
+        relogin(users, "alice", fake.issue())
+
+        assert state(stuck("alice")) == state(store.get("alice"))
 
 
 @pytest.mark.slow

@@ -556,3 +556,103 @@ def test_a_field_path_inside_the_match_field_is_refused() -> None:
     """The credential cannot live inside the key's own field, which holds the key itself."""
     with pytest.raises(ConfigurationError, match="field_path must lie outside match_field"):
         EmbeddedLayout(match_field="profile", field_path="profile.claude")
+
+
+# -- the unit of a numeric expiry ----------------------------------------------------------
+
+# 2030-01-01T00:00:00Z in each unit.
+SECONDS = 1_893_456_000
+MILLISECONDS = SECONDS * 1000
+
+
+def credential_expiring(expires_at: Any) -> dict[str, Any]:
+    """A credential the application wrote, expiring at ``expires_at``."""
+    return {
+        "accessToken": "the access token",
+        "refreshToken": "the refresh token",
+        "expiresAt": expires_at,
+    }
+
+
+@pytest.mark.parametrize("stored_seconds", [SECONDS, float(SECONDS), Int64(SECONDS)])
+def test_seconds_read_as_milliseconds_are_refused(
+    stored_seconds: Any, tokens: Collection[dict[str, Any]], mongodb_store_url: str
+) -> None:
+    """An int32, double or int64 of epoch seconds under expires_at_unit=ms names the fix."""
+    tokens.insert_one({"_id": KEY, PATH: credential_expiring(stored_seconds)})
+
+    with (
+        opened(url_for(tokens, mongodb_store_url)) as store,
+        pytest.raises(ConfigurationError) as raised,
+    ):
+        store.get(KEY)
+
+    assert (
+        f"the expiry of key {KEY!r} in field {PATH}.expiresAt is {SECONDS}, which is epoch seconds "
+        "(as milliseconds it would fall in 1970-1973), but expires_at_unit=ms reads numbers as "
+        "milliseconds: set expires_at_unit=s"
+    ) == str(raised.value)
+
+
+def test_milliseconds_read_as_seconds_are_refused(
+    tokens: Collection[dict[str, Any]], mongodb_store_url: str
+) -> None:
+    """A number of epoch milliseconds under expires_at_unit=s names the fix."""
+    tokens.insert_one({"_id": KEY, PATH: credential_expiring(float(MILLISECONDS))})
+
+    with (
+        opened(url_for(tokens, mongodb_store_url, expires_at_unit="s")) as store,
+        pytest.raises(ConfigurationError) as raised,
+    ):
+        store.get(KEY)
+
+    assert (
+        f"the expiry of key {KEY!r} in field {PATH}.expiresAt is {MILLISECONDS}, which is epoch "
+        "milliseconds (as seconds it would fall after the year 5000), but expires_at_unit=s "
+        "reads it as seconds: set expires_at_unit=ms"
+    ) == str(raised.value)
+
+
+def test_a_wrong_unit_refuses_a_write_and_leaves_the_document(
+    tokens: Collection[dict[str, Any]], mongodb_store_url: str
+) -> None:
+    """A put over a credential in the other unit is refused before anything is written."""
+    tokens.insert_one({"_id": KEY, PATH: credential_expiring(SECONDS)})
+    before = raw(tokens, KEY)
+
+    with opened(url_for(tokens, mongodb_store_url)) as store, pytest.raises(ConfigurationError):
+        store.put(new_record(KEY))
+
+    assert before == raw(tokens, KEY)
+
+
+def test_the_unit_refusal_never_shows_a_token(
+    tokens: Collection[dict[str, Any]], mongodb_store_url: str
+) -> None:
+    """The message names the key, field and value, never the document's tokens."""
+    tokens.insert_one({"_id": KEY, PATH: credential_expiring(SECONDS)})
+
+    with (
+        opened(url_for(tokens, mongodb_store_url)) as store,
+        pytest.raises(ConfigurationError) as raised,
+    ):
+        store.get(KEY)
+
+    assert (False, False) == (
+        "the access token" in str(raised.value),
+        "the refresh token" in str(raised.value),
+    )
+
+
+@pytest.mark.parametrize("unit", ["ms", "s", "date"])
+def test_zero_still_reads_as_expired(
+    unit: str, tokens: Collection[dict[str, Any]], mongodb_store_url: str
+) -> None:
+    """0, which programs write for "expired", reads as the epoch in every unit."""
+    tokens.insert_one({"_id": KEY, PATH: credential_expiring(0)})
+
+    with opened(url_for(tokens, mongodb_store_url, expires_at_unit=unit)) as store:
+        record = store.get(KEY)
+
+    assert record is not None
+    assert EPOCH == record.expires_at

@@ -27,9 +27,9 @@ from credkeeper import (
     StoreUnavailable,
     open_store,
 )
-from credkeeper._cli import cli
-from credkeeper._cli_errors import PREFIX, ExitCode
 from credkeeper._store import AsyncCredentialStore, CredentialStore
+from credkeeper.cli import cli
+from credkeeper.cli._errors import PREFIX, ExitCode
 from credkeeper_sql import init_store
 from credkeeper_sql._store import _reason
 
@@ -262,8 +262,8 @@ class TestPrivilege:
             ConfigurationError,
             f"cannot use the {where(url)}: the user lacks a privilege (the server says: "
             f"permission denied for table {table}); grant it SELECT, INSERT, UPDATE and DELETE "
-            "on credkeeper's tables, and SELECT and UPDATE on a mapped table (INSERT and DELETE "
-            "too with insert=true)",
+            "on credkeeper's tables, and SELECT and UPDATE on a mapped table (INSERT too with "
+            "insert=true, DELETE with delete_rows=true)",
         ) == (type(error), str(error))
 
     def test_mariadb_table_without_privilege(

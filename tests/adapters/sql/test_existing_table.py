@@ -3,7 +3,9 @@
 The application's table here has no lease or version columns, extra columns of its own, and
 rows credkeeper must not touch. credkeeper reads and refreshes through the mapped columns, keeps
 its coordination state in a side table made by ``init_store``, and leaves everything else as it
-was, value for value.
+was, value for value. That state belongs to the refresh token credkeeper wrote: when the
+application logs the user in again by writing new tokens into its columns, the old token's
+``needs_reauth``, lease and failures no longer apply.
 """
 
 from __future__ import annotations
@@ -19,7 +21,17 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from credkeeper import ConflictError, Record, StoreError, TokenManager, open_store
+from credkeeper import (
+    ConflictError,
+    Credentials,
+    ReauthRequired,
+    Record,
+    Status,
+    StoreError,
+    TokenManager,
+    open_store,
+)
+from credkeeper._credentials import to_epoch_ms
 from credkeeper._store import CredentialStore
 from credkeeper.testing import FakeProvider, run_storm
 from credkeeper_sql import init_store
@@ -117,7 +129,7 @@ def drop(users: UsersTable) -> None:
     engine = sa.create_engine(users.server)
     try:
         with engine.begin() as connection:
-            for table in (users.name, dict(sa.engine.make_url(users.url).query)["lease_table"]):
+            for table in (users.name, lease_table(users)):
                 sa.Table(table, sa.MetaData()).drop(connection, checkfirst=True)
     finally:
         engine.dispose()
@@ -150,6 +162,67 @@ def manager(users: UsersTable, fake: FakeProvider, tmp_path: Path) -> Iterator[T
     """A token manager on the mapping, without a key ring: the app reads its columns plainly."""
     with users.store() as store, TokenManager(store, fake.provider(), journal=tmp_path / "j") as m:
         yield m
+
+
+def lease_table(users: UsersTable) -> str:
+    """The name of the side table of ``users``' mapping."""
+    return str(dict(sa.engine.make_url(users.url).query)["lease_table"])
+
+
+def relogin(users: UsersTable, user_id: str, credentials: Credentials) -> None:
+    """The application's own login handler: new tokens straight into its columns."""
+    users.execute(
+        f"UPDATE {users.name} SET claude_access_token = :access, "  # noqa: S608 - our own name
+        "claude_refresh_token = :refresh, claude_expires_at = :expires WHERE id = :id",
+        access=credentials.access_token.get_secret_value(),
+        refresh=credentials.refresh_token.get_secret_value(),
+        expires=to_epoch_ms(credentials.expires_at),
+        id=user_id,
+    )
+
+
+def refused(manager: TokenManager, fake: FakeProvider, key: str) -> None:
+    """Store a credential under ``key`` whose refresh the provider refuses: needs_reauth."""
+    issued = fake.issue(expires_in=60)
+    manager.put(key, issued)
+    fake.revoke(issued)
+    with pytest.raises(ReauthRequired):
+        manager.get(key)
+
+
+FUTURE = datetime(2031, 1, 1, tzinfo=UTC)
+
+
+def stuck(key: str) -> Record:
+    """A never-stored record of ``key`` held back by every kind of coordination state."""
+    return Record(
+        key=key,
+        access_token="old access token",
+        refresh_token="old refresh token",
+        expires_at=datetime(2030, 1, 1, tzinfo=UTC),
+        status=Status.NEEDS_REAUTH,
+        lease_owner="crashed-host:1:2",
+        lease_until=FUTURE,
+        failures=3,
+        cooldown_until=FUTURE,
+        last_error="invalid_grant",
+    )
+
+
+def state(record: Record | None) -> tuple[Any, ...]:
+    """The coordination state of ``record``."""
+    assert record is not None
+    return (
+        record.status,
+        record.lease_owner,
+        record.lease_until,
+        record.failures,
+        record.cooldown_until,
+        record.last_error,
+    )
+
+
+FRESH = (Status.ACTIVE, None, None, 0, None, None)
 
 
 def untouched(rows: list[tuple[Any, ...]], row_id: Any) -> list[tuple[Any, ...]]:
@@ -284,6 +357,107 @@ class TestExistingTable:
             assert (1, ["1", "2"]) == (fake.refresh_count, sorted(due))
         finally:
             drop(table)
+
+    def test_delete_rows_deletes_the_row(self, server: str) -> None:
+        """With delete_rows=true, deleting alice's credential deletes her row; the rest stays."""
+        made = make_users(server)
+        table = UsersTable(made.server, made.name, f"{made.url}&delete_rows=true")
+        try:
+            init_store(table.url)
+            with table.store() as store:
+                store.put(stuck("alice").replace(status=Status.ACTIVE))
+                before = table.rows()
+                deleted = store.delete("alice")
+
+            assert (True, [row for row in before if row[0] != "alice"]) == (deleted, table.rows())
+        finally:
+            drop(table)
+
+
+class TestRelogin:
+    def test_a_relogin_by_the_application_ends_needs_reauth(
+        self, users: UsersTable, manager: TokenManager, fake: FakeProvider
+    ) -> None:
+        """After invalid_grant, the tokens the app's re-login wrote are served, not refused."""
+        refused(manager, fake, "alice")
+        login = fake.issue(expires_at=FUTURE)
+        relogin(users, "alice", login)
+
+        served = manager.get("alice")
+
+        assert (login.access_token, login.refresh_token) == (
+            served.access_token,
+            served.refresh_token,
+        )
+
+    def test_the_next_refresh_after_a_relogin_works(
+        self, users: UsersTable, manager: TokenManager, fake: FakeProvider
+    ) -> None:
+        """The re-login's refresh token refreshes, and credkeeper stores the rotated tokens."""
+        refused(manager, fake, "alice")
+        relogin(users, "alice", fake.issue())
+
+        refreshed = manager.refresh("alice")
+
+        with users.store() as store:
+            stored = store.get("alice")
+        assert stored is not None
+        assert ("ok", refreshed.refresh_token.get_secret_value(), FRESH) == (
+            fake.refresh_calls[-1].outcome,
+            stored.refresh_token,
+            state(stored),
+        )
+
+    def test_a_relogin_voids_a_stale_lease_failures_and_cooldown(
+        self, users: UsersTable, fake: FakeProvider
+    ) -> None:
+        """A lease, failures, cooldown and error of the old token do not hold the new one."""
+        with users.store() as store:
+            store.put(stuck("alice"))
+            relogin(users, "alice", fake.issue())
+
+            assert FRESH == state(store.get("alice"))
+
+    def test_the_same_refresh_token_written_again_keeps_the_state(self, users: UsersTable) -> None:
+        """The app rewriting the refresh token it already had is no re-login: state holds."""
+        with users.store() as store:
+            store.put(stuck("alice"))
+            users.execute(
+                f"UPDATE {users.name} SET claude_access_token = 'another access token', "  # noqa: S608
+                "claude_refresh_token = 'old refresh token' WHERE id = 'alice'"
+            )
+
+            assert state(stuck("alice")) == state(store.get("alice"))
+
+    def test_a_write_based_on_the_old_token_still_conflicts(
+        self, users: UsersTable, fake: FakeProvider
+    ) -> None:
+        """A record read before the re-login cannot be written back over the app's tokens."""
+        login = fake.issue()
+        with users.store() as store:
+            read = store.put(stuck("alice"))
+            relogin(users, "alice", login)
+
+            with pytest.raises(ConflictError):
+                store.put(read.replace(lease_owner=None, lease_until=None))
+            stored = store.get("alice")
+
+        assert stored is not None
+        assert login.refresh_token.get_secret_value() == stored.refresh_token
+
+    def test_a_side_row_versioned_before_the_upgrade_always_applies(
+        self, users: UsersTable, fake: FakeProvider
+    ) -> None:
+        """A side row whose version names no token (an older credkeeper's) is never voided."""
+        with users.store() as store:
+            store.put(stuck("alice"))
+            users.execute(
+                f"UPDATE {lease_table(users)} SET version = :version",  # noqa: S608
+                version=uuid.uuid4().hex,
+            )
+            relogin(users, "alice", fake.issue())
+
+            assert state(stuck("alice")) == state(store.get("alice"))
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ On PostgreSQL and MariaDB, three tables as applications following the guide keep
 
 Each passes ``run_storm`` (4 processes x 16 threads: exactly one refresh, every caller holding
 the new token), and afterwards every other row, and every other column of the stormed row, reads
-back as the database's own text exactly as before.
+back as the database's own text exactly as before. So does a ``claude_tokens`` row the
+application itself inserted at login, which credkeeper never wrote before the storm.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from credkeeper import TokenCodec
+from credkeeper import Credentials, TokenCodec
+from credkeeper._credentials import to_epoch_ms
 from credkeeper.testing import run_storm
 from tests.examples import app_cipher
 
@@ -253,5 +255,76 @@ def test_a_guide_table_passes_the_storm_and_keeps_everything_else(
         report.holding_current,
         set(report.tokens_seen),
         shape.scopes(parsed(scopes)),
+    )
+    assert untouched(before, names, stormed) == untouched(after, names, stormed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("repetition", range(5))
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+def test_a_row_the_application_inserted_passes_the_storm_and_keeps_everything_else(
+    backend: str, repetition: int, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """64 callers on a claude_tokens row the app INSERTed at login: 1 refresh, all hold it, and
+    the row's source and created_at, and every other row, read back byte for byte."""
+    shape = SHAPES["claude-tokens-insert"]
+    server: str = request.getfixturevalue(
+        "postgres_url" if backend == "postgresql" else "mysql_url"
+    )
+    table = create_table(
+        server,
+        backend,
+        shape.columns(backend),
+        options=shape.options,
+        prefix="claude",
+        key=shape.key,
+    )
+    dumps: list[dict[Any, tuple[str | None, ...]]] = []
+
+    def login(credentials: Credentials) -> None:
+        """The application's login handler: one row, epoch-ms expiry, space-separated scopes."""
+        table.insert(
+            user_id=int(shape.stormed),
+            access_token=credentials.access_token.get_secret_value(),
+            refresh_token=credentials.refresh_token.get_secret_value(),
+            expires_at=to_epoch_ms(credentials.expires_at),
+            scopes=space(credentials.scopes),
+            subscription_type=credentials.subscription_type,
+            source="ios",
+            created_at="2025-03-04 05:06:07",
+        )
+        dumps.append(table.dump())
+
+    try:
+        for row in shape.rows:
+            table.insert(**row)
+
+        report = run_storm(table.url, directory=tmp_path, key=shape.stormed, seed=login)
+
+        after = table.dump()
+        names = table.column_names()
+    finally:
+        table.drop()
+    before = dumps[0]
+    stormed = stored_key(after, shape.stormed)
+    row = dict(zip(names, after[stormed], strict=True))
+    access, scopes = row["access_token"] or "", row["scopes"] or ""
+
+    assert (
+        1,
+        ("ok",),
+        (),
+        64,
+        64,
+        {hashlib.sha256(access.encode()).hexdigest()},
+        scopes,
+    ) == (
+        report.refreshes,
+        report.outcomes,
+        report.errors,
+        report.callers,
+        report.holding_current,
+        set(report.tokens_seen),
+        space(parsed(scopes)),
     )
     assert untouched(before, names, stormed) == untouched(after, names, stormed)

@@ -4,7 +4,8 @@ Some applications keep tokens in a table of their own whose row is created when 
 in (``claude_tokens(user_id, access_token, ...)``), not in ``users``. With ``insert=true``
 credkeeper creates that row for a new key, holding the key and the mapped columns, and
 everything else takes the table's defaults. Creating stays a compare-and-swap: the key column
-is unique, so of several workers creating one key exactly one inserts.
+is unique, so of several workers creating one key exactly one inserts. Deleting such a row is a
+separate choice, ``delete_rows=true``: the row may hold columns only the application owns.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ MAPPING = (
     "&expires_at_column=expires_at&scopes_column=scopes&subscription_type_column=plan"
 )
 INSERT = f"{MAPPING}&insert=true"
+# Rows credkeeper creates at login and deletes at logout.
+INSERT_AND_DELETE = f"{INSERT}&delete_rows=true"
 NOW = {"sqlite": "CURRENT_TIMESTAMP", "postgresql": "now()", "mariadb": "CURRENT_TIMESTAMP"}
 # A surrogate primary key the database numbers, beside a user_id that is not the key.
 SERIAL = {
@@ -211,36 +214,40 @@ def test_concurrent_creates_make_one_row_and_one_winner(tokens: AppTable) -> Non
     )
 
 
-def test_delete_removes_a_row_that_cannot_be_without_a_credential(tokens: AppTable) -> None:
-    """With insert=true and NOT NULL token columns, delete deletes the row and its side row."""
-    with opened(tokens.url) as store:
-        store.put(new_record("42"))
-        deleted = store.delete("42")
-
-    assert (True, [(0,)], [(0,)]) == (
-        deleted,
-        select(tokens, f"SELECT COUNT(*) FROM {tokens.name}"),  # noqa: S608
-        select(tokens, f"SELECT COUNT(*) FROM {tokens.leases}"),  # noqa: S608
-    )
-
-
-def test_without_insert_delete_of_a_not_null_row_is_refused(server: str, backend: str) -> None:
-    """Without insert=true credkeeper may not delete rows: the error names the column and fix."""
-    table = create_table(server, backend, claude_tokens(backend), options=MAPPING)
-    table.insert(
-        user_id=42, access_token="a", refresh_token="r", expires_at=1_893_456_000_000, scopes=""
-    )
+def test_delete_rows_deletes_a_row_that_cannot_be_without_a_credential(
+    server: str, backend: str
+) -> None:
+    """With delete_rows=true and NOT NULL token columns, delete deletes the row and side row."""
+    table = create_table(server, backend, claude_tokens(backend), options=INSERT_AND_DELETE)
     try:
-        with (
-            opened(table.url) as store,
-            pytest.raises(StoreError, match=r"access_token is NOT NULL.*insert=true"),
-        ):
-            store.delete("42")
-        rows = select(table, f"SELECT refresh_token FROM {table.name}")  # noqa: S608
+        with opened(table.url) as store:
+            store.put(new_record("42"))
+            deleted = store.delete("42")
+        counts = [
+            select(table, f"SELECT COUNT(*) FROM {name}")  # noqa: S608
+            for name in (table.name, table.leases)
+        ]
     finally:
         table.drop()
 
-    assert [("r",)] == rows
+    assert (True, [[(0,)], [(0,)]]) == (deleted, counts)
+
+
+def test_without_delete_rows_delete_of_a_not_null_row_is_refused(tokens: AppTable) -> None:
+    """insert=true alone never deletes the app's row: the error names the column and fixes."""
+    tokens.insert(
+        user_id=42, access_token="a", refresh_token="r", expires_at=1_893_456_000_000, scopes=""
+    )
+    with opened(tokens.url) as store, pytest.raises(ConfigurationError) as raised:
+        store.delete("42")
+
+    assert (
+        "cannot delete the credential for key '42': column "
+        f"{tokens.name}.access_token is NOT NULL, so its row cannot be kept without one; open "
+        "the store with delete_rows=true to let credkeeper delete such rows, or allow NULL in "
+        "the mapped columns",
+        [("r",)],
+    ) == (str(raised.value), select(tokens, f"SELECT refresh_token FROM {tokens.name}"))  # noqa: S608
 
 
 def test_a_not_null_column_left_empty_is_a_store_error_not_a_conflict(
@@ -337,6 +344,18 @@ def test_insert_must_be_a_boolean() -> None:
         open_store(f"sqlite:///app.db?table=claude_tokens&{MAPPING}&insert=maybe")
 
 
+def test_delete_rows_must_be_a_boolean() -> None:
+    """delete_rows=maybe is a ConfigurationError naming the option."""
+    with pytest.raises(ConfigurationError, match="delete_rows must be true or false, got 'maybe'"):
+        open_store(f"sqlite:///app.db?table=claude_tokens&{MAPPING}&delete_rows=maybe")
+
+
+def test_delete_rows_needs_a_mapping() -> None:
+    """delete_rows describes an existing-table mapping: alone it is a ConfigurationError."""
+    with pytest.raises(ConfigurationError, match="delete_rows only apply to an existing-table"):
+        open_store("sqlite:///app.db?delete_rows=true")
+
+
 # -- the store contract on rows credkeeper creates ---------------------------------------------
 
 
@@ -354,14 +373,19 @@ def conformance_columns(backend: str) -> str:
 def conformance_tables(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, str]]:
-    """One claude_tokens table per backend, mapped with insert=true; the store URL of each."""
+    """One claude_tokens table per backend, mapped with insert=true and delete_rows=true (the
+    contract deletes); the store URL of each."""
     made: dict[str, AppTable] = {}
     try:
         for backend in BACKENDS:
             directory = tmp_path_factory.mktemp("conformance")
             server = database_url(request, backend, directory)
             made[backend] = create_table(
-                server, backend, conformance_columns(backend), options=INSERT, prefix="tokens"
+                server,
+                backend,
+                conformance_columns(backend),
+                options=INSERT_AND_DELETE,
+                prefix="tokens",
             )
         yield {backend: table.url for backend, table in made.items()}
     finally:

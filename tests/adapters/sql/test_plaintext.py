@@ -27,7 +27,7 @@ from credkeeper import (
     TokenManager,
     open_store,
 )
-from credkeeper._cli import cli
+from credkeeper.cli import cli
 from credkeeper.testing import FakeProvider
 from credkeeper_sql import AsyncSQLStore, SQLStore
 

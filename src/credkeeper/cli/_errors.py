@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import shlex
 
-from ._exceptions import (
+from credkeeper._exceptions import (
     ConfigurationError,
     CredentialNotFound,
     CredentialsError,

@@ -24,14 +24,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 
-from ._keyring import KeyRing
-from ._manager import TokenManager
-from ._registry import open_store
-from ._store import CredentialStore
-from ._wrapper import WrapperClient
+from credkeeper._keyring import KeyRing
+from credkeeper._manager import TokenManager
+from credkeeper._registry import open_store
+from credkeeper._store import CredentialStore
+from credkeeper._wrapper import WrapperClient
 
 if TYPE_CHECKING:
-    from .testing import FakeProvider
+    from credkeeper.testing import FakeProvider
 
 __all__ = ["DemoResult", "UnexpectedReply", "run_demo"]
 
@@ -181,7 +181,7 @@ class _PlainDisplay:
 
 def run_demo(*, workers: int, seconds: float, console: Console | None = None) -> DemoResult:
     """Run ``workers`` threads for ``seconds`` against one credential; report on ``console``."""
-    from .testing import FakeProvider, FakeWrapper  # noqa: PLC0415 - test tooling, demo only
+    from credkeeper.testing import FakeProvider, FakeWrapper  # noqa: PLC0415 - test tooling, demo only
 
     console = console or Console(highlight=False, soft_wrap=True)
     with tempfile.TemporaryDirectory(prefix="credkeeper-demo-") as directory:

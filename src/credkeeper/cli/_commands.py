@@ -1,10 +1,10 @@
 """The ``credkeeper`` command line: set up stores; import, inspect, refresh, re-seal credentials.
 
 Every command is one function decorated with ``@cli.command()`` that takes the run's
-:class:`~credkeeper._cli_settings.Settings` (``@pass_settings``) and asks it for the store, the
-key ring or a manager built from the global options. Errors are not handled in commands: the
-group turns every one into a single ``credkeeper: error: ...`` line on stderr and an exit code
-from the table in ``_cli_errors`` (a traceback too with ``--debug``).
+:class:`~credkeeper.cli._options.GlobalOptions` (``@pass_options``) and asks them for the
+store, the key ring or a manager. Errors are not handled in commands: the group turns every one
+into a single ``credkeeper: error: ...`` line on stderr and an exit code from the table in
+``_errors`` (a traceback too with ``--debug``).
 
 No command prints a token. ``keygen`` prints key material, which is its job, to stdout only.
 """
@@ -28,28 +28,29 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__
-from ._cli_errors import PREFIX, ExitCode, describe, epilog, exit_code_for, one_line
-from ._cli_format import expiry_phrase, load_records, mapping_table, record_json, status_table
-from ._cli_settings import (
+from credkeeper import __version__
+from credkeeper._credentials import Credentials
+from credkeeper._exceptions import ConfigurationError, CredentialsError, UnknownSchemeError
+from credkeeper._files import make_private_directories
+from credkeeper._journal import RescueJournal, default_journal_dir
+from credkeeper._keyring import KeyRing
+from credkeeper._provider import Provider
+from credkeeper._registry import KNOWN_SCHEMES
+from credkeeper._rekey import rekey
+from credkeeper._wrapper import WrapperClient
+
+from ._demo import run_demo
+from ._errors import PREFIX, ExitCode, describe, epilog, exit_code_for, one_line
+from ._options import (
     DEFAULT_WRAPPER_URL,
     PROVIDER_PROFILES,
-    Settings,
+    GlobalOptions,
     default_store_path,
     display_url,
-    pass_settings,
+    pass_options,
     resolve_provider,
 )
-from ._credentials import Credentials
-from ._demo import run_demo
-from ._exceptions import ConfigurationError, CredentialsError, UnknownSchemeError
-from ._files import make_private_directories
-from ._journal import RescueJournal, default_journal_dir
-from ._keyring import KeyRing
-from ._provider import Provider
-from ._registry import KNOWN_SCHEMES
-from ._rekey import rekey
-from ._wrapper import WrapperClient
+from ._output import expiry_phrase, load_records, mapping_table, record_json, status_table
 
 if TYPE_CHECKING:  # the SQL store loads only for init-store, and only if installed
     from credkeeper_sql import StoreCheck
@@ -251,7 +252,7 @@ def cli(
     and status none.
     """
     _configure_logging(ctx, debug=debug)
-    settings = Settings(
+    options = GlobalOptions(
         store_url=store_url or default_store_path().as_uri(),
         default_store=not store_url,
         keys=keys,
@@ -261,8 +262,8 @@ def cli(
         journal=journal.expanduser() if journal is not None else None,
         debug=debug,
     )
-    ctx.obj = settings
-    ctx.call_on_close(settings.close)
+    ctx.obj = options
+    ctx.call_on_close(options.close)
 
 
 def _console(*, soft_wrap: bool = True) -> Console:
@@ -313,9 +314,9 @@ def demo(workers: int, seconds: float) -> None:
 @click.argument(
     "path", required=False, type=click.Path(dir_okay=False, allow_dash=True), metavar="[PATH|-]"
 )
-@pass_settings
+@pass_options
 def import_(
-    settings: Settings, key: str, source: str | None, stdin: bool, path: str | None
+    options: GlobalOptions, key: str, source: str | None, stdin: bool, path: str | None
 ) -> None:
     """Store a login's credentials under --key, replacing what is there.
 
@@ -326,7 +327,7 @@ def import_(
     if sum((stdin, source is not None, path is not None)) > 1:
         raise click.UsageError("give one of PATH, --from-file and --stdin")
     source = source if path is None else path
-    manager = settings.manager()  # a missing key ring is reported before any input is read
+    manager = options.manager()  # a missing key ring is reported before any input is read
     if stdin or source == "-":
         origin = "standard input"
         data = sys.stdin.buffer.read(_MAX_INPUT + 1)
@@ -342,7 +343,7 @@ def import_(
         details.append(f"scopes {' '.join(credentials.scopes)}")
     if credentials.subscription_type:
         details.append(f"subscription {credentials.subscription_type}")
-    click.echo(f"imported {key!r} into {settings.store_display}: {', '.join(details)}")
+    click.echo(f"imported {key!r} into {options.store_display}: {', '.join(details)}")
 
 
 def _read_input(path: Path) -> bytes:
@@ -377,21 +378,21 @@ def _parse_credentials(data: bytes, origin: str) -> Credentials:
 
 @cli.command(short_help="List stored credentials and their state; never a token.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
-@pass_settings
-def status(settings: Settings, as_json: bool) -> None:
+@pass_options
+def status(options: GlobalOptions, as_json: bool) -> None:
     """List every stored credential: expiry, status, lease holder, failures. Never a token.
 
     Needs no key ring: only the non-secret fields of each record are read. Damaged records are
     named on stderr and make the exit code 4; the rescue journal's problems are warnings there.
     """
-    records, damaged = load_records(settings.store())
-    problems = _journal_problems(settings)
+    records, damaged = load_records(options.store())
+    problems = _journal_problems(options)
     now = datetime.now(UTC)
     if as_json:
         click.echo(json.dumps([record_json(record, now=now) for record in records], indent=2))
     else:
         console = _console(soft_wrap=False)
-        where = escape(settings.store_display)
+        where = escape(options.store_display)
         if records:
             console.print(f"{len(records)} credential(s) in {where}")
             console.print(status_table(records, now=now))
@@ -404,28 +405,28 @@ def status(settings: Settings, as_json: bool) -> None:
     _report_damaged(damaged)
 
 
-def _journal_problems(settings: Settings) -> list[str]:
+def _journal_problems(options: GlobalOptions) -> list[str]:
     """The rescue journal's problems, its entries checked against the key ring if one is given.
 
     Without ``--keys`` the journal is checked as the command line would use it, with its own key
     file; entries sealed by an application's key ring then show as sealed under a foreign key.
     """
     keyring = None
-    if settings.keys and settings.keys.strip():
+    if options.keys and options.keys.strip():
         try:
-            keyring = settings.keyring()
+            keyring = options.keyring()
         except ConfigurationError as exc:
             return [f"the rescue journal was not checked: {exc}"]
-    directory = settings.journal or default_journal_dir()
+    directory = options.journal or default_journal_dir()
     return RescueJournal(directory, keyring=keyring).problems()
 
 
 @cli.command(short_help="Refresh one credential now.")
 @click.argument("key")
-@pass_settings
-def refresh(settings: Settings, key: str) -> None:
+@pass_options
+def refresh(options: GlobalOptions, key: str) -> None:
     """Refresh the credential under KEY now, through the store's lease; print its new expiry."""
-    credentials = settings.manager().refresh(key)
+    credentials = options.manager().refresh(key)
     expires = credentials.expires_at.isoformat(timespec="seconds").replace("+00:00", "Z")
     now = datetime.now(UTC)
     click.echo(
@@ -440,16 +441,21 @@ def refresh(settings: Settings, key: str) -> None:
 @click.option("--model", default="sonnet", show_default=True, help="opus, sonnet, haiku or an id.")
 @click.option("--thinking/--no-thinking", default=None, help="Extended thinking on or off.")
 @click.option("--keepalive", is_flag=True, help="Use the wrapper's SSE endpoint.")
-@pass_settings
+@pass_options
 def send(
-    settings: Settings, key: str, prompt: str, model: str, thinking: bool | None, keepalive: bool
+    options: GlobalOptions,
+    key: str,
+    prompt: str,
+    model: str,
+    thinking: bool | None,
+    keepalive: bool,
 ) -> None:
     """Send PROMPT ('-' reads stdin) to the wrapper as the user under KEY; stream the reply."""
     if prompt == "-":
         prompt = sys.stdin.read()
     history = [{"role": "user", "content": prompt}]
     with (
-        WrapperClient(settings.manager(), base_url=settings.wrapper_url) as client,
+        WrapperClient(options.manager(), base_url=options.wrapper_url) as client,
         client.messages.stream(
             key, history, model=model, thinking=thinking, keepalive=keepalive
         ) as stream,
@@ -551,24 +557,24 @@ def _write_fd(fd: int, text: str) -> None:
 
 
 @cli.command("rekey", short_help="Re-seal every stored token under the primary key.")
-@pass_settings
-def rekey_command(settings: Settings) -> None:
+@pass_options
+def rekey_command(options: GlobalOptions) -> None:
     """Re-seal every stored token under the key ring's primary key (after a rotation).
 
     Run it once every writer has the new ring; records are written by compare-and-swap, so
     refreshes running meanwhile are never overwritten. With --codec, the codec must be a key
     ring: an application's own cipher is the application's to rotate.
     """
-    codec = settings.token_codec()
+    codec = options.token_codec()
     if codec is not None and not isinstance(codec, KeyRing):
         raise ConfigurationError(
             f"rekey re-seals tokens under the primary key of a credkeeper key ring, but --codec "
-            f"(CREDKEEPER_CODEC) {settings.codec!r} gives the application's own cipher "
+            f"(CREDKEEPER_CODEC) {options.codec!r} gives the application's own cipher "
             f"({type(codec).__name__}); rotate that cipher's secret with the application's own "
             "tools, and run rekey without --codec only on stores sealed with the key ring"
         )
-    keyring = codec if codec is not None else settings.keyring()
-    report = rekey(settings.store(), keyring)
+    keyring = codec if codec is not None else options.keyring()
+    report = rekey(options.store(), keyring)
     click.echo(
         f"re-sealed {report.rekeyed} record(s) under key {keyring.primary_id}; "
         f"{report.unchanged} already under it"

@@ -1,7 +1,7 @@
 """The ``credkeeper`` command's global options, and the store, key ring and manager they open.
 
-A command receives a :class:`Settings` through ``@pass_settings`` and asks it for what it needs
-(``settings.store()``, ``settings.keyring()``, ``settings.token_codec()``, ``settings.manager()``);
+A command receives a :class:`GlobalOptions` through ``@pass_options`` and asks it for what it needs
+(``options.store()``, ``options.keyring()``, ``options.token_codec()``, ``options.manager()``);
 everything is opened on first use and closed when the command ends, so a command is one
 function and opens nothing it does not use (``status`` never needs the key ring, ``keygen``
 never touches a store).
@@ -18,25 +18,25 @@ from urllib.parse import urlsplit, urlunsplit
 
 import click
 
-from ._codec import TokenCodec
-from ._exceptions import ConfigurationError, CredkeeperError
-from ._files import make_private_directories
-from ._keyring import KeyRing
-from ._manager import TokenManager
-from ._provider import Provider
-from ._registry import open_store
-from ._store import CredentialStore, declares_plaintext
+from credkeeper._codec import TokenCodec
+from credkeeper._exceptions import ConfigurationError, CredkeeperError
+from credkeeper._files import make_private_directories
+from credkeeper._keyring import KeyRing
+from credkeeper._manager import TokenManager
+from credkeeper._provider import Provider
+from credkeeper._registry import open_store
+from credkeeper._store import CredentialStore, declares_plaintext
 
 __all__ = [
     "DEFAULT_WRAPPER_URL",
     "PROVIDER_PROFILES",
-    "Settings",
+    "GlobalOptions",
     "default_keys_path",
     "default_store_path",
     "display_url",
     "load_codec",
     "load_keyring",
-    "pass_settings",
+    "pass_options",
     "resolve_provider",
 ]
 
@@ -179,7 +179,7 @@ def display_url(url: str) -> str:
 
 
 @dataclass(eq=False)
-class Settings:
+class GlobalOptions:
     """The global options of one ``credkeeper`` run, and the resources opened from them.
 
     ``store_url`` is already resolved (``default_store`` says whether it is the default);
@@ -279,5 +279,5 @@ class Settings:
         self._manager = self._store = None
 
 
-#: Hands the run's :class:`Settings` to a command: ``@pass_settings def cmd(settings, ...)``.
-pass_settings = click.make_pass_decorator(Settings)
+#: Hands the run's :class:`GlobalOptions` to a command: ``@pass_options def cmd(options, ...)``.
+pass_options = click.make_pass_decorator(GlobalOptions)

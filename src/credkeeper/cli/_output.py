@@ -15,9 +15,9 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from ._exceptions import StoreCorrupted
-from ._record import Record, Status
-from ._store import CredentialStore, reported_damage
+from credkeeper._exceptions import StoreCorrupted
+from credkeeper._record import Record, Status
+from credkeeper._store import CredentialStore, reported_damage
 
 if TYPE_CHECKING:  # the SQL store is an optional extra
     from credkeeper_sql import FieldMapping

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from credkeeper import KeyRing
-from credkeeper._cli_settings import default_store_path, display_url, load_keyring
+from credkeeper.cli._options import default_store_path, display_url, load_keyring
 from credkeeper.testing import FakeProvider
 
 from .conftest import Cli, import_credentials
