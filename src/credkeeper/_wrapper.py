@@ -429,7 +429,7 @@ class _Call:
     extensions: dict[str, Any]
 
 
-class _Settings:
+class _Endpoints:
     """What both clients share: the URLs, the timeout, and request preparation."""
 
     def __init__(self, base_url: str, timeout: float | httpx.Timeout | None) -> None:
@@ -607,7 +607,7 @@ class Messages:
         ``thinking``, ``include_files``, ``mcp_servers``, ``timeout``, ...). Raises
         :class:`InvalidRequest` before sending when the wrapper would refuse the request.
         """
-        call = self._client._settings.call(key, messages, options, stream=False)
+        call = self._client._endpoints.call(key, messages, options, stream=False)
         http = self._client._http
 
         def attempt(credentials: Credentials) -> Message | Refused:
@@ -635,7 +635,9 @@ class Messages:
         ``file_created`` events under ``include_files``). Either way the :class:`ResultEvent`
         ends the stream.
         """
-        call = self._client._settings.call(key, messages, options, stream=True, keepalive=keepalive)
+        call = self._client._endpoints.call(
+            key, messages, options, stream=True, keepalive=keepalive
+        )
         http = self._client._http
 
         def attempt(credentials: Credentials) -> _Opened[Iterator[str]] | Refused:
@@ -691,7 +693,7 @@ class WrapperClient:
                 "http must be an httpx.Client (AsyncWrapperClient takes an httpx.AsyncClient)"
             )
         self.tokens = tokens
-        self._settings = _Settings(base_url, timeout)
+        self._endpoints = _Endpoints(base_url, timeout)
         self._own_http = http is None
         self._http = http if http is not None else httpx.Client(timeout=DEFAULT_TIMEOUT)
         self.messages = Messages(self)
@@ -699,7 +701,7 @@ class WrapperClient:
     @property
     def base_url(self) -> str:
         """The wrapper's base URL, without a trailing slash."""
-        return self._settings.base_url
+        return self._endpoints.base_url
 
     def __repr__(self) -> str:
         return f"WrapperClient(base_url={self.base_url!r})"
@@ -722,9 +724,9 @@ class WrapperClient:
 
     def health(self) -> Health:
         """``GET /health``: the wrapper's status and version (no credentials needed)."""
-        health = self._settings.health
+        health = self._endpoints.health
         with _TransportErrors(None, health):
-            response = self._http.get(health.url, timeout=self._settings.timeout)
+            response = self._http.get(health.url, timeout=self._endpoints.timeout)
         return _health(response.status_code, response.content)
 
     def _run(self, key: str, attempt: Callable[[Credentials], Any]) -> Any:
@@ -828,7 +830,7 @@ class AsyncMessages:
         **options: Unpack[RequestOptions],
     ) -> Message:
         """Send ``messages`` as user ``key``; see :meth:`Messages.create`."""
-        call = self._client._settings.call(key, messages, options, stream=False)
+        call = self._client._endpoints.call(key, messages, options, stream=False)
         http = self._client._http
 
         async def attempt(credentials: Credentials) -> Message | Refused:
@@ -854,7 +856,9 @@ class AsyncMessages:
         Not a coroutine: ``async with client.messages.stream(...) as stream`` or
         ``async for event in client.messages.stream(...)``.
         """
-        call = self._client._settings.call(key, messages, options, stream=True, keepalive=keepalive)
+        call = self._client._endpoints.call(
+            key, messages, options, stream=True, keepalive=keepalive
+        )
         http = self._client._http
 
         async def attempt(credentials: Credentials) -> _Opened[AsyncIterator[str]] | Refused:
@@ -903,7 +907,7 @@ class AsyncWrapperClient:
                 "http must be an httpx.AsyncClient (WrapperClient takes an httpx.Client)"
             )
         self.tokens = tokens
-        self._settings = _Settings(base_url, timeout)
+        self._endpoints = _Endpoints(base_url, timeout)
         self._own_http = http is None
         self._http = http if http is not None else httpx.AsyncClient(timeout=DEFAULT_TIMEOUT)
         self.messages = AsyncMessages(self)
@@ -911,7 +915,7 @@ class AsyncWrapperClient:
     @property
     def base_url(self) -> str:
         """The wrapper's base URL, without a trailing slash."""
-        return self._settings.base_url
+        return self._endpoints.base_url
 
     def __repr__(self) -> str:
         return f"AsyncWrapperClient(base_url={self.base_url!r})"
@@ -934,9 +938,9 @@ class AsyncWrapperClient:
 
     async def health(self) -> Health:
         """``GET /health``: the wrapper's status and version (no credentials needed)."""
-        health = self._settings.health
+        health = self._endpoints.health
         with _TransportErrors(None, health):
-            response = await self._http.get(health.url, timeout=self._settings.timeout)
+            response = await self._http.get(health.url, timeout=self._endpoints.timeout)
         return _health(response.status_code, response.content)
 
     async def _run(
