@@ -36,88 +36,23 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import gc
 import inspect
 import json
-import platform
-import random
-import resource
 import secrets
-import statistics
-import subprocess
 import sys
-import tempfile
-import threading
-import time
-import tracemalloc
 import uuid
-from collections.abc import Callable, Iterable
-from datetime import UTC, datetime, timedelta
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
-import httpx
-
-from credkeeper import (
-    ConflictError,
-    CredentialStore,
-    KeyRing,
-    Record,
-    TokenManager,
-    open_store,
-)
-from credkeeper.testing import FakeProvider
+import _harness
+from credkeeper import CredentialStore, open_store
 
 SQL_SCHEMES = frozenset({"sqlite", "postgresql", "postgres", "mysql", "mariadb"})
-MEMORY_GOAL_MB = 50.0
-SEED_CHUNK = 5000
-MB = 1024 * 1024
 
 
 def _scheme(url: str) -> str:
     return url.split("://", 1)[0].split("+", 1)[0].lower()
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _reset_high_water() -> str:
-    """Start the RSS high-water mark afresh; which mark :func:`_high_water_kib` reads.
-
-    ``ru_maxrss`` is preserved across ``execve``: a child spawned by this (large) process
-    starts with the parent's high-water mark, which hides its own growth. On Linux the child
-    reads ``VmHWM``, the high-water mark of its own address space, reset here to the current
-    RSS (``ru_maxrss`` is the larger of the two). Elsewhere, ``ru_maxrss`` is all there is.
-    """
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        Path("/proc/self/status").read_text()
-    except OSError:
-        return "ru_maxrss"
-    return "VmHWM"
-
-
-def _high_water_kib(source: str) -> int:
-    """The RSS high-water mark in KiB, from ``VmHWM`` or ``ru_maxrss``."""
-    if source == "VmHWM":
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    # In KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _record(key: str, *, expires_at: datetime) -> Record:
-    return Record(
-        key=key,
-        access_token=secrets.token_urlsafe(120),
-        refresh_token=secrets.token_urlsafe(120),
-        expires_at=expires_at,
-        scopes=("user:inference", "user:profile"),
-        subscription_type="max",
-    )
 
 
 class Target:
@@ -165,10 +100,7 @@ class Target:
 
     def versions(self) -> dict[str, str]:
         """Versions of what was measured."""
-        found = {"python": platform.python_version()}
-        for package in ("credkeeper", "sqlalchemy", "psycopg", "pymysql", "httpx"):
-            with contextlib.suppress(PackageNotFoundError):
-                found[package] = version(package)
+        found = _harness.describe("credkeeper", "sqlalchemy", "psycopg", "pymysql", "httpx")
         if self.sql:
             import sqlalchemy as sa  # noqa: PLC0415
 
@@ -178,7 +110,7 @@ class Target:
                 found["server"] = f"{backend} {connection.execute(sa.text(query)).scalar()}"
         return found
 
-    def cleanup(self) -> None:
+    def close(self) -> None:
         """Drop the table, or delete this run's keys; then close the store."""
         try:
             if self.sql:
@@ -194,128 +126,32 @@ class Target:
 
 
 def measure_get(target: Target, calls: int, warmup: int) -> dict[str, Any]:
-    """Manager ``get`` (cache off) vs bare ``store.get`` vs a raw SELECT, interleaved."""
-    store = target.store
+    """Manager ``get`` (cache off) vs bare ``store.get`` vs a raw SELECT (SQL), interleaved."""
     key = target.key("get")
-    with (
-        tempfile.TemporaryDirectory() as journal,
-        FakeProvider() as fake,
-        httpx.Client() as http,
-    ):
-        # Not closed: closing the manager would close the shared store.
-        manager = TokenManager(
-            store,
-            fake.provider(),
-            keyring=KeyRing.generate(),
-            cache=False,
-            journal=journal,
-            http=http,
+    baseline = None
+    if target.sql:
+        import sqlalchemy as sa  # noqa: PLC0415
+
+        engine, table = target.engine, target.table
+        select = sa.select(table).where(table.c.key == sa.bindparam("k"))
+
+        def raw() -> Any:
+            with engine.connect() as connection:
+                return connection.execute(select, {"k": key}).first()
+
+        baseline = _harness.Baseline(
+            "raw", raw, lambda row: None if row is None else row._mapping["version"]
         )
-        manager.put(key, fake.issue(expires_in=6 * 3600))
-        sides: dict[str, Callable[[], object]] = {
-            "manager": lambda: manager.get(key),
-            "store": lambda: store.get(key),
-        }
-        stored = store.get(key)
-        if target.sql:
-            import sqlalchemy as sa  # noqa: PLC0415
-
-            engine, table = target.engine, target.table
-            select = sa.select(table).where(table.c.key == sa.bindparam("k"))
-
-            def raw() -> Any:
-                with engine.connect() as connection:
-                    return connection.execute(select, {"k": key}).first()
-
-            row = raw()
-            if row is None or row._mapping["version"] != stored.version:
-                raise SystemExit("the raw SELECT read another row; the comparison is void")
-            sides["raw"] = raw
-        names = list(sides)
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for index in range(warmup + calls):
-            shift = index % len(names)
-            for name in names[shift:] + names[:shift]:
-                start = time.perf_counter_ns()
-                sides[name]()
-                elapsed = time.perf_counter_ns() - start
-                if index >= warmup:
-                    times[name].append(elapsed / 1000)
-        refreshes = fake.refresh_count
-    if refreshes:
-        raise SystemExit(f"{refreshes} refreshes happened; the get comparison is void")
-    result: dict[str, Any] = {
-        "calls": calls,
-        "provider_refreshes": refreshes,
-        **{f"{name}_median_us": round(statistics.median(times[name]), 1) for name in names},
-        "manager_vs_store_ratio": _per_call(times["manager"], times["store"]),
-    }
-    if "raw" in times:
-        result["store_vs_raw_ratio"] = _per_call(times["store"], times["raw"])
-        result["manager_vs_raw_ratio"] = _per_call(times["manager"], times["raw"])
-    return result
-
-
-def _per_call(numerator: list[float], denominator: list[float]) -> float:
-    return round(statistics.median(n / d for n, d in zip(numerator, denominator, strict=True)), 3)
+    return _harness.measure_get(target.store, key, baseline, calls=calls, warmup=warmup)
 
 
 # -- 2. compare-and-swap writes ----------------------------------------------------------
 
 
-def _run_threads(work: Callable[[int, threading.Event], int], threads: int, seconds: float) -> int:
-    """Run ``work(thread_index, stop)`` on ``threads`` threads for ``seconds``; the sum."""
-    ready = threading.Barrier(threads + 1)
-    stop = threading.Event()
-    results = [0] * threads
-    errors: list[BaseException] = []
-
-    def run(index: int) -> None:
-        ready.wait()
-        try:
-            results[index] = work(index, stop)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-            errors.append(exc)
-
-    workers = [threading.Thread(target=run, args=(index,)) for index in range(threads)]
-    for worker in workers:
-        worker.start()
-    ready.wait()
-    stop.wait(seconds)
-    stop.set()
-    for worker in workers:
-        worker.join()
-    if errors:
-        raise errors[0]
-    return sum(results)
-
-
 def measure_cas(target: Target, threads: int, seconds: float) -> dict[str, Any]:
     """CAS increments on one key and on a key per thread, vs bare UPDATEs (SQL)."""
-    store = target.store
-    far = datetime.now(UTC) + timedelta(days=1)
-    shared = target.key("cas-shared")
-    own = [target.key(f"cas-{index}") for index in range(threads)]
-    for key in (shared, *own):
-        store.put(_record(key, expires_at=far))
-    conflicts = [0] * threads
-
-    def cas(keys: list[str]) -> Callable[[int, threading.Event], int]:
-        def work(index: int, stop: threading.Event) -> int:
-            key, writes = keys[index], 0
-            while not stop.is_set():
-                record = store.get(key)
-                try:
-                    store.put(record.replace(failures=record.failures + 1))
-                except ConflictError:
-                    conflicts[index] += 1
-                    continue
-                writes += 1
-            return writes
-
-        return work
-
-    def bare(keys: list[str]) -> Callable[[int, threading.Event], int]:
+    bare: Callable[[str], object] | None = None
+    if target.sql:
         import sqlalchemy as sa  # noqa: PLC0415
 
         engine, table = target.engine, target.table
@@ -325,74 +161,40 @@ def measure_cas(target: Target, threads: int, seconds: float) -> dict[str, Any]:
             .values(failures=table.c.failures + 1)
         )
 
-        def work(index: int, stop: threading.Event) -> int:
-            writes = 0
-            while not stop.is_set():
-                with engine.begin() as connection:
-                    connection.execute(update, {"k": keys[index]})
-                writes += 1
-            return writes
+        def increment(key: str) -> None:
+            with engine.begin() as connection:
+                connection.execute(update, {"k": key})
 
-        return work
+        bare = increment
 
-    def failures_of(keys: Iterable[str]) -> int:
-        return sum(store.get(key).failures for key in set(keys))
-
-    result: dict[str, Any] = {"threads": threads, "seconds_per_side": seconds}
-    for scenario, keys in (("contended", [shared] * threads), ("uncontended", own)):
-        sides: dict[str, Callable[[int, threading.Event], int]] = {"store": cas(keys)}
-        if target.sql:
-            sides["bare"] = bare(keys)
-        writes = dict.fromkeys(sides, 0)
-        elapsed = dict.fromkeys(sides, 0.0)
-        conflicts[:] = [0] * threads
-        before = failures_of(keys)
-        # A B B A in half-second slices, so drift in the machine's load hits both sides alike.
-        rounds = max(1, round(seconds))
-        order = ["store", "bare", "bare", "store"] * rounds if target.sql else ["store"]
-        for name in order:
-            start = time.perf_counter()
-            writes[name] += _run_threads(sides[name], threads, seconds / order.count(name))
-            elapsed[name] += time.perf_counter() - start
-        lost = before + sum(writes.values()) - failures_of(keys)
-        if lost:
-            raise SystemExit(f"{scenario}: {lost} increments were lost; CAS is broken")
-        entry: dict[str, Any] = {
-            "store_writes_per_s": round(writes["store"] / elapsed["store"]),
-            "store_writes": writes["store"],
-            "conflicts": sum(conflicts),
-            "lost_updates": lost,
-        }
-        if "bare" in sides:
-            entry["bare_writes_per_s"] = round(writes["bare"] / elapsed["bare"])
-            entry["ratio"] = round(entry["store_writes_per_s"] / entry["bare_writes_per_s"], 3)
-        result[scenario] = entry
-    return result
+    return _harness.measure_cas(
+        target.store,
+        target.key,
+        bare,
+        threads=threads,
+        seconds=seconds,
+        bare_increments=True,
+    )
 
 
 # -- 3. scan_due -------------------------------------------------------------------------
 
 
-def seed(target: Target, rows: int) -> int:
-    """Store ``rows`` due records quickly; the epoch-ms bound that covers them all."""
-    now = _now_ms()
-    rng = random.Random(1)
-    # Due within the past hour up to twelve hours ahead: scan_due(now + 1 day) sees them all.
-    expiries = [now - 3_600_000 + rng.randrange(13 * 3_600_000) for _ in range(rows)]
-    keys = [target.prefix + f"scan-{index:07d}" for index in range(rows)]
+def seed(target: Target, due: list[tuple[str, int]]) -> None:
+    """Store a due record per ``(key, expires_at in epoch ms)``, quickly."""
     if target.sql:
         import sqlalchemy as sa  # noqa: PLC0415
 
         # The column encoding of OwnTable.put: epoch ms, scopes as a JSON array.
         scopes = json.dumps(["user:inference", "user:profile"])
         insert = sa.insert(target.table)
-        for first in range(0, rows, SEED_CHUNK):
+        for first in range(0, len(due), _harness.SEED_CHUNK):
             chunk = [
                 {
-                    "key": keys[index],
+                    "key": key,
                     "access_token": secrets.token_urlsafe(120),
                     "refresh_token": secrets.token_urlsafe(120),
-                    "expires_at": expiries[index],
+                    "expires_at": expires,
                     "scopes": scopes,
                     "subscription_type": "max",
                     "status": "active",
@@ -403,7 +205,7 @@ def seed(target: Target, rows: int) -> int:
                     "last_error": None,
                     "version": uuid.uuid4().hex,
                 }
-                for index in range(first, min(first + SEED_CHUNK, rows))
+                for key, expires in due[first : first + _harness.SEED_CHUNK]
             ]
             with target.engine.begin() as connection:
                 connection.execute(insert, chunk)
@@ -416,29 +218,26 @@ def seed(target: Target, rows: int) -> int:
         with target.engine.begin() as connection:
             connection.execute(sa.text(analyze.format(target.table.name)))
     else:
-        target.keys.update(keys)
+        target.keys.update(key for key, _ in due)
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             list(
                 pool.map(
                     lambda pair: target.store.put(
-                        _record(pair[0], expires_at=datetime.fromtimestamp(pair[1] / 1000, UTC))
+                        _harness.record(
+                            pair[0], expires_at=datetime.fromtimestamp(pair[1] / 1000, UTC)
+                        )
                     ),
-                    zip(keys, expiries, strict=True),
+                    due,
                 )
             )
-    return now + 86_400_000
 
 
-def _child(mode: str, url: str, prefix: str, before_ms: int, trace: bool) -> dict[str, Any]:
-    """In a fresh process: iterate ``scan_due`` (or load the raw SELECT) and measure it.
-
-    Only keys under ``prefix`` are counted: the other measurements' few keys are due too.
-    """
+def _child(args: argparse.Namespace) -> dict[str, Any]:
+    """In a fresh process: iterate ``scan_due`` (or load the raw SELECT) and measure it."""
+    url = args.urls[0]
     store: Any = open_store(url)
-    before = datetime.fromtimestamp(before_ms / 1000, UTC)
-    # Connect and build the table's layout before measuring.
-    store.get(prefix + "warm-up")
-    if mode == "raw":
+    raw = None
+    if args.child == "raw":
         import sqlalchemy as sa  # noqa: PLC0415
 
         from credkeeper_sql import credentials_table  # noqa: PLC0415
@@ -446,80 +245,28 @@ def _child(mode: str, url: str, prefix: str, before_ms: int, trace: bool) -> dic
         table = credentials_table(sa.MetaData(), str(sa.engine.make_url(url).query["table"]))
         select = sa.select(table.c.key).where(table.c.expires_at <= sa.bindparam("b"))
 
-        def run() -> int:
+        def load() -> Iterator[str]:
             with store.engine.connect() as connection:
-                keys = connection.execute(select, {"b": before_ms}).all()
-            return sum(1 for (key,) in keys if key.startswith(prefix))
+                rows = connection.execute(select, {"b": args.before_ms}).all()
+            return (key for (key,) in rows)
 
-    else:
-
-        def run() -> int:
-            return sum(1 for key in store.scan_due(before) if key.startswith(prefix))
-
-    gc.collect()
-    if trace:
-        tracemalloc.start()
-    source = _reset_high_water()
-    rss_before = _high_water_kib(source)
-    start = time.perf_counter()
-    count = run()
-    elapsed = time.perf_counter() - start
-    rss_growth = _high_water_kib(source) - rss_before
-    peak = tracemalloc.get_traced_memory()[1] if trace else None
-    store.close()
-    return {
-        "count": count,
-        "elapsed_s": round(elapsed, 3),
-        "rss_growth_kib": rss_growth,
-        "rss_source": source,
-        "tracemalloc_peak_kib": None if peak is None else peak // 1024,
-    }
-
-
-def _in_child(mode: str, target: Target, before_ms: int, *, trace: bool) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", mode, target.store_url]
-    command += ["--prefix", target.prefix + "scan-", "--before-ms", str(before_ms)]
-    if trace:
-        command.append("--trace")
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"the {mode} scan subprocess failed:\n{done.stderr}")
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
+        raw = load
+    return _harness.scan_child(store, raw, args)
 
 
 def measure_scan(target: Target, rows: int) -> dict[str, Any]:
     """Seed ``rows`` due records, then scan them in fresh subprocesses, store and raw."""
     if _scheme(target.url) == "memory":
         return {"skipped": "a memory:// store lives in one process; no subprocess can scan it"}
-    start = time.perf_counter()
-    before_ms = seed(target, rows)
-    result: dict[str, Any] = {"rows": rows, "seed_s": round(time.perf_counter() - start, 1)}
-    modes = ["store", "raw"] if target.sql else ["store"]
-    for mode in modes:
-        timed = _in_child(mode, target, before_ms, trace=False)
-        traced = _in_child(mode, target, before_ms, trace=True)
-        for run in (timed, traced):
-            if run["count"] != rows:
-                raise SystemExit(f"{mode} scan saw {run['count']} keys, expected {rows}")
-        result[mode] = {
-            "count": timed["count"],
-            "elapsed_s": timed["elapsed_s"],
-            "rss_growth_mb": round(timed["rss_growth_kib"] / 1024, 1),
-            "rss_source": timed["rss_source"],
-            "tracemalloc_peak_mb": round(traced["tracemalloc_peak_kib"] / 1024, 1),
-        }
-    store = result["store"]
-    store["under_goal"] = max(store["rss_growth_mb"], store["tracemalloc_peak_mb"]) < (
-        MEMORY_GOAL_MB
+    return _harness.measure_scan(
+        __file__,
+        target.store_url,
+        target.prefix,
+        lambda due: seed(target, due),
+        rows=rows,
+        modes=["store", "raw"] if target.sql else ["store"],
+        runs=1,
     )
-    if "raw" in result:
-        raw = result["raw"]
-        result["ratios"] = {
-            name: round(store[name] / raw[name], 3) if raw[name] else None
-            for name in ("elapsed_s", "rss_growth_mb", "tracemalloc_peak_mb")
-        }
-    return result
 
 
 # -- driver ------------------------------------------------------------------------------
@@ -527,8 +274,7 @@ def measure_scan(target: Target, rows: int) -> dict[str, Any]:
 
 def run_one(url: str, args: argparse.Namespace) -> dict[str, Any]:
     """Every measurement for one store URL, cleaning up whatever happens."""
-    target = Target(url)
-    try:
+    with contextlib.closing(Target(url)) as target:
         return {
             "url": target.shown,
             "table": target.table_name,
@@ -537,82 +283,33 @@ def run_one(url: str, args: argparse.Namespace) -> dict[str, Any]:
             "cas": measure_cas(target, args.threads, args.seconds),
             "scan_due": measure_scan(target, args.rows),
         }
-    finally:
-        target.cleanup()
 
 
 def show(result: dict[str, Any]) -> None:
     """Print one store's result as readable tables."""
-    print(f"== {result['url']}  ({', '.join(f'{k} {v}' for k, v in result['versions'].items())})")
-    get = result["get"]
-    print(f"get, cache off, {get['calls']} interleaved calls per side")
-    print(f"  TokenManager.get median  {get['manager_median_us']:>9} µs")
-    print(f"  store.get median         {get['store_median_us']:>9} µs")
-    if "raw_median_us" in get:
-        print(f"  raw SELECT median        {get['raw_median_us']:>9} µs")
-    print(f"  manager / store          {get['manager_vs_store_ratio']:>9}  (median per-call)")
-    if "store_vs_raw_ratio" in get:
-        print(f"  store / raw SELECT       {get['store_vs_raw_ratio']:>9}  (median per-call)")
-        print(f"  manager / raw SELECT     {get['manager_vs_raw_ratio']:>9}  (median per-call)")
-    cas = result["cas"]
-    print(f"CAS read-modify-write, {cas['threads']} threads, {cas['seconds_per_side']} s per side")
-    print(f"  {'':12} {'store w/s':>10} {'conflicts':>10} {'bare w/s':>10} {'ratio':>7}")
-    for scenario in ("contended", "uncontended"):
-        entry = cas[scenario]
-        print(
-            f"  {scenario:12} {entry['store_writes_per_s']:>10} {entry['conflicts']:>10} "
-            f"{entry.get('bare_writes_per_s', '-'):>10} {entry.get('ratio', '-'):>7}"
-        )
-    scan = result["scan_due"]
-    if "skipped" in scan:
-        print(f"scan_due skipped: {scan['skipped']}")
-    else:
-        print(f"scan_due over {scan['rows']} due rows (seeded in {scan['seed_s']} s)")
-        print(f"  {'':12} {'elapsed s':>10} {'tracemalloc':>12} {'RSS growth':>11}")
-        for mode in ("store", "raw"):
-            if mode in scan:
-                side = scan[mode]
-                print(
-                    f"  {mode:12} {side['elapsed_s']:>10} {side['tracemalloc_peak_mb']:>9} MB "
-                    f"{side['rss_growth_mb']:>8} MB"
-                )
-        if "ratios" in scan:
-            ratios = scan["ratios"]
-            print(
-                f"  {'store / raw':12} {ratios['elapsed_s']!s:>10} "
-                f"{ratios['tracemalloc_peak_mb']!s:>12} {ratios['rss_growth_mb']!s:>11}"
-            )
-        verdict = "under" if scan["store"]["under_goal"] else "NOT under"
-        print(f"  scan_due peak memory growth is {verdict} {MEMORY_GOAL_MB:g} MB")
+    _harness.show_header(result["url"], result["versions"])
+    _harness.show_get(result["get"], baseline="raw", label="raw SELECT")
+    _harness.show_cas(result["cas"], bare="bare UPDATE")
+    _harness.show_scan(
+        result["scan_due"], labels={"store": "scan_due", "raw": "raw SELECT"}, rows="rows"
+    )
     print()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark for every URL given and print the results."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _harness.parser(
+        __doc__, calls=2000, warmup=200, measured="get calls", json_help="one JSON object per store"
+    )
     parser.add_argument("urls", nargs="+", metavar="URL", help="store URLs")
-    parser.add_argument("--rows", type=int, default=100_000, help="due rows for scan_due")
-    parser.add_argument("--calls", type=int, default=2000, help="measured get calls per side")
-    parser.add_argument("--warmup", type=int, default=200, help="unmeasured get calls first")
-    parser.add_argument("--threads", type=int, default=8, help="writer threads")
-    parser.add_argument("--seconds", type=float, default=5.0, help="write time per side")
-    parser.add_argument("--json", action="store_true", help="one JSON object per store")
-    parser.add_argument("--child", choices=["store", "raw"], help=argparse.SUPPRESS)
-    parser.add_argument("--prefix", help=argparse.SUPPRESS)
-    parser.add_argument("--before-ms", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
+    _harness.add_write_flags(parser, seconds=5.0)
+    _harness.add_scan_flags(parser, rows="rows")
     args = parser.parse_args(argv)
     if args.child:
-        result = _child(args.child, args.urls[0], args.prefix, args.before_ms, args.trace)
-        print(json.dumps(result))
+        print(json.dumps(_child(args)))
         return 0
     for url in args.urls:
-        result = run_one(url, args)
-        if args.json:
-            print(json.dumps(result), flush=True)
-        else:
-            show(result)
-            sys.stdout.flush()
+        _harness.emit(run_one(url, args), show, as_json=args.json)
     return 0
 
 

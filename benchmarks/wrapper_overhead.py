@@ -14,18 +14,14 @@ machine-readable line.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 
+import _harness
 from credkeeper import MemoryStore, TokenManager, WrapperClient
 from credkeeper.testing import FakeProvider, FakeWrapper
 
@@ -67,52 +63,41 @@ def measure(calls: int, warmup: int) -> dict[str, Any]:
 
         if with_client() != with_bare():
             raise SystemExit("the two sides got different answers; the comparison is void")
-        client_times: list[float] = []
-        bare_times: list[float] = []
-        for index in range(warmup + calls):
-            pair: list[tuple[Callable[[], object], list[float]]] = [
-                (with_client, client_times),
-                (with_bare, bare_times),
-            ]
-            for call, times in pair if index % 2 else reversed(pair):
-                start = time.perf_counter_ns()
-                call()
-                elapsed = time.perf_counter_ns() - start
-                if index >= warmup:
-                    times.append(elapsed / 1000)
+        times = _harness.interleave(
+            {"client": with_client, "bare": with_bare}, calls=calls, warmup=warmup
+        )
         refreshes = provider.refresh_count
-    ratios = [c / b for c, b in zip(client_times, bare_times, strict=True)]
+    client_times, bare_times = times["client"], times["bare"]
     return {
         "calls": calls,
-        "client_median_us": round(statistics.median(client_times), 1),
-        "bare_median_us": round(statistics.median(bare_times), 1),
+        "client_median_us": _harness.median_us(client_times),
+        "bare_median_us": _harness.median_us(bare_times),
         "ratio_of_medians": round(
             statistics.median(client_times) / statistics.median(bare_times), 3
         ),
-        "median_per_call_ratio": round(statistics.median(ratios), 3),
+        "median_per_call_ratio": _harness.per_call_ratio(client_times, bare_times),
         "provider_refreshes": refreshes,
-        "python": platform.python_version(),
-        "httpx": httpx.__version__,
+        **_harness.describe("credkeeper", "httpx"),
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print the result."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=2000, help="measured calls per side")
-    parser.add_argument("--warmup", type=int, default=200, help="unmeasured calls first")
-    parser.add_argument("--json", action="store_true", help="print one JSON line")
-    args = parser.parse_args(argv)
-    result = measure(args.calls, args.warmup)
-    if args.json:
-        print(json.dumps(result))
-        return 0
+def show(result: dict[str, Any]) -> None:
+    """Print the result as a short table."""
     print(f"calls per side:        {result['calls']}")
     print(f"WrapperClient median:  {result['client_median_us']} µs")
     print(f"bare httpx median:     {result['bare_median_us']} µs")
     print(f"ratio of medians:      {result['ratio_of_medians']}")
-    print(f"median per-call ratio: {result['median_per_call_ratio']}  (goal <= 1.15)")
+    print(f"median per-call ratio: {result['median_per_call_ratio']}  (goal <= 1.05)")
     print(f"provider refreshes:    {result['provider_refreshes']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the result."""
+    parser = _harness.parser(
+        __doc__, calls=2000, warmup=200, measured="calls", json_help="print one JSON line"
+    )
+    args = parser.parse_args(argv)
+    _harness.emit(measure(args.calls, args.warmup), show, as_json=args.json)
     return 0
 
 
