@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from credkeeper import Record, StoreCorrupted
-from credkeeper._credentials import to_epoch_ms
+from credkeeper.storekit import to_epoch_ms
 
 __all__ = [
     "EXPIRY_TAG",

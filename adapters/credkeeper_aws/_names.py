@@ -26,7 +26,7 @@ import re
 import string
 
 from credkeeper import ConfigurationError
-from credkeeper._record import check_key
+from credkeeper.storekit import check_key
 
 __all__ = [
     "HASHED",

@@ -43,12 +43,11 @@ import random
 import re
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 # No type information ships with botocore (boto3's core, which makes boto3's clients): its
 # objects are Any at this boundary.
@@ -68,8 +67,19 @@ from credkeeper import (
     SystemClock,
     time_remaining,
 )
-from credkeeper._credentials import to_epoch_ms
-from credkeeper._record import check_key
+from credkeeper.storekit import (
+    NAME,
+    SECONDS,
+    Option,
+    check_key,
+    check_moment,
+    check_record,
+    error_boundary,
+    new_version,
+    query_options,
+    read_options,
+    to_epoch_ms,
+)
 
 from ._document import (
     EXPIRY_TAG,
@@ -88,8 +98,8 @@ __all__ = ["SecretsManagerStore"]
 
 logger = logging.getLogger("credkeeper.aws")
 
+_STORE = "Secrets Manager store"
 _URL_FORM = "aws-sm://REGION/PREFIX/, e.g. aws-sm://us-east-1/credkeeper/prod/"
-_OPTIONS = ("endpoint_url", "kms_key_id", "profile", "retry_timeout")
 _REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]+")
 _CURRENT = "AWSCURRENT"
 _PENDING = "CREDKEEPER_PENDING"
@@ -141,11 +151,7 @@ _FIRST_BACKOFF = 0.05
 _MAX_BACKOFF = 2.0
 # How many writes may follow an unanswered one before the store stops following the chain.
 _CHAIN_LIMIT = 64
-# moto (not AWS) has a moment, inside a stage move, when no version holds AWSCURRENT.
-_RELABEL_WAITS = 40
-_RELABEL_WAIT = 0.005
 _MOVE_ATTEMPTS = 3
-_CREATE_LOCKS = 64
 # Versions this store saw replaced, kept to refuse stale writes without a call.
 _REPLACED_MEMORY = 4096
 _MS = timedelta(milliseconds=1)
@@ -267,17 +273,6 @@ def _translate(exc: Exception, key: str | None) -> StoreError:
     return StoreError(f"boto3 failed{about} ({type(exc).__name__})", key=key)
 
 
-@contextlib.contextmanager
-def _boundary(key: str | None) -> Iterator[None]:
-    """Translate whatever boto3 raises inside the block; credkeeper's own errors pass."""
-    try:
-        yield
-    except StoreError:
-        raise
-    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-        raise _translate(exc, key) from exc
-
-
 def _current_version(versions_to_stages: object) -> str | None:
     if not isinstance(versions_to_stages, Mapping):
         return None
@@ -287,25 +282,31 @@ def _current_version(versions_to_stages: object) -> str | None:
     return None
 
 
-def _positive_seconds(name: str, value: object) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigurationError(f"{name} must be a number of seconds, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(f"{name} must be a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
-    return float(value)
-
-
-def _optional_text(name: str, value: object) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value or value != value.strip():
-        raise ConfigurationError(f"Secrets Manager store option {name} must be a non-empty string")
+def _region(value: object) -> str:
+    if not isinstance(value, str) or not _REGION.fullmatch(value):
+        raise ValueError(value)
     return value
+
+
+def _endpoint_url(value: object) -> str:
+    url = NAME.parse(value)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(value)
+    return url
+
+
+# The options a URL's query may give; the constructor also takes region, client and clock.
+_URL_OPTIONS: dict[str, Option[Any]] = {
+    "endpoint_url": Option(_endpoint_url, "an http:// or https:// URL"),
+    "kms_key_id": NAME,
+    "profile": NAME,
+    "retry_timeout": SECONDS,
+}
+_OPTIONS: dict[str, Option[Any]] = {
+    **_URL_OPTIONS,
+    "region": Option(_region, "an AWS Region name such as us-east-1 or eu-central-1"),
+}
 
 
 _LOADER: list[Any] = []
@@ -380,43 +381,32 @@ class SecretsManagerStore:
         clock: Clock | None = None,
     ) -> None:
         self.prefix = check_prefix(prefix)
-        if region is not None and (not isinstance(region, str) or not _REGION.fullmatch(region)):
-            raise ConfigurationError(
-                f"{region!r} is not an AWS Region name such as us-east-1 or eu-central-1"
-            )
-        endpoint_url = _optional_text("endpoint_url", endpoint_url)
-        if endpoint_url is not None:
-            parts = urlsplit(endpoint_url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ConfigurationError(
-                    f"endpoint_url must be an http:// or https:// URL, got {endpoint_url!r}"
-                )
-        self.kms_key_id = _optional_text("kms_key_id", kms_key_id)
-        self.retry_timeout = _positive_seconds("retry_timeout", retry_timeout)
+        optional = {
+            "region": region,
+            "endpoint_url": endpoint_url,
+            "profile": profile,
+            "kms_key_id": kms_key_id,
+        }
+        given = {name: value for name, value in optional.items() if value is not None}
+        options, _ = read_options({**given, "retry_timeout": retry_timeout}, _OPTIONS, store=_STORE)
+        self.kms_key_id: str | None = options.get("kms_key_id")
+        self.retry_timeout: float = options["retry_timeout"]
         if client is None:
-            profile = _optional_text("profile", profile)
-            self._client = _make_client(region, endpoint_url, profile)
+            self._client = _make_client(
+                options.get("region"), options.get("endpoint_url"), options.get("profile")
+            )
             self._own_client = True
         else:
-            given = [
-                name
-                for name, value in (
-                    ("region", region),
-                    ("endpoint_url", endpoint_url),
-                    ("profile", profile),
-                )
-                if value is not None
-            ]
-            if given:
+            for_client = [name for name in ("region", "endpoint_url", "profile") if name in given]
+            if for_client:
                 raise ConfigurationError(
-                    f"pass {', '.join(given)} to the client you give, not to the store"
+                    f"pass {', '.join(for_client)} to the client you give, not to the store"
                 )
             self._client = client
             self._own_client = False
         self.region: str | None = self._client.meta.region_name
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._rng = random.Random()  # noqa: S311 - backoff jitter, not secrets
-        self._create_locks = [threading.Lock() for _ in range(_CREATE_LOCKS)]
         self._replaced: OrderedDict[str, None] = OrderedDict()
         self._replaced_lock = threading.Lock()
         # A name is here while a read of it is under way; its value is the next read, which
@@ -444,32 +434,17 @@ class SecretsManagerStore:
                 f"a Secrets Manager store URL has no user, port or fragment: {_URL_FORM}; "
                 "credentials come from boto3's chain, the endpoint from endpoint_url"
             )
-        try:
-            pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-        except ValueError:
-            raise ConfigurationError(
-                f"Secrets Manager store URL has a malformed query: {parts.query!r}"
-            ) from None
-        from_query: dict[str, Any] = {}
-        for name, value in pairs:
-            if name in from_query:
-                raise ConfigurationError(f"Secrets Manager store URL gives {name!r} twice")
-            from_query[name] = value
-        unknown = sorted(
-            (set(from_query) - set(_OPTIONS)) | (set(options) - {*_OPTIONS, "client", "clock"})
-        )
-        if unknown:
-            raise ConfigurationError(
-                f"unknown Secrets Manager store option(s) {', '.join(unknown)}; the options "
-                f"are {', '.join(_OPTIONS)} (and the keywords client, clock)"
-            )
+        from_query = query_options(parts.query, store=_STORE)
         twice = sorted(set(from_query) & set(options))
         if twice:
             raise ConfigurationError(
                 f"Secrets Manager store option(s) {', '.join(twice)} given both in the URL "
                 "and as keywords"
             )
-        return cls(parts.path[1:], region=parts.netloc or None, **from_query, **options)
+        objects = {name: value for name, value in options.items() if name in ("client", "clock")}
+        given = {name: value for name, value in options.items() if name not in objects}
+        values, _ = read_options({**from_query, **given}, _URL_OPTIONS, store=_STORE)
+        return cls(parts.path[1:], region=parts.netloc or None, **values, **objects)
 
     def __repr__(self) -> str:
         return f"SecretsManagerStore(region={self.region!r}, prefix={self.prefix!r})"
@@ -481,6 +456,15 @@ class SecretsManagerStore:
         self.close()
 
     # -- calls ------------------------------------------------------------------------------
+
+    def _boundary(self, key: str | None) -> contextlib.AbstractContextManager[None]:
+        """Translate whatever boto3 raises inside the block (:func:`_translate`); credkeeper's
+        own errors pass."""
+        return error_boundary(
+            lambda exc: _translate(exc, key),
+            botocore.exceptions.ClientError,
+            botocore.exceptions.BotoCoreError,
+        )
 
     def _call(
         self,
@@ -496,7 +480,7 @@ class SecretsManagerStore:
         one of the ``passing`` error codes.
 
         Other ``ClientError``s propagate for the caller to handle the codes it expects;
-        :func:`_boundary` translates the rest.
+        :meth:`_boundary` translates the rest.
         """
         method = getattr(self._client, operation)
         window: _Window | None = None
@@ -547,7 +531,7 @@ class SecretsManagerStore:
         """
         age = self._server_clock.age()
         if age is None or abs(age) > _CLOCK_MAX_AGE:
-            with _boundary(None), contextlib.suppress(botocore.exceptions.ClientError):
+            with self._boundary(None), contextlib.suppress(botocore.exceptions.ClientError):
                 # Any answer carries AWS's time, "no such secret" as well as a description.
                 self._call("describe_secret", None, SecretId=self.prefix + _CLOCK_PROBE)
         moment = self._server_clock.now()
@@ -569,62 +553,46 @@ class SecretsManagerStore:
     def _read(self, name: str, key: str | None, *, version: str | None = None) -> Stored | None:
         """Version ``version`` of secret ``name``, else its AWSCURRENT version, decoded.
 
-        ``None`` when there is no such secret or version, or the secret is scheduled for
-        deletion. A secret credkeeper did not write raises ``StoreCorrupted``.
+        ``None`` when there is no such secret or version, the secret holds no value, or it is
+        scheduled for deletion. A secret credkeeper did not write raises ``StoreCorrupted``.
         """
         params: dict[str, Any] = {"SecretId": name}
         if version is None:
             params["VersionStage"] = _CURRENT
         else:
             params["VersionId"] = version
-        window = _Window(self._clock, None)
-        for attempt in range(_RELABEL_WAITS):
-            try:
-                response = self._call("get_secret_value", key, **params)
-            except botocore.exceptions.ClientError as exc:
-                code = _code(exc)
-                if code == "InvalidRequestException":
-                    return None  # scheduled for deletion
-                if code != "ResourceNotFoundException":
-                    raise
-                if version is not None or not self._exists(name, key):
-                    return None
-                wait = _RELABEL_WAIT * (attempt + 1)
-                if wait > window.left():
-                    break
-                self._clock.sleep(wait)
-                continue
-            current = str(response["VersionId"])
-            if version is None:
-                self._replaced_mark(current, replaced=False)
-            return decode(response.get("SecretString"), key=key, name=name, version=current)
-        raise StoreUnavailable(
-            f"no version of secret {name!r} carried AWSCURRENT {window.describe()}; retry later",
-            key=key,
-        )
+        try:
+            response = self._call("get_secret_value", key, **params)
+        except botocore.exceptions.ClientError as exc:
+            # InvalidRequestException: the secret is scheduled for deletion.
+            if _code(exc) in ("ResourceNotFoundException", "InvalidRequestException"):
+                return None
+            raise
+        current = str(response["VersionId"])
+        if version is None:
+            self._replaced_mark(current, replaced=False)
+        return decode(response.get("SecretString"), key=key, name=name, version=current)
 
-    def _exists(self, name: str, key: str | None) -> bool:
-        """Whether secret ``name`` exists, after a read found no AWSCURRENT version of it.
+    def _check_has_value(self, name: str, key: str) -> None:
+        """Raise ``StoreCorrupted`` if secret ``name`` exists without any value.
 
-        On AWS the label is always on some version of an existing secret. moto's server moves
-        it in two steps, and a read between them finds no version with it: the caller reads
-        again.
+        Reads cannot tell such a secret from a missing one (both answer
+        ``ResourceNotFoundException``), but a create over it fails, and without this check it
+        would fail as a conflict with a record nobody can read. credkeeper never makes one: it
+        creates every secret with its value.
         """
         try:
             described = self._call("describe_secret", key, SecretId=name)
         except botocore.exceptions.ClientError as exc:
             if _code(exc) == "ResourceNotFoundException":
-                return False
+                return  # deleted since the create found it
             raise
-        if described.get("DeletedDate") is not None:
-            return False
-        if not described.get("VersionIdsToStages"):
+        if described.get("DeletedDate") is None and not described.get("VersionIdsToStages"):
             raise StoreCorrupted(
                 f"secret {name!r} exists but holds no value; credkeeper did not create it. "
                 "It was left untouched: delete it or use another prefix",
                 key=key,
             )
-        return True
 
     # -- get, put, delete -------------------------------------------------------------------
 
@@ -634,7 +602,7 @@ class SecretsManagerStore:
         Threads reading one key at the same time share calls (see :meth:`_shared_read`).
         """
         check_key(key)
-        with _boundary(key):
+        with self._boundary(key):
             stored = self._shared_read(self._name(key), key)
         return None if stored is None else stored.record
 
@@ -684,11 +652,8 @@ class SecretsManagerStore:
     def put(self, record: Record) -> Record:
         """See :meth:`credkeeper.CredentialStore.put`: create the secret, or compare-and-swap
         ``AWSCURRENT`` from ``record.version`` to a new version of it."""
-        if not isinstance(record, Record):
-            raise TypeError(f"put() takes a Record, not {type(record).__name__}")
-        check_key(record.key)
-        name = self._name(record.key)
-        with _boundary(record.key):
+        name = self._name(check_record(record).key)
+        with self._boundary(record.key):
             if record.version is None:
                 return self._create(name, record)
             return self._update(name, record, record.version)
@@ -706,7 +671,7 @@ class SecretsManagerStore:
 
     def _create(self, name: str, record: Record) -> Record:
         key = record.key
-        token = str(uuid.uuid4())
+        token = new_version()
         params: dict[str, Any] = {
             "Name": name,
             "SecretString": self._secret_string(record, replaces=None),
@@ -716,34 +681,34 @@ class SecretsManagerStore:
         }
         if self.kms_key_id is not None:
             params["KmsKeyId"] = self.kms_key_id
-        # AWS creates a name once, however many callers race. moto's server does not: two
-        # creates in flight together can both succeed, the later replacing the earlier. This
-        # process at least never sends two at once.
-        with self._create_locks[hash(name) % _CREATE_LOCKS]:
-            try:
-                # InvalidRequestException: AWS is still deleting the secret of that name, which
-                # a forced deletion finishes within seconds.
-                self._call(
-                    "create_secret", key, passing=frozenset({"InvalidRequestException"}), **params
-                )
-            except botocore.exceptions.ClientError as exc:
-                code = _code(exc)
-                if code == "ResourceExistsException":
-                    existing = self._read(name, key)  # StoreCorrupted when it is not ours
-                    if existing is not None and existing.record.version == token:
-                        # An earlier attempt of this very call created it; its answer was lost.
-                        return record.replace(version=token)
-                    raise ConflictError(
-                        f"a record for key {key!r} already exists (secret {name!r})", key=key
-                    ) from exc
-                if code == "InvalidRequestException":
-                    raise StoreUnavailable(
-                        f"secret {name!r} for key {key!r} is being deleted: a forced deletion "
-                        "finishes within seconds, a scheduled one at its date (restore the "
-                        "secret to keep it); retry later",
-                        key=key,
-                    ) from exc
-                raise
+        # AWS creates a name once, however many callers race: the losers get
+        # ResourceExistsException, so creating needs no lock of the store's own.
+        try:
+            # InvalidRequestException: AWS is still deleting the secret of that name, which
+            # a forced deletion finishes within seconds.
+            self._call(
+                "create_secret", key, passing=frozenset({"InvalidRequestException"}), **params
+            )
+        except botocore.exceptions.ClientError as exc:
+            code = _code(exc)
+            if code == "ResourceExistsException":
+                existing = self._read(name, key)  # StoreCorrupted when it is not ours
+                if existing is None:
+                    self._check_has_value(name, key)
+                elif existing.record.version == token:
+                    # An earlier attempt of this very call created it; its answer was lost.
+                    return record.replace(version=token)
+                raise ConflictError(
+                    f"a record for key {key!r} already exists (secret {name!r})", key=key
+                ) from exc
+            if code == "InvalidRequestException":
+                raise StoreUnavailable(
+                    f"secret {name!r} for key {key!r} is being deleted: a forced deletion "
+                    "finishes within seconds, a scheduled one at its date (restore the "
+                    "secret to keep it); retry later",
+                    key=key,
+                ) from exc
+            raise
         return record.replace(version=token)
 
     def _replaced_mark(self, version: str, *, replaced: bool) -> None:
@@ -775,7 +740,7 @@ class SecretsManagerStore:
                 "read it again",
                 key=key,
             )
-        new = str(uuid.uuid4())
+        new = new_version()
         try:
             self._call(
                 "put_secret_value",
@@ -891,7 +856,7 @@ class SecretsManagerStore:
         write raises ``StoreCorrupted`` and stays."""
         check_key(key)
         name = self._name(key)
-        with _boundary(key):
+        with self._boundary(key):
             if self._read(name, key) is None:
                 return False
             try:
@@ -907,11 +872,7 @@ class SecretsManagerStore:
     def scan_due(self, before: datetime) -> Iterator[str]:
         """See :meth:`credkeeper.CredentialStore.scan_due`: pages of ``ListSecrets`` under the
         prefix, expiries from tags, a value read only where a tag lags behind its secret."""
-        if not isinstance(before, datetime) or before.utcoffset() is None:
-            raise ConfigurationError(
-                f"before must be an aware datetime, e.g. datetime.now(timezone.utc), got {before!r}"
-            )
-        return self._scan(to_epoch_ms(before))
+        return self._scan(to_epoch_ms(check_moment("before", before)))
 
     def _scan(self, before_ms: int) -> Iterator[str]:
         filters = [
@@ -921,7 +882,7 @@ class SecretsManagerStore:
         params: dict[str, Any] = {"Filters": filters, "MaxResults": 100}
         keys = 0
         longest = 0
-        with _boundary(None):
+        with self._boundary(None):
             while True:
                 page = self._call("list_secrets", None, **params)
                 for entry in page.get("SecretList") or []:

@@ -10,7 +10,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ._exceptions import ConfigurationError, ConflictError
-from ._record import Record, check_key
+from ._record import Record, check_key, check_moment
+from .storekit import check_record
 
 __all__ = ["MemoryStore"]
 
@@ -49,7 +50,7 @@ class MemoryStore:
 
     def put(self, record: Record) -> Record:
         """See :meth:`CredentialStore.put`."""
-        key = check_key(record.key)
+        key = check_record(record).key
         with self._lock:
             current = self._records.get(key)
             stored_version = None if current is None else current.version
@@ -68,9 +69,10 @@ class MemoryStore:
 
     def scan_due(self, before: datetime) -> Iterator[str]:
         """See :meth:`CredentialStore.scan_due`; iterates over a snapshot of the keys."""
+        check_moment("before", before)
         with self._lock:
             due = [key for key, record in self._records.items() if record.expires_at <= before]
-        yield from due
+        return iter(due)
 
     def close(self) -> None:
         """Nothing to release."""

@@ -6,13 +6,13 @@ import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from ._credentials import from_epoch_ms, to_epoch_ms
 from ._exceptions import ConfigurationError, StoreCorrupted
 
-__all__ = ["MAX_KEY_LENGTH", "Record", "Status", "check_key"]
+__all__ = ["MAX_KEY_LENGTH", "Record", "Status", "check_key", "check_moment"]
 
 MAX_KEY_LENGTH = 255
 
@@ -22,6 +22,27 @@ class Status(enum.StrEnum):
 
     ACTIVE = "active"
     NEEDS_REAUTH = "needs_reauth"
+
+
+def check_moment(name: str, value: object) -> datetime:
+    """Return ``value`` if it is an aware datetime, else raise ConfigurationError naming ``name``.
+
+    A naive datetime has no place on a timeline shared by hosts in different zones: refusing it
+    everywhere keeps every store from reading it in its own way.
+    """
+    if not isinstance(value, datetime):
+        raise ConfigurationError(f"{name} must be a datetime, not {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ConfigurationError(
+            f"{name} is a naive datetime; pass an aware one, e.g. datetime.now(timezone.utc)"
+        )
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ConfigurationError(
+            f"{name} falls outside the years 1 to 9999 in UTC, which no store can keep"
+        ) from None
+    return value
 
 
 def check_key(key: object) -> str:
@@ -59,6 +80,38 @@ class Record:
     cooldown_until: datetime | None = None
     last_error: str | None = None
     version: str | None = None
+
+    def __post_init__(self) -> None:
+        # Every store receives records made here, so checking once here makes every store
+        # refuse the same misuse alike; messages name fields, never a token's value.
+        check_key(self.key)
+        for name in ("access_token", "refresh_token"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigurationError(
+                    f"Record.{name} must be a str, not {type(getattr(self, name)).__name__}"
+                )
+        check_moment("Record.expires_at", self.expires_at)
+        for name in ("lease_until", "cooldown_until"):
+            if getattr(self, name) is not None:
+                check_moment(f"Record.{name}", getattr(self, name))
+        if not isinstance(self.scopes, tuple) or not all(isinstance(s, str) for s in self.scopes):
+            raise ConfigurationError("Record.scopes must be a tuple of str")
+        if not isinstance(self.status, Status):
+            raise ConfigurationError(
+                f"Record.status must be a credkeeper.Status, not {type(self.status).__name__}"
+            )
+        if (
+            isinstance(self.failures, bool)
+            or not isinstance(self.failures, int)
+            or self.failures < 0
+        ):
+            raise ConfigurationError(f"Record.failures must be an int >= 0, got {self.failures!r}")
+        for name in ("subscription_type", "lease_owner", "last_error", "version"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigurationError(
+                    f"Record.{name} must be a str or None, not {type(value).__name__}"
+                )
 
     def __repr__(self) -> str:
         return (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -282,3 +282,49 @@ class TestCheckKey:
         """A key that is not a str raises ConfigurationError."""
         with pytest.raises(ConfigurationError, match="key must be a str"):
             check_key(key)
+
+
+class TestValidation:
+    """A Record checks its own fields when it is made, so no store ever sees a bad one."""
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("key", ""),
+            ("key", 42),
+            ("access_token", None),
+            ("refresh_token", b"bytes"),
+            ("expires_at", datetime(2030, 1, 1)),
+            ("expires_at", 1_893_456_000_000),
+            ("expires_at", datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5)))),
+            ("lease_until", datetime(2030, 1, 1)),
+            ("cooldown_until", "2030-01-01T00:00:00Z"),
+            ("scopes", ["user:inference"]),
+            ("scopes", ("user:inference", 7)),
+            ("status", "active"),
+            ("failures", -1),
+            ("failures", True),
+            ("subscription_type", 3),
+            ("version", 1),
+        ],
+    )
+    def test_a_bad_field_is_a_configuration_error(self, field: str, value: object) -> None:
+        """Each field of the wrong type or value is refused with a ConfigurationError."""
+        with pytest.raises(ConfigurationError):
+            minimal_record().replace(**{field: value})
+
+    def test_the_message_names_the_field_and_no_token(self) -> None:
+        """The message names the field and the fix, never a token."""
+        with pytest.raises(ConfigurationError) as caught:
+            minimal_record().replace(expires_at=datetime(2030, 1, 1))
+        message = str(caught.value)
+        assert (True, True, False) == (
+            "Record.expires_at" in message,
+            "aware" in message,
+            ACCESS in message or REFRESH in message,
+        )
+
+    def test_an_aware_datetime_in_any_zone_is_accepted(self) -> None:
+        """An aware datetime in another zone is the same instant, accepted as given."""
+        tokyo = EXPIRES.astimezone(timezone(timedelta(hours=9)))
+        assert EXPIRES == minimal_record().replace(expires_at=tokyo).expires_at

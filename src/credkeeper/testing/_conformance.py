@@ -55,12 +55,12 @@ import traceback
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, ClassVar, ParamSpec, TypeVar
 
 import pytest
 
-from credkeeper._exceptions import ConflictError, StoreError
+from credkeeper._exceptions import ConfigurationError, ConflictError, StoreError
 from credkeeper._record import MAX_KEY_LENGTH, Record, Status
 from credkeeper._store import AsyncCredentialStore, CredentialStore
 
@@ -132,6 +132,18 @@ _LOOKALIKE_KEYS: tuple[str, ...] = (
     "x" * (_MAX_SUFFIX - 1) + "1",
     "x" * (_MAX_SUFFIX - 1) + "2",
 )
+
+# Keys no store can hold, and must refuse alike (credkeeper.storekit.check_key).
+_BAD_KEYS: tuple[object, ...] = (
+    42,
+    None,
+    b"bytes",
+    "",
+    "k" * (MAX_KEY_LENGTH + 1),
+    " padded",
+    "line\nbreak",
+)
+_BAD_KEY_IDS = ("int", "None", "bytes", "empty", "too-long", "padded", "control")
 
 _PROCESSES = 3
 _THREADS_PER_PROCESS = 2
@@ -769,6 +781,70 @@ class StoreConformance:
             pytest.skip(f"{type(store).__name__}.now() returned None: the store has no clock")
         report = _clock_report(readings, before, after, self.clock_tolerance)
         assert dict.fromkeys(report, True) == report
+
+    # -- misuse ---------------------------------------------------------------------------
+    # What every store refuses alike, with ConfigurationError (credkeeper.storekit's checks),
+    # and with nothing stored or changed: a store must not answer a wrong call in its own way.
+
+    @pytest.mark.parametrize("key", _BAD_KEYS, ids=_BAD_KEY_IDS)
+    def test_get_of_a_bad_key_is_a_configuration_error(
+        self, store: CredentialStore, key: Any
+    ) -> None:
+        """get() of a key no store can hold (not a str, empty, too long, unprintable) refuses it."""
+        with pytest.raises(ConfigurationError):
+            store.get(key)
+
+    @pytest.mark.parametrize("key", _BAD_KEYS, ids=_BAD_KEY_IDS)
+    def test_delete_of_a_bad_key_is_a_configuration_error(
+        self, store: CredentialStore, key: Any
+    ) -> None:
+        """delete() of a key no store can hold refuses it."""
+        with pytest.raises(ConfigurationError):
+            store.delete(key)
+
+    @pytest.mark.parametrize("record", ["x", None, {"key": "x"}], ids=["str", "None", "dict"])
+    def test_put_of_something_not_a_record_is_a_configuration_error(
+        self, store: CredentialStore, record: Any
+    ) -> None:
+        """put() of anything but a Record refuses it."""
+        with pytest.raises(ConfigurationError):
+            store.put(record)
+
+    @pytest.mark.parametrize(
+        "before", [_BEFORE.replace(tzinfo=None), "2030-01-01", 0], ids=["naive", "str", "int"]
+    )
+    def test_scan_due_of_a_naive_or_non_datetime_is_a_configuration_error(
+        self, store: CredentialStore, keys: KeySpace, before: Any
+    ) -> None:
+        """scan_due() of a naive datetime, or of something not a datetime, refuses it."""
+        store.put(_record(keys(), expires_at=_BEFORE - _MS))
+        with pytest.raises(ConfigurationError):
+            list(store.scan_due(before))
+
+    def test_scan_due_of_another_zone_means_the_same_instant(
+        self, store: CredentialStore, keys: KeySpace
+    ) -> None:
+        """scan_due() of an aware datetime in another zone compares instants, not wall clocks."""
+        store.put(_record(keys("due"), expires_at=_BEFORE - _MS))
+        store.put(_record(keys("later"), expires_at=_BEFORE + _MS))
+        tokyo = timezone(timedelta(hours=9))
+        assert [keys("due")] == keys.own(store.scan_due(_BEFORE.astimezone(tokyo)))
+
+    def test_a_refused_call_changes_nothing_stored(
+        self, store: CredentialStore, keys: KeySpace
+    ) -> None:
+        """After refused calls, the stored record is exactly as it was."""
+        stored = store.put(_record(keys()))
+        misuse: Any = store  # the wrong types are the point
+        calls: list[Callable[[], object]] = [
+            lambda: misuse.put("x"),
+            lambda: misuse.delete(""),
+            lambda: misuse.get(1),
+        ]
+        for call in calls:
+            with pytest.raises(ConfigurationError):
+                call()
+        assert stored == store.get(stored.key)
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -6,8 +6,13 @@ The endpoint is resolved once per session, in this order:
    not answer, the tests that need it fail.
 2. The ``moto`` service of ``docker/compose.yaml``, when ``CREDKEEPER_TEST_DOCKER=1`` and a
    Docker engine answers.
-3. moto's ``ThreadedMotoServer`` in this process, on a free port, for the session.
+3. moto's ``ThreadedMotoServer`` in this process, on a free port, for the session, made to
+   answer one Secrets Manager request at a time, as atomically as AWS answers each
+   (:func:`_one_request_at_a_time`).
 4. If none of them works: a failure on CI, a skip elsewhere (``tests.backends.require_service``).
+
+The store does what AWS needs and nothing for moto's sake, so an endpoint of 1 or 2 running
+moto's own server unchanged can fail the concurrency cases with races AWS does not have.
 
 The session's environment holds fake credentials (``AWS_ACCESS_KEY_ID=testing``, ...) and
 points boto3 away from any real AWS configuration, so spawned processes of the concurrency
@@ -127,6 +132,33 @@ def _cached_module_listing() -> Iterator[None]:
         moto.backends.list_of_moto_modules = original
 
 
+@contextlib.contextmanager
+def _one_request_at_a_time() -> Iterator[None]:
+    """Make moto's server answer each Secrets Manager request whole, before the next one.
+
+    AWS performs each request as one step, and the store relies on it: ``CreateSecret`` of a
+    name succeeds once however many callers race, and ``UpdateSecretVersionStage`` checks and
+    moves ``AWSCURRENT`` at once, so a read always finds it on some version. moto's backend
+    changes plain dicts and lists from the server's threads, step by step: two racing creates
+    can both succeed, a read in the middle of a stage move finds no ``AWSCURRENT``, and a move
+    racing a ``PutSecretValue`` fails with an HTTP 500 after it happened (see
+    ``moto/secretsmanager/models.py``). One lock around each request closes those windows
+    without touching what a request does.
+    """
+    from moto.secretsmanager.responses import SecretsManagerResponse
+
+    original = SecretsManagerResponse.call_action
+    lock = threading.Lock()
+
+    def call_action(self: SecretsManagerResponse) -> Any:
+        with lock:
+            return original(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SecretsManagerResponse, "call_action", call_action)
+        yield
+
+
 def _in_process() -> Iterator[str]:
     """moto's threaded server on a free loopback port, stopped at the end."""
     try:
@@ -139,7 +171,7 @@ def _in_process() -> Iterator[str]:
         )
     # One line per request otherwise.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    with _cached_module_listing():
+    with _cached_module_listing(), _one_request_at_a_time():
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         try:

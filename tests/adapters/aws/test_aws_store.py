@@ -33,7 +33,7 @@ from credkeeper import (
     StoreUnavailable,
     open_store,
 )
-from credkeeper._record import MAX_KEY_LENGTH
+from credkeeper.storekit import MAX_KEY_LENGTH
 from credkeeper.testing import FakeClock
 from credkeeper_aws import SecretsManagerStore, estimate_write_rate
 from credkeeper_aws._document import EXPIRY_TAG, encode
@@ -252,12 +252,13 @@ class TestOptions:
         ("url", "message"),
         [
             ("aws-sm://us-east-1/p/?colour=blue", "unknown Secrets Manager store option"),
-            ("aws-sm://us-east-1/p/?profile=a&profile=b", "gives 'profile' twice"),
-            ("aws-sm://US-EAST-1/p/", "is not an AWS Region name"),
+            ("aws-sm://us-east-1/p/?profile=a&profile=b", "gives the option 'profile' twice"),
+            ("aws-sm://US-EAST-1/p/", "option region must be an AWS Region name"),
             ("aws-sm://user@us-east-1/p/", "has no user, port or fragment"),
             ("aws-sm://us-east-1/p/?endpoint_url=ftp://x", "must be an http:// or https:// URL"),
-            ("aws-sm://us-east-1/p/?retry_timeout=soon", "must be a number of seconds"),
-            ("aws-sm://us-east-1/p/?retry_timeout=0", "must be a positive number"),
+            ("aws-sm://us-east-1/p/?retry_timeout=soon", "must be a positive number of seconds"),
+            ("aws-sm://us-east-1/p/?retry_timeout=0", "must be a positive number of seconds"),
+            ("aws-sm://us-east-1/p/?profile=", "option profile must be a non-empty name"),
             ("aws-sm://us-east-1/p/?profile=no-such-profile", "is not in the AWS config"),
         ],
     )
@@ -455,6 +456,25 @@ class TestForeignSecrets:
     def test_scans_pass_it_by(self, store: SecretsManagerStore, foreign: str) -> None:
         """scan_due lists only credkeeper's secrets under the prefix."""
         assert [] == list(store.scan_due(EXPIRES_AT + timedelta(days=1)))
+
+    def test_a_secret_without_a_value_reads_as_absent(
+        self, store: SecretsManagerStore, sm_client: Any
+    ) -> None:
+        """A secret created with no value holds no record: get() finds none."""
+        key = unique_key()
+        sm_client.create_secret(Name=store.prefix + key)
+        assert None is store.get(key)
+
+    def test_creating_over_a_secret_without_a_value_is_refused_clearly(
+        self, store: SecretsManagerStore, sm_client: Any
+    ) -> None:
+        """put() of a new record there raises StoreCorrupted, not a conflict, and adds nothing."""
+        key = unique_key()
+        sm_client.create_secret(Name=store.prefix + key)
+        with pytest.raises(StoreCorrupted, match="exists but holds no value"):
+            store.put(record(key))
+        described = sm_client.describe_secret(SecretId=store.prefix + key)
+        assert {} == described.get("VersionIdsToStages", {})
 
 
 # -- compare-and-swap corners ----------------------------------------------------------------
