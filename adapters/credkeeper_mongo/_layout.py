@@ -26,9 +26,7 @@ a key such as ``$where.field`` or ``{"a": 1}`` is just a string.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import uuid
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,7 +35,7 @@ from typing import Any, Literal, TypeAlias
 from bson import Int64, ObjectId
 
 from credkeeper import ConfigurationError, ConflictError, Record, Status, StoreCorrupted, StoreError
-from credkeeper._credentials import from_epoch_ms, to_epoch_ms
+from credkeeper.storekit import from_epoch_ms, new_version, read_epoch_ms, to_epoch_ms, token_digest
 
 __all__ = [
     "DEFAULT_COLLECTION",
@@ -102,32 +100,12 @@ Operation: TypeAlias = Find | Insert | Update | Delete | ListIndexes
 Plan: TypeAlias = Generator[Operation, Any, Any]
 
 
-def _new_version() -> str:
-    return uuid.uuid4().hex
-
-
 def _conflict(key: str, what: str) -> ConflictError:
     return ConflictError(f"the record for key {key!r} {what}", key=key)
 
 
 def _corrupted(key: str, what: str) -> StoreCorrupted:
     return StoreCorrupted(f"stored record for key {key!r} {what}", key=key)
-
-
-def _ms(moment: datetime | None) -> Int64 | None:
-    return None if moment is None else Int64(to_epoch_ms(moment))
-
-
-def _moment(key: str, value: Any, name: str) -> datetime | None:
-    """An epoch-ms field as a datetime; ``None`` stays ``None``."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _corrupted(key, f"has a bad {name!r} field")
-    try:
-        return from_epoch_ms(value)
-    except (OverflowError, ValueError, OSError):
-        raise _corrupted(key, f"has an out-of-range {name!r} field") from None
 
 
 def _nest(document: Document, path: str, value: Any) -> None:
@@ -194,7 +172,7 @@ class OwnCollection:
 
     def put(self, record: Record) -> Plan:
         """Plan: insert a new record, or compare-and-swap on its version; the record stored."""
-        version = _new_version()
+        version = new_version()
         document = self._document(record, version)
         if record.version is None:
             # A duplicate _id fails the insert; the store turns that into ConflictError.
@@ -346,16 +324,10 @@ class EmbeddedLayout:
         return _CAMEL[field_name] if self.field_naming == "camel" else field_name
 
 
-def _digest(token: str) -> str:
-    # Part of the version string, which shows in reprs: a short digest of a long random
-    # token, enough to notice that the token changed and useless for anything else.
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-
-
 def _new_state_version(refresh_token: str) -> str:
     """A new state version naming the refresh token the state belongs to: random hex digits,
     ``:`` and the token's digest, the shape the SQL store's side rows have too."""
-    return f"{uuid.uuid4().hex[:15]}:{_digest(refresh_token)}"
+    return f"{new_version()[:15]}:{token_digest(refresh_token)}"
 
 
 def _state_applies(version: str, refresh_token: str) -> bool:
@@ -368,7 +340,7 @@ def _state_applies(version: str, refresh_token: str) -> bool:
     dropped.
     """
     _, named, digest = version.partition(":")
-    return not named or digest == _digest(refresh_token)
+    return not named or digest == token_digest(refresh_token)
 
 
 _NO_STATE = "-"
@@ -494,7 +466,7 @@ class Embedded:
         if isinstance(value, int) and not isinstance(value, bool):
             self._check_unit(key, value)
             scale = 1000 if self.layout.expires_at_unit == "s" else 1
-            moment = _moment(key, value * scale, self._fields["expires_at"])
+            moment = read_epoch_ms(value * scale, key=key, field=self._fields["expires_at"])
             assert moment is not None
             return moment
         raise _corrupted(key, f"has no usable {self._at('expires_at')!r} field")
@@ -587,11 +559,11 @@ class Embedded:
             subscription_type=subscription,
             status=status,
             lease_owner=stated("lease_owner"),
-            lease_until=_moment(key, stated("lease_until"), "lease_until"),
+            lease_until=read_epoch_ms(stated("lease_until"), key=key, field="lease_until"),
             failures=failures,
-            cooldown_until=_moment(key, stated("cooldown_until"), "cooldown_until"),
+            cooldown_until=read_epoch_ms(stated("cooldown_until"), key=key, field="cooldown_until"),
             last_error=stated("last_error"),
-            version=f"{version or _NO_STATE}.{_digest(refresh)}",
+            version=f"{version or _NO_STATE}.{token_digest(refresh)}",
         )
 
     def get(self, key: str) -> Plan:
@@ -653,9 +625,13 @@ class Embedded:
             state_name("version"): version,
             state_name("status"): record.status.value,
             state_name("lease_owner"): record.lease_owner,
-            state_name("lease_until"): _ms(record.lease_until),
+            state_name("lease_until"): (
+                None if record.lease_until is None else Int64(to_epoch_ms(record.lease_until))
+            ),
             state_name("failures"): record.failures,
-            state_name("cooldown_until"): _ms(record.cooldown_until),
+            state_name("cooldown_until"): (
+                None if record.cooldown_until is None else Int64(to_epoch_ms(record.cooldown_until))
+            ),
             state_name("last_error"): record.last_error,
         }
         return values
@@ -705,7 +681,7 @@ class Embedded:
         # A duplicate of the (unique) match field, from another worker or the application
         # creating the document first, fails the insert; the store makes that ConflictError.
         yield Insert(document, key_field=self.layout.match_field)
-        return record.replace(version=f"{version}.{_digest(record.refresh_token)}")
+        return record.replace(version=f"{version}.{token_digest(record.refresh_token)}")
 
     def put(self, record: Record) -> Plan:
         """Plan: compare-and-swap on the state's version and the stored refresh token; with
@@ -760,7 +736,7 @@ class Embedded:
         matched = yield Update(condition, update)
         if matched != 1:
             raise _conflict(record.key, "changed since it was read")
-        return record.replace(version=f"{version}.{_digest(record.refresh_token)}")
+        return record.replace(version=f"{version}.{token_digest(record.refresh_token)}")
 
     def delete(self, key: str) -> Plan:
         """Plan: unset credkeeper's fields; whether there was a credential."""

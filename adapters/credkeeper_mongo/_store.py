@@ -1,8 +1,9 @@
 """``MongoStore`` and ``AsyncMongoStore``: credentials in MongoDB through pymongo.
 
 Both execute the plans of ``_layout`` with their kind of client (``MongoClient``,
-``AsyncMongoClient``); this module adds clients, options, indexes, streaming scans, and the
-translation of driver errors into credkeeper's.
+``AsyncMongoClient``); everything else they share is here, once: options, clients, indexes,
+the scan's query, the server's clock, and :func:`_boundary`, the one place where driver errors
+become credkeeper's. Each class keeps only its calls to its client.
 """
 
 from __future__ import annotations
@@ -28,14 +29,23 @@ from pymongo.common import get_validated_options
 from credkeeper import (
     ConfigurationError,
     ConflictError,
-    CredkeeperError,
     Record,
     StoreCorrupted,
     StoreError,
     StoreUnavailable,
     time_remaining,
 )
-from credkeeper._record import check_key
+from credkeeper.storekit import (
+    COUNT,
+    FLAG,
+    Option,
+    check_key,
+    check_moment,
+    check_record,
+    error_boundary,
+    query_options,
+    read_options,
+)
 
 from ._layout import (
     DEFAULT_COLLECTION,
@@ -53,31 +63,7 @@ from ._layout import (
 
 __all__ = ["AsyncMongoStore", "MongoStore"]
 
-_LAYOUT_OPTIONS = (
-    "match_field",
-    "field_path",
-    "field_naming",
-    "key_type",
-    "expires_at_unit",
-    "scopes_format",
-    "upsert",
-    "state_field",
-)
-_OPTIONS = frozenset(
-    {
-        "database",
-        "collection",
-        "write_concern",
-        "batch_size",
-        "create_index",
-        "async",
-        "plaintext",
-        *_LAYOUT_OPTIONS,
-    }
-)
-_KEYWORD_OPTIONS = frozenset({*_OPTIONS, "layout"})
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
+_STORE = "MongoDB store"
 _SCHEMES = ("mongodb", "mongodb+srv")
 
 # Client settings credkeeper picks unless the URL gives its own: fail over to StoreUnavailable
@@ -117,55 +103,92 @@ Client: TypeAlias = "MongoClient[dict[str, Any]] | AsyncMongoClient[dict[str, An
 # -- options -----------------------------------------------------------------------------
 
 
-def _flag(name: str, value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-        return value.lower() in _TRUE
-    raise ConfigurationError(f"MongoDB store option {name} must be true or false, got {value!r}")
-
-
 def _write_concern(value: object) -> WriteConcern:
-    wrong = ConfigurationError(
-        "MongoDB store option write_concern must be 'majority', a number of nodes, a tag "
-        f"name or a pymongo.WriteConcern, got {value!r}"
-    )
+    """The write concern an option's value names; whether it acknowledges writes is checked
+    apart (:func:`_acknowledged`), with a message of its own."""
+    if isinstance(value, WriteConcern):
+        return value
     try:
-        if isinstance(value, WriteConcern):
-            concern = value
-        elif isinstance(value, int) and not isinstance(value, bool):
-            concern = WriteConcern(w=value)
-        elif isinstance(value, str) and value:
-            concern = WriteConcern(w=int(value) if value.isdigit() else value)
-        else:
-            raise wrong
-    except (mongo_errors.PyMongoError, ValueError, TypeError):
-        raise wrong from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return WriteConcern(w=value)
+        if isinstance(value, str) and value:
+            return WriteConcern(w=int(value) if value.isdigit() else value)
+    except mongo_errors.PyMongoError:
+        raise ValueError(value) from None
+    raise ValueError(value)
+
+
+def _acknowledged(concern: WriteConcern) -> WriteConcern:
+    """``concern``, if it acknowledges writes: the option's, or the one the URL's ``w`` sets."""
     if not concern.acknowledged:
         raise ConfigurationError(
-            "MongoDB store option write_concern must acknowledge writes (w >= 1): "
+            f"{_STORE} option write_concern must acknowledge writes (w >= 1): "
             "compare-and-swap reads the matched count of every write"
         )
     return concern
 
 
-_FORBIDDEN = {"database": '/\\. "$\x00', "collection": "$\x00"}
+def _name(kind: str, forbidden: str) -> Option[str]:
+    """The option naming a ``kind`` (database, collection), checked before any client exists:
+    a name without the ``forbidden`` characters MongoDB refuses in it."""
+
+    def parse(value: object) -> str:
+        if not isinstance(value, str) or not value or any(char in forbidden for char in value):
+            raise ValueError(value)
+        return value
+
+    return Option(parse, f"a {kind} name without {' '.join(repr(char) for char in forbidden)}")
 
 
-def _name(option: str, value: object) -> str:
-    """A database or collection name MongoDB accepts, checked before any client exists."""
-    forbidden = _FORBIDDEN[option]
-    if not isinstance(value, str) or not value or any(char in forbidden for char in value):
-        shown = " ".join(repr(char) for char in forbidden)
-        raise ConfigurationError(
-            f"MongoDB store option {option} must be a {option} name without {shown}, got {value!r}"
-        )
+def _layout(value: object) -> EmbeddedLayout:
+    if not isinstance(value, EmbeddedLayout):
+        raise TypeError(value)
     return value
 
 
+def _as_given(value: object) -> object:
+    return value
+
+
+# The layout's options go to EmbeddedLayout, which checks them itself, naming its fields.
+_LAYOUT_FIELD: Option[object] = Option(_as_given, "what EmbeddedLayout accepts")
+_LAYOUT_OPTIONS: dict[str, Option[Any]] = {
+    "match_field": _LAYOUT_FIELD,
+    "field_path": _LAYOUT_FIELD,
+    "field_naming": _LAYOUT_FIELD,
+    "key_type": _LAYOUT_FIELD,
+    "expires_at_unit": _LAYOUT_FIELD,
+    "scopes_format": _LAYOUT_FIELD,
+    "upsert": FLAG,
+    "state_field": _LAYOUT_FIELD,
+}
+# The options a URL's query may give, beside pymongo's own; keywords may also give layout=.
+_URL_OPTIONS: dict[str, Option[Any]] = {
+    "database": _name("database", '/\\. "$\x00'),
+    "collection": _name("collection", "$\x00"),
+    "write_concern": Option(
+        _write_concern, "'majority', a number of nodes, a tag name or a pymongo.WriteConcern"
+    ),
+    "batch_size": COUNT,
+    "create_index": FLAG,
+    "async": FLAG,
+    "plaintext": FLAG,
+    **_LAYOUT_OPTIONS,
+}
+_OPTIONS: dict[str, Option[Any]] = {
+    **_URL_OPTIONS,
+    "layout": Option(_layout, "a credkeeper_mongo.EmbeddedLayout"),
+}
+
+
+def _given(**keywords: object) -> dict[str, object]:
+    """The keyword options a caller gave: those not left at ``None``."""
+    return {name: value for name, value in keywords.items() if value is not None}
+
+
 @dataclass(frozen=True, slots=True)
-class _Settings:
-    """Store options, validated once."""
+class _StoreOptions:
+    """Store options, read and checked once."""
 
     database: str | None
     collection: str
@@ -177,21 +200,17 @@ class _Settings:
     plaintext: bool
 
     @classmethod
-    def parse(cls, options: Mapping[str, Any]) -> _Settings:
-        """Settings from URL and keyword options; an unknown option is a ConfigurationError."""
-        given = dict(options)
-        unknown = sorted(set(given) - _KEYWORD_OPTIONS)
+    def read(cls, given: Mapping[str, object]) -> _StoreOptions:
+        """The options ``given`` (URL query options and keywords alike); an unknown one is a
+        ConfigurationError."""
+        values, unknown = read_options(given, _OPTIONS, store=_STORE, others="return")
         if unknown:
             raise ConfigurationError(
-                f"unknown MongoDB store option(s) {', '.join(unknown)}; the options are "
-                f"{', '.join(sorted(_KEYWORD_OPTIONS))}, and the URL may carry pymongo's own"
+                f"unknown {_STORE} option(s) {', '.join(sorted(unknown))}; the options are "
+                f"{', '.join(sorted(_OPTIONS))}, and the URL may carry pymongo's own"
             )
-        mapped = {name: given.pop(name) for name in _LAYOUT_OPTIONS if name in given}
-        if "upsert" in mapped:
-            mapped["upsert"] = _flag("upsert", mapped["upsert"])
-        layout = given.pop("layout", None)
-        if layout is not None and not isinstance(layout, EmbeddedLayout):
-            raise ConfigurationError("layout must be a credkeeper_mongo.EmbeddedLayout")
+        mapped = {name: values[name] for name in _LAYOUT_OPTIONS if name in values}
+        layout: EmbeddedLayout | None = values.get("layout")
         if mapped:
             if layout is not None:
                 raise ConfigurationError(
@@ -203,36 +222,21 @@ class _Settings:
                     "e.g. field_path=claudeCredentials"
                 )
             layout = EmbeddedLayout(**mapped)
-        collection = given.pop("collection", None)
-        if layout is not None and collection is None:
+        if layout is not None and "collection" not in values:
             raise ConfigurationError(
                 "embedding credentials needs collection=<the collection holding the documents>, "
                 "e.g. collection=users"
             )
-        database = given.pop("database", None)
-        batch_size = given.pop("batch_size", 500)
-        if isinstance(batch_size, str):
-            try:
-                batch_size = int(batch_size)
-            except ValueError:
-                raise ConfigurationError(f"batch_size must be an int, got {batch_size!r}") from None
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigurationError(f"batch_size must be a positive int, got {batch_size!r}")
-        concern = given.pop("write_concern", None)
-        create_index = given.pop("create_index", None)
-        asynchronous = given.pop("async", None)
-        plaintext = given.pop("plaintext", False)
+        concern = values.get("write_concern")
         return cls(
-            database=None if database is None else _name("database", database),
-            collection=_name("collection", collection or DEFAULT_COLLECTION),
+            database=values.get("database"),
+            collection=values.get("collection", DEFAULT_COLLECTION),
             layout=layout,
-            write_concern=None if concern is None else _write_concern(concern),
-            batch_size=batch_size,
-            create_index=(
-                layout is None if create_index is None else _flag("create_index", create_index)
-            ),
-            asynchronous=None if asynchronous is None else _flag("async", asynchronous),
-            plaintext=_flag("plaintext", plaintext),
+            write_concern=None if concern is None else _acknowledged(concern),
+            batch_size=values.get("batch_size", 500),
+            create_index=values.get("create_index", layout is None),
+            asynchronous=values.get("async"),
+            plaintext=values.get("plaintext", False),
         )
 
 
@@ -248,49 +252,48 @@ class _ParsedURL:
 
 
 def _parse_url(url: object) -> _ParsedURL:
-    """Split credkeeper's options out of a URL's query, leaving the rest to pymongo."""
+    """Split credkeeper's options out of a URL's query, leaving the rest to pymongo.
+
+    pymongo's options pass on as written: pymongo reads them by its own rules (``;`` between
+    options, ``readPreferenceTags`` given once per tag set, ``authMechanismProperties`` left
+    encoded), which reading them as credkeeper's options would break.
+    """
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(
-            f"MongoDB store URL must look like mongodb://host/database, got {url!r}"
+            f"{_STORE} URL must look like mongodb://host/database, got {url!r}"
             if not isinstance(url, str)
-            else "MongoDB store URL must look like mongodb://host/database?collection=..."
+            else f"{_STORE} URL must look like mongodb://host/database?collection=..."
         )
     scheme, _, rest = url.partition("://")
     if scheme.lower() not in _SCHEMES:
         raise ConfigurationError(
-            f"MongoDB store URL must start with mongodb:// or mongodb+srv://, not {scheme}://"
+            f"{_STORE} URL must start with mongodb:// or mongodb+srv://, not {scheme}://"
         )
     address, _, query = rest.partition("?")
     userinfo, at, hosts = address.rpartition("@")
     hosts, _, path = hosts.partition("/")
     password = unquote(userinfo.partition(":")[2]) if ":" in userinfo else None
+    ours: list[str] = []
     kept: list[str] = []
-    ours: dict[str, str] = {}
     for part in re.split("[&;]", query) if query else []:
-        if not part:
-            continue
-        name = unquote(part.partition("=")[0])
-        if name in _OPTIONS:
-            if name in ours:
-                raise ConfigurationError(f"MongoDB store URL gives option {name!r} more than once")
-            ours[name] = unquote(part.partition("=")[2])
-        else:
-            kept.append(part)
+        if part:
+            (ours if unquote(part.partition("=")[0]) in _URL_OPTIONS else kept).append(part)
+    options = query_options("&".join(ours), store=_STORE)
     database, _, collection = unquote(path).partition(".")
     for option, value in (("database", database), ("collection", collection)):
         if value:
-            if option in ours:
+            if option in options:
                 raise ConfigurationError(
-                    f"MongoDB store URL names the {option} both in its path and as an option"
+                    f"{_STORE} URL names the {option} both in its path and as an option"
                 )
-            ours[option] = value
+            options[option] = value
     client_url = f"{scheme}://{address}" + (f"?{'&'.join(kept)}" if kept else "")
     client_options = tuple(
         (unquote(part.partition("=")[0]), unquote(part.partition("=")[2])) for part in kept
     )
     user = f"{userinfo.partition(':')[0]}{':***' if password is not None else ''}{at}"
     shown = f"{scheme}://{user}{hosts}/{database}"
-    return _ParsedURL(client_url, ours, client_options, shown, password or None)
+    return _ParsedURL(client_url, options, client_options, shown, password or None)
 
 
 def _scrub(text: str, password: str | None) -> str:
@@ -308,7 +311,7 @@ def _check_client_options(parsed: _ParsedURL) -> None:
         except (mongo_errors.PyMongoError, ValueError, TypeError) as exc:
             secret = value if "password" in name.lower() else parsed.password
             raise ConfigurationError(
-                f"MongoDB store URL option {name!r} is not valid: {_scrub(str(exc), secret)}"
+                f"{_STORE} URL option {name!r} is not valid: {_scrub(str(exc), secret)}"
             ) from None
 
 
@@ -324,14 +327,18 @@ def _make_client(parsed: _ParsedURL, *, asynchronous: bool) -> Client:
         client: Client = kind(parsed.client_url, connect=False, **defaults)
     except (mongo_errors.PyMongoError, ValueError, TypeError) as exc:
         raise ConfigurationError(
-            f"MongoDB store URL {parsed.shown!r} is not valid: {_scrub(str(exc), parsed.password)}"
+            f"{_STORE} URL {parsed.shown!r} is not valid: {_scrub(str(exc), parsed.password)}"
         ) from None
     return client
 
 
+# -- what both classes are made of ---------------------------------------------------------
+
+
 @dataclass(slots=True)
 class _Parts:
-    """What both store classes are made of."""
+    """What both store classes are made of, and what they learn while they run: whether the
+    indexes exist, and whether the server's clock must be read through ``hello``."""
 
     client: Client
     owned: bool
@@ -339,20 +346,32 @@ class _Parts:
     collection: Any
     layout: Layout
     batch_size: int
-    create_index: bool
+    indexed: bool
     shown: str
     plaintext: bool
+    now_by_hello: bool = False
+
+    @contextlib.contextmanager
+    def reading_now(self) -> Iterator[None]:
+        """Around reading ``$$NOW``: a server that refuses the pipeline itself is read through
+        ``hello`` instead, from then on; the block then ends early and without an error."""
+        try:
+            yield
+        except mongo_errors.PyMongoError as exc:
+            if not _refuses_pipeline(exc):
+                raise
+            self.now_by_hello = True
 
 
 def _assemble(
-    client: Client, settings: _Settings, database: str, *, owned: bool, shown: str
+    client: Client, options: _StoreOptions, database: str, *, owned: bool, shown: str
 ) -> _Parts:
-    """The collection handle and layout for ``settings`` on ``client``."""
-    concern = settings.write_concern
+    """The collection handle and layout for ``options`` on ``client``."""
+    concern = options.write_concern
     if concern is None:
         document = client.write_concern.document
         if "w" in document:
-            concern = _write_concern(client.write_concern)
+            concern = _acknowledged(client.write_concern)
         else:
             # Majority by default: a compare-and-swap acknowledged by one node can be rolled
             # back by a failover, and then two workers would both believe they won.
@@ -360,7 +379,7 @@ def _assemble(
                 "majority", wtimeout=document.get("wtimeout"), j=document.get("j")
             )
     collection = client.get_database(database).get_collection(
-        settings.collection,
+        options.collection,
         codec_options=_READ_OPTIONS,
         # Reads decide compare-and-swap; a lagging secondary would only cause conflicts.
         read_preference=ReadPreference.PRIMARY,
@@ -370,25 +389,25 @@ def _assemble(
     handle = client.get_database(
         database, codec_options=_READ_OPTIONS, read_preference=ReadPreference.PRIMARY
     )
-    layout: Layout = OwnCollection() if settings.layout is None else Embedded(settings.layout)
+    layout: Layout = OwnCollection() if options.layout is None else Embedded(options.layout)
     return _Parts(
         client,
         owned,
         handle,
         collection,
         layout,
-        settings.batch_size,
-        settings.create_index,
+        options.batch_size,
+        not options.create_index,
         shown,
-        settings.plaintext,
+        options.plaintext,
     )
 
 
-def _database(settings: _Settings, fallback: str | None) -> str:
-    database = settings.database or fallback
+def _database(options: _StoreOptions, fallback: str | None) -> str:
+    database = options.database or fallback
     if database is None:
         raise ConfigurationError(
-            "the MongoDB store needs a database: put it in the URL's path "
+            f"the {_STORE} needs a database: put it in the URL's path "
             "(mongodb://host/<database>) or pass database=..."
         )
     return database
@@ -403,19 +422,22 @@ def _from_url(
     (a class's constructor) an ``async`` option asking for the other kind is an error.
     """
     parsed = _parse_url(url)
-    twice = sorted(set(parsed.options) & set(options))
+    given = _given(**options)
+    twice = sorted(set(parsed.options) & set(given))
     if twice:
         raise ConfigurationError(
-            f"MongoDB store option(s) {', '.join(twice)} given both in the URL and as keywords"
+            f"{_STORE} option(s) {', '.join(twice)} given both in the URL and as keywords"
         )
-    settings = _Settings.parse({**parsed.options, **options})
-    asynchronous = default_async if settings.asynchronous is None else settings.asynchronous
+    store_options = _StoreOptions.read({**parsed.options, **given})
+    asynchronous = (
+        default_async if store_options.asynchronous is None else store_options.asynchronous
+    )
     if fixed and asynchronous != default_async:
         wanted = "AsyncMongoStore" if asynchronous else "MongoStore"
         raise ConfigurationError(f"this URL asks for {wanted}; open it with that class")
-    database = _database(settings, None)
+    database = _database(store_options, None)
     client = _make_client(parsed, asynchronous=asynchronous)
-    parts = _assemble(client, settings, database, owned=True, shown=parsed.shown)
+    parts = _assemble(client, store_options, database, owned=True, shown=parsed.shown)
     return parts, asynchronous
 
 
@@ -429,9 +451,9 @@ def _from_target(target: object, options: Mapping[str, Any], *, asynchronous: bo
             f"client must be a pymongo {kind.__name__} or a mongodb:// URL, "
             f"not {type(target).__name__}"
         )
-    settings = _Settings.parse(options)
-    database = _database(settings, _default_database(target))
-    return _assemble(target, settings, database, owned=False, shown=f"<{kind.__name__}>")
+    store_options = _StoreOptions.read(options)
+    database = _database(store_options, _default_database(target))
+    return _assemble(target, store_options, database, owned=False, shown=f"<{kind.__name__}>")
 
 
 def _default_database(client: Client) -> str | None:
@@ -441,7 +463,96 @@ def _default_database(client: Client) -> str | None:
         return None
 
 
+# -- running plans -------------------------------------------------------------------------
+
+
+class _Steps:
+    """A plan run by a store one operation at a time: iterating gives each operation to
+    execute, and the store sets :attr:`answer` to its result before taking the next.
+
+    :attr:`operation` is the operation under way, so that its errors are translated knowing
+    it; :attr:`value` is what the plan returned.
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self._plan = plan
+        self.operation: Operation | None = None
+        self.answer: Any = None
+        self.value: Any = None
+
+    def __iter__(self) -> Iterator[Operation]:
+        while True:
+            try:
+                self.operation = self._plan.send(self.answer)
+            except StopIteration as stop:
+                self.value = stop.value
+                return
+            yield self.operation
+
+
+def _within_budget() -> contextlib.AbstractContextManager[object]:
+    """pymongo's own deadline set to what is left of the credkeeper call, if one is running.
+
+    Server selection, connection checkout and pymongo's retryable reads and writes then stop
+    with the call instead of running their own clocks (10 s of server selection by default).
+    """
+    remaining = time_remaining()
+    if remaining is None:
+        return contextlib.nullcontext()
+    # A spent budget still allows one quick attempt, as the other stores do.
+    return pymongo.timeout(max(remaining, 0.001))
+
+
+@contextlib.contextmanager
+def _unless_exists() -> Iterator[None]:
+    """Around creating an index: one that exists already, even with other options, will do."""
+    try:
+        yield
+    except mongo_errors.OperationFailure as exc:
+        if exc.code not in _INDEX_EXISTS_CODES:
+            raise
+
+
+def _key_of(layout: Layout, document: Mapping[str, Any]) -> str | None:
+    """The key of a document a scan found; ``None`` for an id that no key can name."""
+    key = layout.key_of(document)
+    if key is None:
+        return None
+    try:
+        return check_key(key)
+    except ConfigurationError:
+        return None
+
+
+def _refuses_pipeline(exc: mongo_errors.PyMongoError) -> bool:
+    """Whether ``exc`` is the server refusing the $$NOW pipeline itself, not being unavailable."""
+    return (
+        isinstance(exc, mongo_errors.OperationFailure)
+        and exc.code not in _UNAVAILABLE_CODES
+        and not isinstance(exc, mongo_errors.ExecutionTimeout)
+    )
+
+
+def _server_time(document: Mapping[str, Any] | None, field: str) -> datetime:
+    value = None if document is None else document.get(field)
+    if not isinstance(value, datetime):
+        raise StoreError(f"the MongoDB server answered without a time in {field!r}")
+    return value.astimezone(UTC)
+
+
 # -- errors ------------------------------------------------------------------------------
+
+
+def _boundary(
+    key: str | None, steps: _Steps | None = None
+) -> contextlib.AbstractContextManager[None]:
+    """Translate whatever pymongo and bson raise inside the block (:func:`_translate`), for
+    ``key`` and, while ``steps`` runs a plan, its operation under way; credkeeper's own errors
+    pass."""
+    return error_boundary(
+        lambda exc: _translate(exc, key, None if steps is None else steps.operation),
+        *_DRIVER_ERRORS,
+    )
 
 
 def _translate(exc: BaseException, key: str | None, operation: Operation | None) -> StoreError:
@@ -463,7 +574,7 @@ def _translate(exc: BaseException, key: str | None, operation: Operation | None)
             )
         return ConflictError(f"a record{about} already exists ({detail})", key=key)
     if isinstance(exc, mongo_errors.InvalidOperation):
-        return StoreError(f"the MongoDB store is closed or misused ({detail})", key=key)
+        return StoreError(f"the {_STORE} is closed or misused ({detail})", key=key)
     if isinstance(exc, mongo_errors.WTimeoutError):
         return StoreUnavailable(
             f"the MongoDB write{about} was not acknowledged by enough nodes in time ({detail}); "
@@ -482,12 +593,10 @@ def _translate(exc: BaseException, key: str | None, operation: Operation | None)
             key=key,
         )
     if isinstance(exc, mongo_errors.ConnectionFailure | mongo_errors.ExecutionTimeout | OSError):
-        return StoreUnavailable(f"the MongoDB store failed{about}: {detail}; retry later", key=key)
+        return StoreUnavailable(f"the {_STORE} failed{about}: {detail}; retry later", key=key)
     if isinstance(exc, mongo_errors.OperationFailure):
         if code in _UNAVAILABLE_CODES or exc.has_error_label("RetryableWriteError"):
-            return StoreUnavailable(
-                f"the MongoDB store failed{about}: {detail}; retry later", key=key
-            )
+            return StoreUnavailable(f"the {_STORE} failed{about}: {detail}; retry later", key=key)
         if code in _UNAUTHORIZED_CODES:
             return StoreError(
                 f"the MongoDB user may not do this{about} ({detail}); it needs readWrite on the "
@@ -496,57 +605,12 @@ def _translate(exc: BaseException, key: str | None, operation: Operation | None)
             )
     if isinstance(exc, BSONError | ValueError | OverflowError):
         return StoreError(
-            f"the MongoDB store cannot store a value{about} ({type(exc).__name__})", key=key
+            f"the {_STORE} cannot store a value{about} ({type(exc).__name__})", key=key
         )
-    return StoreError(f"the MongoDB store failed{about}: {detail}", key=key)
-
-
-def _is_key(value: str | None) -> bool:
-    if value is None:
-        return False
-    try:
-        check_key(value)
-    except ConfigurationError:
-        return False
-    return True
-
-
-def _check_before(before: object) -> datetime:
-    if not isinstance(before, datetime) or before.utcoffset() is None:
-        raise ConfigurationError("scan_due(before) needs a timezone-aware datetime")
-    return before
-
-
-def _refuses_pipeline(exc: mongo_errors.PyMongoError) -> bool:
-    """Whether ``exc`` is the server refusing the $$NOW pipeline itself, not being unavailable."""
-    return (
-        isinstance(exc, mongo_errors.OperationFailure)
-        and exc.code not in _UNAVAILABLE_CODES
-        and not isinstance(exc, mongo_errors.ExecutionTimeout)
-    )
-
-
-def _server_time(document: Mapping[str, Any] | None, field: str) -> datetime:
-    value = None if document is None else document.get(field)
-    if not isinstance(value, datetime):
-        raise StoreError(f"the MongoDB server answered without a time in {field!r}")
-    return value.astimezone(UTC)
+    return StoreError(f"the {_STORE} failed{about}: {detail}", key=key)
 
 
 # -- sync --------------------------------------------------------------------------------
-
-
-def _within_budget() -> contextlib.AbstractContextManager[object]:
-    """pymongo's own deadline set to what is left of the credkeeper call, if one is running.
-
-    Server selection, connection checkout and pymongo's retryable reads and writes then stop
-    with the call instead of running their own clocks (10 s of server selection by default).
-    """
-    remaining = time_remaining()
-    if remaining is None:
-        return contextlib.nullcontext()
-    # A spent budget still allows one quick attempt, as the other stores do.
-    return pymongo.timeout(max(remaining, 0.001))
 
 
 def _execute(collection: Collection[dict[str, Any]], operation: Operation) -> Any:
@@ -594,25 +658,22 @@ class MongoStore:
         create_index: bool | None = None,
         plaintext: bool | None = None,
     ) -> None:
-        given = {
-            "database": database,
-            "collection": collection,
-            "layout": layout,
-            "write_concern": write_concern,
-            "batch_size": batch_size,
-            "create_index": create_index,
-            "plaintext": plaintext,
-        }
-        options = {name: value for name, value in given.items() if value is not None}
+        options = _given(
+            database=database,
+            collection=collection,
+            layout=layout,
+            write_concern=write_concern,
+            batch_size=batch_size,
+            create_index=create_index,
+            plaintext=plaintext,
+        )
         self._setup(_from_target(client, options, asynchronous=False))
 
     def _setup(self, parts: _Parts) -> None:
         self.client: MongoClient[dict[str, Any]] = parts.client  # type: ignore[assignment]
         self.collection: Collection[dict[str, Any]] = parts.collection
         self._parts = parts
-        self._indexed = not parts.create_index
         self._index_lock = threading.Lock()
-        self._now_by_hello = False
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MongoStore | AsyncMongoStore:
@@ -651,35 +712,23 @@ class MongoStore:
         self.close()
 
     def _ensure_indexes(self) -> None:
-        if self._indexed:
+        if self._parts.indexed:
             return
         with self._index_lock:
-            if self._indexed:
+            if self._parts.indexed:
                 return
             for keys in self._parts.layout.indexes():
-                try:
+                with _unless_exists():
                     self.collection.create_index(keys)
-                except mongo_errors.OperationFailure as exc:
-                    if exc.code not in _INDEX_EXISTS_CODES:
-                        raise
-            self._indexed = True
+            self._parts.indexed = True
 
     def _run(self, key: str, plan: Plan) -> Any:
-        operation: Operation | None = None
-        result: Any = None
-        try:
-            with _within_budget():
-                self._ensure_indexes()
-                while True:
-                    try:
-                        operation = plan.send(result)
-                    except StopIteration as stop:
-                        return stop.value
-                    result = _execute(self.collection, operation)
-        except CredkeeperError:
-            raise
-        except _DRIVER_ERRORS as exc:
-            raise _translate(exc, key, operation) from exc
+        steps = _Steps(plan)
+        with _boundary(key, steps), _within_budget():
+            self._ensure_indexes()
+            for operation in steps:
+                steps.answer = _execute(self.collection, operation)
+        return steps.value
 
     def get(self, key: str) -> Record | None:
         """See :meth:`credkeeper.CredentialStore.get`."""
@@ -688,8 +737,8 @@ class MongoStore:
 
     def put(self, record: Record) -> Record:
         """See :meth:`credkeeper.CredentialStore.put`: an insert, or a filtered update."""
-        check_key(record.key)
-        return self._run(record.key, self._parts.layout.put(record))  # type: ignore[no-any-return]
+        key = check_record(record).key
+        return self._run(key, self._parts.layout.put(record))  # type: ignore[no-any-return]
 
     def delete(self, key: str) -> bool:
         """See :meth:`credkeeper.CredentialStore.delete`."""
@@ -699,21 +748,20 @@ class MongoStore:
     def scan_due(self, before: datetime) -> Iterator[str]:
         """See :meth:`credkeeper.CredentialStore.scan_due`: one cursor on the expiry index,
         read ``batch_size`` documents at a time."""
+        return self._scan(check_moment("before", before))
+
+    def _scan(self, before: datetime) -> Iterator[str]:
         layout = self._parts.layout
-        condition, projection = layout.due(_check_before(before))
-        try:
+        condition, projection = layout.due(before)
+        with _boundary(None):
             self._ensure_indexes()
             with self.collection.find(
                 condition, projection, batch_size=self._parts.batch_size
             ) as cursor:
                 for document in cursor:
-                    key = layout.key_of(document)
-                    if _is_key(key):
-                        yield key  # type: ignore[misc]
-        except CredkeeperError:
-            raise
-        except _DRIVER_ERRORS as exc:
-            raise _translate(exc, None, None) from exc
+                    key = _key_of(layout, document)
+                    if key is not None:
+                        yield key
 
     def now(self) -> datetime:
         """The MongoDB server's clock (aware, UTC, millisecond precision), in one round trip.
@@ -722,27 +770,21 @@ class MongoStore:
         ``localTime``. Leases are judged on it, so hosts whose clocks disagree agree on when a
         lease ends.
         """
-        try:
-            with _within_budget():
-                if not self._now_by_hello:
-                    try:
-                        with self._parts.database.aggregate(_NOW_PIPELINE) as cursor:
-                            return _server_time(next(cursor, None), "now")
-                    except mongo_errors.PyMongoError as exc:
-                        if not _refuses_pipeline(exc):
-                            raise
-                        self._now_by_hello = True
-                hello = self.client.admin.command("hello", codec_options=_READ_OPTIONS)
-                return _server_time(hello, "localTime")
-        except CredkeeperError:
-            raise
-        except _DRIVER_ERRORS as exc:
-            raise _translate(exc, None, None) from exc
+        with _boundary(None), _within_budget():
+            if not self._parts.now_by_hello:
+                with (
+                    self._parts.reading_now(),
+                    self._parts.database.aggregate(_NOW_PIPELINE) as cursor,
+                ):
+                    return _server_time(next(cursor, None), "now")
+            hello = self.client.admin.command("hello", codec_options=_READ_OPTIONS)
+            return _server_time(hello, "localTime")
 
     def close(self) -> None:
         """Close the client, if the store made it."""
         if self._parts.owned:
-            self.client.close()
+            with _boundary(None):
+                self.client.close()
 
 
 # -- async -------------------------------------------------------------------------------
@@ -777,24 +819,21 @@ class AsyncMongoStore:
         create_index: bool | None = None,
         plaintext: bool | None = None,
     ) -> None:
-        given = {
-            "database": database,
-            "collection": collection,
-            "layout": layout,
-            "write_concern": write_concern,
-            "batch_size": batch_size,
-            "create_index": create_index,
-            "plaintext": plaintext,
-        }
-        options = {name: value for name, value in given.items() if value is not None}
+        options = _given(
+            database=database,
+            collection=collection,
+            layout=layout,
+            write_concern=write_concern,
+            batch_size=batch_size,
+            create_index=create_index,
+            plaintext=plaintext,
+        )
         self._setup(_from_target(client, options, asynchronous=True))
 
     def _setup(self, parts: _Parts) -> None:
         self.client: AsyncMongoClient[dict[str, Any]] = parts.client  # type: ignore[assignment]
         self.collection: AsyncCollection[dict[str, Any]] = parts.collection
         self._parts = parts
-        self._indexed = not parts.create_index
-        self._now_by_hello = False
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MongoStore | AsyncMongoStore:
@@ -813,8 +852,7 @@ class AsyncMongoStore:
 
     @property
     def plaintext(self) -> bool:
-        """Whether the application keeps this store's tokens in plain text (option
-        ``plaintext``): the engine then neither seals tokens nor expects sealed ones."""
+        """See :attr:`MongoStore.plaintext`."""
         return self._parts.plaintext
 
     async def __aenter__(self) -> AsyncMongoStore:
@@ -825,32 +863,20 @@ class AsyncMongoStore:
 
     async def _ensure_indexes(self) -> None:
         # Creating twice under a race is harmless: createIndexes is idempotent.
-        if self._indexed:
+        if self._parts.indexed:
             return
         for keys in self._parts.layout.indexes():
-            try:
+            with _unless_exists():
                 await self.collection.create_index(keys)
-            except mongo_errors.OperationFailure as exc:
-                if exc.code not in _INDEX_EXISTS_CODES:
-                    raise
-        self._indexed = True
+        self._parts.indexed = True
 
     async def _run(self, key: str, plan: Plan) -> Any:
-        operation: Operation | None = None
-        result: Any = None
-        try:
-            with _within_budget():
-                await self._ensure_indexes()
-                while True:
-                    try:
-                        operation = plan.send(result)
-                    except StopIteration as stop:
-                        return stop.value
-                    result = await _execute_async(self.collection, operation)
-        except CredkeeperError:
-            raise
-        except _DRIVER_ERRORS as exc:
-            raise _translate(exc, key, operation) from exc
+        steps = _Steps(plan)
+        with _boundary(key, steps), _within_budget():
+            await self._ensure_indexes()
+            for operation in steps:
+                steps.answer = await _execute_async(self.collection, operation)
+        return steps.value
 
     async def get(self, key: str) -> Record | None:
         """See :meth:`credkeeper.AsyncCredentialStore.get`."""
@@ -859,54 +885,43 @@ class AsyncMongoStore:
 
     async def put(self, record: Record) -> Record:
         """See :meth:`credkeeper.AsyncCredentialStore.put`."""
-        check_key(record.key)
-        return await self._run(record.key, self._parts.layout.put(record))  # type: ignore[no-any-return]
+        key = check_record(record).key
+        return await self._run(key, self._parts.layout.put(record))  # type: ignore[no-any-return]
 
     async def delete(self, key: str) -> bool:
         """See :meth:`credkeeper.AsyncCredentialStore.delete`."""
         check_key(key)
         return await self._run(key, self._parts.layout.delete(key))  # type: ignore[no-any-return]
 
-    async def scan_due(self, before: datetime) -> AsyncIterator[str]:
+    def scan_due(self, before: datetime) -> AsyncIterator[str]:
         """See :meth:`MongoStore.scan_due`."""
+        return self._scan(check_moment("before", before))
+
+    async def _scan(self, before: datetime) -> AsyncIterator[str]:
         layout = self._parts.layout
-        condition, projection = layout.due(_check_before(before))
-        try:
+        condition, projection = layout.due(before)
+        with _boundary(None):
             await self._ensure_indexes()
-            cursor = self.collection.find(condition, projection, batch_size=self._parts.batch_size)
-            try:
+            async with self.collection.find(
+                condition, projection, batch_size=self._parts.batch_size
+            ) as cursor:
                 async for document in cursor:
-                    key = layout.key_of(document)
-                    if _is_key(key):
-                        yield key  # type: ignore[misc]
-            finally:
-                await cursor.close()
-        except CredkeeperError:
-            raise
-        except _DRIVER_ERRORS as exc:
-            raise _translate(exc, None, None) from exc
+                    key = _key_of(layout, document)
+                    if key is not None:
+                        yield key
 
     async def now(self) -> datetime:
         """See :meth:`MongoStore.now`."""
-        try:
-            with _within_budget():
-                if not self._now_by_hello:
-                    try:
-                        cursor = await self._parts.database.aggregate(_NOW_PIPELINE)
-                        async with cursor:
-                            return _server_time(await anext(cursor, None), "now")
-                    except mongo_errors.PyMongoError as exc:
-                        if not _refuses_pipeline(exc):
-                            raise
-                        self._now_by_hello = True
-                hello = await self.client.admin.command("hello", codec_options=_READ_OPTIONS)
-                return _server_time(hello, "localTime")
-        except CredkeeperError:
-            raise
-        except _DRIVER_ERRORS as exc:
-            raise _translate(exc, None, None) from exc
+        with _boundary(None), _within_budget():
+            if not self._parts.now_by_hello:
+                with self._parts.reading_now():
+                    async with await self._parts.database.aggregate(_NOW_PIPELINE) as cursor:
+                        return _server_time(await anext(cursor, None), "now")
+            hello = await self.client.admin.command("hello", codec_options=_READ_OPTIONS)
+            return _server_time(hello, "localTime")
 
     async def close(self) -> None:
         """Close the client, if the store made it."""
         if self._parts.owned:
-            await self.client.close()
+            with _boundary(None):
+                await self.client.close()

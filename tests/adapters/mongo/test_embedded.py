@@ -11,6 +11,7 @@ again by setting new tokens, the old token's ``needs_reauth``, lease and failure
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -38,7 +39,7 @@ from credkeeper import (
     TokenManager,
     open_store,
 )
-from credkeeper._credentials import to_epoch_ms
+from credkeeper.storekit import to_epoch_ms
 from credkeeper.testing import FakeProvider, run_storm
 from credkeeper_mongo import EmbeddedLayout, MongoStore
 
@@ -600,6 +601,55 @@ class TestRelogin:
         relogin(users, "alice", fake.issue())
 
         assert state(stuck("alice")) == state(store.get("alice"))
+
+
+def older_digest(token: str) -> str:
+    """The refresh token's digest as versions written before credkeeper.storekit spelled it."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+class TestVersionsWrittenBefore:
+    def test_a_state_named_by_the_older_digest_still_applies(
+        self, users: Collection[dict[str, Any]], store: CredentialStore
+    ) -> None:
+        """A state version naming its token by the digest older code computed keeps the state."""
+        store.put(stuck("alice"))
+        users.update_one(
+            {"_id": "alice"},
+            {
+                "$set": {
+                    f"{PATH}.credkeeper.version": f"{'a' * 15}:{older_digest('old refresh token')}"
+                }
+            },
+        )
+
+        assert state(stuck("alice")) == state(store.get("alice"))
+
+    def test_a_version_read_by_older_code_still_wins_its_write(
+        self, users: Collection[dict[str, Any]], store: CredentialStore
+    ) -> None:
+        """A record version built with the older digest is the version the store reads now."""
+        written = store.put(stuck("alice"))
+        state_version = stored(users, "alice")["credkeeper"]["version"]
+        read_before = written.replace(
+            version=f"{state_version}.{older_digest('old refresh token')}"
+        )
+
+        assert (
+            "new refresh token"
+            == store.put(read_before.replace(refresh_token="new refresh token")).refresh_token
+        )
+
+    def test_a_token_that_is_not_unicode_is_a_store_error_and_writes_nothing(
+        self, users: Collection[dict[str, Any]], store: CredentialStore
+    ) -> None:
+        """A refresh token with a lone surrogate, which BSON cannot hold, changes nothing."""
+        before = raw(users, "alice")
+
+        with pytest.raises(StoreError, match="cannot store a value"):
+            store.put(new_record("alice", refresh_token="refresh-\ud800"))
+
+        assert before == raw(users, "alice")
 
 
 @pytest.mark.slow

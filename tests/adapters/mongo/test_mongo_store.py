@@ -182,10 +182,32 @@ class TestOpening:
         with pytest.raises(ConfigurationError, match="both"):
             open_store(collection_url, collection="other")
 
+    def test_an_option_given_twice_in_the_url_is_refused(self, collection_url: str) -> None:
+        """The same credkeeper option twice in the query is a ConfigurationError naming it."""
+        with pytest.raises(ConfigurationError, match="gives the option 'batch_size' twice"):
+            open_store(f"{collection_url}&batch_size=5&batch_size=6")
+
+    def test_an_unreadable_value_names_the_option_and_what_it_accepts(
+        self, collection_url: str
+    ) -> None:
+        """A value an option cannot read gets the message every credkeeper store gives."""
+        with pytest.raises(ConfigurationError) as raised:
+            open_store(f"{collection_url}&batch_size=many")
+        assert "MongoDB store option batch_size must be a positive whole number, got 'many'" == str(
+            raised.value
+        )
+
     def test_pymongo_options_in_the_url_reach_the_client(self, collection_url: str) -> None:
         """Query options credkeeper does not own go to MongoClient."""
         with opened(f"{collection_url}&serverSelectionTimeoutMS=1234") as store:
             assert 1.234 == store.client.options.server_selection_timeout
+
+    def test_pymongo_options_reach_the_client_as_written(self, collection_url: str) -> None:
+        """pymongo's rules hold for its options: readPreferenceTags repeats, a tag set each."""
+        tags = "readPreferenceTags=dc:ny&readPreferenceTags="
+        url = f"{collection_url}&readPreference=secondary&{tags}"
+        with opened(url) as store:
+            assert [{"dc": "ny"}, {}] == store.client.read_preference.tag_sets
 
     def test_short_client_timeouts_by_default(self, collection_url: str) -> None:
         """Without URL settings, server selection gives up after 10 s, not pymongo's 30 s."""
@@ -330,10 +352,19 @@ class TestDocuments:
             store.collection.insert_one({"_id": 42, "expires_at": Int64(0)})
             assert ["alice"] == list(store.scan_due(LATER))
 
-    def test_scan_due_refuses_a_naive_datetime(self, collection_url: str) -> None:
-        """scan_due(before) with a naive datetime is a ConfigurationError."""
+    def test_scan_due_refuses_a_naive_datetime_at_the_call(self, collection_url: str) -> None:
+        """scan_due(before) with a naive datetime is a ConfigurationError before any iteration."""
         with opened(collection_url) as store, pytest.raises(ConfigurationError, match="aware"):
-            list(store.scan_due(datetime(2030, 1, 1)))
+            store.scan_due(datetime(2030, 1, 1))
+
+    def test_async_scan_due_refuses_a_naive_datetime_at_the_call(self, collection_url: str) -> None:
+        """AsyncMongoStore.scan_due(before) refuses a naive datetime before any iteration."""
+        store = AsyncMongoStore(f"{collection_url}&async=true")
+        try:
+            with pytest.raises(ConfigurationError, match="aware"):
+                store.scan_due(datetime(2030, 1, 1))
+        finally:
+            close_async(store)
 
 
 class TestScanStreams:
