@@ -65,6 +65,7 @@ __all__ = [
     "delete_flow",
     "get_flow",
     "put_flow",
+    "refresh_flow",
 ]
 
 logger = logging.getLogger("credkeeper")
@@ -197,6 +198,13 @@ class Policy:
         """The clock's current time."""
         return self.clock.now()
 
+    def fresh(self, credentials: Credentials) -> bool:
+        """Whether ``credentials`` stay valid beyond the leeway, so no refresh is due yet.
+
+        The one freshness check: the flow asks it of a stored record, the drivers of their cache.
+        """
+        return not credentials.expires_within(self.leeway, now=self.now())
+
     def credentials(self, record: Record) -> Credentials:
         """The credentials in ``record``, unsealed when a key ring is set."""
         return Credentials(
@@ -324,14 +332,22 @@ def _usable(credentials: Credentials, failed: Secret | None, now: datetime) -> b
 # -- flows -----------------------------------------------------------------------------
 
 
-def get_flow(
-    policy: Policy, key: str, *, failed: Secret | None = None, force: bool = False
-) -> Flow[Credentials]:
-    """Fresh credentials for ``key``: stored ones if valid beyond the leeway, else refreshed.
+def get_flow(policy: Policy, key: str) -> Flow[Credentials]:
+    """Fresh credentials for ``key``: stored ones if valid beyond the leeway, else refreshed."""
+    return (yield from _get(policy, key, failed=None, force=False))
 
-    ``failed`` is an access token the wrapper refused: refresh if the store still holds it.
-    ``force`` refreshes whatever the expiry (once: concurrent forced callers share the result).
+
+def refresh_flow(policy: Policy, key: str, *, failed: Secret | None = None) -> Flow[Credentials]:
+    """Refreshed credentials for ``key``, whatever the expiry of the stored ones.
+
+    With ``failed`` (an access token the wrapper refused), only if the store still holds that
+    token: a peer that refreshed meanwhile has already done the work. Without it, the stored
+    access token counts as the failed one, so the refresh is forced.
     """
+    return (yield from _get(policy, key, failed=failed, force=failed is None))
+
+
+def _get(policy: Policy, key: str, *, failed: Secret | None, force: bool) -> Flow[Credentials]:
     deadline = yield from _start(policy)
     yield from _apply_rescues(policy, key, deadline, rescan=False)
     record = yield Load(key)
@@ -428,9 +444,7 @@ def _ensure_fresh(
         if record.status is Status.NEEDS_REAUTH:
             raise ReauthRequired(key)
         credentials = policy.credentials(record)
-        now = policy.now()
-        due = credentials.expires_within(policy.leeway, now=now)
-        if not due and credentials.access_token != failed:
+        if policy.fresh(credentials) and credentials.access_token != failed:
             return credentials
         if skew is None:
             try:

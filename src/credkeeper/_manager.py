@@ -46,6 +46,7 @@ from ._flow import (
     delete_flow,
     get_flow,
     put_flow,
+    refresh_flow,
 )
 from ._journal import RescueJournal, default_journal_dir
 from ._keyring import KeyRing
@@ -169,9 +170,7 @@ class _Base:
         if self._cache is None:
             return None
         credentials = self._cache.get(key)
-        if credentials is None:
-            return None
-        if credentials.expires_within(self.policy.leeway, now=self.policy.now()):
+        if credentials is None or not self.policy.fresh(credentials):
             return None
         return credentials
 
@@ -303,12 +302,9 @@ class TokenManager(_Base):
         """
         check_key(key)
         bad = _failed(failed)
-        flight = ("refresh", key, bad)
         return self._once(
-            flight,
-            lambda: self._run_cached(
-                key, get_flow(self._policy(), key, failed=bad, force=bad is None)
-            ),
+            ("refresh", key, bad),
+            lambda: self._run_cached(key, refresh_flow(self._policy(), key, failed=bad)),
         )
 
     def put(self, key: str, credentials: Credentials) -> None:
@@ -366,20 +362,24 @@ class TokenManager(_Base):
         value: Any = None
         error: BaseException | None = None
         until: datetime | None = None
-        while True:
-            try:
-                effect = flow.throw(error) if error is not None else flow.send(value)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            value, error = None, None
-            if isinstance(effect, Deadline):
-                until = effect.at
-                continue
-            try:
-                with self._budget(until):
-                    value = self._perform(effect)
-            except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
-                error = exc
+        try:
+            while True:
+                try:
+                    effect = flow.throw(error) if error is not None else flow.send(value)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                value, error = None, None
+                if isinstance(effect, Deadline):
+                    until = effect.at
+                    continue
+                try:
+                    with self._budget(until):
+                        value = self._perform(effect)
+                except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
+                    error = exc
+        finally:
+            # Interrupted (KeyboardInterrupt, a cancelled task): the flow ends here, not at GC.
+            flow.close()
 
     def _perform(self, effect: Effect) -> Any:
         match effect:
@@ -396,8 +396,10 @@ class TokenManager(_Base):
                 return self._http.send(request)
             case Sleep(seconds):
                 return self.policy.clock.sleep(seconds)
-            case JournalPending(key, rescan):
+            case JournalPending(key, rescan) if rescan or self.journal.has_pending(key):
                 return self.journal.pending(key, rescan=rescan)
+            case JournalPending():
+                return []
             case JournalWrite(entry):
                 return self.journal.write(entry)
             case JournalDiscard(entry):
@@ -466,7 +468,7 @@ class AsyncTokenManager(_Base):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self.aclose()
 
     async def get(self, key: str) -> Credentials:
         """Credentials for ``key`` valid beyond the leeway, refreshing them if needed."""
@@ -484,9 +486,7 @@ class AsyncTokenManager(_Base):
         bad = _failed(failed)
         return await self._once(
             ("refresh", key, bad),
-            lambda: self._run_cached(
-                key, get_flow(self._policy(), key, failed=bad, force=bad is None)
-            ),
+            lambda: self._run_cached(key, refresh_flow(self._policy(), key, failed=bad)),
         )
 
     async def put(self, key: str, credentials: Credentials) -> None:
@@ -503,7 +503,7 @@ class AsyncTokenManager(_Base):
         self._remember(key, None)
         return await self._drive(delete_flow(self._policy(), key))
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Close the HTTP client if the manager made it, and the store."""
         if self._own_http:
             await self._http.aclose()
@@ -536,20 +536,24 @@ class AsyncTokenManager(_Base):
         value: Any = None
         error: BaseException | None = None
         until: datetime | None = None
-        while True:
-            try:
-                effect = flow.throw(error) if error is not None else flow.send(value)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            value, error = None, None
-            if isinstance(effect, Deadline):
-                until = effect.at
-                continue
-            try:
-                with self._budget(until):
-                    value = await self._perform(effect)
-            except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
-                error = exc
+        try:
+            while True:
+                try:
+                    effect = flow.throw(error) if error is not None else flow.send(value)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                value, error = None, None
+                if isinstance(effect, Deadline):
+                    until = effect.at
+                    continue
+                try:
+                    with self._budget(until):
+                        value = await self._perform(effect)
+                except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
+                    error = exc
+        finally:
+            # Interrupted (KeyboardInterrupt, a cancelled task): the flow ends here, not at GC.
+            flow.close()
 
     async def _perform(self, effect: Effect) -> Any:
         match effect:
@@ -566,10 +570,10 @@ class AsyncTokenManager(_Base):
                 return await self._http.send(request)
             case Sleep(seconds):
                 return await self.policy.clock.asleep(seconds)
-            case JournalPending(key, False) if not self.journal.has_pending(key):
-                return []
-            case JournalPending(key, rescan):
+            case JournalPending(key, rescan) if rescan or self.journal.has_pending(key):
                 return await asyncio.to_thread(self.journal.pending, key, rescan=rescan)
+            case JournalPending():
+                return []
             case JournalWrite(entry):
                 return await asyncio.to_thread(self.journal.write, entry)
             case JournalDiscard(entry):

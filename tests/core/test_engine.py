@@ -6,9 +6,11 @@ import threading
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 
 from credkeeper import (
+    ConfigurationError,
     CredentialNotFound,
     Credentials,
     KeyRing,
@@ -120,6 +122,17 @@ class TestRefresh:
         assert newer == manager.refresh(KEY, failed=old.access_token)
         assert 0 == len(fake.refresh_calls)
 
+    def test_failed_may_be_the_plain_string_the_wrapper_refused(
+        self, manager: TokenManager, fake: FakeProvider
+    ) -> None:
+        """refresh(key, failed=str) works as with the Secret: the stored token is replaced."""
+        credentials = fake.issue()
+        manager.put(KEY, credentials)
+
+        fresh = manager.refresh(KEY, failed=credentials.access_token.get_secret_value())
+
+        assert (1, False) == (fake.refresh_count, credentials.access_token == fresh.access_token)
+
     def test_refresh_without_failed_forces_one(
         self, manager: TokenManager, fake: FakeProvider
     ) -> None:
@@ -183,29 +196,26 @@ class TestInvalidGrant:
         self, store: MemoryStore, fake: FakeProvider, clock: FakeClock, tmp_path: Path
     ) -> None:
         """invalid_grant while the store already holds a newer token: adopt it, stay active."""
-        slow = FakeProvider(clock=clock, latency=0.5).start()
-        try:
-            old = slow.issue(expires_in=0)
-            peer = TokenManager(store, slow.provider(), journal=tmp_path / "j", clock=clock)
-            peer.put(KEY, old)
-            manager = TokenManager(store, slow.provider(), journal=tmp_path / "j", clock=clock)
+        old = fake.issue(expires_in=0)
+        peer = TokenManager(store, fake.provider(), journal=tmp_path / "j", clock=clock)
+        peer.put(KEY, old)
 
-            def peer_wins() -> None:
-                slow.wait_for_calls(0)
-                newer = slow.rotate(old)
-                assert newer is not None
-                peer.put(KEY, newer)
+        def peer_wins_first(request: httpx.Request) -> httpx.Response:
+            # While this manager's request is on its way, a peer refreshes and stores its tokens.
+            newer = fake.rotate(old)
+            assert newer is not None
+            peer.put(KEY, newer)
+            return fake.handler(request)
 
-            racer = threading.Timer(0.1, peer_wins)
-            racer.start()
+        with httpx.Client(transport=httpx.MockTransport(peer_wins_first)) as http:
+            manager = TokenManager(
+                store, fake.provider(), journal=tmp_path / "j", clock=clock, http=http
+            )
             adopted = manager.get(KEY)
-            racer.join()
 
-            assert stored(store).refresh_token == adopted.refresh_token.get_secret_value()
-            assert Status.ACTIVE == stored(store).status
-            assert ["ok", "invalid_grant"] == [call.outcome for call in slow.refresh_calls]
-        finally:
-            slow.stop()
+        assert stored(store).refresh_token == adopted.refresh_token.get_secret_value()
+        assert Status.ACTIVE == stored(store).status
+        assert ["ok", "invalid_grant"] == [call.outcome for call in fake.refresh_calls]
 
 
 class TestProviderFailures:
@@ -285,6 +295,53 @@ class TestProviderFailures:
         assert 200 == caught.value.status
 
 
+class TestOptions:
+    def test_a_duration_that_is_no_number_names_the_option(
+        self, store: MemoryStore, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """leeway="15m" is a ConfigurationError saying what leeway takes."""
+        with pytest.raises(ConfigurationError, match="leeway must be a timedelta or a number"):
+            TokenManager(store, fake.provider(), journal=tmp_path / "j", leeway="15m")  # type: ignore[arg-type]
+
+    def test_a_duration_below_its_minimum_names_the_minimum(
+        self, store: MemoryStore, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """lease_ttl=0.5 is refused, naming the one-second minimum."""
+        with pytest.raises(ConfigurationError, match="lease_ttl must be at least 1 seconds"):
+            TokenManager(store, fake.provider(), journal=tmp_path / "j", lease_ttl=0.5)
+
+    def test_a_lease_shorter_than_a_refresh_is_refused(
+        self, store: MemoryStore, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """lease_ttl must outlast refresh_timeout plus the provider's timeout (45 s here)."""
+        with pytest.raises(ConfigurationError, match=r"exceed refresh_timeout .*\(45 s\)"):
+            TokenManager(store, fake.provider(), journal=tmp_path / "j", lease_ttl=45)
+
+    def test_a_provider_that_is_no_provider_is_refused(
+        self, store: MemoryStore, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """A token URL where the Provider goes is a ConfigurationError showing how to build one."""
+        with pytest.raises(ConfigurationError, match=r"Provider\.claude_code\(\)"):
+            TokenManager(store, fake.token_url, journal=tmp_path / "j")  # type: ignore[arg-type]
+
+    def test_a_keyring_that_is_no_key_ring_is_refused(
+        self, store: MemoryStore, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """keyring= takes a KeyRing, not the text of one."""
+        with pytest.raises(ConfigurationError, match=r"keyring must be a credkeeper\.KeyRing"):
+            TokenManager(
+                store,
+                fake.provider(),
+                journal=tmp_path / "j",
+                keyring=KeyRing.generate().export(),  # type: ignore[arg-type]
+            )
+
+    def test_put_of_something_not_credentials_is_refused(self, manager: TokenManager) -> None:
+        """put() takes Credentials, not the wrapper's JSON of them."""
+        with pytest.raises(ConfigurationError, match=r"must be a credkeeper\.Credentials"):
+            manager.put(KEY, {"accessToken": "sk-ant-oat01-x"})  # type: ignore[arg-type]
+
+
 class TestLease:
     def test_expired_lease_is_taken_over(
         self, manager: TokenManager, store: MemoryStore, fake: FakeProvider, clock: FakeClock
@@ -343,7 +400,24 @@ class FailingStore(MemoryStore):
         return super().put(record)
 
 
+class LeakyStore(MemoryStore):
+    """A custom store that lets its driver's own exception escape from get()."""
+
+    def get(self, key: str) -> Record | None:
+        raise RuntimeError("connection reset by peer")
+
+
 class TestStoreDown:
+    def test_a_driver_error_a_store_lets_escape_is_store_unavailable(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """A custom store's own exception reaches the caller as StoreUnavailable naming its type."""
+        manager = TokenManager(LeakyStore(), fake.provider(), journal=tmp_path / "j", clock=clock)
+
+        with pytest.raises(StoreUnavailable, match=r"on key 'user-1' \(RuntimeError\)") as caught:
+            manager.get(KEY)
+        assert RuntimeError is type(caught.value.__cause__)
+
     def test_store_down_on_the_write_raises_store_unavailable_naming_the_key(
         self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
     ) -> None:

@@ -158,7 +158,7 @@ class TestSalvagedAnswer:
         assert ("current", True) == (kept_state, kept.expires_at <= clock.now())
         assert ("fault:reshape", "ok") == tuple(call.outcome for call in fake.refresh_calls)
         assert "valid" == fake.access_token_state(credentials.access_token)
-        await manager.close()
+        await manager.aclose()
 
 
 class TestDeadlines:
