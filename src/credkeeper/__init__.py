@@ -40,7 +40,7 @@ from ._record import Record, Status
 from ._registry import open_store
 from ._rekey import RekeyReport, rekey
 from ._secret import Secret
-from ._store import AsyncCredentialStore, CredentialStore, ThreadOffloadStore, as_async_store
+from ._store import AsyncCredentialStore, CredentialStore, as_async_store
 from ._wrapper import AsyncWrapperClient, WrapperClient
 
 __version__ = "0.1.0"
@@ -78,7 +78,6 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "SystemClock",
-    "ThreadOffloadStore",
     "TokenCodec",
     "TokenManager",
     "UnknownSchemeError",

@@ -17,9 +17,9 @@ from credkeeper import (
     ReauthRequired,
     Status,
     StoreUnavailable,
-    ThreadOffloadStore,
 )
 from credkeeper._journal import RescueEntry, RescueJournal, fingerprint
+from credkeeper._store import ThreadOffloadStore
 from credkeeper.testing import FakeClock, FakeProvider
 from tests.core.test_engine import FailingStore, LeakyStore
 

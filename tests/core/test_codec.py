@@ -16,12 +16,12 @@ from credkeeper import (
     Record,
     RescueJournal,
     StoreUnavailable,
-    ThreadOffloadStore,
     TokenCodec,
     TokenManager,
     rekey,
 )
 from credkeeper._record import check_key
+from credkeeper._store import ThreadOffloadStore
 from credkeeper.testing import FakeClock, FakeProvider
 from tests.core.test_engine import stored
 

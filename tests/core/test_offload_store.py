@@ -12,9 +12,9 @@ from credkeeper import (
     AsyncCredentialStore,
     MemoryStore,
     Record,
-    ThreadOffloadStore,
     as_async_store,
 )
+from credkeeper._store import ThreadOffloadStore
 from credkeeper.testing import AsyncStoreConformance
 
 _EXPIRES = datetime(2031, 1, 1, tzinfo=UTC)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from credkeeper import AsyncCredentialStore, CredentialStore, ThreadOffloadStore
+from credkeeper import AsyncCredentialStore, CredentialStore
+from credkeeper._store import ThreadOffloadStore
 from credkeeper.testing import (
     AsyncStoreConformance,
     StoreConformance,
