@@ -535,7 +535,13 @@ class Embedded:
         version = self._state_version(key, credential)
         # The record's version still binds the state's, so a write replaces a void state.
         applies = version is None or _state_applies(version, refresh)
-        state = self._state(key, credential) if applies else {}
+        state = self._state(key, credential)
+        if not applies:
+            # What the old login earned (needs_reauth, failures, a cooldown) is void; a lease is
+            # not: it may be a live refresh (the stored value changes without a new token when
+            # the application re-seals it with a random nonce), and it ends by itself.
+            kept = {self.layout.name("lease_owner"), self.layout.name("lease_until")}
+            state = {name: value for name, value in state.items() if name in kept}
 
         def stated(name: str) -> Any:
             return state.get(self.layout.name(name))

@@ -594,7 +594,9 @@ def _persist(
         except ConflictError:
             current = yield Load(key)
             if current is None:
-                yield from _discard(entry, journaled)
+                # Deleted meanwhile, or a read that found nothing for a moment: the entry stays
+                # on disk (the new refresh token may be its only copy), only no longer offered.
+                yield from _discard(entry, journaled, keep_on_disk=True)
                 raise CredentialNotFound(key) from None
             if fingerprint(policy.credentials(current).refresh_token) == entry.replaces:
                 # Only coordination fields moved (a lease taken over): write again.
@@ -630,10 +632,11 @@ def _persist(
         return fresh
 
 
-def _discard(entry: RescueEntry, journaled: bool) -> Flow[None]:
-    """Drop a rescue entry whose tokens the store now holds; a journal failure is only logged."""
+def _discard(entry: RescueEntry, journaled: bool, *, keep_on_disk: bool = False) -> Flow[None]:
+    """Drop a rescue entry whose tokens the store now holds (``keep_on_disk``: stop offering
+    it, but keep the file); a journal failure is only logged."""
     if journaled:
-        yield from _journal(JournalDiscard(entry), entry.key)
+        yield from _journal((JournalForget if keep_on_disk else JournalDiscard)(entry), entry.key)
 
 
 def _on_invalid_grant(

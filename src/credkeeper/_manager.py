@@ -15,6 +15,7 @@ import random
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Coroutine, Hashable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -322,7 +323,17 @@ class TokenManager(_Base):
         return self._drive(delete_flow(self._policy(), key))
 
     def close(self) -> None:
-        """Close the HTTP client if the manager made it, and the store."""
+        """Close the HTTP client if the manager made it, and the store.
+
+        Refreshes other threads have in flight finish first (for at most ``lease_ttl``): one
+        cut off between the provider's answer and the store write would leave the new refresh
+        token in the journal only, and the store with the one the provider just consumed.
+        """
+        with self._flights_lock:
+            flights = list(self._flights.values())
+        until = time.monotonic() + self.policy.lease_ttl.total_seconds()
+        for flight in flights:
+            flight.done.wait(max(0.0, until - time.monotonic()))
         if self._own_http:
             self._http.close()
         self.store.close()
@@ -504,7 +515,16 @@ class AsyncTokenManager(_Base):
         return await self._drive(delete_flow(self._policy(), key))
 
     async def aclose(self) -> None:
-        """Close the HTTP client if the manager made it, and the store."""
+        """Close the HTTP client if the manager made it, and the store.
+
+        Refreshes in flight finish first (for at most ``lease_ttl``), including those whose
+        caller stopped waiting: one cut off between the provider's answer and the store write
+        would leave the new refresh token in the journal only.
+        """
+        if self._flights:
+            await asyncio.wait(
+                list(self._flights.values()), timeout=self.policy.lease_ttl.total_seconds()
+            )
         if self._own_http:
             await self._http.aclose()
         await self.store.close()

@@ -182,19 +182,26 @@ class Record:
                 f"stored record for key {key!r} has an unknown status", key=key
             ) from None
         expires_at = moment("expires_at")
-        assert expires_at is not None
-        return cls(
-            key=key,
-            access_token=field("access_token", str),
-            refresh_token=field("refresh_token", str),
-            expires_at=expires_at,
-            scopes=tuple(scopes),
-            subscription_type=field("subscription_type", str, optional=True),
-            status=status,
-            lease_owner=field("lease_owner", str, optional=True),
-            lease_until=moment("lease_until", optional=True),
-            failures=field("failures", int),
-            cooldown_until=moment("cooldown_until", optional=True),
-            last_error=field("last_error", str, optional=True),
-            version=version,
-        )
+        fields: dict[str, Any] = {
+            "key": key,
+            "access_token": field("access_token", str),
+            "refresh_token": field("refresh_token", str),
+            "expires_at": expires_at,
+            "scopes": tuple(scopes),
+            "subscription_type": field("subscription_type", str, optional=True),
+            "status": status,
+            "lease_owner": field("lease_owner", str, optional=True),
+            "lease_until": moment("lease_until", optional=True),
+            "failures": field("failures", int),
+            "cooldown_until": moment("cooldown_until", optional=True),
+            "last_error": field("last_error", str, optional=True),
+            "version": version,
+        }
+        try:
+            return cls(**fields)
+        except ConfigurationError as exc:
+            # Stored data a Record refuses (a negative failure count) is damage in the store,
+            # not a caller's mistake.
+            raise StoreCorrupted(
+                f"stored record for key {key!r} is not a valid record: {exc}", key=key
+            ) from None

@@ -210,7 +210,7 @@ def read_options(
             continue
         try:
             values[name] = option.parse(value)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):
             raise ConfigurationError(
                 f"{store} option {name} must be {option.expects}, got {value!r}"
             ) from None

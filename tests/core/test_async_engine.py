@@ -114,6 +114,41 @@ class TestAsyncTokenManager:
         assert (1, 1) == (len(sent), fake.refresh_count)
         assert "valid" == fake.access_token_state(fresh.access_token)
 
+    async def test_aclose_lets_a_refresh_in_flight_store_its_tokens(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """aclose() waits for a refresh whose caller gave up, so its new tokens are stored."""
+        store = MemoryStore()
+        arrived, release = asyncio.Event(), asyncio.Event()
+
+        async def held(request: httpx.Request) -> httpx.Response:
+            arrived.set()
+            await release.wait()
+            return fake.handler(request)
+
+        async with httpx.AsyncClient(transport=httpx.MockTransport(held)) as http:
+            manager = AsyncTokenManager(
+                store, fake.provider(), journal=tmp_path / "j", clock=clock, http=http
+            )
+            await manager.put(KEY, fake.issue(expires_in=0))
+            caller = asyncio.ensure_future(manager.get(KEY))
+            await arrived.wait()
+            caller.cancel()
+            closing = asyncio.ensure_future(manager.aclose())
+            for _ in range(10):
+                await asyncio.sleep(0)
+            waited = not closing.done()
+            release.set()
+            await closing
+
+        record = store.get(KEY)
+        assert record is not None
+        assert (True, "current", 1) == (
+            waited,
+            fake.refresh_token_state(record.refresh_token),
+            fake.refresh_count,
+        )
+
 
 class TestAsyncDriver:
     """The async driver performs each effect as the sync one does; these mirror test_engine."""

@@ -380,6 +380,43 @@ class TestLease:
         assert credentials == manager.get(KEY)
 
 
+class TestClose:
+    def test_close_lets_a_refresh_in_flight_store_its_tokens(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """close() from one thread waits for another thread's refresh to store its tokens."""
+        store = MemoryStore()
+        arrived, release = threading.Event(), threading.Event()
+
+        def held(request: httpx.Request) -> httpx.Response:
+            arrived.set()
+            release.wait(timeout=30)
+            return fake.handler(request)
+
+        with httpx.Client(transport=httpx.MockTransport(held)) as http:
+            manager = TokenManager(
+                store, fake.provider(), journal=tmp_path / "j", clock=clock, http=http
+            )
+            manager.put(KEY, fake.issue(expires_in=0))
+            caller = threading.Thread(target=manager.get, args=(KEY,))
+            caller.start()
+            assert arrived.wait(timeout=30)
+            closing = threading.Thread(target=manager.close)
+            closing.start()
+            closing.join(timeout=0.2)
+            waited = closing.is_alive()
+            release.set()
+            closing.join(timeout=30)
+            caller.join(timeout=30)
+
+        record = stored(store)
+        assert (True, "current", 1) == (
+            waited,
+            fake.refresh_token_state(record.refresh_token),
+            fake.refresh_count,
+        )
+
+
 class FailingStore(MemoryStore):
     """A memory store whose next puts that carry new tokens raise StoreUnavailable.
 

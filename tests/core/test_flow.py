@@ -741,13 +741,17 @@ class TestStoreWrite:
         assert Deadline(DEADLINE) == flow.send(None)
         assert credentials_of(login) == finish(flow, None)
 
-    def test_a_record_deleted_meanwhile_drops_the_entry_and_raises(self, policy: Policy) -> None:
-        """The write conflicts and the record is gone: CredentialNotFound, the entry dropped."""
+    def test_a_record_deleted_meanwhile_keeps_the_entry_on_disk_and_raises(
+        self, policy: Policy
+    ) -> None:
+        """The write conflicts and the record reads as gone: CredentialNotFound, the entry is
+        no longer offered but stays on disk, since a read that found nothing for a moment must
+        not delete the only copy of the new refresh token."""
         flow = get_flow(policy, KEY)
         _, entry = to_store_write(flow, record())
         flow.throw(ConflictError("moved", key=KEY))
 
-        assert JournalDiscard(entry) == flow.send(None)
+        assert JournalForget(entry) == flow.send(None)
         with pytest.raises(CredentialNotFound, match=KEY):
             flow.send(None)
 

@@ -551,14 +551,15 @@ class TestRelogin:
             state(stored_record),
         )
 
-    def test_a_relogin_voids_a_stale_lease_failures_and_cooldown(
+    def test_a_relogin_voids_failures_and_cooldown_but_keeps_a_lease(
         self, users: Collection[dict[str, Any]], store: CredentialStore, fake: FakeProvider
     ) -> None:
-        """A lease, failures, cooldown and error of the old token do not hold the new one."""
+        """Failures, cooldown and error of the old token are void; a lease ends by itself."""
         store.put(stuck("alice"))
         relogin(users, "alice", fake.issue())
 
-        assert FRESH == state(store.get("alice"))
+        kept = (Status.ACTIVE, "crashed-host:1:2", FUTURE, 0, None, None)
+        assert kept == state(store.get("alice"))
 
     def test_the_same_refresh_token_set_again_keeps_the_state(
         self, users: Collection[dict[str, Any]], store: CredentialStore
