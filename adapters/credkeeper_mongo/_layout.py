@@ -35,7 +35,14 @@ from typing import Any, Literal, TypeAlias
 from bson import Int64, ObjectId
 
 from credkeeper import ConfigurationError, ConflictError, Record, Status, StoreCorrupted, StoreError
-from credkeeper.storekit import from_epoch_ms, new_version, read_epoch_ms, to_epoch_ms, token_digest
+from credkeeper.storekit import (
+    from_epoch_ms,
+    new_version,
+    read_epoch_ms,
+    stored_record,
+    to_epoch_ms,
+    token_digest,
+)
 
 __all__ = [
     "DEFAULT_COLLECTION",
@@ -556,7 +563,7 @@ class Embedded:
         for name in ("lease_owner", "last_error"):
             if stated(name) is not None and not isinstance(stated(name), str):
                 raise _corrupted(key, f"has a bad {name!r} field")
-        return Record(
+        return stored_record(
             key=key,
             access_token=access,
             refresh_token=refresh,

@@ -12,7 +12,7 @@ from typing import Any
 from ._credentials import from_epoch_ms, to_epoch_ms
 from ._exceptions import ConfigurationError, StoreCorrupted
 
-__all__ = ["MAX_KEY_LENGTH", "Record", "Status", "check_key", "check_moment"]
+__all__ = ["MAX_KEY_LENGTH", "Record", "Status", "check_key", "check_moment", "stored_record"]
 
 MAX_KEY_LENGTH = 255
 
@@ -181,6 +181,10 @@ class Record:
             raise StoreCorrupted(
                 f"stored record for key {key!r} has an unknown status", key=key
             ) from None
+        if field("failures", int) < 0:
+            raise StoreCorrupted(
+                f"stored record for key {key!r} has a bad 'failures' field", key=key
+            )
         expires_at = moment("expires_at")
         fields: dict[str, Any] = {
             "key": key,
@@ -197,11 +201,20 @@ class Record:
             "last_error": field("last_error", str, optional=True),
             "version": version,
         }
-        try:
-            return cls(**fields)
-        except ConfigurationError as exc:
-            # Stored data a Record refuses (a negative failure count) is damage in the store,
-            # not a caller's mistake.
-            raise StoreCorrupted(
-                f"stored record for key {key!r} is not a valid record: {exc}", key=key
-            ) from None
+        return stored_record(**fields)
+
+
+def stored_record(**fields: Any) -> Record:
+    """A :class:`Record` of ``fields`` a store read back.
+
+    What a Record refuses there (a negative failure count, a naive time) is damage in the
+    store, not a caller's mistake: :class:`StoreCorrupted` naming the key, never a value.
+    """
+    try:
+        return Record(**fields)
+    except ConfigurationError as exc:
+        key = fields.get("key")
+        raise StoreCorrupted(
+            f"stored record for key {key!r} is not a valid record: {exc}",
+            key=key if isinstance(key, str) else None,
+        ) from None

@@ -10,7 +10,8 @@ stores alike:
   every store method runs on what it is given, so that every store refuses the same misuse
   with the same :class:`~credkeeper.ConfigurationError`;
 - **conversions**: :func:`to_epoch_ms` and :func:`from_epoch_ms` (the one time unit on every
-  wire), :func:`read_epoch_ms` for a stored value that may be damaged;
+  wire), :func:`read_epoch_ms` for a stored value that may be damaged, :func:`stored_record`
+  for a record read back (what ``Record`` refuses there is ``StoreCorrupted``);
 - **versions**: :func:`new_version` for compare-and-swap, :func:`token_digest` to notice a
   token that changed without keeping it;
 - **options**: :func:`query_options` and :func:`read_options` read a store's options from its
@@ -35,7 +36,7 @@ from urllib.parse import parse_qsl
 
 from ._credentials import from_epoch_ms, to_epoch_ms
 from ._exceptions import ConfigurationError, CredkeeperError, StoreCorrupted
-from ._record import MAX_KEY_LENGTH, Record, check_key, check_moment
+from ._record import MAX_KEY_LENGTH, Record, check_key, check_moment, stored_record
 from ._store import as_async_store
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "query_options",
     "read_epoch_ms",
     "read_options",
+    "stored_record",
     "to_epoch_ms",
     "token_digest",
 ]

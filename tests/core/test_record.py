@@ -122,6 +122,7 @@ class TestDocument:
             ("failures", "3"),
             ("failures", True),
             ("failures", None),
+            ("failures", -1),
             ("cooldown_until", 1.0),
             ("last_error", {"code": 1}),
         ],

@@ -23,6 +23,7 @@ from credkeeper.storekit import (
     query_options,
     read_epoch_ms,
     read_options,
+    stored_record,
     to_epoch_ms,
     token_digest,
 )
@@ -188,3 +189,18 @@ class TestErrorBoundary:
         """An exception that is not a driver error (a bug) is not disguised."""
         with pytest.raises(KeyError), error_boundary(self.translate, DriverError):
             raise KeyError("bug")
+
+
+class TestStoredRecord:
+    def test_a_record_read_back_is_made_as_given(self) -> None:
+        """Fields that make a valid Record give that Record."""
+        record = stored_record(key="k", access_token="a", refresh_token="r", expires_at=INSTANT)
+        assert ("k", INSTANT) == (record.key, record.expires_at)
+
+    def test_what_a_record_refuses_is_store_damage_naming_the_key(self) -> None:
+        """A field Record refuses, read back from a store, is StoreCorrupted naming the key."""
+        with pytest.raises(StoreCorrupted, match=r"'k' is not a valid record") as caught:
+            stored_record(
+                key="k", access_token="a", refresh_token="r", expires_at=INSTANT, failures=-1
+            )
+        assert "k" == caught.value.key
