@@ -1,8 +1,9 @@
 """Tables and statements of the SQL store, shared by the sync and the async engine; no I/O.
 
-Every operation is a *plan*: a generator that yields SQLAlchemy statements and receives each
-one's :class:`Outcome`, all inside one transaction the driver opens. The sync and the async
-store only execute what a plan yields, so the SQL and the compare-and-swap decisions exist once.
+Every operation is a *plan*: a generator that yields SQLAlchemy statements (each alone or with
+its parameters' values, a :data:`Step`) and receives each one's :class:`Outcome`, all inside
+one transaction the driver opens. The sync and the async store only execute what a plan
+yields, so the SQL and the compare-and-swap decisions exist once.
 
 Two layouts share the plans' interface:
 
@@ -19,7 +20,7 @@ Two layouts share the plans' interface:
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import uuid
 from collections.abc import Generator, Mapping, Sequence
@@ -38,7 +39,13 @@ from credkeeper import (
     StoreCorrupted,
     StoreError,
 )
-from credkeeper._credentials import from_epoch_ms, to_epoch_ms
+from credkeeper.storekit import (
+    new_version,
+    read_epoch_ms,
+    stored_record,
+    to_epoch_ms,
+    token_digest,
+)
 
 from ._formats import (
     JAVASCRIPT_ISO,
@@ -57,12 +64,18 @@ from ._formats import (
 __all__ = [
     "DEFAULT_LEASE_TABLE",
     "DEFAULT_TABLE",
+    "EXPIRES_AT_UNITS",
+    "EXPIRES_AT_UNITS_TEXT",
+    "SCOPES_FORMATS",
+    "SCOPES_FORMATS_TEXT",
     "ColumnMap",
     "ExistingTable",
     "Formats",
     "KeyKind",
     "Outcome",
     "OwnTable",
+    "Plan",
+    "Step",
     "credentials_table",
     "formats_of",
     "key_kind",
@@ -140,60 +153,56 @@ leases_table(metadata)
 class Outcome:
     """What a plan learns from one statement: the rows it returned and the rows it changed."""
 
-    rows: Sequence[sa.Row[Any]] = ()
+    rows: Sequence[sa.Row[*tuple[Any, ...]]] = ()
     rowcount: int = 0
 
 
-Plan = Generator[sa.Executable, Outcome, Any]
-
-
-def _new_version() -> str:
-    return uuid.uuid4().hex
-
-
-def _ms(moment: datetime | None) -> int | None:
-    return None if moment is None else to_epoch_ms(moment)
-
-
-def _moment(key: str, value: Any, name: str) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise StoreCorrupted(f"stored record for key {key!r} has a bad {name!r} column", key=key)
-    try:
-        return from_epoch_ms(value)
-    except (OverflowError, ValueError, OSError):
-        raise StoreCorrupted(
-            f"stored record for key {key!r} has an out-of-range {name!r} column", key=key
-        ) from None
+#: One statement of a plan, alone or with the values of its bound parameters. A statement
+#: made once and executed with parameters skips what building one costs on every call:
+#: SQLAlchemy's constructs, and the cache key under which it finds the compiled SQL.
+Step = sa.Executable | tuple[sa.Executable, Mapping[str, Any]]
+Plan = Generator[Step, Outcome, Any]
 
 
 def _scopes(key: str, value: Any) -> tuple[str, ...]:
-    try:
-        scopes = json.loads(value) if isinstance(value, str) else None
-    except ValueError:
-        scopes = None
-    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+    scopes = _json_scopes(value) if isinstance(value, str) else None
+    if scopes is None:
         raise StoreCorrupted(f"stored record for key {key!r} has a bad 'scopes' column", key=key)
+    return scopes
+
+
+@functools.lru_cache(maxsize=256)
+def _json_scopes(text: str) -> tuple[str, ...] | None:
+    """The scopes a JSON array of strings holds, or ``None``. Kept for the few sets of scopes
+    credentials share: parsing them again on every read costs more than the cache."""
+    try:
+        scopes = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+        return None
     return tuple(scopes)
 
 
+_STATUSES = {status.value: status for status in Status}
+
+
 def _status(key: str, value: Any) -> Status:
-    try:
-        return Status(value)
-    except ValueError:
-        raise StoreCorrupted(
-            f"stored record for key {key!r} has an unknown status", key=key
-        ) from None
+    status = _STATUSES.get(value) if isinstance(value, str) else None
+    if status is None:
+        raise StoreCorrupted(f"stored record for key {key!r} has an unknown status", key=key)
+    return status
 
 
 def _state_values(record: Record) -> dict[str, Any]:
     return {
         "status": record.status.value,
         "lease_owner": record.lease_owner,
-        "lease_until": _ms(record.lease_until),
+        "lease_until": None if record.lease_until is None else to_epoch_ms(record.lease_until),
         "failures": record.failures,
-        "cooldown_until": _ms(record.cooldown_until),
+        "cooldown_until": (
+            None if record.cooldown_until is None else to_epoch_ms(record.cooldown_until)
+        ),
         "last_error": record.last_error,
     }
 
@@ -202,14 +211,44 @@ def _conflict(record: Record, what: str) -> ConflictError:
     return ConflictError(f"the record for key {record.key!r} {what}", key=record.key)
 
 
+# The columns OwnTable.get reads, in the order it unpacks them: by position, as a row's
+# lookup by name costs more than the rest of the unpacking.
+_RECORD_COLUMNS = (
+    "access_token",
+    "refresh_token",
+    "expires_at",
+    "scopes",
+    "subscription_type",
+    "status",
+    "lease_owner",
+    "lease_until",
+    "failures",
+    "cooldown_until",
+    "last_error",
+    "version",
+)
+
+
 class OwnTable:
-    """credkeeper's own table: every field of a record in one row."""
+    """credkeeper's own table: every field of a record in one row.
+
+    Its statements are made once, with bound parameters (``:key``; ``:old_key`` and
+    ``:old_version`` where an ``UPDATE`` sets the columns its parameters name), and executed
+    with each call's values.
+    """
 
     def __init__(self, table: sa.Table) -> None:
         self.table = table
         self.tables = (table,)
         self.key = table.c.key
         self.expires_at = table.c.expires_at
+        by_key = self.key == sa.bindparam("key")
+        self._select = sa.select(*(table.c[name] for name in _RECORD_COLUMNS)).where(by_key)
+        self._insert = sa.insert(table)
+        self._update = sa.update(table).where(
+            self.key == sa.bindparam("old_key"), table.c.version == sa.bindparam("old_version")
+        )
+        self._delete = sa.delete(table).where(by_key)
 
     @property
     def order(self) -> sa.ColumnElement[Any]:
@@ -231,29 +270,42 @@ class OwnTable:
 
     def get(self, key: str) -> Plan:
         """Plan: the record under ``key``, or ``None``."""
-        outcome = yield sa.select(self.table).where(self.key == key)
+        outcome = yield self._select, {"key": key}
         if not outcome.rows:
             return None
-        row = outcome.rows[0]._mapping
-        return Record(
+        (
+            access_token,
+            refresh_token,
+            expires_at,
+            scopes,
+            subscription_type,
+            status,
+            lease_owner,
+            lease_until,
+            failures,
+            cooldown_until,
+            last_error,
+            version,
+        ) = outcome.rows[0]
+        return stored_record(
             key=key,
-            access_token=row["access_token"],
-            refresh_token=row["refresh_token"],
-            expires_at=_moment(key, row["expires_at"], "expires_at") or _invalid(key),
-            scopes=_scopes(key, row["scopes"]),
-            subscription_type=row["subscription_type"],
-            status=_status(key, row["status"]),
-            lease_owner=row["lease_owner"],
-            lease_until=_moment(key, row["lease_until"], "lease_until"),
-            failures=row["failures"],
-            cooldown_until=_moment(key, row["cooldown_until"], "cooldown_until"),
-            last_error=row["last_error"],
-            version=row["version"],
+            access_token=access_token,
+            refresh_token=refresh_token,
+            expires_at=read_epoch_ms(expires_at, key=key, field="expires_at") or _invalid(key),
+            scopes=_scopes(key, scopes),
+            subscription_type=subscription_type,
+            status=_status(key, status),
+            lease_owner=lease_owner,
+            lease_until=read_epoch_ms(lease_until, key=key, field="lease_until"),
+            failures=failures,
+            cooldown_until=read_epoch_ms(cooldown_until, key=key, field="cooldown_until"),
+            last_error=last_error,
+            version=version,
         )
 
     def put(self, record: Record) -> Plan:
         """Plan: compare-and-swap ``record`` on its version; the record as stored."""
-        version = _new_version()
+        version = new_version()
         values = {
             "access_token": record.access_token,
             "refresh_token": record.refresh_token,
@@ -265,12 +317,11 @@ class OwnTable:
         }
         if record.version is None:
             # A duplicate key fails the insert; the store turns that into ConflictError.
-            yield sa.insert(self.table).values(key=record.key, **values)
+            yield self._insert, {"key": record.key, **values}
         else:
             outcome = yield (
-                sa.update(self.table)
-                .where(self.key == record.key, self.table.c.version == record.version)
-                .values(**values)
+                self._update,
+                {"old_key": record.key, "old_version": record.version, **values},
             )
             if outcome.rowcount != 1:
                 raise _conflict(record, "changed or was deleted since it was read")
@@ -278,7 +329,7 @@ class OwnTable:
 
     def delete(self, key: str) -> Plan:
         """Plan: remove the row; whether there was one."""
-        outcome = yield sa.delete(self.table).where(self.key == key)
+        outcome = yield self._delete, {"key": key}
         return outcome.rowcount > 0
 
 
@@ -287,6 +338,18 @@ def _invalid(key: str) -> datetime:
 
 
 # -- existing tables ---------------------------------------------------------------------
+
+
+#: The values of ``expires_at_unit``, and what each means, for messages.
+EXPIRES_AT_UNITS = ("ms", "s", "iso")
+EXPIRES_AT_UNITS_TEXT = (
+    "'ms' or 's' (epoch milliseconds or seconds in an integer column) or 'iso' (ISO-8601 text)"
+)
+#: The values of ``scopes_format``, and what each means, for messages.
+SCOPES_FORMATS = ("space", "json", "array")
+SCOPES_FORMATS_TEXT = (
+    "'space' (one space-separated string), 'json' (a JSON array) or 'array' (a PostgreSQL text[])"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -330,15 +393,13 @@ class ColumnMap:
         for name in ("key", "access_token", "refresh_token", "expires_at"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigurationError(f"ColumnMap.{name} must be a column name")
-        if self.expires_at_unit not in ("ms", "s", "iso"):
+        if self.expires_at_unit not in EXPIRES_AT_UNITS:
             raise ConfigurationError(
-                "expires_at_unit must be 'ms' or 's' (epoch milliseconds or seconds in an "
-                f"integer column) or 'iso' (ISO-8601 text), got {self.expires_at_unit!r}"
+                f"expires_at_unit must be {EXPIRES_AT_UNITS_TEXT}, got {self.expires_at_unit!r}"
             )
-        if self.scopes_format not in (None, "space", "json", "array"):
+        if self.scopes_format is not None and self.scopes_format not in SCOPES_FORMATS:
             raise ConfigurationError(
-                "scopes_format must be 'space' (one space-separated string), 'json' (a JSON "
-                f"array) or 'array' (a PostgreSQL text[]), got {self.scopes_format!r}"
+                f"scopes_format must be {SCOPES_FORMATS_TEXT}, got {self.scopes_format!r}"
             )
         if self.scopes_format is not None and self.scopes is None:
             raise ConfigurationError(
@@ -370,19 +431,13 @@ _NO_SIDE_ROW = "-"
 _SECONDS_LIMIT = 10**11
 
 
-def _digest(token: str) -> str:
-    # Part of the version string, which shows in reprs: a short digest of a long random
-    # token, enough to notice that the token changed and useless for anything else.
-    return hashlib.sha256(token.encode()).hexdigest()[:16]
-
-
 def _side_version(refresh_token: str) -> str:
     """A new side-row version naming the refresh token its state belongs to.
 
     15 random hex digits, ``:`` and the token's digest: 32 characters, the width the side
     table's ``version`` column already has in every deployment.
     """
-    return f"{uuid.uuid4().hex[:15]}:{_digest(refresh_token)}"
+    return f"{new_version()[:15]}:{token_digest(refresh_token)}"
 
 
 def _side_applies(side: str, refresh_token: str) -> bool:
@@ -394,7 +449,7 @@ def _side_applies(side: str, refresh_token: str) -> bool:
     always applies, so a lease taken before an upgrade is never dropped.
     """
     _, named, digest = side.partition(":")
-    return not named or digest == _digest(refresh_token)
+    return not named or digest == token_digest(refresh_token)
 
 
 #: How a key column compares keys: as text, as an integer, or as a uuid.
@@ -597,6 +652,9 @@ class ExistingTable:
     kind: KeyKind = field(init=False)
     # The first NOT NULL mapped column, if any: its rows cannot hold "no credential".
     not_null: str | None = field(init=False)
+    # The statements reading and locking a key's row, made once; executed with ``:key``.
+    _read: sa.Select[Any] = field(init=False, repr=False, compare=False)
+    _lock_row: sa.Select[Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.tables = (self.table, self.leases)
@@ -622,6 +680,7 @@ class ExistingTable:
             ),
             None,
         )
+        self._read, self._lock_row = self._reading(), self._locking()
 
     def _column(self, name: str) -> sa.Column[Any]:
         column: sa.Column[Any] = self.table.c[getattr(self.columns, name)]
@@ -678,8 +737,10 @@ class ExistingTable:
             return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
         if isinstance(value, int) and not isinstance(value, bool):
             self._check_unit(key, value)
-            return _moment(
-                key, value * 1000 if self.columns.expires_at_unit == "s" else value, "expires_at"
+            return read_epoch_ms(
+                value * 1000 if self.columns.expires_at_unit == "s" else value,
+                key=key,
+                field="expires_at",
             ) or _invalid(key)
         if isinstance(value, str):
             parsed = parse_iso(value)
@@ -808,7 +869,9 @@ class ExistingTable:
             return sa.cast(column, sa.Text).label(name)
         return column.label(name)
 
-    def _select(self, key: str) -> sa.Select[Any]:
+    def _reading(self) -> sa.Select[Any]:
+        """The statement reading the row of ``:key`` with its side row: the mapped columns,
+        each labelled with its field's name, and the state columns as ``lease_<column>``."""
         mapped = [self._mapped(name) for name in self.columns.columns()]
         state = [c.label(f"lease_{c.name}") for c in self.leases.c if c.name != "key"]
         # The side table's key is the canonical string; an int or a uuid cast to text is it.
@@ -816,13 +879,28 @@ class ExistingTable:
         return (
             sa.select(*mapped, *state)
             .select_from(self.table.outerjoin(self.leases, self.leases.c.key == joined))
-            .where(self._matches(key))
+            .where(self.key == sa.bindparam("key"))
         )
 
-    def _lock(self, key: str) -> sa.Select[Any]:
-        # Writers lock the application's row first, alone: PostgreSQL refuses FOR UPDATE on
-        # the nullable side of an outer join and MariaDB has no FOR UPDATE OF.
-        return sa.select(self.key.label("key")).where(self._matches(key)).with_for_update()
+    def _locking(self) -> sa.Select[Any]:
+        """The statement locking the row of ``:key``.
+
+        Writers lock the application's row first, alone: PostgreSQL refuses FOR UPDATE on the
+        nullable side of an outer join and MariaDB has no FOR UPDATE OF.
+        """
+        return (
+            sa.select(self.key.label("key"))
+            .where(self.key == sa.bindparam("key"))
+            .with_for_update()
+        )
+
+    def _select(self, key: str) -> Step:
+        """Read the row of ``key`` with its side row (:meth:`_reading`)."""
+        return self._read, {"key": self._value(key)}
+
+    def _lock(self, key: str) -> Step:
+        """Lock the row of ``key`` (:meth:`_locking`)."""
+        return self._lock_row, {"key": self._value(key)}
 
     def _record(self, key: str, row: sa.RowMapping) -> Record | None:
         refresh = row["refresh_token"]
@@ -837,26 +915,33 @@ class ExistingTable:
             raise StoreCorrupted(
                 f"stored record for key {key!r} has a bad 'scopes' column", key=key
             )
-        record = Record(
-            key=key,
-            access_token=access,
-            refresh_token=refresh,
-            expires_at=self._from_column(key, row["expires_at"]),
-            scopes=scopes,
-            subscription_type=row.get("subscription_type"),
+        fields: dict[str, Any] = {
+            "key": key,
+            "access_token": access,
+            "refresh_token": refresh,
+            "expires_at": self._from_column(key, row["expires_at"]),
+            "scopes": scopes,
+            "subscription_type": row.get("subscription_type"),
             # The version still binds the side row, so a write replaces its void state.
-            version=f"{side or _NO_SIDE_ROW}.{_digest(refresh)}",
-        )
-        if side is None or not _side_applies(side, refresh):
-            return record
-        return record.replace(
-            status=_status(key, row["lease_status"]),
-            lease_owner=row["lease_lease_owner"],
-            lease_until=_moment(key, row["lease_lease_until"], "lease_until"),
-            failures=row["lease_failures"] or 0,
-            cooldown_until=_moment(key, row["lease_cooldown_until"], "cooldown_until"),
-            last_error=row["lease_last_error"],
-        )
+            "version": f"{side or _NO_SIDE_ROW}.{token_digest(refresh)}",
+        }
+        if side is not None:
+            # A lease always holds: it may be a live refresh (the stored value changes without
+            # a new token when the application re-seals it with a random nonce), and it ends by
+            # itself. What the old token earned (needs_reauth, failures, a cooldown) is void
+            # once the application stored another one.
+            fields["lease_owner"] = row["lease_lease_owner"]
+            fields["lease_until"] = read_epoch_ms(
+                row["lease_lease_until"], key=key, field="lease_until"
+            )
+            if _side_applies(side, refresh):
+                fields["status"] = _status(key, row["lease_status"])
+                fields["failures"] = row["lease_failures"] or 0
+                fields["cooldown_until"] = read_epoch_ms(
+                    row["lease_cooldown_until"], key=key, field="cooldown_until"
+                )
+                fields["last_error"] = row["lease_last_error"]
+        return stored_record(**fields)
 
     def get(self, key: str) -> Plan:
         """Plan: the record under ``key``, or ``None`` when the row holds no credential."""
@@ -916,7 +1001,7 @@ class ExistingTable:
         yield sa.delete(self.leases).where(self.leases.c.key == record.key)
         state = {**_state_values(record), "version": version}
         yield sa.insert(self.leases).values(key=record.key, **state)
-        return record.replace(version=f"{version}.{_digest(record.refresh_token)}")
+        return record.replace(version=f"{version}.{token_digest(record.refresh_token)}")
 
     def put(self, record: Record) -> Plan:
         """Plan: compare-and-swap on the side row's version and the stored refresh token; with
@@ -951,7 +1036,7 @@ class ExistingTable:
             )
             if changed.rowcount != 1:
                 raise _conflict(record, "changed since it was read")
-        return record.replace(version=f"{version}.{_digest(record.refresh_token)}")
+        return record.replace(version=f"{version}.{token_digest(record.refresh_token)}")
 
     def delete(self, key: str) -> Plan:
         """Plan: clear the mapped columns, or with ``delete_rows`` delete the row, and the side

@@ -6,10 +6,12 @@ module adds engines, options, and the translation of driver errors into credkeep
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -28,17 +30,32 @@ from credkeeper import (
     StoreUnavailable,
     time_remaining,
 )
-from credkeeper._record import check_key
+from credkeeper.storekit import (
+    COUNT,
+    FLAG,
+    NAME,
+    Option,
+    check_key,
+    check_moment,
+    check_record,
+    error_boundary,
+    read_options,
+)
 
 from ._schema import (
     DEFAULT_LEASE_TABLE,
     DEFAULT_TABLE,
+    EXPIRES_AT_UNITS,
+    EXPIRES_AT_UNITS_TEXT,
+    SCOPES_FORMATS,
+    SCOPES_FORMATS_TEXT,
     ColumnMap,
     ExistingTable,
     Formats,
     Outcome,
     OwnTable,
     Plan,
+    Step,
     credentials_table,
     formats_of,
     key_kind,
@@ -68,20 +85,34 @@ _COLUMN_OPTIONS = {
 }
 # Options describing an existing-table mapping beyond its columns: ColumnMap's own fields.
 _MAPPING_OPTIONS = ("expires_at_unit", "scopes_format", "insert", "delete_rows")
-_OPTIONS = frozenset(
-    {
-        "table",
-        "schema",
-        "lease_table",
-        "page_size",
-        "create",
-        "plaintext",
-        *_MAPPING_OPTIONS,
-        *_COLUMN_OPTIONS,
-    }
-)
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
+# The store's name in messages.
+_STORE = "SQL store"
+
+
+def _one_of(values: tuple[str, ...]) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if not isinstance(value, str) or value not in values:
+            raise ValueError(value)
+        return value
+
+    return parse
+
+
+# The options of a URL's query and of the constructors' keywords (but ``columns``, a
+# ColumnMap, which only a keyword can give).
+_OPTIONS: dict[str, Option[Any]] = {
+    "table": NAME,
+    "schema": NAME,
+    "lease_table": NAME,
+    "page_size": COUNT,
+    "create": FLAG,
+    "plaintext": FLAG,
+    "expires_at_unit": Option(_one_of(EXPIRES_AT_UNITS), EXPIRES_AT_UNITS_TEXT),
+    "scopes_format": Option(_one_of(SCOPES_FORMATS), SCOPES_FORMATS_TEXT),
+    "insert": FLAG,
+    "delete_rows": FLAG,
+    **dict.fromkeys(_COLUMN_OPTIONS, NAME),
+}
 
 # A duplicate key: on a create, another writer created the record first.
 _DUPLICATE_CODES = frozenset(
@@ -194,16 +225,12 @@ _REASON_LENGTH = 300
 # -- options -----------------------------------------------------------------------------
 
 
-def _flag(name: str, value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-        return value.lower() in _TRUE
-    raise ConfigurationError(f"SQL store option {name} must be true or false, got {value!r}")
-
-
 def _split_url(url: str) -> tuple[URL, dict[str, Any]]:
-    """The engine URL without credkeeper's query options, and those options."""
+    """The engine URL without the store's query options, and those options, read.
+
+    The rest of the query is the driver's (``application_name``, ``charset``,
+    ``connect_timeout``, a repeated ``host``, ...) and stays in the engine URL for it.
+    """
     try:
         parsed = make_url(url)
     except sa_exc.ArgumentError:
@@ -211,10 +238,10 @@ def _split_url(url: str) -> tuple[URL, dict[str, Any]]:
             "SQL store URL must look like postgresql+psycopg://user@host/db, "
             "mysql+pymysql://user@host/db or sqlite:///path/to/creds.db"
         ) from None
-    ours = {name: value for name, value in parsed.query.items() if name in _OPTIONS}
-    for name, value in ours.items():
-        if not isinstance(value, str):
+    for name, value in parsed.query.items():
+        if name in _OPTIONS and not isinstance(value, str):
             raise ConfigurationError(f"SQL store URL gives option {name!r} more than once")
+    ours, _ = read_options(parsed.query, _OPTIONS, store=_STORE, others="return")
     engine_url = parsed.difference_update_query(list(ours))
     backend, _, driver = engine_url.drivername.partition("+")
     if backend == "postgres":  # a common alias SQLAlchemy does not know
@@ -295,69 +322,38 @@ def _engine_options(url: URL) -> dict[str, Any]:
     return options
 
 
-class _Settings:
-    """Layout options, validated once; the layout itself is built on first use."""
+@dataclass(frozen=True, slots=True)
+class _StoreOptions:
+    """The store's options, read once; the layout they describe is built on first use."""
 
-    def __init__(
-        self,
-        *,
-        table: str,
-        schema: str | None,
-        columns: ColumnMap | None,
-        lease_table: str,
-        page_size: int,
-        create: bool,
-        plaintext: bool = False,
-    ) -> None:
-        for name, value in (("table", table), ("lease_table", lease_table)):
-            if not isinstance(value, str) or not value:
-                raise ConfigurationError(f"SQL store option {name} must be a table name")
+    table: str = DEFAULT_TABLE
+    schema: str | None = None
+    columns: ColumnMap | None = None
+    lease_table: str = DEFAULT_LEASE_TABLE
+    page_size: int = 500
+    create: bool = False
+    plaintext: bool = False
+
+    @classmethod
+    def read(cls, given: Mapping[str, Any]) -> _StoreOptions:
+        """The options ``given`` in a URL's query or as keywords, the same way; ``None``
+        stands for an option's default.
+
+        An existing-table mapping comes as ``columns`` (a :class:`ColumnMap`, only as a
+        keyword) or as the ``*_column`` options with ``expires_at_unit``, ``scopes_format``,
+        ``insert`` and ``delete_rows``. An option the store does not know is refused.
+        """
+        given = {name: value for name, value in given.items() if value is not None}
+        columns = given.pop("columns", None)
         if columns is not None and not isinstance(columns, ColumnMap):
             raise ConfigurationError("columns must be a credkeeper_sql.ColumnMap")
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-            raise ConfigurationError(f"page_size must be a positive int, got {page_size!r}")
-        self.table = table
-        self.schema = schema
-        self.columns = columns
-        self.lease_table = lease_table
-        self.page_size = page_size
-        self.create = create
-        self.plaintext = plaintext
-
-    @classmethod
-    def of(
-        cls,
-        *,
-        table: str | None,
-        schema: str | None,
-        columns: ColumnMap | None,
-        lease_table: str,
-        page_size: int,
-        create: bool,
-        plaintext: bool,
-    ) -> _Settings:
-        """Settings from a store constructor's keyword arguments."""
-        given = {"schema": schema, "columns": columns, "lease_table": lease_table}
-        settings, _ = cls.parse(
-            {**given, "page_size": page_size, "create": create, "plaintext": plaintext},
-            table=table,
-        )
-        return settings
-
-    @classmethod
-    def parse(
-        cls, options: Mapping[str, Any], *, table: str | None = None
-    ) -> tuple[_Settings, dict[str, Any]]:
-        """Settings from URL or keyword options; the rest is returned for the caller."""
-        given = dict(options)
+        values, _ = read_options(given, _OPTIONS, store=_STORE)
         mapped = {
-            field: given.pop(option) for option, field in _COLUMN_OPTIONS.items() if option in given
+            field: values.pop(option)
+            for option, field in _COLUMN_OPTIONS.items()
+            if option in values
         }
-        described = {name: given.pop(name) for name in _MAPPING_OPTIONS if name in given}
-        for name in ("insert", "delete_rows"):
-            if name in described:
-                described[name] = _flag(name, described[name])
-        columns = given.pop("columns", None)
+        described = {name: values.pop(name) for name in _MAPPING_OPTIONS if name in values}
         if described and not mapped:
             names = ", ".join(sorted(described))
             if columns is not None:
@@ -385,25 +381,9 @@ class _Settings:
                     f"mapping credentials onto an existing table needs {', '.join(missing)} too"
                 )
             columns = ColumnMap(**mapped, **described)
-        name = given.pop("table", table)
-        if columns is not None and name is None:
+        if columns is not None and "table" not in values:
             raise ConfigurationError("an existing-table mapping needs table=<the table's name>")
-        page_size = given.pop("page_size", 500)
-        if isinstance(page_size, str):
-            try:
-                page_size = int(page_size)
-            except ValueError:
-                raise ConfigurationError(f"page_size must be an int, got {page_size!r}") from None
-        settings = cls(
-            table=name or DEFAULT_TABLE,
-            schema=given.pop("schema", None),
-            columns=columns,
-            lease_table=given.pop("lease_table", DEFAULT_LEASE_TABLE),
-            page_size=page_size,
-            create=_flag("create", given.pop("create", False)),
-            plaintext=_flag("plaintext", given.pop("plaintext", False)),
-        )
-        return settings, given
+        return cls(columns=columns, **values)
 
     def build(self, connection: sa.Connection) -> Layout:
         """The layout, reflecting the application's table when there is a mapping."""
@@ -698,6 +678,19 @@ def _translate(exc: BaseException, key: str | None, *, writing: bool, url: URL) 
     return StoreError(f"the SQL store failed{about} ({_where(url)}): {detail}", key=key)
 
 
+# What SQLAlchemy and the drivers raise; ValueError and OverflowError while binding a value.
+_DRIVER_ERRORS = (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError)
+
+
+def _boundary_at(url: URL, key: str | None, *, writing: bool) -> AbstractContextManager[None]:
+    """Translate what the driver raises inside the block, on the database at ``url``, with
+    :func:`_translate`: the one place the store maps driver errors. credkeeper's own errors
+    pass; ``writing`` tells a lost race (a write) from a failed read."""
+    return error_boundary(
+        lambda exc: _translate(exc, key, writing=writing, url=url), *_DRIVER_ERRORS
+    )
+
+
 def _page(
     layout: Layout, before: datetime, after: tuple[Any, Any] | None, size: int
 ) -> sa.Select[Any]:
@@ -706,8 +699,6 @@ def _page(
     Each row is the key, the expiry as ordered, and the expiry as stored, for
     ``layout.is_due``; a page is full or the last one whatever that keeps of it.
     """
-    if not isinstance(before, datetime) or before.utcoffset() is None:
-        raise ConfigurationError("scan_due(before) needs a timezone-aware datetime")
     condition, _ = layout.due(before)
     expiry = layout.order
     statement = sa.select(layout.key, expiry, layout.expires_at).where(condition)
@@ -730,12 +721,17 @@ def _outcome(result: sa.CursorResult[Any]) -> Outcome:
     return Outcome(tuple(result.all()) if result.returns_rows else (), result.rowcount)
 
 
+def _split(step: Step) -> tuple[sa.Executable, Mapping[str, Any] | None]:
+    """A plan's step as a statement and its parameters' values, if it has any."""
+    return step if isinstance(step, tuple) else (step, None)
+
+
 def _execute(connection: sa.Connection, plan: Plan) -> Any:
     """Execute ``plan``'s statements on ``connection``, each outcome sent back; its result."""
     try:
-        statement = next(plan)
+        step = next(plan)
         while True:
-            statement = plan.send(_outcome(connection.execute(statement)))
+            step = plan.send(_outcome(connection.execute(*_split(step))))
     except StopIteration as stop:
         return stop.value
 
@@ -743,9 +739,9 @@ def _execute(connection: sa.Connection, plan: Plan) -> Any:
 async def _execute_async(connection: AsyncConnection, plan: Plan) -> Any:
     """:func:`_execute` on an async connection."""
     try:
-        statement = next(plan)
+        step = next(plan)
         while True:
-            statement = plan.send(_outcome(await connection.execute(statement)))
+            step = plan.send(_outcome(await connection.execute(*_split(step))))
     except StopIteration as stop:
         return stop.value
 
@@ -757,9 +753,15 @@ async def _execute_async(connection: AsyncConnection, plan: Plan) -> Any:
 _BUSY_TIMEOUT = "credkeeper_sqlite_busy_timeout"
 
 
-def _busy_timeout(configured: int, remaining: float | None) -> int:
-    """Milliseconds SQLite may wait for another writer's lock: no longer than the call has."""
-    return configured if remaining is None else min(configured, int(remaining * 1000))
+def _busy_timeout(configured: int, current: int, remaining: float | None) -> int:
+    """Milliseconds SQLite may wait for another writer's lock: no longer than the call has.
+
+    The ``current`` setting stays while it is within that and at least half of it: calls whose
+    budgets differ by milliseconds, or calls with and without one, would otherwise each send a
+    PRAGMA, a statement of its own that makes a read half as slow again.
+    """
+    wanted = configured if remaining is None else min(configured, int(remaining * 1000))
+    return current if wanted // 2 <= current <= wanted else wanted
 
 
 def _lock_waits(info: dict[Any, Any], remaining: float | None) -> Plan:
@@ -776,7 +778,7 @@ def _lock_waits(info: dict[Any, Any], remaining: float | None) -> Plan:
         outcome = yield sa.text("PRAGMA busy_timeout")
         configured = int(outcome.rows[0][0])
         state = info[_BUSY_TIMEOUT] = [configured, configured]
-    wanted = _busy_timeout(state[0], remaining)
+    wanted = _busy_timeout(state[0], state[1], remaining)
     if wanted != state[1]:
         yield sa.text(f"PRAGMA busy_timeout = {wanted}")
         state[1] = wanted
@@ -866,14 +868,16 @@ class SQLStore:
         create: bool = False,
         plaintext: bool = False,
     ) -> None:
-        self._settings = _Settings.of(
-            table=table,
-            schema=schema,
-            columns=columns,
-            lease_table=lease_table,
-            page_size=page_size,
-            create=create,
-            plaintext=plaintext,
+        self._options = _StoreOptions.read(
+            {
+                "table": table,
+                "schema": schema,
+                "columns": columns,
+                "lease_table": lease_table,
+                "page_size": page_size,
+                "create": create,
+                "plaintext": plaintext,
+            }
         )
         if isinstance(engine, str):
             self.engine: sa.Engine = _engine_from_string(engine, want_async=False)
@@ -905,33 +909,28 @@ class SQLStore:
             raise ConfigurationError(
                 f"SQL store option(s) {', '.join(twice)} given both in the URL and as keywords"
             )
-        settings, unknown = _Settings.parse({**from_query, **options})
-        if unknown:
-            raise ConfigurationError(
-                f"unknown SQL store option(s) {', '.join(sorted(unknown))}; "
-                f"the options are {', '.join(sorted(_OPTIONS))}"
-            )
+        store_options = _StoreOptions.read({**from_query, **options})
         engine = _make_engine(engine_url)
         if isinstance(engine, AsyncEngine):
-            return AsyncSQLStore._with(engine, settings)
-        return cls._with(engine, settings)
+            return AsyncSQLStore._with(engine, store_options)
+        return cls._with(engine, store_options)
 
     @classmethod
-    def _with(cls, engine: sa.Engine, settings: _Settings) -> SQLStore:
+    def _with(cls, engine: sa.Engine, options: _StoreOptions) -> SQLStore:
         store = cls.__new__(cls)
-        store._settings, store.engine, store._own_engine = settings, engine, True
+        store._options, store.engine, store._own_engine = options, engine, True
         store._layout, store._layout_lock = None, threading.Lock()
         return store
 
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
-        return f"SQLStore({url!r}, table={self._settings.table!r})"
+        return f"SQLStore({url!r}, table={self._options.table!r})"
 
     @property
     def plaintext(self) -> bool:
         """Whether the application keeps this store's tokens in plain text (option
         ``plaintext``): the engine then neither seals tokens nor expects sealed ones."""
-        return self._settings.plaintext
+        return self._options.plaintext
 
     def __enter__(self) -> SQLStore:
         return self
@@ -939,21 +938,31 @@ class SQLStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _get_layout(self, connection: sa.Connection) -> Layout:
-        with self._layout_lock:
-            if self._layout is None:
-                self._layout = self._settings.build(connection)
-            return self._layout
+    def _get_layout(self) -> Layout:
+        """The layout, built by the first call in a transaction of its own, so that the tables
+        ``create`` makes are committed whatever that call does."""
+        layout = self._layout
+        if layout is None:
+            with self._layout_lock:
+                if self._layout is None:
+                    with self.engine.begin() as connection:
+                        _bound_lock_waits(connection)
+                        self._layout = self._options.build(connection)
+                layout = self._layout
+        return layout
+
+    def _boundary(self, key: str | None, *, writing: bool) -> AbstractContextManager[None]:
+        """Translate what the driver raises inside the block (:func:`_boundary_at`)."""
+        return _boundary_at(self.engine.url, key, writing=writing)
 
     def _run(self, key: str | None, plan_of: Callable[[Layout], Plan], *, writing: bool) -> Any:
-        try:
-            with self.engine.begin() as connection:
+        # A read is one SELECT, which needs no transaction of its own: the one the driver
+        # opens ends when the connection returns to the pool.
+        with self._boundary(key, writing=writing):
+            layout = self._get_layout()
+            with self.engine.begin() if writing else self.engine.connect() as connection:
                 _bound_lock_waits(connection)
-                return _execute(connection, plan_of(self._get_layout(connection)))
-        except (StoreError, ConfigurationError):
-            raise
-        except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
-            raise _translate(exc, key, writing=writing, url=self.engine.url) from exc
+                return _execute(connection, plan_of(layout))
 
     def get(self, key: str) -> Record | None:
         """See :meth:`credkeeper.CredentialStore.get`."""
@@ -962,8 +971,8 @@ class SQLStore:
 
     def put(self, record: Record) -> Record:
         """See :meth:`credkeeper.CredentialStore.put`: an insert, or an update on the version."""
-        check_key(record.key)
-        return self._run(record.key, lambda layout: layout.put(record), writing=True)  # type: ignore[no-any-return]
+        key = check_record(record).key
+        return self._run(key, lambda layout: layout.put(record), writing=True)  # type: ignore[no-any-return]
 
     def delete(self, key: str) -> bool:
         """See :meth:`credkeeper.CredentialStore.delete`."""
@@ -972,19 +981,17 @@ class SQLStore:
 
     def scan_due(self, before: datetime) -> Iterator[str]:
         """See :meth:`credkeeper.CredentialStore.scan_due`: keyset pages on the expiry index."""
+        return self._scan(check_moment("before", before))
+
+    def _scan(self, before: datetime) -> Iterator[str]:
         after: tuple[Any, Any] | None = None
-        size = self._settings.page_size
+        size = self._options.page_size
         while True:
-            try:
+            with self._boundary(None, writing=False):
+                layout = self._get_layout()
                 with self.engine.connect() as connection:
                     _bound_lock_waits(connection)
-                    layout = self._get_layout(connection)
-                    page = _page(layout, before, after, size)
-                    rows = connection.execute(page).all()
-            except (StoreError, ConfigurationError):
-                raise
-            except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
-                raise _translate(exc, None, writing=False, url=self.engine.url) from exc
+                    rows = connection.execute(_page(layout, before, after, size)).all()
             for row in rows:
                 if layout.is_due(row[2], before):
                     yield layout.spelling(row[0])
@@ -1000,11 +1007,8 @@ class SQLStore:
         are judged on it, so hosts whose clocks disagree agree on when a lease ends.
         """
         dialect = self.engine.dialect
-        try:
-            with self.engine.connect() as connection:
-                value = connection.execute(_clock_query(dialect)).scalar_one()
-        except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
-            raise _translate(exc, None, writing=False, url=self.engine.url) from exc
+        with self._boundary(None, writing=False), self.engine.connect() as connection:
+            value = connection.execute(_clock_query(dialect)).scalar_one()
         return _clock_value(value, dialect)
 
     def close(self) -> None:
@@ -1032,14 +1036,16 @@ class AsyncSQLStore:
         create: bool = False,
         plaintext: bool = False,
     ) -> None:
-        self._settings = _Settings.of(
-            table=table,
-            schema=schema,
-            columns=columns,
-            lease_table=lease_table,
-            page_size=page_size,
-            create=create,
-            plaintext=plaintext,
+        self._options = _StoreOptions.read(
+            {
+                "table": table,
+                "schema": schema,
+                "columns": columns,
+                "lease_table": lease_table,
+                "page_size": page_size,
+                "create": create,
+                "plaintext": plaintext,
+            }
         )
         if isinstance(engine, str):
             self.engine: AsyncEngine = _engine_from_string(engine, want_async=True)
@@ -1051,9 +1057,9 @@ class AsyncSQLStore:
         self._layout: Layout | None = None
 
     @classmethod
-    def _with(cls, engine: AsyncEngine, settings: _Settings) -> AsyncSQLStore:
+    def _with(cls, engine: AsyncEngine, options: _StoreOptions) -> AsyncSQLStore:
         store = cls.__new__(cls)
-        store._settings, store.engine, store._own_engine = settings, engine, True
+        store._options, store.engine, store._own_engine = options, engine, True
         store._layout = None
         return store
 
@@ -1064,12 +1070,12 @@ class AsyncSQLStore:
 
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
-        return f"AsyncSQLStore({url!r}, table={self._settings.table!r})"
+        return f"AsyncSQLStore({url!r}, table={self._options.table!r})"
 
     @property
     def plaintext(self) -> bool:
         """See :attr:`SQLStore.plaintext`."""
-        return self._settings.plaintext
+        return self._options.plaintext
 
     async def __aenter__(self) -> AsyncSQLStore:
         return self
@@ -1077,23 +1083,28 @@ class AsyncSQLStore:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _get_layout(self, connection: AsyncConnection) -> Layout:
+    async def _get_layout(self) -> Layout:
+        """See :meth:`SQLStore._get_layout`."""
         # Building twice under a race is harmless: both results are equal and one is kept.
         if self._layout is None:
-            self._layout = await connection.run_sync(self._settings.build)
+            async with self.engine.begin() as connection:
+                await _bound_lock_waits_async(connection)
+                self._layout = await connection.run_sync(self._options.build)
         return self._layout
+
+    def _boundary(self, key: str | None, *, writing: bool) -> AbstractContextManager[None]:
+        """Translate what the driver raises inside the block (:func:`_boundary_at`)."""
+        return _boundary_at(self.engine.url, key, writing=writing)
 
     async def _run(
         self, key: str | None, plan_of: Callable[[Layout], Plan], *, writing: bool
     ) -> Any:
-        try:
-            async with self.engine.begin() as connection:
+        # See SQLStore._run: a read needs no transaction of its own.
+        with self._boundary(key, writing=writing):
+            layout = await self._get_layout()
+            async with self.engine.begin() if writing else self.engine.connect() as connection:
                 await _bound_lock_waits_async(connection)
-                return await _execute_async(connection, plan_of(await self._get_layout(connection)))
-        except (StoreError, ConfigurationError):
-            raise
-        except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
-            raise _translate(exc, key, writing=writing, url=self.engine.url) from exc
+                return await _execute_async(connection, plan_of(layout))
 
     async def get(self, key: str) -> Record | None:
         """See :meth:`credkeeper.AsyncCredentialStore.get`."""
@@ -1102,29 +1113,27 @@ class AsyncSQLStore:
 
     async def put(self, record: Record) -> Record:
         """See :meth:`credkeeper.AsyncCredentialStore.put`."""
-        check_key(record.key)
-        return await self._run(record.key, lambda layout: layout.put(record), writing=True)  # type: ignore[no-any-return]
+        key = check_record(record).key
+        return await self._run(key, lambda layout: layout.put(record), writing=True)  # type: ignore[no-any-return]
 
     async def delete(self, key: str) -> bool:
         """See :meth:`credkeeper.AsyncCredentialStore.delete`."""
         check_key(key)
         return await self._run(key, lambda layout: layout.delete(key), writing=True)  # type: ignore[no-any-return]
 
-    async def scan_due(self, before: datetime) -> AsyncIterator[str]:
+    def scan_due(self, before: datetime) -> AsyncIterator[str]:
         """See :meth:`SQLStore.scan_due`."""
+        return self._scan(check_moment("before", before))
+
+    async def _scan(self, before: datetime) -> AsyncIterator[str]:
         after: tuple[Any, Any] | None = None
-        size = self._settings.page_size
+        size = self._options.page_size
         while True:
-            try:
+            with self._boundary(None, writing=False):
+                layout = await self._get_layout()
                 async with self.engine.connect() as connection:
                     await _bound_lock_waits_async(connection)
-                    layout = await self._get_layout(connection)
-                    page = _page(layout, before, after, size)
-                    rows = (await connection.execute(page)).all()
-            except (StoreError, ConfigurationError):
-                raise
-            except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
-                raise _translate(exc, None, writing=False, url=self.engine.url) from exc
+                    rows = (await connection.execute(_page(layout, before, after, size))).all()
             for row in rows:
                 if layout.is_due(row[2], before):
                     yield layout.spelling(row[0])
@@ -1135,11 +1144,9 @@ class AsyncSQLStore:
     async def now(self) -> datetime | None:
         """See :meth:`SQLStore.now`."""
         dialect = self.engine.dialect
-        try:
+        with self._boundary(None, writing=False):
             async with self.engine.connect() as connection:
                 value = (await connection.execute(_clock_query(dialect))).scalar_one()
-        except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
-            raise _translate(exc, None, writing=False, url=self.engine.url) from exc
         return _clock_value(value, dialect)
 
     async def close(self) -> None:
@@ -1153,8 +1160,8 @@ class AsyncSQLStore:
 
 def _setup_engine(
     url: str | sa.Engine, options: Mapping[str, Any], *, command: str
-) -> tuple[sa.Engine, _Settings, bool]:
-    """The engine, the parsed settings and whether the engine is ours, for a setup command."""
+) -> tuple[sa.Engine, _StoreOptions, bool]:
+    """The engine, the store's options and whether the engine is ours, for a setup command."""
     if isinstance(url, str):
         engine_url, from_query = _split_url(url)
         made = _make_engine(engine_url)
@@ -1171,11 +1178,8 @@ def _setup_engine(
         raise ConfigurationError(
             f"SQL store option(s) {', '.join(twice)} given both in the URL and as keywords"
         )
-    settings, unknown = _Settings.parse({**from_query, **options})
-    if unknown:
-        raise ConfigurationError(f"unknown SQL store option(s) {', '.join(sorted(unknown))}")
-    settings.create = False
-    return engine, settings, owned
+    store_options = _StoreOptions.read({**from_query, **options})
+    return engine, dataclasses.replace(store_options, create=False), owned
 
 
 def init_store(url: str | sa.Engine, **options: Any) -> list[str]:
@@ -1185,24 +1189,20 @@ def init_store(url: str | sa.Engine, **options: Any) -> list[str]:
     mapping, only the side table for leases: the application's table is never created,
     altered or dropped. ``options`` are :meth:`SQLStore.from_url`'s.
     """
-    engine, settings, owned = _setup_engine(url, options, command="init-store")
+    engine, store_options, owned = _setup_engine(url, options, command="init-store")
     try:
-        with engine.begin() as connection:
-            layout = settings.build(connection)
-            mine = layout.tables if settings.columns is None else layout.tables[1:]
+        with _boundary_at(engine.url, None, writing=True), engine.begin() as connection:
+            layout = store_options.build(connection)
+            mine = layout.tables if store_options.columns is None else layout.tables[1:]
             inspector = sa.inspect(connection)
             created = [
                 table.name
                 for table in mine
-                if not inspector.has_table(table.name, schema=settings.schema)
+                if not inspector.has_table(table.name, schema=store_options.schema)
             ]
             for table in mine:
                 table.create(connection, checkfirst=True)
             return created
-    except (StoreError, ConfigurationError):
-        raise
-    except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
-        raise _translate(exc, None, writing=True, url=engine.url) from exc
     finally:
         if owned:
             engine.dispose()
@@ -1241,24 +1241,20 @@ def check_store(url: str | sa.Engine, **options: Any) -> StoreCheck:
     cannot keep a field in, a table ``insert=true`` cannot insert into, and a missing index
     ``scan_due`` needs are reported as problems with their fix, not raised.
     """
-    engine, settings, owned = _setup_engine(url, options, command="init-store --check")
+    engine, store_options, owned = _setup_engine(url, options, command="init-store --check")
     where = _where(engine.url)
     try:
-        with engine.connect() as connection:
+        with _boundary_at(engine.url, None, writing=False), engine.connect() as connection:
             try:
-                layout = settings.build(connection)
+                layout = store_options.build(connection)
             except ConfigurationError as exc:
                 return StoreCheck(where=where, problems=(str(exc),))
             inspector = sa.inspect(connection)
             tables = tuple(
-                (table.name, inspector.has_table(table.name, schema=settings.schema))
+                (table.name, inspector.has_table(table.name, schema=store_options.schema))
                 for table in layout.tables
             )
-            index = _expiry_index(connection, layout, settings.schema)
-    except (StoreError, ConfigurationError):
-        raise
-    except (sa_exc.SQLAlchemyError, OSError, ValueError, OverflowError) as exc:
-        raise _translate(exc, None, writing=False, url=engine.url) from exc
+            index = _expiry_index(connection, layout, store_options.schema)
     finally:
         if owned:
             engine.dispose()
@@ -1272,7 +1268,7 @@ def check_store(url: str | sa.Engine, **options: Any) -> StoreCheck:
         problems.append(_index_problem(engine.dialect, layout, table_name, indexed))
     return StoreCheck(
         where=where,
-        fields=_field_mappings(layout, settings),
+        fields=_field_mappings(layout, store_options),
         tables=tables,
         indexes=((f"{table_name}({indexed})", found),),
         problems=tuple(problems),
@@ -1357,11 +1353,11 @@ _KEY_FORMATS = {
 }
 
 
-def _field_mappings(layout: Layout, settings: _Settings) -> tuple[FieldMapping, ...]:
+def _field_mappings(layout: Layout, store_options: _StoreOptions) -> tuple[FieldMapping, ...]:
     """One row per mapped field, saying how the store keeps it."""
     tokens = (
         "as written (plaintext=true)"
-        if settings.plaintext
+        if store_options.plaintext
         else "sealed by the manager's key ring or codec"
     )
 

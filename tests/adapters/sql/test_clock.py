@@ -27,7 +27,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from credkeeper import ConflictError, StoreUnavailable, open_store
-from credkeeper._budget import budget
+from credkeeper._budget import budget  # not yet public: a call's deadline, set by the manager
 from credkeeper_sql import AsyncSQLStore, ColumnMap, SQLStore, init_store
 from tests.adapters.conftest import record
 
@@ -254,6 +254,23 @@ class TestSQLiteLockWaits:
         after = busy_timeout(engine)
         engine.dispose()
         assert (True, 2000) == (during <= 100, after)
+
+    def test_budgets_near_the_timeout_send_no_pragma_each_call(self, tmp_path: Path) -> None:
+        """Once a 1.5 s budget set the 2 s timeout, calls with a 1.9 s budget or none keep it."""
+        path = tmp_path / "credentials.db"
+        init_store(f"sqlite:///{path}")
+        engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 2})
+        store = SQLStore(engine)
+        with budget(1.5):
+            store.get("alice")
+        statements: list[str] = []
+        event.listen(engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+        for _ in range(3):
+            store.get("alice")
+            with budget(1.9):
+                store.get("alice")
+        engine.dispose()
+        assert [] == [statement for statement in statements if "PRAGMA" in statement]
 
     def test_a_connection_no_budget_touched_keeps_its_setting(self, tmp_path: Path) -> None:
         """Without a budget the store sends no PRAGMA: the engine's busy timeout stays."""

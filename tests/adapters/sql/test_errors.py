@@ -20,16 +20,17 @@ from click.testing import CliRunner
 from sqlalchemy.engine import URL, make_url
 
 from credkeeper import (
+    AsyncCredentialStore,
     ConfigurationError,
+    CredentialStore,
     CredkeeperError,
     Record,
     StoreError,
     StoreUnavailable,
     open_store,
 )
-from credkeeper._store import AsyncCredentialStore, CredentialStore
 from credkeeper.cli import cli
-from credkeeper.cli._errors import PREFIX, ExitCode
+from credkeeper.cli._errors import PREFIX, ExitCode  # not yet public: the CLI's exit codes
 from credkeeper_sql import init_store
 from credkeeper_sql._store import _reason
 

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from credkeeper import (
     ConflictError,
     Credentials,
+    CredentialStore,
     ReauthRequired,
     Record,
     Status,
@@ -31,8 +32,7 @@ from credkeeper import (
     TokenManager,
     open_store,
 )
-from credkeeper._credentials import to_epoch_ms
-from credkeeper._store import CredentialStore
+from credkeeper.storekit import to_epoch_ms
 from credkeeper.testing import FakeProvider, run_storm
 from credkeeper_sql import init_store
 
@@ -408,15 +408,16 @@ class TestRelogin:
             state(stored),
         )
 
-    def test_a_relogin_voids_a_stale_lease_failures_and_cooldown(
+    def test_a_relogin_voids_failures_and_cooldown_but_keeps_a_lease(
         self, users: UsersTable, fake: FakeProvider
     ) -> None:
-        """A lease, failures, cooldown and error of the old token do not hold the new one."""
+        """Failures, cooldown and error of the old token are void; a lease ends by itself."""
         with users.store() as store:
             store.put(stuck("alice"))
             relogin(users, "alice", fake.issue())
 
-            assert FRESH == state(store.get("alice"))
+            kept = (Status.ACTIVE, "crashed-host:1:2", FUTURE, 0, None, None)
+            assert kept == state(store.get("alice"))
 
     def test_the_same_refresh_token_written_again_keeps_the_state(self, users: UsersTable) -> None:
         """The app rewriting the refresh token it already had is no re-login: state holds."""

@@ -20,8 +20,14 @@ from typing import Any
 
 import pytest
 
-from credkeeper import ConfigurationError, Credentials, Record, TokenManager, open_store
-from credkeeper._store import CredentialStore
+from credkeeper import (
+    ConfigurationError,
+    Credentials,
+    CredentialStore,
+    Record,
+    TokenManager,
+    open_store,
+)
 from credkeeper.testing import FakeProvider
 
 from .apptables import MAPPING, AppTable, create_table, database_url

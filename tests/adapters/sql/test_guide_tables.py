@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from credkeeper import Credentials, TokenCodec
-from credkeeper._credentials import to_epoch_ms
+from credkeeper.storekit import to_epoch_ms
 from credkeeper.testing import run_storm
 from tests.examples import app_cipher
 

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from credkeeper import ConfigurationError, Record, TokenManager, open_store
-from credkeeper._store import AsyncCredentialStore
+from credkeeper import AsyncCredentialStore, ConfigurationError, Record, TokenManager, open_store
 from credkeeper.testing import FakeProvider, run_storm
 from credkeeper_sql import init_store
 

@@ -255,6 +255,22 @@ class TestURLs:
             "subscription_type_column, table"
         ) == str(caught.value)
 
+    def test_a_bad_option_in_the_url_names_it_and_what_it_takes(self) -> None:
+        """An option's value it cannot read, in the URL's query, is refused naming both."""
+        with pytest.raises(ConfigurationError) as caught:
+            open_store("sqlite:///creds.db?page_size=0")
+
+        assert "SQL store option page_size must be a positive whole number, got '0'" == str(
+            caught.value
+        )
+
+    def test_a_bad_option_keyword_names_it_and_what_it_takes(self) -> None:
+        """An option's value it cannot read, as a keyword, is refused the same way."""
+        with pytest.raises(ConfigurationError) as caught:
+            SQLStore("sqlite:///creds.db", create="sometimes")  # type: ignore[arg-type]
+
+        assert "SQL store option create must be true or false, got 'sometimes'" == str(caught.value)
+
     def test_option_in_url_and_keyword_is_refused(self) -> None:
         """An option given both in the URL's query and as a keyword is a ConfigurationError."""
         with pytest.raises(ConfigurationError) as caught:
@@ -454,6 +470,34 @@ class TestCreate:
             stored = await store.put(record(key))
             assert stored == await store.get(key)
 
+    def test_a_first_scan_creates_the_table_for_good(
+        self, database_url: str, fresh_table: str
+    ) -> None:
+        """With create=True a scan_due as the first call creates a table that outlives it."""
+        with opened(database_url, table=fresh_table, create=True) as store:
+            list(store.scan_due(NOW))
+
+        assert True is has_table(database_url, fresh_table)
+
+    @pytest.mark.anyio
+    async def test_an_async_first_scan_creates_the_table_for_good(
+        self, database_url: str, fresh_table: str
+    ) -> None:
+        """An async store's first scan_due with create=True creates a lasting table too."""
+        async with opened_async(async_url(database_url), table=fresh_table, create=True) as store:
+            [key async for key in store.scan_due(NOW)]
+
+        assert True is has_table(database_url, fresh_table)
+
+
+def has_table(url: str, name: str) -> bool:
+    """Whether the database at ``url`` has the table ``name``, seen on a new engine."""
+    engine = sa.create_engine(url)
+    try:
+        return sa.inspect(engine).has_table(name)
+    finally:
+        engine.dispose()
+
 
 # -- errors ----------------------------------------------------------------------------------
 
@@ -622,6 +666,26 @@ class TestScanDuePaging:
             scanned = list(store.scan_due(NOW))
 
         assert sorted(due) == sorted(scanned)
+
+
+class TestMisuse:
+    @pytest.mark.parametrize("backend", ["sqlite"])
+    def test_scan_due_refuses_a_naive_time_at_the_call(self, database_url: str) -> None:
+        """scan_due(naive) raises when called, before any key is asked for."""
+        with opened(database_url) as store, pytest.raises(ConfigurationError) as caught:
+            store.scan_due(NOW.replace(tzinfo=None))
+
+        assert "before is a naive datetime" in str(caught.value)
+
+    @pytest.mark.anyio
+    @pytest.mark.parametrize("backend", ["sqlite"])
+    async def test_async_scan_due_refuses_a_naive_time_at_the_call(self, database_url: str) -> None:
+        """The async store's scan_due(naive) raises when called, before iterating too."""
+        async with opened_async(async_url(database_url)) as store:
+            with pytest.raises(ConfigurationError) as caught:
+                store.scan_due(NOW.replace(tzinfo=None))
+
+        assert "before is a naive datetime" in str(caught.value)
 
 
 # -- engines ---------------------------------------------------------------------------------
