@@ -4,8 +4,9 @@ Every benchmark measures credkeeper against a baseline doing the same work witho
 same run, and reports ratios. What this module guarantees to each of them:
 
 - Single calls are timed interleaved (:func:`interleave`): every round calls each side once,
-  rotating which goes first, so neither side always runs on a warm cache or a quiet machine;
-  ratios are medians of per-call ratios (:func:`per_call_ratio`), each call against its pair.
+  in an order drawn afresh, so that no side runs more often on a warm cache, a quiet machine
+  or after a particular other side; ratios are medians of per-call ratios
+  (:func:`per_call_ratio`), each call against its pair.
 - Longer runs (threads writing for a while, scans in subprocesses) alternate A B B A ...
   (:func:`abba`), so drift in the machine's load hits both sides alike.
 - Memory is measured in a fresh process: the ``tracemalloc`` peak and the rise of the RSS
@@ -112,14 +113,19 @@ def interleave(
 ) -> dict[str, list[float]]:
     """Call each side once a round for ``warmup + calls`` rounds; µs of the measured calls.
 
-    Round ``i`` starts with side ``i mod n`` and goes on in order, so each side goes first as
-    often as any other.
+    Each round calls the sides in an order drawn afresh (seeded, so runs repeat it), so that
+    no side follows another more often than any other does. A call runs slower after one
+    that filled the CPU's caches with other code (the manager's), so a fixed rotation would
+    bias the comparison: with three sides, ``store.get`` followed ``TokenManager.get`` two
+    rounds in three, the raw read one in three, and the same SELECT measured 5-7 % slower in
+    the store's place than in the raw read's.
     """
     names = list(sides)
     times: dict[str, list[float]] = {name: [] for name in names}
+    order = random.Random(len(names))
     for index in range(warmup + calls):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
+        order.shuffle(names)
+        for name in names:
             start = time.perf_counter_ns()
             sides[name]()
             elapsed = time.perf_counter_ns() - start

@@ -5,8 +5,8 @@ Two measurements, each against a baseline run side by side in the same run:
 1. ``get`` latency: ``TokenManager.get(key)`` with the in-process cache off, on a credential
    valid for hours (no refresh may happen), against a bare ``store.get(key)`` and a bare
    ``get_secret_value(SecretId=name, VersionStage="AWSCURRENT")`` on a boto3 client of its
-   own. Calls are interleaved one by one, rotating which side goes first; the medians and
-   the medians of the per-call ratios show the manager's and the store's overhead.
+   own. Calls are interleaved one by one, in an order drawn afresh each round; the medians
+   and the medians of the per-call ratios show the manager's and the store's overhead.
 2. Compare-and-swap writes: 8 threads doing read-modify-write increments (``get``, then
    ``put`` of ``failures + 1``, again after a ``ConflictError``), all on one key (contended)
    and each on its own key (uncontended), against 8 threads doing bare unconditional

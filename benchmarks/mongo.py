@@ -5,7 +5,7 @@ Three measurements, the same as ``benchmarks/stores.py`` makes for the SQL store
 1. ``get`` latency: ``TokenManager.get(key)`` with the in-process cache off, on a credential
    valid for hours (no refresh may happen), against a bare ``store.get(key)`` and a bare
    ``collection.find_one({"_id": key})`` on the store's own client. Calls are interleaved one
-   by one, rotating which side goes first; medians, and medians of the per-call ratios.
+   by one, in an order drawn afresh each round; medians, and medians of the per-call ratios.
 2. Compare-and-swap writes: 8 threads doing read-modify-write increments (``get``, then ``put``
    of ``failures + 1``, again after a ``ConflictError``), all on one key (contended) and each on
    its own key (uncontended), against 8 threads doing a bare unconditional

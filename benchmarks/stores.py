@@ -5,8 +5,8 @@ For each store URL, three measurements:
 1. ``get`` latency: ``TokenManager.get(key)`` with the in-process cache off, on a credential
    valid for hours (no refresh may happen), against a bare ``store.get(key)`` and, for SQL
    stores, a bare SQLAlchemy ``SELECT * ... WHERE key = :k`` on the store's engine and table.
-   Calls are interleaved one by one, rotating which side goes first; the medians and the
-   medians of the per-call ratios show the manager's overhead over the store read and the
+   Calls are interleaved one by one, in an order drawn afresh each round; the medians and
+   the medians of the per-call ratios show the manager's overhead over the store read and the
    store's overhead over the raw query.
 2. Compare-and-swap writes: 8 threads doing read-modify-write increments (``get``, then
    ``put`` of ``failures + 1``, again after a ``ConflictError``), all on one key (contended)

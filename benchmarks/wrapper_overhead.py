@@ -1,10 +1,11 @@
 """What ``WrapperClient`` costs on top of a bare ``httpx.Client`` per non-streaming call.
 
 Both send the identical request to one ``FakeWrapper`` on loopback, interleaved call by call
-(the order alternates, so neither side always runs on a warm cache), each over its own
-keep-alive connection. The client side does everything it does in production: the token
-manager's lookup (in-process cache on, as by default), request validation, the call, and the
-parse into a typed ``Message``; the bare side posts the same JSON body and decodes the JSON.
+(in an order drawn afresh each round, so neither side always runs on a warm cache), each over
+its own keep-alive connection. The client side does everything it does in production: the
+token manager's lookup (in-process cache on, as by default), request validation, the call,
+and the parse into a typed ``Message``; the bare side posts the same JSON body and decodes
+the JSON.
 
     .venv/bin/python benchmarks/wrapper_overhead.py --calls 2000
 

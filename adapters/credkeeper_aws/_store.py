@@ -67,19 +67,7 @@ from credkeeper import (
     SystemClock,
     time_remaining,
 )
-from credkeeper.storekit import (
-    NAME,
-    SECONDS,
-    Option,
-    check_key,
-    check_moment,
-    check_record,
-    error_boundary,
-    new_version,
-    query_options,
-    read_options,
-    to_epoch_ms,
-)
+from credkeeper import storekit as kit
 
 from ._document import (
     EXPIRY_TAG,
@@ -273,6 +261,14 @@ def _translate(exc: Exception, key: str | None) -> StoreError:
     return StoreError(f"boto3 failed{about} ({type(exc).__name__})", key=key)
 
 
+def _changed(key: str, expected: str) -> ConflictError:
+    """The conflict of a write expecting version ``expected`` after AWSCURRENT left it."""
+    return ConflictError(
+        f"the record for key {key!r} changed after version {expected} was read; read it again",
+        key=key,
+    )
+
+
 def _current_version(versions_to_stages: object) -> str | None:
     if not isinstance(versions_to_stages, Mapping):
         return None
@@ -289,7 +285,7 @@ def _region(value: object) -> str:
 
 
 def _endpoint_url(value: object) -> str:
-    url = NAME.parse(value)
+    url = kit.NAME.parse(value)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(value)
@@ -297,15 +293,15 @@ def _endpoint_url(value: object) -> str:
 
 
 # The options a URL's query may give; the constructor also takes region, client and clock.
-_URL_OPTIONS: dict[str, Option[Any]] = {
-    "endpoint_url": Option(_endpoint_url, "an http:// or https:// URL"),
-    "kms_key_id": NAME,
-    "profile": NAME,
-    "retry_timeout": SECONDS,
+_URL_OPTIONS: dict[str, kit.Option[Any]] = {
+    "endpoint_url": kit.Option(_endpoint_url, "an http:// or https:// URL"),
+    "kms_key_id": kit.NAME,
+    "profile": kit.NAME,
+    "retry_timeout": kit.SECONDS,
 }
-_OPTIONS: dict[str, Option[Any]] = {
+_OPTIONS: dict[str, kit.Option[Any]] = {
     **_URL_OPTIONS,
-    "region": Option(_region, "an AWS Region name such as us-east-1 or eu-central-1"),
+    "region": kit.Option(_region, "an AWS Region name such as us-east-1 or eu-central-1"),
 }
 
 
@@ -348,7 +344,7 @@ def _make_client(region: str | None, endpoint_url: str | None, profile: str | No
         ) from exc
 
 
-class SecretsManagerStore:
+class SecretsManagerStore(kit.ClosingStore):
     """A :class:`~credkeeper.CredentialStore` keeping one secret per key in AWS Secrets Manager.
 
     ``prefix`` starts every secret name (letters, digits and ``/_+=.@-``, ending in ``/``);
@@ -388,7 +384,9 @@ class SecretsManagerStore:
             "kms_key_id": kms_key_id,
         }
         given = {name: value for name, value in optional.items() if value is not None}
-        options, _ = read_options({**given, "retry_timeout": retry_timeout}, _OPTIONS, store=_STORE)
+        options, _ = kit.read_options(
+            {**given, "retry_timeout": retry_timeout}, _OPTIONS, store=_STORE
+        )
         self.kms_key_id: str | None = options.get("kms_key_id")
         self.retry_timeout: float = options["retry_timeout"]
         if client is None:
@@ -434,33 +432,27 @@ class SecretsManagerStore:
                 f"a Secrets Manager store URL has no user, port or fragment: {_URL_FORM}; "
                 "credentials come from boto3's chain, the endpoint from endpoint_url"
             )
-        from_query = query_options(parts.query, store=_STORE)
-        twice = sorted(set(from_query) & set(options))
-        if twice:
-            raise ConfigurationError(
-                f"Secrets Manager store option(s) {', '.join(twice)} given both in the URL "
-                "and as keywords"
-            )
+        given = kit.merge_options(
+            kit.query_options(parts.query, store=_STORE), options, store=_STORE
+        )
+        # The objects only a keyword can give; from the query they are unknown options.
         objects = {name: value for name, value in options.items() if name in ("client", "clock")}
-        given = {name: value for name, value in options.items() if name not in objects}
-        values, _ = read_options({**from_query, **given}, _URL_OPTIONS, store=_STORE)
+        values, _ = kit.read_options(
+            {name: value for name, value in given.items() if name not in objects},
+            _URL_OPTIONS,
+            store=_STORE,
+        )
         return cls(parts.path[1:], region=parts.netloc or None, **values, **objects)
 
     def __repr__(self) -> str:
         return f"SecretsManagerStore(region={self.region!r}, prefix={self.prefix!r})"
-
-    def __enter__(self) -> SecretsManagerStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     # -- calls ------------------------------------------------------------------------------
 
     def _boundary(self, key: str | None) -> contextlib.AbstractContextManager[None]:
         """Translate whatever boto3 raises inside the block (:func:`_translate`); credkeeper's
         own errors pass."""
-        return error_boundary(
+        return kit.error_boundary(
             lambda exc: _translate(exc, key),
             botocore.exceptions.ClientError,
             botocore.exceptions.BotoCoreError,
@@ -601,7 +593,7 @@ class SecretsManagerStore:
 
         Threads reading one key at the same time share calls (see :meth:`_shared_read`).
         """
-        check_key(key)
+        kit.check_key(key)
         with self._boundary(key):
             stored = self._shared_read(self._name(key), key)
         return None if stored is None else stored.record
@@ -652,7 +644,7 @@ class SecretsManagerStore:
     def put(self, record: Record) -> Record:
         """See :meth:`credkeeper.CredentialStore.put`: create the secret, or compare-and-swap
         ``AWSCURRENT`` from ``record.version`` to a new version of it."""
-        name = self._name(check_record(record).key)
+        name = self._name(kit.check_record(record).key)
         with self._boundary(record.key):
             if record.version is None:
                 return self._create(name, record)
@@ -671,7 +663,7 @@ class SecretsManagerStore:
 
     def _create(self, name: str, record: Record) -> Record:
         key = record.key
-        token = new_version()
+        token = kit.new_version()
         params: dict[str, Any] = {
             "Name": name,
             "SecretString": self._secret_string(record, replaces=None),
@@ -735,12 +727,8 @@ class SecretsManagerStore:
     def _update(self, name: str, record: Record, expected: str) -> Record:
         key = record.key
         if self._is_replaced(expected):
-            raise ConflictError(
-                f"the record for key {key!r} changed after version {expected} was read; "
-                "read it again",
-                key=key,
-            )
-        new = new_version()
+            raise _changed(key, expected)
+        new = kit.new_version()
         try:
             self._call(
                 "put_secret_value",
@@ -774,11 +762,7 @@ class SecretsManagerStore:
                 if _code(exc) in ("InvalidParameterException", "ResourceNotFoundException"):
                     # AWSCURRENT is not on the expected version, or the secret is gone.
                     self._replaced_mark(expected, replaced=True)
-                    raise ConflictError(
-                        f"the record for key {key!r} changed after version {expected} was "
-                        "read; read it again",
-                        key=key,
-                    ) from exc
+                    raise _changed(key, expected) from exc
                 if not _is_server_fault(exc):
                     raise
                 failure: Exception = exc
@@ -793,11 +777,7 @@ class SecretsManagerStore:
                 break
             if settled == "lost":
                 self._replaced_mark(expected, replaced=True)
-                raise ConflictError(
-                    f"the record for key {key!r} changed after version {expected} was read; "
-                    "read it again",
-                    key=key,
-                ) from failure
+                raise _changed(key, expected) from failure
             delay = self._backoff(attempt)
             if attempt + 1 == _MOVE_ATTEMPTS or delay > window.left():
                 raise failure
@@ -854,7 +834,7 @@ class SecretsManagerStore:
         """See :meth:`credkeeper.CredentialStore.delete`: deletes the secret without a
         recovery window, so the key can be created again at once. A secret credkeeper did not
         write raises ``StoreCorrupted`` and stays."""
-        check_key(key)
+        kit.check_key(key)
         name = self._name(key)
         with self._boundary(key):
             if self._read(name, key) is None:
@@ -872,7 +852,7 @@ class SecretsManagerStore:
     def scan_due(self, before: datetime) -> Iterator[str]:
         """See :meth:`credkeeper.CredentialStore.scan_due`: pages of ``ListSecrets`` under the
         prefix, expiries from tags, a value read only where a tag lags behind its secret."""
-        return self._scan(to_epoch_ms(check_moment("before", before)))
+        return self._scan(kit.to_epoch_ms(kit.check_moment("before", before)))
 
     def _scan(self, before_ms: int) -> Iterator[str]:
         filters = [
@@ -914,7 +894,9 @@ class SecretsManagerStore:
         if tag is not None and tag[1] == _current_version(entry.get("SecretVersionsToStages")):
             expires_ms = tag[0]
             changed = entry.get("LastChangedDate")
-            lifetime_ms = expires_ms - to_epoch_ms(changed) if isinstance(changed, datetime) else 0
+            lifetime_ms = (
+                expires_ms - kit.to_epoch_ms(changed) if isinstance(changed, datetime) else 0
+            )
             if expires_ms > before_ms:
                 return None, lifetime_ms
             if isinstance(decoded, str):
@@ -933,7 +915,7 @@ class SecretsManagerStore:
         if decoded is HASHED and not is_hashed_name_of(encoded, stored.record.key):
             logger.warning("scan_due skipped secret %r: its record is another key's", name)
             return None
-        due = to_epoch_ms(stored.record.expires_at) <= before_ms
+        due = kit.to_epoch_ms(stored.record.expires_at) <= before_ms
         return (stored.record.key if due else None), lifetime_ms
 
     def _check_rate(self, keys: int, lifetime_ms: int) -> None:

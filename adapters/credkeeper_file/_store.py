@@ -25,6 +25,7 @@ from credkeeper import (
     StoreUnavailable,
     time_remaining,
 )
+from credkeeper import storekit as kit
 
 # not yet public: credkeeper's own rules for files that hold credentials (private
 # directories, never following a planted link), shared with the rescue journal; the store kit
@@ -34,17 +35,6 @@ from credkeeper._files import (
     make_private_directories,
     open_regular,
     writable_by_others,
-)
-from credkeeper.storekit import (
-    FLAG,
-    SECONDS,
-    Option,
-    check_key,
-    check_moment,
-    check_record,
-    error_boundary,
-    query_options,
-    read_options,
 )
 
 from ._format import Contents, decode, encode, record_of, version_of
@@ -63,7 +53,7 @@ logger = logging.getLogger("credkeeper.file")
 
 _STORE = "file store"
 _URL_FORM = "file:///absolute/path/to/creds.json (or file://localhost/absolute/path/to/creds.json)"
-_OPTIONS: dict[str, Option[Any]] = {"create": FLAG, "lock_timeout": SECONDS}
+_OPTIONS: dict[str, kit.Option[Any]] = {"create": kit.FLAG, "lock_timeout": kit.SECONDS}
 
 # Lock polling: start short so an uncontended wait costs little, cap it so a waiter notices
 # a released lock within a few hundredths of a second.
@@ -79,7 +69,7 @@ def _describe(exc: Exception) -> str:
     return f"{reason} ({filename})" if filename else reason
 
 
-class FileStore:
+class FileStore(kit.ClosingStore):
     """A :class:`~credkeeper.CredentialStore` keeping every record in one JSON file.
 
     The embedded default: no server, safe for many threads and processes on one host.
@@ -119,7 +109,7 @@ class FileStore:
             raise ConfigurationError(
                 f"path must name a file, e.g. /var/lib/app/creds.json, got {raw!r}"
             )
-        options, _ = read_options(
+        options, _ = kit.read_options(
             {"create": create, "lock_timeout": lock_timeout}, _OPTIONS, store=_STORE
         )
         directory, name = os.path.split(os.path.abspath(raw))
@@ -156,13 +146,10 @@ class FileStore:
             or parts.fragment
         ):
             raise ConfigurationError(f"file store URL must be {_URL_FORM}, got {url!r}")
-        from_query = query_options(parts.query, store=_STORE)
-        twice = sorted(set(from_query) & set(options))
-        if twice:
-            raise ConfigurationError(
-                f"file store option(s) {', '.join(twice)} given both in the URL and as keywords"
-            )
-        values, _ = read_options({**from_query, **options}, _OPTIONS, store=_STORE)
+        given = kit.merge_options(
+            kit.query_options(parts.query, store=_STORE), options, store=_STORE
+        )
+        values, _ = kit.read_options(given, _OPTIONS, store=_STORE)
         return cls(unquote(parts.path), **values)
 
     @property
@@ -173,24 +160,18 @@ class FileStore:
     def __repr__(self) -> str:
         return f"FileStore({self._path!r})"
 
-    def __enter__(self) -> FileStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     # -- the CredentialStore protocol ------------------------------------------------------
 
     def get(self, key: str) -> Record | None:
         """See :meth:`CredentialStore.get`; reads the file without locking."""
-        key = check_key(key)
+        key = kit.check_key(key)
         self._check_open(key)
         document = self._read(key).records.get(key)
         return None if document is None else record_of(key, document)
 
     def put(self, record: Record) -> Record:
         """See :meth:`CredentialStore.put`; compares and writes under the file lock."""
-        key = check_record(record).key
+        key = kit.check_record(record).key
         self._check_open(key)
         document = record.to_document()
         # What get() will return: times in UTC, to the millisecond.
@@ -209,7 +190,7 @@ class FileStore:
 
     def delete(self, key: str) -> bool:
         """See :meth:`CredentialStore.delete`; a damaged record can be deleted too."""
-        key = check_key(key)
+        key = kit.check_key(key)
         self._check_open(key)
         # An absent key needs no lock: the lock-free read is a consistent snapshot.
         if key not in self._read(key).records:
@@ -223,7 +204,7 @@ class FileStore:
 
     def scan_due(self, before: datetime) -> Iterator[str]:
         """See :meth:`CredentialStore.scan_due`; reads the file once, when called."""
-        check_moment("before", before)
+        kit.check_moment("before", before)
         self._check_open(None)
         due: list[str] = []
         for key, document in self._read(None).records.items():
@@ -293,7 +274,7 @@ class FileStore:
                 f"could not {action} {self._path}{for_key}: {_describe(exc)}", key=key
             )
 
-        return error_boundary(translate, OSError)
+        return kit.error_boundary(translate, OSError)
 
     def _read(self, key: str | None) -> Contents:
         self._check_directory()

@@ -215,15 +215,6 @@ _CAMEL = {
     "last_error": "lastError",
 }
 _CREDENTIAL_FIELDS = ("access_token", "refresh_token", "expires_at", "scopes", "subscription_type")
-_STATE_FIELDS = (
-    "version",
-    "status",
-    "lease_owner",
-    "lease_until",
-    "failures",
-    "cooldown_until",
-    "last_error",
-)
 
 
 def _check_path(name: str, value: object) -> str:

@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, Generic, Self, TypeAlias, TypeVar, cast
 from urllib.parse import unquote
 
 import pymongo
@@ -35,17 +35,7 @@ from credkeeper import (
     StoreUnavailable,
     time_remaining,
 )
-from credkeeper.storekit import (
-    COUNT,
-    FLAG,
-    Option,
-    check_key,
-    check_moment,
-    check_record,
-    error_boundary,
-    query_options,
-    read_options,
-)
+from credkeeper import storekit as kit
 
 from ._layout import (
     DEFAULT_COLLECTION,
@@ -128,7 +118,7 @@ def _acknowledged(concern: WriteConcern) -> WriteConcern:
     return concern
 
 
-def _name(kind: str, forbidden: str) -> Option[str]:
+def _name(kind: str, forbidden: str) -> kit.Option[str]:
     """The option naming a ``kind`` (database, collection), checked before any client exists:
     a name without the ``forbidden`` characters MongoDB refuses in it."""
 
@@ -137,7 +127,7 @@ def _name(kind: str, forbidden: str) -> Option[str]:
             raise ValueError(value)
         return value
 
-    return Option(parse, f"a {kind} name without {' '.join(repr(char) for char in forbidden)}")
+    return kit.Option(parse, f"a {kind} name without {' '.join(repr(char) for char in forbidden)}")
 
 
 def _layout(value: object) -> EmbeddedLayout:
@@ -151,33 +141,33 @@ def _as_given(value: object) -> object:
 
 
 # The layout's options go to EmbeddedLayout, which checks them itself, naming its fields.
-_LAYOUT_FIELD: Option[object] = Option(_as_given, "what EmbeddedLayout accepts")
-_LAYOUT_OPTIONS: dict[str, Option[Any]] = {
+_LAYOUT_FIELD: kit.Option[object] = kit.Option(_as_given, "what EmbeddedLayout accepts")
+_LAYOUT_OPTIONS: dict[str, kit.Option[Any]] = {
     "match_field": _LAYOUT_FIELD,
     "field_path": _LAYOUT_FIELD,
     "field_naming": _LAYOUT_FIELD,
     "key_type": _LAYOUT_FIELD,
     "expires_at_unit": _LAYOUT_FIELD,
     "scopes_format": _LAYOUT_FIELD,
-    "upsert": FLAG,
+    "upsert": kit.FLAG,
     "state_field": _LAYOUT_FIELD,
 }
 # The options a URL's query may give, beside pymongo's own; keywords may also give layout=.
-_URL_OPTIONS: dict[str, Option[Any]] = {
+_URL_OPTIONS: dict[str, kit.Option[Any]] = {
     "database": _name("database", '/\\. "$\x00'),
     "collection": _name("collection", "$\x00"),
-    "write_concern": Option(
+    "write_concern": kit.Option(
         _write_concern, "'majority', a number of nodes, a tag name or a pymongo.WriteConcern"
     ),
-    "batch_size": COUNT,
-    "create_index": FLAG,
-    "async": FLAG,
-    "plaintext": FLAG,
+    "batch_size": kit.COUNT,
+    "create_index": kit.FLAG,
+    "async": kit.FLAG,
+    "plaintext": kit.FLAG,
     **_LAYOUT_OPTIONS,
 }
-_OPTIONS: dict[str, Option[Any]] = {
+_OPTIONS: dict[str, kit.Option[Any]] = {
     **_URL_OPTIONS,
-    "layout": Option(_layout, "a credkeeper_mongo.EmbeddedLayout"),
+    "layout": kit.Option(_layout, "a credkeeper_mongo.EmbeddedLayout"),
 }
 
 
@@ -203,7 +193,7 @@ class _StoreOptions:
     def read(cls, given: Mapping[str, object]) -> _StoreOptions:
         """The options ``given`` (URL query options and keywords alike); an unknown one is a
         ConfigurationError."""
-        values, unknown = read_options(given, _OPTIONS, store=_STORE, others="return")
+        values, unknown = kit.read_options(given, _OPTIONS, store=_STORE, others="return")
         if unknown:
             raise ConfigurationError(
                 f"unknown {_STORE} option(s) {', '.join(sorted(unknown))}; the options are "
@@ -278,7 +268,7 @@ def _parse_url(url: object) -> _ParsedURL:
     for part in re.split("[&;]", query) if query else []:
         if part:
             (ours if unquote(part.partition("=")[0]) in _URL_OPTIONS else kept).append(part)
-    options = query_options("&".join(ours), store=_STORE)
+    options = kit.query_options("&".join(ours), store=_STORE)
     database, _, collection = unquote(path).partition(".")
     for option, value in (("database", database), ("collection", collection)):
         if value:
@@ -422,13 +412,9 @@ def _from_url(
     (a class's constructor) an ``async`` option asking for the other kind is an error.
     """
     parsed = _parse_url(url)
-    given = _given(**options)
-    twice = sorted(set(parsed.options) & set(given))
-    if twice:
-        raise ConfigurationError(
-            f"{_STORE} option(s) {', '.join(twice)} given both in the URL and as keywords"
-        )
-    store_options = _StoreOptions.read({**parsed.options, **given})
+    store_options = _StoreOptions.read(
+        kit.merge_options(parsed.options, _given(**options), store=_STORE)
+    )
     asynchronous = (
         default_async if store_options.asynchronous is None else store_options.asynchronous
     )
@@ -519,7 +505,7 @@ def _key_of(layout: Layout, document: Mapping[str, Any]) -> str | None:
     if key is None:
         return None
     try:
-        return check_key(key)
+        return kit.check_key(key)
     except ConfigurationError:
         return None
 
@@ -549,7 +535,7 @@ def _boundary(
     """Translate whatever pymongo and bson raise inside the block (:func:`_translate`), for
     ``key`` and, while ``steps`` runs a plan, its operation under way; credkeeper's own errors
     pass."""
-    return error_boundary(
+    return kit.error_boundary(
         lambda exc: _translate(exc, key, None if steps is None else steps.operation),
         *_DRIVER_ERRORS,
     )
@@ -610,6 +596,79 @@ def _translate(exc: BaseException, key: str | None, operation: Operation | None)
     return StoreError(f"the {_STORE} failed{about}: {detail}", key=key)
 
 
+# -- what both classes share ----------------------------------------------------------------
+
+ClientT = TypeVar("ClientT", MongoClient[dict[str, Any]], AsyncMongoClient[dict[str, Any]])
+
+
+class _MongoStoreBase(Generic[ClientT]):
+    """What :class:`MongoStore` and :class:`AsyncMongoStore` share: the constructor and its
+    options, what a store is made of (:class:`_Parts`), ``from_url``, how a store shows; each
+    class adds only its calls to its client."""
+
+    _asynchronous: ClassVar[bool]
+    client: ClientT
+
+    def __init__(
+        self,
+        client: ClientT | str,
+        *,
+        database: str | None = None,
+        collection: str | None = None,
+        layout: EmbeddedLayout | None = None,
+        write_concern: WriteConcern | str | int | None = None,
+        batch_size: int | None = None,
+        create_index: bool | None = None,
+        plaintext: bool | None = None,
+    ) -> None:
+        options = _given(
+            database=database,
+            collection=collection,
+            layout=layout,
+            write_concern=write_concern,
+            batch_size=batch_size,
+            create_index=create_index,
+            plaintext=plaintext,
+        )
+        self._setup(_from_target(client, options, asynchronous=self._asynchronous))
+
+    def _setup(self, parts: _Parts) -> None:
+        self.client = cast(ClientT, parts.client)
+        self.collection = parts.collection
+        self._parts = parts
+
+    @classmethod
+    def _with(cls, parts: _Parts) -> Self:
+        store = cls.__new__(cls)
+        store._setup(parts)
+        return store
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> MongoStore | AsyncMongoStore:
+        """Open a store from a URL: ``mongodb://host/database?collection=...``.
+
+        Options go as keywords or in the query string, which is otherwise pymongo's (``w``,
+        ``replicaSet``, ``tls``, ``serverSelectionTimeoutMS``, ...): ``database``,
+        ``collection``, ``write_concern``, ``batch_size``, ``create_index``, ``plaintext``,
+        ``async`` (``true`` gives an :class:`AsyncMongoStore`, ``false`` a
+        :class:`MongoStore`; without it, the class's own kind), and for credentials embedded
+        in existing documents ``field_path`` with ``match_field``, ``field_naming``,
+        ``key_type``, ``expires_at_unit``, ``scopes_format``, ``upsert`` and ``state_field``
+        (or ``layout=EmbeddedLayout(...)``).
+        """
+        parts, asynchronous = _from_url(url, options, default_async=cls._asynchronous, fixed=False)
+        return (AsyncMongoStore if asynchronous else MongoStore)._with(parts)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._parts.shown!r}, collection={self.collection.name!r})"
+
+    @property
+    def plaintext(self) -> bool:
+        """Whether the application keeps this store's tokens in plain text (option
+        ``plaintext``): the engine then neither seals tokens nor expects sealed ones."""
+        return self._parts.plaintext
+
+
 # -- sync --------------------------------------------------------------------------------
 
 
@@ -626,7 +685,7 @@ def _execute(collection: Collection[dict[str, Any]], operation: Operation) -> An
     return collection.delete_one(operation.filter).deleted_count
 
 
-class MongoStore:
+class MongoStore(kit.ClosingStore, _MongoStoreBase[MongoClient[dict[str, Any]]]):
     """A :class:`~credkeeper.CredentialStore` in MongoDB, through pymongo's ``MongoClient``.
 
     ``client`` is a ``mongodb://`` or ``mongodb+srv://`` URL, or a ``MongoClient`` you already
@@ -646,70 +705,12 @@ class MongoStore:
     :attr:`plaintext`. Options in the URL's query string count as keywords.
     """
 
-    def __init__(
-        self,
-        client: MongoClient[dict[str, Any]] | str,
-        *,
-        database: str | None = None,
-        collection: str | None = None,
-        layout: EmbeddedLayout | None = None,
-        write_concern: WriteConcern | str | int | None = None,
-        batch_size: int | None = None,
-        create_index: bool | None = None,
-        plaintext: bool | None = None,
-    ) -> None:
-        options = _given(
-            database=database,
-            collection=collection,
-            layout=layout,
-            write_concern=write_concern,
-            batch_size=batch_size,
-            create_index=create_index,
-            plaintext=plaintext,
-        )
-        self._setup(_from_target(client, options, asynchronous=False))
+    _asynchronous = False
+    collection: Collection[dict[str, Any]]
 
     def _setup(self, parts: _Parts) -> None:
-        self.client: MongoClient[dict[str, Any]] = parts.client  # type: ignore[assignment]
-        self.collection: Collection[dict[str, Any]] = parts.collection
-        self._parts = parts
+        super()._setup(parts)
         self._index_lock = threading.Lock()
-
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> MongoStore | AsyncMongoStore:
-        """Open a store from a URL: ``mongodb://host/database?collection=...``.
-
-        Options go as keywords or in the query string, which is otherwise pymongo's (``w``,
-        ``replicaSet``, ``tls``, ``serverSelectionTimeoutMS``, ...): ``database``,
-        ``collection``, ``write_concern``, ``batch_size``, ``create_index``, ``plaintext``,
-        ``async`` (``true`` gives an :class:`AsyncMongoStore`), and for credentials embedded in
-        existing documents ``field_path`` with ``match_field``, ``field_naming``, ``key_type``,
-        ``expires_at_unit``, ``scopes_format``, ``upsert`` and ``state_field`` (or
-        ``layout=EmbeddedLayout(...)``).
-        """
-        parts, asynchronous = _from_url(url, options, default_async=False, fixed=False)
-        return AsyncMongoStore._with(parts) if asynchronous else cls._with(parts)
-
-    @classmethod
-    def _with(cls, parts: _Parts) -> MongoStore:
-        store = cls.__new__(cls)
-        store._setup(parts)
-        return store
-
-    def __repr__(self) -> str:
-        return f"MongoStore({self._parts.shown!r}, collection={self.collection.name!r})"
-
-    @property
-    def plaintext(self) -> bool:
-        """Whether the application keeps this store's tokens in plain text (option
-        ``plaintext``): the engine then neither seals tokens nor expects sealed ones."""
-        return self._parts.plaintext
-
-    def __enter__(self) -> MongoStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _ensure_indexes(self) -> None:
         if self._parts.indexed:
@@ -732,23 +733,23 @@ class MongoStore:
 
     def get(self, key: str) -> Record | None:
         """See :meth:`credkeeper.CredentialStore.get`."""
-        check_key(key)
+        kit.check_key(key)
         return self._run(key, self._parts.layout.get(key))  # type: ignore[no-any-return]
 
     def put(self, record: Record) -> Record:
         """See :meth:`credkeeper.CredentialStore.put`: an insert, or a filtered update."""
-        key = check_record(record).key
+        key = kit.check_record(record).key
         return self._run(key, self._parts.layout.put(record))  # type: ignore[no-any-return]
 
     def delete(self, key: str) -> bool:
         """See :meth:`credkeeper.CredentialStore.delete`."""
-        check_key(key)
+        kit.check_key(key)
         return self._run(key, self._parts.layout.delete(key))  # type: ignore[no-any-return]
 
     def scan_due(self, before: datetime) -> Iterator[str]:
         """See :meth:`credkeeper.CredentialStore.scan_due`: one cursor on the expiry index,
         read ``batch_size`` documents at a time."""
-        return self._scan(check_moment("before", before))
+        return self._scan(kit.check_moment("before", before))
 
     def _scan(self, before: datetime) -> Iterator[str]:
         layout = self._parts.layout
@@ -803,63 +804,12 @@ async def _execute_async(collection: AsyncCollection[dict[str, Any]], operation:
     return (await collection.delete_one(operation.filter)).deleted_count
 
 
-class AsyncMongoStore:
+class AsyncMongoStore(kit.AsyncClosingStore, _MongoStoreBase[AsyncMongoClient[dict[str, Any]]]):
     """The :class:`~credkeeper.AsyncCredentialStore` twin of :class:`MongoStore`, on pymongo's
     native ``AsyncMongoClient``; same options, same documents."""
 
-    def __init__(
-        self,
-        client: AsyncMongoClient[dict[str, Any]] | str,
-        *,
-        database: str | None = None,
-        collection: str | None = None,
-        layout: EmbeddedLayout | None = None,
-        write_concern: WriteConcern | str | int | None = None,
-        batch_size: int | None = None,
-        create_index: bool | None = None,
-        plaintext: bool | None = None,
-    ) -> None:
-        options = _given(
-            database=database,
-            collection=collection,
-            layout=layout,
-            write_concern=write_concern,
-            batch_size=batch_size,
-            create_index=create_index,
-            plaintext=plaintext,
-        )
-        self._setup(_from_target(client, options, asynchronous=True))
-
-    def _setup(self, parts: _Parts) -> None:
-        self.client: AsyncMongoClient[dict[str, Any]] = parts.client  # type: ignore[assignment]
-        self.collection: AsyncCollection[dict[str, Any]] = parts.collection
-        self._parts = parts
-
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> MongoStore | AsyncMongoStore:
-        """See :meth:`MongoStore.from_url`; here ``async`` defaults to true."""
-        parts, asynchronous = _from_url(url, options, default_async=True, fixed=False)
-        return cls._with(parts) if asynchronous else MongoStore._with(parts)
-
-    @classmethod
-    def _with(cls, parts: _Parts) -> AsyncMongoStore:
-        store = cls.__new__(cls)
-        store._setup(parts)
-        return store
-
-    def __repr__(self) -> str:
-        return f"AsyncMongoStore({self._parts.shown!r}, collection={self.collection.name!r})"
-
-    @property
-    def plaintext(self) -> bool:
-        """See :attr:`MongoStore.plaintext`."""
-        return self._parts.plaintext
-
-    async def __aenter__(self) -> AsyncMongoStore:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+    _asynchronous = True
+    collection: AsyncCollection[dict[str, Any]]
 
     async def _ensure_indexes(self) -> None:
         # Creating twice under a race is harmless: createIndexes is idempotent.
@@ -880,22 +830,22 @@ class AsyncMongoStore:
 
     async def get(self, key: str) -> Record | None:
         """See :meth:`credkeeper.AsyncCredentialStore.get`."""
-        check_key(key)
+        kit.check_key(key)
         return await self._run(key, self._parts.layout.get(key))  # type: ignore[no-any-return]
 
     async def put(self, record: Record) -> Record:
         """See :meth:`credkeeper.AsyncCredentialStore.put`."""
-        key = check_record(record).key
+        key = kit.check_record(record).key
         return await self._run(key, self._parts.layout.put(record))  # type: ignore[no-any-return]
 
     async def delete(self, key: str) -> bool:
         """See :meth:`credkeeper.AsyncCredentialStore.delete`."""
-        check_key(key)
+        kit.check_key(key)
         return await self._run(key, self._parts.layout.delete(key))  # type: ignore[no-any-return]
 
     def scan_due(self, before: datetime) -> AsyncIterator[str]:
         """See :meth:`MongoStore.scan_due`."""
-        return self._scan(check_moment("before", before))
+        return self._scan(kit.check_moment("before", before))
 
     async def _scan(self, before: datetime) -> AsyncIterator[str]:
         layout = self._parts.layout

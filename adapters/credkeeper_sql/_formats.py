@@ -15,6 +15,7 @@ value decides, and where the row shows nothing the options (``expires_at_unit``,
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = [
     "IsoStyle",
     "ScopesFormat",
     "ScopesKind",
+    "json_array_scopes",
     "json_scopes",
     "parse_iso",
     "read_scopes",
@@ -138,8 +140,15 @@ def read_scopes(value: Any) -> tuple[str, ...] | None:
         return None
     if not value.lstrip().startswith("["):
         return tuple(value.split())
+    return json_array_scopes(value)
+
+
+@functools.lru_cache(maxsize=256)
+def json_array_scopes(text: str) -> tuple[str, ...] | None:
+    """The scopes a JSON array of strings holds, or ``None``. Kept for the few sets of scopes
+    credentials share: parsing them again on every read costs more than the cache."""
     try:
-        scopes = json.loads(value)
+        scopes = json.loads(text)
     except ValueError:
         return None
     if not isinstance(scopes, list) or not all(isinstance(item, str) for item in scopes):

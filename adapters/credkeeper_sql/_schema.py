@@ -1,11 +1,12 @@
 """Tables and statements of the SQL store, shared by the sync and the async engine; no I/O.
 
-Every operation is a *plan*: a generator that yields SQLAlchemy statements (each alone or with
-its parameters' values, a :data:`Step`) and receives each one's :class:`Outcome`, all inside
-one transaction the driver opens. The sync and the async store only execute what a plan
-yields, so the SQL and the compare-and-swap decisions exist once.
+A read is one statement (``select(key)``, a :data:`Read`) and a function of the rows it returns
+(``record_of(key, rows)``). Every write is a *plan*: a generator that yields SQLAlchemy
+statements (each alone or with its parameters' values) and receives each one's
+:class:`Outcome`, all inside one transaction. The sync and the async store only execute what
+a layout gives them, so the SQL and the compare-and-swap decisions exist once.
 
-Two layouts share the plans' interface:
+Two layouts share that interface:
 
 - :class:`OwnTable`, credkeeper's own table (``credkeeper_credentials`` by default): one row per
   key, compare-and-swap by ``UPDATE ... WHERE key = :k AND version = :v`` and the rowcount.
@@ -20,13 +21,12 @@ Two layouts share the plans' interface:
 
 from __future__ import annotations
 
-import functools
 import json
 import uuid
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
@@ -55,6 +55,7 @@ from ._formats import (
     IsoStyle,
     ScopesFormat,
     ScopesKind,
+    json_array_scopes,
     json_scopes,
     parse_iso,
     read_scopes,
@@ -75,6 +76,8 @@ __all__ = [
     "Outcome",
     "OwnTable",
     "Plan",
+    "Read",
+    "Rows",
     "Step",
     "credentials_table",
     "formats_of",
@@ -146,42 +149,33 @@ credentials_table(metadata)
 leases_table(metadata)
 
 
-# -- plans -------------------------------------------------------------------------------
+# -- reads and plans ---------------------------------------------------------------------
+
+#: The rows a statement returned.
+Rows = Sequence[sa.Row[*tuple[Any, ...]]]
+#: The statement of a read, with its parameters' values. A statement made once and executed
+#: with parameters skips what building one costs on every call: SQLAlchemy's constructs, and
+#: the cache key under which it finds the compiled SQL.
+Read = tuple[sa.Select[Any], Mapping[str, Any]]
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What a plan learns from one statement: the rows it returned and the rows it changed."""
+class Outcome(NamedTuple):
+    """What a plan learns from one statement: the rows it returned, or the rows it changed."""
 
-    rows: Sequence[sa.Row[*tuple[Any, ...]]] = ()
+    rows: Rows = ()
     rowcount: int = 0
 
 
-#: One statement of a plan, alone or with the values of its bound parameters. A statement
-#: made once and executed with parameters skips what building one costs on every call:
-#: SQLAlchemy's constructs, and the cache key under which it finds the compiled SQL.
+#: One statement of a plan, alone or with the values of its bound parameters.
 Step = sa.Executable | tuple[sa.Executable, Mapping[str, Any]]
 Plan = Generator[Step, Outcome, Any]
 
 
 def _scopes(key: str, value: Any) -> tuple[str, ...]:
-    scopes = _json_scopes(value) if isinstance(value, str) else None
+    scopes = json_array_scopes(value) if isinstance(value, str) else None
     if scopes is None:
         raise StoreCorrupted(f"stored record for key {key!r} has a bad 'scopes' column", key=key)
     return scopes
-
-
-@functools.lru_cache(maxsize=256)
-def _json_scopes(text: str) -> tuple[str, ...] | None:
-    """The scopes a JSON array of strings holds, or ``None``. Kept for the few sets of scopes
-    credentials share: parsing them again on every read costs more than the cache."""
-    try:
-        scopes = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
-        return None
-    return tuple(scopes)
 
 
 _STATUSES = {status.value: status for status in Status}
@@ -194,39 +188,30 @@ def _status(key: str, value: Any) -> Status:
     return status
 
 
-def _state_values(record: Record) -> dict[str, Any]:
-    return {
-        "status": record.status.value,
-        "lease_owner": record.lease_owner,
-        "lease_until": None if record.lease_until is None else to_epoch_ms(record.lease_until),
-        "failures": record.failures,
-        "cooldown_until": (
-            None if record.cooldown_until is None else to_epoch_ms(record.cooldown_until)
-        ),
-        "last_error": record.last_error,
-    }
+# The state columns but the version (in the side table and in credkeeper's own table), each
+# named as the Record field it holds.
+_STATE_FIELDS = tuple(column.name for column in _state_columns() if column.name != "version")
+
+
+def _state_values(record: Record, version: str) -> dict[str, Any]:
+    """The state columns' values for ``record``, as a write versioned ``version`` sets them."""
+    document = record.to_document()
+    return {**{name: document[name] for name in _STATE_FIELDS}, "version": version}
 
 
 def _conflict(record: Record, what: str) -> ConflictError:
     return ConflictError(f"the record for key {record.key!r} {what}", key=record.key)
 
 
-# The columns OwnTable.get reads, in the order it unpacks them: by position, as a row's
+# The columns OwnTable reads, in the order record_of unpacks them: by position, as a row's
 # lookup by name costs more than the rest of the unpacking.
 _RECORD_COLUMNS = (
-    "access_token",
-    "refresh_token",
-    "expires_at",
-    "scopes",
-    "subscription_type",
-    "status",
-    "lease_owner",
-    "lease_until",
-    "failures",
-    "cooldown_until",
-    "last_error",
+    *("access_token", "refresh_token", "expires_at", "scopes", "subscription_type"),
+    *_STATE_FIELDS,
     "version",
 )
+# How many keys OwnTable remembers the last record read of (see OwnTable.record_of).
+_READ_BACK_KEYS = 1024
 
 
 class OwnTable:
@@ -249,6 +234,8 @@ class OwnTable:
             self.key == sa.bindparam("old_key"), table.c.version == sa.bindparam("old_version")
         )
         self._delete = sa.delete(table).where(by_key)
+        # The last row read per key, with the record made of it (see record_of).
+        self._read_back: dict[str, tuple[sa.Row[*tuple[Any, ...]], Record]] = {}
 
     @property
     def order(self) -> sa.ColumnElement[Any]:
@@ -268,11 +255,31 @@ class OwnTable:
         """Whether a row :meth:`due` found is due: always, as its comparison is exact."""
         return True
 
-    def get(self, key: str) -> Plan:
-        """Plan: the record under ``key``, or ``None``."""
-        outcome = yield self._select, {"key": key}
-        if not outcome.rows:
+    def select(self, key: str) -> Read:
+        """The statement reading the record under ``key``, for :meth:`record_of`."""
+        return self._select, {"key": key}
+
+    def record_of(self, key: str, rows: Rows) -> Record | None:
+        """The record under ``key`` in the ``rows`` :meth:`select` read, or ``None``.
+
+        A row read again unchanged gives back the record made of it before, checked then:
+        reading a credential until it is due is the common case, and making and checking a
+        Record is most of what a SQLite read costs beyond its SELECT. Any change to the row
+        makes and checks a new one.
+        """
+        if not rows:
             return None
+        row = rows[0]
+        known = self._read_back.get(key)
+        if known is not None and known[0] == row:
+            return known[1]
+        record = self._record(key, row)
+        if len(self._read_back) >= _READ_BACK_KEYS:
+            self._read_back.clear()
+        self._read_back[key] = (row, record)
+        return record
+
+    def _record(self, key: str, row: sa.Row[*tuple[Any, ...]]) -> Record:
         (
             access_token,
             refresh_token,
@@ -286,7 +293,7 @@ class OwnTable:
             cooldown_until,
             last_error,
             version,
-        ) = outcome.rows[0]
+        ) = row
         return stored_record(
             key=key,
             access_token=access_token,
@@ -307,12 +314,8 @@ class OwnTable:
         """Plan: compare-and-swap ``record`` on its version; the record as stored."""
         version = new_version()
         values = {
-            "access_token": record.access_token,
-            "refresh_token": record.refresh_token,
-            "expires_at": to_epoch_ms(record.expires_at),
+            **record.to_document(),
             "scopes": json.dumps(list(record.scopes)),
-            "subscription_type": record.subscription_type,
-            **_state_values(record),
             "version": version,
         }
         if record.version is None:
@@ -845,7 +848,7 @@ class ExistingTable:
         matches: sa.ColumnElement[bool] = self.key == self._value(key)
         return matches
 
-    def _exact(self, key: str, rows: Sequence[sa.Row[Any]]) -> sa.RowMapping | None:
+    def _exact(self, key: str, rows: Rows) -> sa.RowMapping | None:
         """The row named ``key``, or ``None``; refused if the comparison matched another spelling.
 
         A collation that folds case, accents or trailing spaces lets ``'Alice'`` reach the row
@@ -894,8 +897,8 @@ class ExistingTable:
             .with_for_update()
         )
 
-    def _select(self, key: str) -> Step:
-        """Read the row of ``key`` with its side row (:meth:`_reading`)."""
+    def select(self, key: str) -> Read:
+        """Read the row of ``key`` with its side row (:meth:`_reading`), for :meth:`record_of`."""
         return self._read, {"key": self._value(key)}
 
     def _lock(self, key: str) -> Step:
@@ -943,10 +946,10 @@ class ExistingTable:
                 fields["last_error"] = row["lease_last_error"]
         return stored_record(**fields)
 
-    def get(self, key: str) -> Plan:
-        """Plan: the record under ``key``, or ``None`` when the row holds no credential."""
-        outcome = yield self._select(key)
-        row = self._exact(key, outcome.rows)
+    def record_of(self, key: str, rows: Rows) -> Record | None:
+        """The record under ``key`` in the ``rows`` :meth:`select` read, or ``None`` when the
+        row holds no credential."""
+        row = self._exact(key, rows)
         return None if row is None else self._record(key, row)
 
     def _scopes_value(self, scopes: tuple[str, ...], stored: Any) -> Any:
@@ -999,7 +1002,7 @@ class ExistingTable:
         )
         # A side row left behind by a row the application deleted belongs to no credential.
         yield sa.delete(self.leases).where(self.leases.c.key == record.key)
-        state = {**_state_values(record), "version": version}
+        state = _state_values(record, version)
         yield sa.insert(self.leases).values(key=record.key, **state)
         return record.replace(version=f"{version}.{token_digest(record.refresh_token)}")
 
@@ -1007,7 +1010,7 @@ class ExistingTable:
         """Plan: compare-and-swap on the side row's version and the stored refresh token; with
         ``insert``, an insert where the table has no row for the key."""
         locked = yield self._lock(record.key)
-        outcome = yield self._select(record.key)
+        outcome = yield self.select(record.key)
         self._exact(record.key, locked.rows)
         if not locked.rows or self._exact(record.key, outcome.rows) is None:
             return (yield from self._insert(record))
@@ -1017,7 +1020,7 @@ class ExistingTable:
         if record.version != expected:
             raise _conflict(record, "changed, was created or was deleted since it was read")
         version = _side_version(record.refresh_token)
-        state = {**_state_values(record), "version": version}
+        state = _state_values(record, version)
         yield (
             sa.update(self.table)
             .where(self._matches(record.key))
@@ -1047,7 +1050,7 @@ class ExistingTable:
         application owns, so credkeeper deletes it only when told to.
         """
         locked = yield self._lock(key)
-        outcome = yield self._select(key)
+        outcome = yield self.select(key)
         self._exact(key, locked.rows)
         row = self._exact(key, outcome.rows)
         if row is None or self._record(key, row) is None:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
@@ -30,17 +30,7 @@ from credkeeper import (
     StoreUnavailable,
     time_remaining,
 )
-from credkeeper.storekit import (
-    COUNT,
-    FLAG,
-    NAME,
-    Option,
-    check_key,
-    check_moment,
-    check_record,
-    error_boundary,
-    read_options,
-)
+from credkeeper import storekit as kit
 
 from ._schema import (
     DEFAULT_LEASE_TABLE,
@@ -55,6 +45,7 @@ from ._schema import (
     Outcome,
     OwnTable,
     Plan,
+    Rows,
     Step,
     credentials_table,
     formats_of,
@@ -65,7 +56,6 @@ from ._schema import (
 
 __all__ = ["AsyncSQLStore", "SQLStore", "init_store"]
 
-T = TypeVar("T")
 Layout = OwnTable | ExistingTable
 
 # The driver each backend gets when a URL names none: the ones credkeeper is tested with.
@@ -100,18 +90,18 @@ def _one_of(values: tuple[str, ...]) -> Callable[[object], str]:
 
 # The options of a URL's query and of the constructors' keywords (but ``columns``, a
 # ColumnMap, which only a keyword can give).
-_OPTIONS: dict[str, Option[Any]] = {
-    "table": NAME,
-    "schema": NAME,
-    "lease_table": NAME,
-    "page_size": COUNT,
-    "create": FLAG,
-    "plaintext": FLAG,
-    "expires_at_unit": Option(_one_of(EXPIRES_AT_UNITS), EXPIRES_AT_UNITS_TEXT),
-    "scopes_format": Option(_one_of(SCOPES_FORMATS), SCOPES_FORMATS_TEXT),
-    "insert": FLAG,
-    "delete_rows": FLAG,
-    **dict.fromkeys(_COLUMN_OPTIONS, NAME),
+_OPTIONS: dict[str, kit.Option[Any]] = {
+    "table": kit.NAME,
+    "schema": kit.NAME,
+    "lease_table": kit.NAME,
+    "page_size": kit.COUNT,
+    "create": kit.FLAG,
+    "plaintext": kit.FLAG,
+    "expires_at_unit": kit.Option(_one_of(EXPIRES_AT_UNITS), EXPIRES_AT_UNITS_TEXT),
+    "scopes_format": kit.Option(_one_of(SCOPES_FORMATS), SCOPES_FORMATS_TEXT),
+    "insert": kit.FLAG,
+    "delete_rows": kit.FLAG,
+    **dict.fromkeys(_COLUMN_OPTIONS, kit.NAME),
 }
 
 # A duplicate key: on a create, another writer created the record first.
@@ -241,7 +231,7 @@ def _split_url(url: str) -> tuple[URL, dict[str, Any]]:
     for name, value in parsed.query.items():
         if name in _OPTIONS and not isinstance(value, str):
             raise ConfigurationError(f"SQL store URL gives option {name!r} more than once")
-    ours, _ = read_options(parsed.query, _OPTIONS, store=_STORE, others="return")
+    ours, _ = kit.read_options(parsed.query, _OPTIONS, store=_STORE, others="return")
     engine_url = parsed.difference_update_query(list(ours))
     backend, _, driver = engine_url.drivername.partition("+")
     if backend == "postgres":  # a common alias SQLAlchemy does not know
@@ -347,7 +337,7 @@ class _StoreOptions:
         columns = given.pop("columns", None)
         if columns is not None and not isinstance(columns, ColumnMap):
             raise ConfigurationError("columns must be a credkeeper_sql.ColumnMap")
-        values, _ = read_options(given, _OPTIONS, store=_STORE)
+        values, _ = kit.read_options(given, _OPTIONS, store=_STORE)
         mapped = {
             field: values.pop(option)
             for option, field in _COLUMN_OPTIONS.items()
@@ -686,7 +676,7 @@ def _boundary_at(url: URL, key: str | None, *, writing: bool) -> AbstractContext
     """Translate what the driver raises inside the block, on the database at ``url``, with
     :func:`_translate`: the one place the store maps driver errors. credkeeper's own errors
     pass; ``writing`` tells a lost race (a write) from a failed read."""
-    return error_boundary(
+    return kit.error_boundary(
         lambda exc: _translate(exc, key, writing=writing, url=url), *_DRIVER_ERRORS
     )
 
@@ -717,8 +707,19 @@ def _page(
     return statement.order_by(expiry, layout.key).limit(size)
 
 
+def _keys_due(
+    layout: Layout, rows: Rows, before: datetime, size: int
+) -> tuple[list[str], tuple[Any, Any] | None]:
+    """The due keys of one page's ``rows`` (:func:`_page`), and where the next page starts:
+    ``None`` after the last page."""
+    keys = [layout.spelling(row[0]) for row in rows if layout.is_due(row[2], before)]
+    return keys, ((rows[-1][0], rows[-1][1]) if len(rows) == size else None)
+
+
 def _outcome(result: sa.CursorResult[Any]) -> Outcome:
-    return Outcome(tuple(result.all()) if result.returns_rows else (), result.rowcount)
+    if result.returns_rows:
+        return Outcome(result.all())
+    return Outcome((), result.rowcount)
 
 
 def _split(step: Step) -> tuple[sa.Executable, Mapping[str, Any] | None]:
@@ -764,8 +765,9 @@ def _busy_timeout(configured: int, current: int, remaining: float | None) -> int
     return current if wanted // 2 <= current <= wanted else wanted
 
 
-def _lock_waits(info: dict[Any, Any], remaining: float | None) -> Plan:
-    """The plan making SQLite's wait for another writer's lock end by the call's deadline.
+def _lock_waits(info: dict[Any, Any], remaining: float | None) -> Plan | None:
+    """The plan making SQLite's wait for another writer's lock end by the call's deadline, or
+    ``None`` when the connection's setting already does (most calls).
 
     SQLite retries a locked file for the connection's busy timeout (30 s for a store's own
     engine) by itself; inside a credkeeper call that wait is part of the call's one budget.
@@ -773,8 +775,15 @@ def _lock_waits(info: dict[Any, Any], remaining: float | None) -> Plan:
     """
     state: list[int] | None = info.get(_BUSY_TIMEOUT)
     if state is None:
-        if remaining is None:
-            return
+        return None if remaining is None else _set_lock_waits(info, remaining)
+    if _busy_timeout(state[0], state[1], remaining) == state[1]:
+        return None
+    return _set_lock_waits(info, remaining)
+
+
+def _set_lock_waits(info: dict[Any, Any], remaining: float | None) -> Plan:
+    state: list[int] | None = info.get(_BUSY_TIMEOUT)
+    if state is None:
         outcome = yield sa.text("PRAGMA busy_timeout")
         configured = int(outcome.rows[0][0])
         state = info[_BUSY_TIMEOUT] = [configured, configured]
@@ -787,13 +796,17 @@ def _lock_waits(info: dict[Any, Any], remaining: float | None) -> Plan:
 def _bound_lock_waits(connection: sa.Connection) -> None:
     """Bound SQLite's lock waits on ``connection`` by the call's deadline: :func:`_lock_waits`."""
     if connection.dialect.name == "sqlite":
-        _execute(connection, _lock_waits(connection.info, time_remaining()))
+        plan = _lock_waits(connection.info, time_remaining())
+        if plan is not None:
+            _execute(connection, plan)
 
 
 async def _bound_lock_waits_async(connection: AsyncConnection) -> None:
     """:func:`_bound_lock_waits` on an async connection."""
     if connection.dialect.name == "sqlite":
-        await _execute_async(connection, _lock_waits(connection.info, time_remaining()))
+        plan = _lock_waits(connection.info, time_remaining())
+        if plan is not None:
+            await _execute_async(connection, plan)
 
 
 # -- the database's clock ----------------------------------------------------------------
@@ -838,10 +851,106 @@ def _clock_value(value: object, dialect: sa.Dialect) -> datetime | None:
     return None
 
 
+# -- what both classes share ----------------------------------------------------------------
+
+EngineT = TypeVar("EngineT", sa.Engine, AsyncEngine)
+
+
+class _SQLStoreBase(Generic[EngineT]):
+    """What :class:`SQLStore` and :class:`AsyncSQLStore` share: the constructor and its
+    options, ``from_url``, the error boundary, how a store shows; each class adds only its
+    calls to its engine."""
+
+    _engine_kind: ClassVar[type[sa.Engine] | type[AsyncEngine]]
+    engine: EngineT
+
+    def __init__(
+        self,
+        engine: EngineT | str,
+        *,
+        table: str | None = None,
+        schema: str | None = None,
+        columns: ColumnMap | None = None,
+        lease_table: str = DEFAULT_LEASE_TABLE,
+        page_size: int = 500,
+        create: bool = False,
+        plaintext: bool = False,
+    ) -> None:
+        options = _StoreOptions.read(
+            {
+                "table": table,
+                "schema": schema,
+                "columns": columns,
+                "lease_table": lease_table,
+                "page_size": page_size,
+                "create": create,
+                "plaintext": plaintext,
+            }
+        )
+        kind = self._engine_kind
+        if isinstance(engine, str):
+            made = _engine_from_string(engine, want_async=kind is AsyncEngine)
+            self._setup(made, options, owned=True)
+        elif isinstance(engine, kind):
+            self._setup(engine, options, owned=False)
+        else:
+            raise ConfigurationError(
+                f"engine must be a SQLAlchemy {kind.__name__} or a database URL"
+            )
+
+    def _setup(self, engine: EngineT, options: _StoreOptions, *, owned: bool) -> None:
+        self.engine = engine
+        self._options = options
+        self._own_engine = owned
+        self._layout: Layout | None = None
+
+    @classmethod
+    def _with(cls, engine: EngineT, options: _StoreOptions) -> Self:
+        store = cls.__new__(cls)
+        store._setup(engine, options, owned=True)
+        return store
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLStore | AsyncSQLStore:
+        """Open a store from a URL; an async driver (``+asyncpg``, ``+aiomysql``,
+        ``+aiosqlite``, ``+psycopg_async``) gives an :class:`AsyncSQLStore`, any other a
+        :class:`SQLStore`, whichever class is asked.
+
+        Options go as keywords or in the query string, which is otherwise the driver's:
+        ``table``, ``schema``, ``lease_table``, ``page_size``, ``create``, ``plaintext``, and
+        for an existing table ``key_column``, ``access_token_column``,
+        ``refresh_token_column``, ``expires_at_column``, ``scopes_column``,
+        ``subscription_type_column``, ``expires_at_unit``, ``scopes_format``, ``insert`` and
+        ``delete_rows``.
+        """
+        if not isinstance(url, str):
+            raise ConfigurationError(f"SQL store URL must be a string, got {url!r}")
+        engine_url, from_query = _split_url(url)
+        store_options = _StoreOptions.read(kit.merge_options(from_query, options, store=_STORE))
+        engine = _make_engine(engine_url)
+        if isinstance(engine, AsyncEngine):
+            return AsyncSQLStore._with(engine, store_options)
+        return SQLStore._with(engine, store_options)
+
+    def __repr__(self) -> str:
+        url = self.engine.url.render_as_string(hide_password=True)
+        return f"{type(self).__name__}({url!r}, table={self._options.table!r})"
+
+    @property
+    def plaintext(self) -> bool:
+        """Whether the application keeps this store's tokens in plain text (option
+        ``plaintext``): the engine then neither seals tokens nor expects sealed ones."""
+        return self._options.plaintext
+
+    def _boundary(self, key: str | None, *, writing: bool) -> AbstractContextManager[None]:
+        """Translate what the driver raises inside the block (:func:`_boundary_at`)."""
+        return _boundary_at(self.engine.url, key, writing=writing)
+
+
 # -- sync --------------------------------------------------------------------------------
 
 
-class SQLStore:
+class SQLStore(kit.ClosingStore, _SQLStoreBase[sa.Engine]):
     """A :class:`~credkeeper.CredentialStore` in a SQL database, through SQLAlchemy.
 
     ``engine`` is a SQLAlchemy :class:`~sqlalchemy.engine.Engine` you already have (it stays
@@ -856,87 +965,11 @@ class SQLStore:
     and shows the declaration as :attr:`plaintext`.
     """
 
-    def __init__(
-        self,
-        engine: sa.Engine | str,
-        *,
-        table: str | None = None,
-        schema: str | None = None,
-        columns: ColumnMap | None = None,
-        lease_table: str = DEFAULT_LEASE_TABLE,
-        page_size: int = 500,
-        create: bool = False,
-        plaintext: bool = False,
-    ) -> None:
-        self._options = _StoreOptions.read(
-            {
-                "table": table,
-                "schema": schema,
-                "columns": columns,
-                "lease_table": lease_table,
-                "page_size": page_size,
-                "create": create,
-                "plaintext": plaintext,
-            }
-        )
-        if isinstance(engine, str):
-            self.engine: sa.Engine = _engine_from_string(engine, want_async=False)
-            self._own_engine = True
-        elif isinstance(engine, sa.Engine):
-            self.engine, self._own_engine = engine, False
-        else:
-            raise ConfigurationError("engine must be a SQLAlchemy Engine or a database URL")
-        self._layout: Layout | None = None
+    _engine_kind = sa.Engine
+
+    def _setup(self, engine: sa.Engine, options: _StoreOptions, *, owned: bool) -> None:
+        super()._setup(engine, options, owned=owned)
         self._layout_lock = threading.Lock()
-
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> SQLStore | AsyncSQLStore:
-        """Open a store from a URL; an async driver (``+asyncpg``, ``+aiomysql``,
-        ``+aiosqlite``, ``+psycopg_async``) gives an :class:`AsyncSQLStore`.
-
-        Options go as keywords or in the query string, which is otherwise the driver's:
-        ``table``, ``schema``, ``lease_table``, ``page_size``, ``create``, ``plaintext``, and
-        for an existing table ``key_column``, ``access_token_column``,
-        ``refresh_token_column``, ``expires_at_column``, ``scopes_column``,
-        ``subscription_type_column``, ``expires_at_unit``, ``scopes_format``, ``insert`` and
-        ``delete_rows``.
-        """
-        if not isinstance(url, str):
-            raise ConfigurationError(f"SQL store URL must be a string, got {url!r}")
-        engine_url, from_query = _split_url(url)
-        twice = sorted(set(from_query) & set(options))
-        if twice:
-            raise ConfigurationError(
-                f"SQL store option(s) {', '.join(twice)} given both in the URL and as keywords"
-            )
-        store_options = _StoreOptions.read({**from_query, **options})
-        engine = _make_engine(engine_url)
-        if isinstance(engine, AsyncEngine):
-            return AsyncSQLStore._with(engine, store_options)
-        return cls._with(engine, store_options)
-
-    @classmethod
-    def _with(cls, engine: sa.Engine, options: _StoreOptions) -> SQLStore:
-        store = cls.__new__(cls)
-        store._options, store.engine, store._own_engine = options, engine, True
-        store._layout, store._layout_lock = None, threading.Lock()
-        return store
-
-    def __repr__(self) -> str:
-        url = self.engine.url.render_as_string(hide_password=True)
-        return f"SQLStore({url!r}, table={self._options.table!r})"
-
-    @property
-    def plaintext(self) -> bool:
-        """Whether the application keeps this store's tokens in plain text (option
-        ``plaintext``): the engine then neither seals tokens nor expects sealed ones."""
-        return self._options.plaintext
-
-    def __enter__(self) -> SQLStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _get_layout(self) -> Layout:
         """The layout, built by the first call in a transaction of its own, so that the tables
@@ -951,37 +984,38 @@ class SQLStore:
                 layout = self._layout
         return layout
 
-    def _boundary(self, key: str | None, *, writing: bool) -> AbstractContextManager[None]:
-        """Translate what the driver raises inside the block (:func:`_boundary_at`)."""
-        return _boundary_at(self.engine.url, key, writing=writing)
-
-    def _run(self, key: str | None, plan_of: Callable[[Layout], Plan], *, writing: bool) -> Any:
-        # A read is one SELECT, which needs no transaction of its own: the one the driver
-        # opens ends when the connection returns to the pool.
-        with self._boundary(key, writing=writing):
+    def _run(self, key: str, plan_of: Callable[[Layout], Plan]) -> Any:
+        with self._boundary(key, writing=True):
             layout = self._get_layout()
-            with self.engine.begin() if writing else self.engine.connect() as connection:
+            with self.engine.begin() as connection:
                 _bound_lock_waits(connection)
                 return _execute(connection, plan_of(layout))
 
     def get(self, key: str) -> Record | None:
         """See :meth:`credkeeper.CredentialStore.get`."""
-        check_key(key)
-        return self._run(key, lambda layout: layout.get(key), writing=False)  # type: ignore[no-any-return]
+        kit.check_key(key)
+        # One SELECT, which needs no transaction of its own: the one the driver opens ends
+        # when the connection returns to the pool.
+        with self._boundary(key, writing=False):
+            layout = self._get_layout()
+            with self.engine.connect() as connection:
+                _bound_lock_waits(connection)
+                rows = connection.execute(*layout.select(key)).all()
+            return layout.record_of(key, rows)
 
     def put(self, record: Record) -> Record:
         """See :meth:`credkeeper.CredentialStore.put`: an insert, or an update on the version."""
-        key = check_record(record).key
-        return self._run(key, lambda layout: layout.put(record), writing=True)  # type: ignore[no-any-return]
+        key = kit.check_record(record).key
+        return self._run(key, lambda layout: layout.put(record))  # type: ignore[no-any-return]
 
     def delete(self, key: str) -> bool:
         """See :meth:`credkeeper.CredentialStore.delete`."""
-        check_key(key)
-        return self._run(key, lambda layout: layout.delete(key), writing=True)  # type: ignore[no-any-return]
+        kit.check_key(key)
+        return self._run(key, lambda layout: layout.delete(key))  # type: ignore[no-any-return]
 
     def scan_due(self, before: datetime) -> Iterator[str]:
         """See :meth:`credkeeper.CredentialStore.scan_due`: keyset pages on the expiry index."""
-        return self._scan(check_moment("before", before))
+        return self._scan(kit.check_moment("before", before))
 
     def _scan(self, before: datetime) -> Iterator[str]:
         after: tuple[Any, Any] | None = None
@@ -992,12 +1026,10 @@ class SQLStore:
                 with self.engine.connect() as connection:
                     _bound_lock_waits(connection)
                     rows = connection.execute(_page(layout, before, after, size)).all()
-            for row in rows:
-                if layout.is_due(row[2], before):
-                    yield layout.spelling(row[0])
-            if len(rows) < size:
+            keys, after = _keys_due(layout, rows, before, size)
+            yield from keys
+            if after is None:
                 return
-            after = (rows[-1][0], rows[-1][1])
 
     def now(self) -> datetime | None:
         """The database's clock (aware, UTC), read in one round trip.
@@ -1020,68 +1052,11 @@ class SQLStore:
 # -- async -------------------------------------------------------------------------------
 
 
-class AsyncSQLStore:
+class AsyncSQLStore(kit.AsyncClosingStore, _SQLStoreBase[AsyncEngine]):
     """The :class:`~credkeeper.AsyncCredentialStore` twin of :class:`SQLStore`, on a SQLAlchemy
     :class:`~sqlalchemy.ext.asyncio.AsyncEngine` (asyncpg, psycopg, aiomysql, aiosqlite)."""
 
-    def __init__(
-        self,
-        engine: AsyncEngine | str,
-        *,
-        table: str | None = None,
-        schema: str | None = None,
-        columns: ColumnMap | None = None,
-        lease_table: str = DEFAULT_LEASE_TABLE,
-        page_size: int = 500,
-        create: bool = False,
-        plaintext: bool = False,
-    ) -> None:
-        self._options = _StoreOptions.read(
-            {
-                "table": table,
-                "schema": schema,
-                "columns": columns,
-                "lease_table": lease_table,
-                "page_size": page_size,
-                "create": create,
-                "plaintext": plaintext,
-            }
-        )
-        if isinstance(engine, str):
-            self.engine: AsyncEngine = _engine_from_string(engine, want_async=True)
-            self._own_engine = True
-        elif isinstance(engine, AsyncEngine):
-            self.engine, self._own_engine = engine, False
-        else:
-            raise ConfigurationError("engine must be a SQLAlchemy AsyncEngine or a database URL")
-        self._layout: Layout | None = None
-
-    @classmethod
-    def _with(cls, engine: AsyncEngine, options: _StoreOptions) -> AsyncSQLStore:
-        store = cls.__new__(cls)
-        store._options, store.engine, store._own_engine = options, engine, True
-        store._layout = None
-        return store
-
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> SQLStore | AsyncSQLStore:
-        """See :meth:`SQLStore.from_url`."""
-        return SQLStore.from_url(url, **options)
-
-    def __repr__(self) -> str:
-        url = self.engine.url.render_as_string(hide_password=True)
-        return f"AsyncSQLStore({url!r}, table={self._options.table!r})"
-
-    @property
-    def plaintext(self) -> bool:
-        """See :attr:`SQLStore.plaintext`."""
-        return self._options.plaintext
-
-    async def __aenter__(self) -> AsyncSQLStore:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+    _engine_kind = AsyncEngine
 
     async def _get_layout(self) -> Layout:
         """See :meth:`SQLStore._get_layout`."""
@@ -1092,38 +1067,37 @@ class AsyncSQLStore:
                 self._layout = await connection.run_sync(self._options.build)
         return self._layout
 
-    def _boundary(self, key: str | None, *, writing: bool) -> AbstractContextManager[None]:
-        """Translate what the driver raises inside the block (:func:`_boundary_at`)."""
-        return _boundary_at(self.engine.url, key, writing=writing)
-
-    async def _run(
-        self, key: str | None, plan_of: Callable[[Layout], Plan], *, writing: bool
-    ) -> Any:
-        # See SQLStore._run: a read needs no transaction of its own.
-        with self._boundary(key, writing=writing):
+    async def _run(self, key: str, plan_of: Callable[[Layout], Plan]) -> Any:
+        with self._boundary(key, writing=True):
             layout = await self._get_layout()
-            async with self.engine.begin() if writing else self.engine.connect() as connection:
+            async with self.engine.begin() as connection:
                 await _bound_lock_waits_async(connection)
                 return await _execute_async(connection, plan_of(layout))
 
     async def get(self, key: str) -> Record | None:
         """See :meth:`credkeeper.AsyncCredentialStore.get`."""
-        check_key(key)
-        return await self._run(key, lambda layout: layout.get(key), writing=False)  # type: ignore[no-any-return]
+        kit.check_key(key)
+        # See SQLStore.get: a read needs no transaction of its own.
+        with self._boundary(key, writing=False):
+            layout = await self._get_layout()
+            async with self.engine.connect() as connection:
+                await _bound_lock_waits_async(connection)
+                rows = (await connection.execute(*layout.select(key))).all()
+            return layout.record_of(key, rows)
 
     async def put(self, record: Record) -> Record:
         """See :meth:`credkeeper.AsyncCredentialStore.put`."""
-        key = check_record(record).key
-        return await self._run(key, lambda layout: layout.put(record), writing=True)  # type: ignore[no-any-return]
+        key = kit.check_record(record).key
+        return await self._run(key, lambda layout: layout.put(record))  # type: ignore[no-any-return]
 
     async def delete(self, key: str) -> bool:
         """See :meth:`credkeeper.AsyncCredentialStore.delete`."""
-        check_key(key)
-        return await self._run(key, lambda layout: layout.delete(key), writing=True)  # type: ignore[no-any-return]
+        kit.check_key(key)
+        return await self._run(key, lambda layout: layout.delete(key))  # type: ignore[no-any-return]
 
     def scan_due(self, before: datetime) -> AsyncIterator[str]:
         """See :meth:`SQLStore.scan_due`."""
-        return self._scan(check_moment("before", before))
+        return self._scan(kit.check_moment("before", before))
 
     async def _scan(self, before: datetime) -> AsyncIterator[str]:
         after: tuple[Any, Any] | None = None
@@ -1134,12 +1108,11 @@ class AsyncSQLStore:
                 async with self.engine.connect() as connection:
                     await _bound_lock_waits_async(connection)
                     rows = (await connection.execute(_page(layout, before, after, size))).all()
-            for row in rows:
-                if layout.is_due(row[2], before):
-                    yield layout.spelling(row[0])
-            if len(rows) < size:
+            keys, after = _keys_due(layout, rows, before, size)
+            for key in keys:
+                yield key
+            if after is None:
                 return
-            after = (rows[-1][0], rows[-1][1])
 
     async def now(self) -> datetime | None:
         """See :meth:`SQLStore.now`."""
@@ -1173,12 +1146,7 @@ def _setup_engine(
         engine, owned = made, True
     else:
         engine, from_query, owned = url, {}, False
-    twice = sorted(set(from_query) & set(options))
-    if twice:
-        raise ConfigurationError(
-            f"SQL store option(s) {', '.join(twice)} given both in the URL and as keywords"
-        )
-    store_options = _StoreOptions.read({**from_query, **options})
+    store_options = _StoreOptions.read(kit.merge_options(from_query, options, store=_STORE))
     return engine, dataclasses.replace(store_options, create=False), owned
 
 

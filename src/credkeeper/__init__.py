@@ -6,6 +6,7 @@ from ._budget import time_remaining
 from ._clock import Clock, SystemClock
 from ._codec import TokenCodec
 from ._credentials import Credentials
+from ._events import EventHook, EventKind, RefreshEvent
 from ._exceptions import (
     AuthFailed,
     ConfigurationError,
@@ -40,13 +41,16 @@ from ._record import Record, Status
 from ._registry import open_store
 from ._rekey import RekeyReport, rekey
 from ._secret import Secret
+from ._settings import Settings
 from ._store import AsyncCredentialStore, CredentialStore, as_async_store
+from ._sweeper import AsyncSweeper, Sweeper, SweepReport
 from ._wrapper import AsyncWrapperClient, WrapperClient
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncCredentialStore",
+    "AsyncSweeper",
     "AsyncTokenManager",
     "AsyncWrapperClient",
     "AuthFailed",
@@ -59,6 +63,8 @@ __all__ = [
     "CredentialsError",
     "CredkeeperError",
     "DecryptionError",
+    "EventHook",
+    "EventKind",
     "InvalidGrant",
     "InvalidRequest",
     "KeyRing",
@@ -68,15 +74,19 @@ __all__ = [
     "ProviderUnavailable",
     "ReauthRequired",
     "Record",
+    "RefreshEvent",
     "RefreshTimeout",
     "RekeyReport",
     "RescueJournal",
     "Secret",
+    "Settings",
     "Status",
     "StoreContention",
     "StoreCorrupted",
     "StoreError",
     "StoreUnavailable",
+    "SweepReport",
+    "Sweeper",
     "SystemClock",
     "TokenCodec",
     "TokenManager",

@@ -26,6 +26,11 @@ _MS_THRESHOLD = 100_000_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
 
+# How a login document spells access token, refresh token, expiry, scopes, subscription type.
+_Names = tuple[str, str, str, str, str]
+_SNAKE: _Names = ("access_token", "refresh_token", "expires_at", "scopes", "subscription_type")
+_CAMEL: _Names = ("accessToken", "refreshToken", "expiresAt", "scopes", "subscriptionType")
+
 
 def to_epoch_ms(moment: datetime) -> int:
     """Milliseconds since the Unix epoch, the unit every wire format here uses.
@@ -263,19 +268,10 @@ class Credentials:
 
         A document with the object nested under ``oauth_credentials`` is accepted too.
         """
-        what = "oauth_credentials"
-        doc = _document(data, what)
+        doc = _document(data, "oauth_credentials")
         if isinstance(doc.get("oauth_credentials"), Mapping):
             doc = doc["oauth_credentials"]
-        return cls(
-            access_token=_token(_require(doc, "access_token", what), "access_token"),
-            refresh_token=_token(_require(doc, "refresh_token", what), "refresh_token"),
-            expires_at=_epoch(
-                _require(doc, "expires_at", what), "expires_at", seconds_allowed=False
-            ),
-            scopes=_scopes(doc["scopes"], "scopes") if doc.get("scopes") is not None else (),
-            subscription_type=_optional_str(doc.get("subscription_type"), "subscription_type"),
-        )
+        return cls._from_login(doc, "oauth_credentials", _SNAKE)
 
     @classmethod
     def from_claude_code(cls, data: Mapping[str, Any] | str | bytes) -> Credentials:
@@ -286,15 +282,18 @@ class Credentials:
             raise CredentialsError(
                 "Claude Code credentials have no 'claudeAiOauth' object", field="claudeAiOauth"
             )
-        what = "claudeAiOauth"
+        return cls._from_login(inner, "claudeAiOauth", _CAMEL)
+
+    @classmethod
+    def _from_login(cls, doc: Mapping[str, Any], what: str, names: _Names) -> Credentials:
+        """A login document's credentials (``expires_at`` in ms), its fields spelled ``names``."""
+        access, refresh, expires, scopes, subscription = names
         return cls(
-            access_token=_token(_require(inner, "accessToken", what), "accessToken"),
-            refresh_token=_token(_require(inner, "refreshToken", what), "refreshToken"),
-            expires_at=_epoch(
-                _require(inner, "expiresAt", what), "expiresAt", seconds_allowed=False
-            ),
-            scopes=_scopes(inner["scopes"], "scopes") if inner.get("scopes") is not None else (),
-            subscription_type=_optional_str(inner.get("subscriptionType"), "subscriptionType"),
+            access_token=_token(_require(doc, access, what), access),
+            refresh_token=_token(_require(doc, refresh, what), refresh),
+            expires_at=_epoch(_require(doc, expires, what), expires, seconds_allowed=False),
+            scopes=_scopes(doc[scopes], scopes) if doc.get(scopes) is not None else (),
+            subscription_type=_optional_str(doc.get(subscription), subscription),
         )
 
     @classmethod

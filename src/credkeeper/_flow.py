@@ -5,11 +5,12 @@ sleep, touch the rescue journal) and receives their results, or has their except
 into it, the way ``httpx.Auth.auth_flow`` works. ``TokenManager`` and ``AsyncTokenManager``
 perform the effects, so the policy below is written once for threads and for asyncio.
 
-The steps (DESIGN section 4): use a token valid beyond the leeway; otherwise take a lease on the
-record by compare-and-swap so one worker across all processes refreshes; write the answer to the
-rescue journal, then to the store, before anyone uses it; on ``invalid_grant`` look for a newer
-token before condemning the credential; on a throttled or failing provider, back off, fall back to
-the still-valid access token, and record a cooldown for the whole fleet.
+The steps, explained in ``docs/design.md`` ("The refresh flow"): use a token valid beyond the
+leeway; otherwise take a lease on the record by compare-and-swap so one worker across all
+processes refreshes; write the answer to the rescue journal, then to the store, before anyone
+uses it; on ``invalid_grant`` look for a newer token before condemning the credential; on a
+throttled or failing provider, back off, fall back to the still-valid access token, and record
+a cooldown for the whole fleet.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import httpx
 from ._clock import Clock
 from ._codec import TokenCodec
 from ._credentials import Credentials
+from ._events import EventHook, EventKind, RefreshEvent, emit
 from ._exceptions import (
     ConfigurationError,
     ConflictError,
@@ -193,10 +195,19 @@ class Policy:
     accept_plaintext: bool = False
     # Keys whose plaintext tokens were already reported, so each is logged once per manager.
     plaintext_seen: set[str] = field(default_factory=set)
+    # Told what the flow decides (docs: credkeeper._events); never given a token.
+    events: EventHook | None = field(default=None, repr=False)
 
     def now(self) -> datetime:
         """The clock's current time."""
         return self.clock.now()
+
+    def emit(
+        self, kind: EventKind, key: str, outcome: str | None = None, duration: float | None = None
+    ) -> None:
+        """Tell the events hook, if there is one; its failures are only logged."""
+        if self.events is not None:
+            emit(self.events, RefreshEvent(kind, key, outcome, duration))
 
     def fresh(self, credentials: Credentials) -> bool:
         """Whether ``credentials`` stay valid beyond the leeway, so no refresh is due yet.
@@ -329,6 +340,47 @@ def _usable(credentials: Credentials, failed: Secret | None, now: datetime) -> b
     return credentials.expires_at > now and credentials.access_token != failed
 
 
+@dataclass(slots=True)
+class _Run:
+    """One refresh a flow started: when, and whether its end was already reported."""
+
+    key: str
+    started: datetime
+    ended: bool = False
+
+    def end(self, policy: Policy, kind: EventKind, outcome: str) -> None:
+        """Report the refresh's end, once: the first end reported is the one that counts."""
+        if not self.ended:
+            self.ended = True
+            seconds = (policy.now() - self.started).total_seconds()
+            policy.emit(kind, self.key, outcome, seconds)
+
+
+# Why a refresh that raised ended, most specific first.
+_FAILURES: tuple[tuple[type[BaseException], str], ...] = (
+    (ReauthRequired, "invalid_grant"),
+    (ProviderUnavailable, "unavailable"),
+    (ProviderError, "provider_error"),
+    (StoreContention, "store_contention"),
+    (StoreUnavailable, "store_unavailable"),
+    (CredentialNotFound, "deleted"),
+    (RefreshTimeout, "timeout"),
+    (GeneratorExit, "interrupted"),
+)
+
+
+def _failure(exc: BaseException) -> str:
+    return next((outcome for kind, outcome in _FAILURES if isinstance(exc, kind)), "error")
+
+
+def _provider_outcome(exc: ProviderError | httpx.TransportError) -> str:
+    if isinstance(exc, InvalidGrant):
+        return "invalid_grant"
+    if isinstance(exc, ProviderUnavailable | httpx.TransportError):
+        return "throttled" if getattr(exc, "status", None) == 429 else "unavailable"
+    return "error"
+
+
 # -- flows -----------------------------------------------------------------------------
 
 
@@ -451,13 +503,13 @@ def _ensure_fresh(
                 skew = _skew(policy, (yield StoreNow()))
             except StoreUnavailable:
                 if _usable(credentials, failed, policy.now()):
-                    return credentials
+                    return _deferred(policy, key, credentials, "store_unavailable")
                 raise
         now = policy.now()
         if record.cooldown_until is not None and now + skew < record.cooldown_until:
             if _usable(credentials, failed, now):
                 logger.debug("key %r: provider cooling down, using the current token", key)
-                return credentials
+                return _deferred(policy, key, credentials, "cooldown")
             wait = (record.cooldown_until - now - skew).total_seconds()
             raise ProviderUnavailable(
                 f"refreshing key {key!r} is paused for {wait:.0f} s after provider failures "
@@ -468,7 +520,7 @@ def _ensure_fresh(
         if leased and record.lease_owner != owner:
             if now >= deadline:
                 if _usable(credentials, failed, now):
-                    return credentials
+                    return _deferred(policy, key, credentials, "lease_busy")
                 raise RefreshTimeout(key)
             yield Sleep(policy.poll_delay(polls))
             polls += 1
@@ -479,25 +531,42 @@ def _ensure_fresh(
                 record.replace(lease_owner=owner, lease_until=now + skew + policy.lease_ttl)
             )
         except ConflictError:
+            policy.emit(EventKind.LEASE_CONFLICT, key)
             try:
                 yield from _backoff(policy, key, conflicts, deadline, "taking the refresh lease")
             except StoreContention:
                 if _usable(credentials, failed, policy.now()):
-                    return credentials
+                    return _deferred(policy, key, credentials, "contention")
                 raise
             conflicts += 1
             record = yield Load(key)
             continue
         logger.debug("key %r: lease taken, refreshing", key)
         lease_end = now + policy.lease_ttl  # on our clock, for our own retries
-        return (
-            yield from _refresh(policy, key, record, credentials, failed, deadline, lease_end, skew)
-        )
+        run = _Run(key, now)
+        policy.emit(EventKind.REFRESH_STARTED, key)
+        try:
+            return (
+                yield from _refresh(
+                    policy, run, record, credentials, failed, deadline, lease_end, skew
+                )
+            )
+        except BaseException as exc:
+            # GeneratorExit too: a flow closed mid-refresh (KeyboardInterrupt, a cancelled
+            # task) still ends the refresh it started, once.
+            run.end(policy, EventKind.REFRESH_FAILED, _failure(exc))
+            raise
+
+
+def _deferred(policy: Policy, key: str, credentials: Credentials, reason: str) -> Credentials:
+    """Serve a due but still valid token without refreshing it, and say why."""
+    policy.emit(EventKind.REFRESH_DEFERRED, key, reason)
+    return credentials
 
 
 def _refresh(
     policy: Policy,
-    key: str,
+    run: _Run,
     record: Record,
     credentials: Credentials,
     failed: Secret | None,
@@ -509,22 +578,32 @@ def _refresh(
 
     ``skew`` is how far the store's clock is ahead of ours: cooldowns are written in its time.
     """
+    key = run.key
     attempt = 0
     while True:
         request = policy.provider.build_request(credentials.refresh_token)
+        sent = policy.now()
         try:
-            response = yield Send(request)
-            fresh = policy.provider.parse_response(response, previous=credentials, now=policy.now())
+            try:
+                response = yield Send(request)
+                fresh = policy.provider.parse_response(
+                    response, previous=credentials, now=policy.now()
+                )
+            except (ProviderError, httpx.TransportError) as exc:
+                _called(policy, key, sent, _provider_outcome(exc))
+                raise
+            _called(policy, key, sent, "ok")
         except InvalidGrant:
             logger.info("key %r: provider answered invalid_grant", key)
             return (
-                yield from _on_invalid_grant(policy, key, credentials, record.lease_owner, deadline)
+                yield from _on_invalid_grant(policy, run, credentials, record.lease_owner, deadline)
             )
         except SalvagedAnswer as exc:
             # The refresh token rotated: keep the new one, though this call cannot be served.
             logger.warning("key %r: %s", key, exc)
+            run.end(policy, EventKind.REFRESH_FAILED, "provider_error")
             yield from _persist(
-                policy, key, record, credentials, exc.credentials, deadline, lease_end
+                policy, run, record, credentials, exc.credentials, deadline, lease_end
             )
             raise ProviderError(str(exc), status=exc.status, excerpt=exc.excerpt) from None
         except (ProviderUnavailable, httpx.TransportError) as exc:
@@ -534,7 +613,7 @@ def _refresh(
             delay = policy.retry_delay(attempt, error.retry_after)
             finish = policy.now() + timedelta(seconds=delay + policy.provider.timeout)
             if finish > deadline:
-                return (yield from _give_up(policy, key, record, credentials, failed, error, skew))
+                return (yield from _give_up(policy, run, record, credentials, failed, error, skew))
             logger.info("key %r: %s; retrying in %.2f s", key, error, delay)
             yield Sleep(delay)
             attempt += 1
@@ -542,12 +621,17 @@ def _refresh(
         except ProviderError as exc:
             yield from _release(policy, key, record, skew, error=exc, retry_after=None)
             raise
-        return (yield from _persist(policy, key, record, credentials, fresh, deadline, lease_end))
+        return (yield from _persist(policy, run, record, credentials, fresh, deadline, lease_end))
+
+
+def _called(policy: Policy, key: str, sent: datetime, outcome: str) -> None:
+    """Report one token-endpoint round trip, sent at ``sent``, and how it went."""
+    policy.emit(EventKind.PROVIDER_CALL, key, outcome, (policy.now() - sent).total_seconds())
 
 
 def _persist(
     policy: Policy,
-    key: str,
+    run: _Run,
     record: Record,
     used: Credentials,
     fresh: Credentials,
@@ -560,6 +644,7 @@ def _persist(
     the lease, beyond the call's deadline, but not past the lease, or another host could
     present the consumed token meanwhile.
     """
+    key = run.key
     entry = RescueEntry(
         id=RescueJournal.new_id(),
         key=key,
@@ -610,6 +695,7 @@ def _persist(
                 base = current
                 continue
             # Someone stored other tokens (a new login) while we refreshed: theirs win.
+            run.end(policy, EventKind.REFRESH_SUCCEEDED, "adopted")
             yield from _discard(entry, journaled)
             yield Deadline(deadline)
             return (yield from _ensure_fresh(policy, key, current, None, deadline))
@@ -627,6 +713,7 @@ def _persist(
                 ) from exc
             yield Sleep(delay)
             continue
+        run.end(policy, EventKind.REFRESH_SUCCEEDED, "ok")
         yield from _discard(entry, journaled)
         logger.info("key %r: refreshed, new tokens stored", key)
         return fresh
@@ -640,9 +727,10 @@ def _discard(entry: RescueEntry, journaled: bool, *, keep_on_disk: bool = False)
 
 
 def _on_invalid_grant(
-    policy: Policy, key: str, used: Credentials, owner: str | None, deadline: datetime
+    policy: Policy, run: _Run, used: Credentials, owner: str | None, deadline: datetime
 ) -> Flow[Credentials]:
     """Tell a lost race (a newer token exists somewhere) from a dead credential."""
+    key = run.key
     conflicts = 0
     while True:
         current = yield Load(key)
@@ -658,6 +746,8 @@ def _on_invalid_grant(
                     yield from _backoff(policy, key, conflicts, deadline, "releasing the lease")
                     conflicts += 1
                     continue
+            policy.emit(EventKind.ADOPTED, key)
+            run.end(policy, EventKind.REFRESH_SUCCEEDED, "adopted")
             # The adopted tokens may be old themselves (a rescue entry from hours ago).
             return (yield from _ensure_fresh(policy, key, current, None, deadline))
         # A crashed process on this host may have journalled the answer for this very token.
@@ -678,12 +768,13 @@ def _on_invalid_grant(
             conflicts += 1
             continue
         logger.warning("key %r: refresh token refused; marked needs_reauth", key)
+        policy.emit(EventKind.REAUTH_REQUIRED, key)
         raise ReauthRequired(key)
 
 
 def _give_up(
     policy: Policy,
-    key: str,
+    run: _Run,
     record: Record,
     credentials: Credentials,
     failed: Secret | None,
@@ -691,7 +782,9 @@ def _give_up(
     skew: timedelta,
 ) -> Flow[Credentials]:
     """Retries exhausted: record a cooldown, then serve the current token if it still works."""
+    key = run.key
     yield from _release(policy, key, record, skew, error=error, retry_after=error.retry_after)
+    run.end(policy, EventKind.REFRESH_FAILED, "unavailable")
     if _usable(credentials, failed, policy.now()):
         logger.warning(
             "key %r: refresh failed (%s); using the still-valid access token", key, error
@@ -712,18 +805,21 @@ def _release(
     """Drop the lease with failure bookkeeping; best effort, the lease expires anyway."""
     failures = record.failures + 1
     label = f"HTTP {error.status}" if error.status is not None else type(error).__name__
+    cooldown = policy.cooldown_for(failures, retry_after)
     try:
         yield Save(
             record.replace(
                 lease_owner=None,
                 lease_until=None,
                 failures=failures,
-                cooldown_until=policy.now() + skew + policy.cooldown_for(failures, retry_after),
+                cooldown_until=policy.now() + skew + cooldown,
                 last_error=label,
             )
         )
     except (ConflictError, StoreUnavailable):
         logger.debug("key %r: could not release the lease; it will expire", key)
+        return
+    policy.emit(EventKind.COOLDOWN, key, label, cooldown.total_seconds())
 
 
 def _apply_rescues(policy: Policy, key: str, deadline: datetime, *, rescan: bool) -> Flow[bool]:
@@ -752,6 +848,7 @@ def _apply_rescues(policy: Policy, key: str, deadline: datetime, *, rescan: bool
                 conflicts += 1
                 continue
             logger.info("key %r: restored tokens from the rescue journal", key)
+            policy.emit(EventKind.JOURNAL_RESCUE, key)
             yield from _journal(JournalDiscard(entry), key)
             applied = True
             break

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import os
 import random
 import secrets
@@ -19,16 +20,17 @@ import time
 from collections.abc import Callable, Coroutine, Hashable
 from datetime import datetime, timedelta
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Generic, TypeVar
 
 import httpx
 
 from ._budget import budget
 from ._clock import Clock, SystemClock
+from ._closing import AsyncClosing, Closing
 from ._codec import TokenCodec, probe_codec
 from ._credentials import Credentials
-from ._exceptions import ConfigurationError, CredkeeperError, ReauthRequired, StoreUnavailable
+from ._events import EventHook
+from ._exceptions import ConfigurationError, ReauthRequired, StoreUnavailable
 from ._flow import (
     Deadline,
     Effect,
@@ -61,10 +63,13 @@ from ._store import (
     declares_plaintext,
     is_async_store,
 )
+from .storekit import error_boundary
 
 __all__ = ["AsyncTokenManager", "TokenManager"]
 
 T = TypeVar("T")
+S = TypeVar("S")
+H = TypeVar("H")
 
 DEFAULT_LEEWAY = timedelta(minutes=15)
 
@@ -78,27 +83,43 @@ def _duration(value: timedelta | float, name: str, *, minimum: float = 0.0) -> t
     return timedelta(seconds=seconds)
 
 
-class _Base:
-    """Settings and state shared by both managers; no I/O."""
+def concrete_signature(init: Callable[..., None], **types: str) -> inspect.Signature:
+    """``init``'s signature without ``self``, with the type variables in it replaced by
+    ``types``, so that ``help()`` and API docs show each class's own types."""
+    signature = inspect.signature(init)
+    parameters = [
+        parameter.replace(annotation=types.get(name, parameter.annotation))
+        for name, parameter in list(signature.parameters.items())[1:]
+    ]
+    return signature.replace(parameters=parameters, return_annotation=inspect.Signature.empty)
+
+
+class _Base(Generic[S, H]):
+    """Settings and state shared by both managers, and their one constructor; no I/O."""
+
+    store: Any
 
     def __init__(
         self,
+        store: S,
         provider: Provider,
         *,
-        keyring: KeyRing | None,
-        leeway: timedelta | float,
-        lease_ttl: timedelta | float,
-        refresh_timeout: timedelta | float,
-        cooldown: timedelta | float,
-        journal: RescueJournal | str | os.PathLike[str] | None,
-        cache: bool,
-        clock: Clock | None,
-        rng: random.Random | None,
-        owner: str | None,
-        accept_plaintext: bool,
-        codec: TokenCodec | None,
-        plaintext_store: bool,
+        keyring: KeyRing | None = None,
+        leeway: timedelta | float = DEFAULT_LEEWAY,
+        lease_ttl: timedelta | float = 60.0,
+        refresh_timeout: timedelta | float = 30.0,
+        cooldown: timedelta | float = 30.0,
+        journal: RescueJournal | str | os.PathLike[str] | None = None,
+        cache: bool = True,
+        http: H | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        owner: str | None = None,
+        accept_plaintext: bool = False,
+        codec: TokenCodec | None = None,
+        events: EventHook | None = None,
     ) -> None:
+        plaintext_store = declares_plaintext(store)
         if not isinstance(provider, Provider):
             raise ConfigurationError(
                 "provider must be a credkeeper.Provider, e.g. Provider.claude_code()"
@@ -114,6 +135,10 @@ class _Base:
             raise ConfigurationError(
                 "the store is declared plaintext (its plaintext option), so it keeps tokens as "
                 "they are; drop codec=, or drop the store's plaintext option to seal with it"
+            )
+        if events is not None and not callable(events):
+            raise ConfigurationError(
+                "events must be a callable taking a credkeeper.RefreshEvent, or None"
             )
         if not isinstance(accept_plaintext, bool):
             raise ConfigurationError(
@@ -152,7 +177,13 @@ class _Base:
             cooldown=_duration(cooldown, "cooldown", minimum=0.0),
             max_cooldown=timedelta(minutes=10),
             accept_plaintext=accept_plaintext,
+            events=events,
         )
+        self._open(store, http)
+
+    def _open(self, store: S, http: H | None) -> None:
+        """Take the store and the HTTP client: the one part of construction that differs."""
+        raise NotImplementedError  # pragma: no cover
 
     @property
     def owner(self) -> str:
@@ -205,7 +236,7 @@ class _Flight:
         self.error: BaseException | None = None
 
 
-class TokenManager(_Base):
+class TokenManager(Closing, _Base[CredentialStore, httpx.Client]):
     """Keeps credentials fresh for many keys in one :class:`CredentialStore`, from threads.
 
     ``get(key)`` returns credentials valid for at least ``leeway`` (15 minutes by default, well
@@ -223,43 +254,19 @@ class TokenManager(_Base):
     write the store could plant one) unless ``accept_plaintext`` is set. A ``codec`` is tried
     once here, on a test value: one that cannot seal and unseal is a ConfigurationError before
     any provider call.
+
+    ``events`` is called with a :class:`RefreshEvent` for each decision the refresh makes
+    (started, succeeded or failed, a provider round trip, a lost race adopted, re-auth required,
+    a lease conflict, a cooldown, a rescue); it never receives a token. ``credkeeper.metrics``
+    turns them into Prometheus metrics.
     """
 
-    def __init__(
-        self,
-        store: CredentialStore,
-        provider: Provider,
-        *,
-        keyring: KeyRing | None = None,
-        leeway: timedelta | float = DEFAULT_LEEWAY,
-        lease_ttl: timedelta | float = 60.0,
-        refresh_timeout: timedelta | float = 30.0,
-        cooldown: timedelta | float = 30.0,
-        journal: RescueJournal | str | os.PathLike[str] | None = None,
-        cache: bool = True,
-        http: httpx.Client | None = None,
-        clock: Clock | None = None,
-        rng: random.Random | None = None,
-        owner: str | None = None,
-        accept_plaintext: bool = False,
-        codec: TokenCodec | None = None,
-    ) -> None:
-        super().__init__(
-            provider,
-            keyring=keyring,
-            leeway=leeway,
-            lease_ttl=lease_ttl,
-            refresh_timeout=refresh_timeout,
-            cooldown=cooldown,
-            journal=journal,
-            cache=cache,
-            clock=clock,
-            rng=rng,
-            owner=owner,
-            accept_plaintext=accept_plaintext,
-            codec=codec,
-            plaintext_store=declares_plaintext(store),
-        )
+    __signature__ = concrete_signature(
+        _Base.__init__, store="CredentialStore", http="httpx.Client | None"
+    )
+    store: CredentialStore
+
+    def _open(self, store: CredentialStore, http: httpx.Client | None) -> None:
         if is_async_store(store):
             raise ConfigurationError(
                 f"{store!r} is an asyncio store; use AsyncTokenManager with it, or open the "
@@ -271,19 +278,19 @@ class TokenManager(_Base):
         self._flights: dict[Hashable, _Flight] = {}
         self._flights_lock = threading.Lock()
 
+    @classmethod
+    def from_env(cls, **options: Any) -> TokenManager:
+        """A manager on what the ``CREDKEEPER_*`` variables name, as the command line reads them.
+
+        :class:`~credkeeper.Settings` reads the store, key ring or codec, provider and journal;
+        ``options`` (``leeway``, ``clock``, ...) go to the constructor.
+        """
+        from ._settings import Settings  # noqa: PLC0415 - it imports this module
+
+        return Settings.from_env().manager(**options)
+
     def __repr__(self) -> str:
         return f"TokenManager(store={self.store!r}, provider={self.policy.provider.name!r})"
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def get(self, key: str) -> Credentials:
         """Credentials for ``key`` valid beyond the leeway, refreshing them if needed."""
@@ -395,14 +402,18 @@ class TokenManager(_Base):
     def _perform(self, effect: Effect) -> Any:
         match effect:
             case Load(key):
-                return _store_call(key, lambda: self.store.get(key))
+                with _store_errors(key):
+                    return self.store.get(key)
             case Save(record):
-                return _store_call(record.key, lambda: self.store.put(record))
+                with _store_errors(record.key):
+                    return self.store.put(record)
             case Remove(key):
-                return _store_call(key, lambda: self.store.delete(key))
+                with _store_errors(key):
+                    return self.store.delete(key)
             case StoreNow():
                 clock = getattr(self.store, "now", None)
-                return None if clock is None else _store_call(None, clock)
+                with _store_errors(None):
+                    return None if clock is None else clock()
             case Send(request):
                 return self._http.send(request)
             case Sleep(seconds):
@@ -420,66 +431,39 @@ class TokenManager(_Base):
         raise AssertionError(f"unknown effect {effect!r}")  # pragma: no cover
 
 
-class AsyncTokenManager(_Base):
+class AsyncTokenManager(
+    AsyncClosing, _Base[AsyncCredentialStore | CredentialStore, httpx.AsyncClient]
+):
     """The asyncio twin of :class:`TokenManager`: same flow, same guarantees, for tasks.
 
     Sync-only stores are wrapped in a thread-offload store. A refresh runs in its own task, so
     a caller cancelled mid-refresh does not abandon the store write. Use one manager per loop.
     """
 
-    def __init__(
-        self,
-        store: AsyncCredentialStore | CredentialStore,
-        provider: Provider,
-        *,
-        keyring: KeyRing | None = None,
-        leeway: timedelta | float = DEFAULT_LEEWAY,
-        lease_ttl: timedelta | float = 60.0,
-        refresh_timeout: timedelta | float = 30.0,
-        cooldown: timedelta | float = 30.0,
-        journal: RescueJournal | str | os.PathLike[str] | None = None,
-        cache: bool = True,
-        http: httpx.AsyncClient | None = None,
-        clock: Clock | None = None,
-        rng: random.Random | None = None,
-        owner: str | None = None,
-        accept_plaintext: bool = False,
-        codec: TokenCodec | None = None,
+    __signature__ = concrete_signature(
+        _Base.__init__,
+        store="AsyncCredentialStore | CredentialStore",
+        http="httpx.AsyncClient | None",
+    )
+    store: AsyncCredentialStore
+
+    def _open(
+        self, store: AsyncCredentialStore | CredentialStore, http: httpx.AsyncClient | None
     ) -> None:
-        super().__init__(
-            provider,
-            keyring=keyring,
-            leeway=leeway,
-            lease_ttl=lease_ttl,
-            refresh_timeout=refresh_timeout,
-            cooldown=cooldown,
-            journal=journal,
-            cache=cache,
-            clock=clock,
-            rng=rng,
-            owner=owner,
-            accept_plaintext=accept_plaintext,
-            codec=codec,
-            plaintext_store=declares_plaintext(store),
-        )
         self.store = as_async_store(store)
         self._own_http = http is None
         self._http = http or httpx.AsyncClient()
         self._flights: dict[Hashable, asyncio.Task[Any]] = {}
 
+    @classmethod
+    def from_env(cls, **options: Any) -> AsyncTokenManager:
+        """The asyncio twin of :meth:`TokenManager.from_env`: same variables, same settings."""
+        from ._settings import Settings  # noqa: PLC0415 - it imports this module
+
+        return Settings.from_env().async_manager(**options)
+
     def __repr__(self) -> str:
         return f"AsyncTokenManager(store={self.store!r}, provider={self.policy.provider.name!r})"
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def get(self, key: str) -> Credentials:
         """Credentials for ``key`` valid beyond the leeway, refreshing them if needed."""
@@ -578,14 +562,18 @@ class AsyncTokenManager(_Base):
     async def _perform(self, effect: Effect) -> Any:
         match effect:
             case Load(key):
-                return await _astore_call(key, self.store.get(key))
+                with _store_errors(key):
+                    return await self.store.get(key)
             case Save(record):
-                return await _astore_call(record.key, self.store.put(record))
+                with _store_errors(record.key):
+                    return await self.store.put(record)
             case Remove(key):
-                return await _astore_call(key, self.store.delete(key))
+                with _store_errors(key):
+                    return await self.store.delete(key)
             case StoreNow():
                 clock = getattr(self.store, "now", None)
-                return None if clock is None else await _astore_call(None, clock())
+                with _store_errors(None):
+                    return None if clock is None else await clock()
             case Send(request):
                 return await self._http.send(request)
             case Sleep(seconds):
@@ -603,22 +591,11 @@ class AsyncTokenManager(_Base):
         raise AssertionError(f"unknown effect {effect!r}")  # pragma: no cover
 
 
-def _store_call(key: str | None, call: Callable[[], T]) -> T:
-    try:
-        return call()
-    except CredkeeperError:
-        raise
-    except Exception as exc:
-        # A custom store let its driver's exception escape; the flow only knows StoreError.
-        about = "" if key is None else f" on key {key!r}"
-        raise StoreUnavailable(f"the store failed{about} ({type(exc).__name__})", key=key) from exc
+def _store_errors(key: str | None) -> contextlib.AbstractContextManager[None]:
+    """A custom store's driver exception, escaped, as the StoreUnavailable the flow knows."""
 
-
-async def _astore_call(key: str | None, call: Coroutine[Any, Any, T]) -> T:
-    try:
-        return await call
-    except CredkeeperError:
-        raise
-    except Exception as exc:
+    def translate(exc: Exception) -> StoreUnavailable:
         about = "" if key is None else f" on key {key!r}"
-        raise StoreUnavailable(f"the store failed{about} ({type(exc).__name__})", key=key) from exc
+        return StoreUnavailable(f"the store failed{about} ({type(exc).__name__})", key=key)
+
+    return error_boundary(translate, Exception)

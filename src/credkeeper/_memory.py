@@ -11,12 +11,12 @@ from urllib.parse import urlsplit
 
 from ._exceptions import ConfigurationError, ConflictError
 from ._record import Record, check_key, check_moment
-from .storekit import check_record
+from .storekit import ClosingStore, check_record
 
 __all__ = ["MemoryStore"]
 
 
-class MemoryStore:
+class MemoryStore(ClosingStore):
     """A :class:`CredentialStore` in a dict, guarded by a lock. Nothing survives the process."""
 
     def __init__(self) -> None:
@@ -36,12 +36,6 @@ class MemoryStore:
 
     def __repr__(self) -> str:
         return f"MemoryStore(<{len(self._records)} records>)"
-
-    def __enter__(self) -> MemoryStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def get(self, key: str) -> Record | None:
         """See :meth:`CredentialStore.get`."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import httpx
 
@@ -33,6 +34,7 @@ __all__ = [
     "CLAUDE_CODE_CLIENT_ID",
     "CLAUDE_CODE_SCOPE",
     "CLAUDE_CODE_TOKEN_URL",
+    "SETTING_PROFILES",
     "WRAPPER_GUIDE_TOKEN_URL",
     "Provider",
 ]
@@ -50,6 +52,15 @@ _CLAUDE_CODE_USER_AGENT = "claude-cli/2.0.34 (external, credkeeper)"
 
 AuthMethod = Literal["none", "client_secret_post", "client_secret_basic"]
 BodyFormat = Literal["form", "json"]
+
+#: The profiles a provider setting names, and the URL query options each of them takes.
+SETTING_PROFILES: Mapping[str, tuple[str, ...]] = {
+    "claude-code": ("client_id", "scope", "timeout"),
+    "wrapper-guide": ("timeout",),
+    "oauth2": ("client_id", "scope", "auth_method", "body_format", "timeout"),
+}
+_SETTING_EXAMPLE = "oauth2+https://auth.example.com/oauth/token?client_id=ID"
+_SECRET_METHODS = ("client_secret_post", "client_secret_basic")
 
 _RETRYABLE = frozenset({408, 425, 429})
 # A Retry-After beyond a day is a broken header, not a plan; it would overflow datetimes too.
@@ -183,6 +194,72 @@ class Provider:
         """The endpoint the wrapper's refresh guide names: a JSON body without a client id."""
         return cls(token_url=token_url, body_format="json", timeout=timeout, name="wrapper-guide")
 
+    @classmethod
+    def from_setting(
+        cls,
+        value: str,
+        *,
+        client_secret: str | Secret | None = None,
+        option: str = "provider",
+        secret_option: str = "client_secret",  # noqa: S107 - a name for messages
+    ) -> Provider:
+        """The provider a one-line setting names: ``--provider``, ``CREDKEEPER_PROVIDER``.
+
+        ``claude-code`` and ``wrapper-guide`` are the two Claude profiles at their own URLs;
+        ``PROFILE+URL`` puts a profile at another token URL (a staging endpoint, say), and
+        ``oauth2+URL`` is any RFC 6749 endpoint: a form body, no client id unless given. The
+        URL's query holds the profile's options, not the endpoint's: ``client_id``, ``scope``
+        (space-separated, ``+`` or ``%20`` in a URL), ``auth_method``, ``body_format`` and
+        ``timeout`` (seconds), as :data:`SETTING_PROFILES` lists per profile. A bare URL is
+        Claude Code's protocol at that URL, as it always was. The client secret never comes
+        from the setting, which gets printed: it is ``client_secret``, for ``oauth2`` only.
+        Errors name ``option`` (and ``secret_option`` for the secret) and the fix.
+        """
+        text = value.strip() if isinstance(value, str) else ""
+        scheme, separator, rest = text.partition("://")
+        profile, url = text.lower(), None
+        if separator:
+            named, plus, url_scheme = scheme.rpartition("+")
+            # A bare URL keeps the meaning it had before profiles could be named.
+            profile, url = (named.lower() if plus else "claude-code"), f"{url_scheme}://{rest}"
+        if profile not in SETTING_PROFILES:
+            raise ConfigurationError(
+                f"{option} must be claude-code, wrapper-guide, or PROFILE+URL such as "
+                f"{_SETTING_EXAMPLE} (PROFILE: {', '.join(SETTING_PROFILES)}), or a token URL "
+                f"spoken to with Claude Code's protocol; got {profile if separator else value!r}"
+            )
+        options = {} if url is None else _setting_url(url, profile, option, secret_option)
+        if "timeout" in options:
+            options["timeout"] = _setting_timeout(options["timeout"], option=option)
+        secret = Secret(client_secret) if client_secret else None
+        if secret is not None and profile != "oauth2":
+            raise ConfigurationError(
+                f"{secret_option} is set, but the {profile} profile sends no client secret; "
+                f"unset it, or name an RFC 6749 endpoint in {option} as {_SETTING_EXAMPLE}"
+            )
+        if profile == "claude-code":
+            return cls.claude_code(**options)
+        if profile == "wrapper-guide":
+            return cls.wrapper_guide(**options)
+        if url is None:
+            raise ConfigurationError(
+                f"{option}: oauth2 needs the endpoint's token URL, as {_SETTING_EXAMPLE}"
+            )
+        if options.get("auth_method") in _SECRET_METHODS and secret is None:
+            raise ConfigurationError(
+                f"{option}: auth_method={options['auth_method']} sends a client secret; "
+                f"set it in {secret_option}"
+            )
+        if secret is not None and "client_id" not in options:
+            raise ConfigurationError(
+                f"{secret_option} is set, but {option} names no client id for it; add "
+                "?client_id=ID to the token URL"
+            )
+        try:
+            return cls(**options, client_secret=secret.get_secret_value() if secret else None)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{option}: {exc}") from None
+
     def build_request(self, refresh_token: str | Secret) -> httpx.Request:
         """The refresh request for ``refresh_token``, with this provider's timeout attached."""
         params: dict[str, Any] = {
@@ -289,6 +366,54 @@ class Provider:
         return ProviderUnavailable(
             f"the request to {self.name} {kind} ({type(exc).__name__})", status=None
         )
+
+
+def _setting_url(url: str, profile: str, option: str, secret_option: str) -> dict[str, Any]:
+    """The token URL of a provider setting and the options in its query, checked."""
+    parts = secure_url(url, option=option)
+    if "@" in parts.netloc:
+        raise ConfigurationError(
+            f"{option} must not hold a user or password, as it gets printed; give an oauth2 "
+            f"endpoint's client id as ?client_id=ID and its secret in {secret_option}"
+        )
+    try:
+        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise ConfigurationError(
+            f"{option}: the URL's query must be NAME=VALUE pairs joined by '&'"
+        ) from None
+    allowed = SETTING_PROFILES[profile]
+    options: dict[str, Any] = {"token_url": parts._replace(query="").geturl()}
+    for name, value in pairs:
+        # Values are never quoted back: a secret put where it does not belong stays unprinted.
+        if name == "client_secret":
+            raise ConfigurationError(
+                f"{option} must not hold the client secret, as it gets printed; give it in "
+                f"{secret_option}"
+            )
+        if name not in allowed:
+            raise ConfigurationError(
+                f"{option}: the {profile} profile takes no option {name!r}; its options are "
+                f"{', '.join(allowed)}"
+            )
+        if name in options:
+            raise ConfigurationError(f"{option}: the option {name!r} is given twice")
+        if not value:
+            raise ConfigurationError(f"{option}: the option {name!r} needs a value")
+        options[name] = value
+    return options
+
+
+def _setting_timeout(value: str, *, option: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigurationError(
+            f"{option}: timeout must be a positive number of seconds, such as 15, got {value!r}"
+        )
+    return seconds
 
 
 def _error_code(text: str) -> str | None:

@@ -12,7 +12,15 @@ from typing import Any
 from ._credentials import from_epoch_ms, to_epoch_ms
 from ._exceptions import ConfigurationError, StoreCorrupted
 
-__all__ = ["MAX_KEY_LENGTH", "Record", "Status", "check_key", "check_moment", "stored_record"]
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "Record",
+    "Status",
+    "check_key",
+    "check_moment",
+    "read_epoch_ms",
+    "stored_record",
+]
 
 MAX_KEY_LENGTH = 255
 
@@ -85,6 +93,36 @@ class Record:
         # Every store receives records made here, so checking once here makes every store
         # refuse the same misuse alike; messages name fields, never a token's value.
         check_key(self.key)
+        # Exact types first: what the engine makes and stores read back (str, tuple, int,
+        # Status, UTC datetimes) passes on identity tests alone, at a third of the cost of
+        # the full checks; anything else (subclasses, other zones, mistakes) takes those.
+        if not (
+            type(self.access_token) is str
+            and type(self.refresh_token) is str
+            and type(self.expires_at) is datetime
+            and self.expires_at.tzinfo is UTC
+            and (
+                self.lease_until is None
+                or (type(self.lease_until) is datetime and self.lease_until.tzinfo is UTC)
+            )
+            and (
+                self.cooldown_until is None
+                or (type(self.cooldown_until) is datetime and self.cooldown_until.tzinfo is UTC)
+            )
+            and type(self.scopes) is tuple
+            and all(type(scope) is str for scope in self.scopes)
+            and type(self.status) is Status
+            and type(self.failures) is int
+            and self.failures >= 0
+            and (self.subscription_type is None or type(self.subscription_type) is str)
+            and (self.lease_owner is None or type(self.lease_owner) is str)
+            and (self.last_error is None or type(self.last_error) is str)
+            and (self.version is None or type(self.version) is str)
+        ):
+            self._check_fields()
+
+    def _check_fields(self) -> None:
+        """The full checks of every field but the key, raising ConfigurationError naming it."""
         for name in ("access_token", "refresh_token"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigurationError(
@@ -162,15 +200,7 @@ class Record:
             return value
 
         def moment(name: str, *, optional: bool = False) -> datetime | None:
-            value = field(name, int, optional=optional)
-            if value is None:
-                return None
-            try:
-                return from_epoch_ms(value)
-            except (OverflowError, ValueError, OSError):
-                raise StoreCorrupted(
-                    f"stored record for key {key!r} has an out-of-range {name!r} field", key=key
-                ) from None
+            return read_epoch_ms(field(name, int, optional=optional), key=key, field=name)
 
         scopes = field("scopes", list)
         if not all(isinstance(item, str) for item in scopes):
@@ -202,6 +232,25 @@ class Record:
             "version": version,
         }
         return stored_record(**fields)
+
+
+def read_epoch_ms(value: object, *, key: str, field: str) -> datetime | None:
+    """A stored time in epoch milliseconds as an aware UTC datetime; ``None`` stays ``None``.
+
+    A value that is not an integer, or one beyond the datetime range, raises
+    :class:`~credkeeper.StoreCorrupted` naming ``key`` and ``field`` (never the value).
+    """
+    if value is None:
+        return None
+    # An exact int, what every driver hands back, needs no further look.
+    if type(value) is not int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise StoreCorrupted(f"stored record for key {key!r} has a bad {field!r} field", key=key)
+    try:
+        return from_epoch_ms(value)
+    except (OverflowError, ValueError, OSError):
+        raise StoreCorrupted(
+            f"stored record for key {key!r} has an out-of-range {field!r} field", key=key
+        ) from None
 
 
 def stored_record(**fields: Any) -> Record:

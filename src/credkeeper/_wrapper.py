@@ -24,12 +24,14 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import TracebackType
-from typing import Any, Generic, Literal, Self, TypeVar, Unpack
+from typing import Any, Generic, Literal, TypeVar, Unpack
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from ._closing import AsyncClosing, Closing
 from ._credentials import Credentials
 from ._exceptions import (
     AuthFailed,
@@ -40,7 +42,7 @@ from ._exceptions import (
     WrapperError,
     WrapperUnavailable,
 )
-from ._manager import AsyncTokenManager, TokenManager
+from ._manager import AsyncTokenManager, TokenManager, concrete_signature
 from ._messages import (
     DONE,
     MAPPING,
@@ -72,6 +74,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+M = TypeVar("M", TokenManager, AsyncTokenManager)
+X = TypeVar("X", httpx.Client, httpx.AsyncClient)
 L = TypeVar("L", Iterator[str], AsyncIterator[str])
 
 DEFAULT_WRAPPER_URL = "https://wrapper.claude.serenity-system.fr"
@@ -461,6 +465,41 @@ class _Endpoints:
         return _Call(key, endpoint, body, body["model"], extensions)
 
 
+class _Client(Generic[M, X]):
+    """What both clients share: construction from a token manager, the URLs and the repr."""
+
+    # The manager and httpx client types this client takes, and what to use for the others.
+    _kinds: tuple[type[M], type[X], str, str]
+
+    def __init__(
+        self,
+        tokens: M,
+        *,
+        base_url: str = DEFAULT_WRAPPER_URL,
+        http: X | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> None:
+        manager, client, other_manager, other_client = self._kinds
+        if not isinstance(tokens, manager):
+            raise ConfigurationError(
+                f"tokens must be a credkeeper.{manager.__name__}; {other_manager}"
+            )
+        if http is not None and not isinstance(http, client):
+            raise ConfigurationError(f"http must be an httpx.{client.__name__} ({other_client})")
+        self.tokens: M = tokens
+        self._endpoints = _Endpoints(base_url, timeout)
+        self._own_http = http is None
+        self._http: X = http if http is not None else client(timeout=DEFAULT_TIMEOUT)
+
+    @property
+    def base_url(self) -> str:
+        """The wrapper's base URL, without a trailing slash."""
+        return self._endpoints.base_url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+
 # -- sync --------------------------------------------------------------------------------
 
 
@@ -519,7 +558,7 @@ class _StreamBase:
                 yield item
 
 
-class MessageStream(_StreamBase):
+class MessageStream(Closing, _StreamBase):
     """The events of one streamed reply, in order; the final :class:`ResultEvent` ends it.
 
     Iterate it once, or use :meth:`text_deltas` for the text alone. The request goes out on the
@@ -543,17 +582,6 @@ class MessageStream(_StreamBase):
         if self._events is None:
             self._events = self._generate()
         return next(self._events)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Stop reading and release the connection; idempotent."""
@@ -663,7 +691,7 @@ class Messages:
         return MessageStream(lambda: self._client._run(call.key, attempt), call)
 
 
-class WrapperClient:
+class WrapperClient(Closing, _Client[TokenManager, httpx.Client]):
     """Calls the Claude Wrapper API for many users, with credentials from a :class:`TokenManager`.
 
     Each call gets credentials valid beyond the manager's leeway (15 minutes by default, well
@@ -675,47 +703,20 @@ class WrapperClient:
     own 300 s limit.
     """
 
-    def __init__(
-        self,
-        tokens: TokenManager,
-        *,
-        base_url: str = DEFAULT_WRAPPER_URL,
-        http: httpx.Client | None = None,
-        timeout: float | httpx.Timeout | None = None,
-    ) -> None:
-        if not isinstance(tokens, TokenManager):
-            raise ConfigurationError(
-                "tokens must be a credkeeper.TokenManager; "
-                "use AsyncWrapperClient with an AsyncTokenManager"
-            )
-        if http is not None and not isinstance(http, httpx.Client):
-            raise ConfigurationError(
-                "http must be an httpx.Client (AsyncWrapperClient takes an httpx.AsyncClient)"
-            )
-        self.tokens = tokens
-        self._endpoints = _Endpoints(base_url, timeout)
-        self._own_http = http is None
-        self._http = http if http is not None else httpx.Client(timeout=DEFAULT_TIMEOUT)
-        self.messages = Messages(self)
+    __signature__ = concrete_signature(
+        _Client.__init__, tokens="TokenManager", http="httpx.Client | None"
+    )
+    _kinds = (
+        TokenManager,
+        httpx.Client,
+        "use AsyncWrapperClient with an AsyncTokenManager",
+        "AsyncWrapperClient takes an httpx.AsyncClient",
+    )
 
-    @property
-    def base_url(self) -> str:
-        """The wrapper's base URL, without a trailing slash."""
-        return self._endpoints.base_url
-
-    def __repr__(self) -> str:
-        return f"WrapperClient(base_url={self.base_url!r})"
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    @cached_property
+    def messages(self) -> Messages:
+        """:meth:`~Messages.create` and :meth:`~Messages.stream` on ``POST /v1/messages``."""
+        return Messages(self)
 
     def close(self) -> None:
         """Close the HTTP client if this client made it; the token manager stays open."""
@@ -749,7 +750,7 @@ class WrapperClient:
 # -- async -------------------------------------------------------------------------------
 
 
-class AsyncMessageStream(_StreamBase):
+class AsyncMessageStream(AsyncClosing, _StreamBase):
     """The async twin of :class:`MessageStream`: ``async for event in stream``."""
 
     def __init__(
@@ -771,17 +772,6 @@ class AsyncMessageStream(_StreamBase):
         if self._events is None:
             self._events = self._generate()
         return await anext(self._events)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Stop reading and release the connection; idempotent."""
@@ -886,50 +876,23 @@ class AsyncMessages:
         return AsyncMessageStream(lambda: self._client._run(call.key, attempt), call)
 
 
-class AsyncWrapperClient:
+class AsyncWrapperClient(AsyncClosing, _Client[AsyncTokenManager, httpx.AsyncClient]):
     """The asyncio twin of :class:`WrapperClient`, with an :class:`AsyncTokenManager`."""
 
-    def __init__(
-        self,
-        tokens: AsyncTokenManager,
-        *,
-        base_url: str = DEFAULT_WRAPPER_URL,
-        http: httpx.AsyncClient | None = None,
-        timeout: float | httpx.Timeout | None = None,
-    ) -> None:
-        if not isinstance(tokens, AsyncTokenManager):
-            raise ConfigurationError(
-                "tokens must be a credkeeper.AsyncTokenManager; "
-                "use WrapperClient with a TokenManager"
-            )
-        if http is not None and not isinstance(http, httpx.AsyncClient):
-            raise ConfigurationError(
-                "http must be an httpx.AsyncClient (WrapperClient takes an httpx.Client)"
-            )
-        self.tokens = tokens
-        self._endpoints = _Endpoints(base_url, timeout)
-        self._own_http = http is None
-        self._http = http if http is not None else httpx.AsyncClient(timeout=DEFAULT_TIMEOUT)
-        self.messages = AsyncMessages(self)
+    __signature__ = concrete_signature(
+        _Client.__init__, tokens="AsyncTokenManager", http="httpx.AsyncClient | None"
+    )
+    _kinds = (
+        AsyncTokenManager,
+        httpx.AsyncClient,
+        "use WrapperClient with a TokenManager",
+        "WrapperClient takes an httpx.Client",
+    )
 
-    @property
-    def base_url(self) -> str:
-        """The wrapper's base URL, without a trailing slash."""
-        return self._endpoints.base_url
-
-    def __repr__(self) -> str:
-        return f"AsyncWrapperClient(base_url={self.base_url!r})"
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+    @cached_property
+    def messages(self) -> AsyncMessages:
+        """:meth:`~AsyncMessages.create` and :meth:`~AsyncMessages.stream`."""
+        return AsyncMessages(self)
 
     async def aclose(self) -> None:
         """Close the HTTP client if this client made it; the token manager stays open."""

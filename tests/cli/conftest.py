@@ -16,18 +16,14 @@ import pytest
 from click.testing import CliRunner, Result
 
 from credkeeper import Credentials, KeyRing, Record, open_store
+from credkeeper._settings import ENVIRONMENT as SETTINGS
 from credkeeper._store import CredentialStore
 from credkeeper.cli import cli
 from credkeeper.cli._errors import PREFIX
 from credkeeper.testing import FakeProvider
 
 ENVIRONMENT = (
-    "CREDKEEPER_STORE",
-    "CREDKEEPER_KEYS",
-    "CREDKEEPER_CODEC",
-    "CREDKEEPER_JOURNAL",
-    "CREDKEEPER_PROVIDER",
-    "CREDKEEPER_WRAPPER_URL",
+    *(variable for variable, _ in SETTINGS.values()),
     # rich would draw colours and live displays if any of these said so.
     "FORCE_COLOR",
     "TTY_COMPATIBLE",

@@ -123,11 +123,16 @@ class TestUsageErrors:
         assert "'--workers'" in error_line(result)
 
     def test_unknown_provider_is_refused(self) -> None:
-        """--provider accepts the profile names and URLs only."""
+        """--provider accepts the profiles, PROFILE+URL and URLs only, naming them all."""
         result = CliRunner().invoke(cli, ["--provider", "github", "status"])
 
         assert ExitCode.USAGE == result.exit_code
-        assert "--provider must be claude-code or wrapper-guide" in error_line(result)
+        assert (
+            "--provider (CREDKEEPER_PROVIDER) must be claude-code, wrapper-guide, or PROFILE+URL "
+            "such as oauth2+https://auth.example.com/oauth/token?client_id=ID (PROFILE: "
+            "claude-code, wrapper-guide, oauth2), or a token URL spoken to with Claude Code's "
+            "protocol; got 'github'"
+        ) == error_line(result)
 
 
 class TestExitCodeTable:

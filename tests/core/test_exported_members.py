@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 from types import ModuleType
 
 import pytest
@@ -137,3 +138,25 @@ class TestTesting:
     def test_every_public_name_exported(self, testing: ModuleType) -> None:
         """Every public name defined in credkeeper.testing's __init__ is in __all__."""
         assert set() == public_names(testing) - set(testing.__all__)
+
+
+@pytest.mark.parametrize(
+    ("cls", "types"),
+    [
+        (credkeeper.TokenManager, {"store": "CredentialStore", "http": "httpx.Client | None"}),
+        (
+            credkeeper.AsyncTokenManager,
+            {"store": "AsyncCredentialStore | CredentialStore", "http": "httpx.AsyncClient | None"},
+        ),
+        (credkeeper.WrapperClient, {"tokens": "TokenManager", "http": "httpx.Client | None"}),
+        (
+            credkeeper.AsyncWrapperClient,
+            {"tokens": "AsyncTokenManager", "http": "httpx.AsyncClient | None"},
+        ),
+    ],
+)
+def test_twin_classes_show_their_own_types(cls: type, types: dict[str, str]) -> None:
+    """A constructor shared through a generic base still shows each class's own types."""
+    parameters = inspect.signature(cls).parameters
+
+    assert types == {name: parameters[name].annotation for name in types}

@@ -28,6 +28,7 @@ from credkeeper import (
     ProviderUnavailable,
     ReauthRequired,
     Record,
+    RefreshEvent,
     RefreshTimeout,
     Status,
     StoreContention,
@@ -1117,3 +1118,210 @@ class TestPolicy:
 
         assert [30.0, 60.0, 120.0, 600.0] == seconds
         assert 900.0 == policy.cooldown_for(1, 900.0).total_seconds()
+
+
+def watched(clock: FakeClock) -> tuple[Policy, list[tuple[str, str | None, float | None]]]:
+    """A policy whose events hook records (kind, outcome, duration) of each event for KEY."""
+    seen: list[tuple[str, str | None, float | None]] = []
+
+    def hook(event: RefreshEvent) -> None:
+        assert KEY == event.key
+        seen.append((event.kind.value, event.outcome, event.duration))
+
+    return make_policy(clock, events=hook), seen
+
+
+class TestEvents:
+    def test_a_refresh_reports_its_start_the_provider_call_and_its_success(
+        self, clock: FakeClock
+    ) -> None:
+        """Lease taken, a 2 s provider answer, stored: started, provider_call, succeeded."""
+        policy, seen = watched(clock)
+        flow = get_flow(policy, KEY)
+        to_send(flow, record())
+        clock.advance(2)
+        flow.send(httpx.Response(200, json=ROTATED))
+        flow.send(None)
+        save = flow.send(None)
+        flow.send(stored_as(save, "3"))
+
+        assert rotated(START + timedelta(seconds=2)) == finish(flow, None)
+        assert [
+            ("refresh_started", None, None),
+            ("provider_call", "ok", 2.0),
+            ("refresh_succeeded", "ok", 2.0),
+        ] == seen
+
+    def test_a_valid_record_reports_nothing(self, clock: FakeClock) -> None:
+        """No refresh, no event."""
+        policy, seen = watched(clock)
+        flow = get_flow(policy, KEY)
+        assert Deadline(DEADLINE) == next(flow)
+        flow.send(None)
+        flow.send([])
+        finish(flow, record(expires_at=LATER))
+
+        assert [] == seen
+
+    def test_a_lost_race_reports_the_adoption(self, clock: FakeClock) -> None:
+        """invalid_grant with a peer's tokens stored: adopted, and the refresh ends adopted."""
+        policy, seen = watched(clock)
+        flow = get_flow(policy, KEY)
+        to_send(flow, record())
+        flow.send(refused())
+        finish(flow, record("at-9", "rt-9", expires_at=LATER, version="3"))
+
+        assert [
+            ("refresh_started", None, None),
+            ("provider_call", "invalid_grant", 0.0),
+            ("adopted", None, None),
+            ("refresh_succeeded", "adopted", 0.0),
+        ] == seen
+
+    def test_a_dead_credential_reports_reauth_required(self, clock: FakeClock) -> None:
+        """invalid_grant and nothing newer: reauth_required, then the refresh fails so."""
+        policy, seen = watched(clock)
+        flow = get_flow(policy, KEY)
+        leased, _ = to_send(flow, record())
+        flow.send(refused())
+        flow.send(leased)
+        mark = flow.send([])
+        with pytest.raises(ReauthRequired):
+            flow.send(stored_as(mark, "3"))
+
+        assert [
+            ("refresh_started", None, None),
+            ("provider_call", "invalid_grant", 0.0),
+            ("reauth_required", None, None),
+            ("refresh_failed", "invalid_grant", 0.0),
+        ] == seen
+
+    def test_a_provider_down_to_the_deadline_reports_failure_and_cooldown(
+        self, clock: FakeClock
+    ) -> None:
+        """A 429 with no time left: throttled call, failed unavailable, a 30 s cooldown."""
+        policy, seen = watched(clock)
+        flow = get_flow(policy, KEY)
+        to_send(flow, record())
+        clock.advance(15)
+        release = flow.send(httpx.Response(429))
+        finish(flow, stored_as(release, "3"))
+
+        assert [
+            ("refresh_started", None, None),
+            ("provider_call", "throttled", 15.0),
+            ("cooldown", "HTTP 429", 30.0),
+            ("refresh_failed", "unavailable", 15.0),
+        ] == seen
+
+    def test_a_refused_request_reports_a_provider_error(self, clock: FakeClock) -> None:
+        """A 400 other than invalid_grant: error call, cooldown, failed provider_error."""
+        policy, seen = watched(clock)
+        flow = get_flow(policy, KEY)
+        to_send(flow, record())
+        release = flow.send(refused("invalid_request"))
+        with pytest.raises(ProviderError):
+            flow.send(stored_as(release, "3"))
+
+        assert [
+            ("refresh_started", None, None),
+            ("provider_call", "error", 0.0),
+            ("cooldown", "HTTP 400", 30.0),
+            ("refresh_failed", "provider_error", 0.0),
+        ] == seen
+
+    def test_a_lease_conflict_is_reported(self, clock: FakeClock) -> None:
+        """The lease's compare-and-swap lost: lease_conflict, and no refresh started."""
+        policy, seen = watched(clock)
+        flow = get_flow(policy, KEY)
+        opened(flow, record())
+        flow.send(None)
+        flow.throw(ConflictError("moved", key=KEY))
+        finish(flow, record("at-9", "rt-9", expires_at=LATER, version="3"))
+
+        assert [("lease_conflict", None, None)] == seen
+
+    def test_a_store_down_after_the_answer_reports_store_unavailable(
+        self, clock: FakeClock
+    ) -> None:
+        """The store refuses the new tokens every time: the refresh fails store_unavailable."""
+        policy, seen = watched(clock)
+        flow = get_flow(policy, KEY)
+        to_store_write(flow, record())
+        for _ in range(2):
+            flow.throw(StoreUnavailable("down", key=KEY))
+            flow.send(None)
+        with pytest.raises(StoreUnavailable):
+            flow.throw(StoreUnavailable("down", key=KEY))
+
+        assert ("refresh_failed", "store_unavailable", 0.0) == seen[-1]
+        assert 1 == sum(
+            kind.startswith("refresh_") and kind != "refresh_started" for kind, *_ in seen
+        )
+
+    def test_a_restored_rescue_entry_is_reported(self, clock: FakeClock) -> None:
+        """Tokens written from the rescue journal: journal_rescue."""
+        policy, seen = watched(clock)
+        entry = rescue()
+        flow = get_flow(policy, KEY)
+        next(flow)
+        flow.send(None)
+        flow.send([entry])
+        restore = flow.send(record())
+        flow.send(stored_as(restore))
+        flow.send(None)
+        finish(flow, stored_as(restore))
+
+        assert [("journal_rescue", None, None)] == seen
+
+    def test_a_salvaged_answer_ends_the_refresh_once_as_failed(self, clock: FakeClock) -> None:
+        """A rotated answer without an access token is stored, and the refresh ends failed."""
+        policy, seen = watched(clock)
+        flow = get_flow(policy, KEY)
+        to_send(flow, record())
+        flow.send(httpx.Response(200, json={"refresh_token": "rt-2", "expires_in": 60}))
+        flow.send(None)
+        save = flow.send(None)
+        flow.send(stored_as(save, "3"))
+        with pytest.raises(ProviderError):
+            flow.send(None)
+
+        assert [
+            ("refresh_started", None, None),
+            ("provider_call", "error", 0.0),
+            ("refresh_failed", "provider_error", 0.0),
+        ] == seen
+
+    def test_a_failing_hook_is_logged_and_the_refresh_goes_on(
+        self, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A hook that raises costs a warning naming its error type, not the refresh."""
+
+        def broken(event: RefreshEvent) -> None:
+            raise RuntimeError("exporter down")
+
+        flow = get_flow(make_policy(clock, events=broken), KEY)
+        with caplog.at_level(logging.WARNING, logger="credkeeper"):
+            to_send(flow, record())
+
+        assert "events hook raised RuntimeError on refresh_started" in caplog.text
+
+    def test_a_flow_closed_mid_refresh_ends_it_as_interrupted(self, clock: FakeClock) -> None:
+        """A call interrupted while the provider answers: the refresh still ends, once."""
+        policy, seen = watched(clock)
+        flow = get_flow(policy, KEY)
+        to_send(flow, record())
+
+        flow.close()
+
+        assert [("refresh_started", None, None), ("refresh_failed", "interrupted", 0.0)] == seen
+
+    def test_a_cooling_down_token_served_is_a_deferred_refresh(self, clock: FakeClock) -> None:
+        """A due token served under a cooldown: refresh_deferred, and no refresh started."""
+        policy, seen = watched(clock)
+        cooling = record(cooldown_until=START + timedelta(seconds=30), failures=1)
+        flow = get_flow(policy, KEY)
+        assert StoreNow() == opened(flow, cooling)
+
+        assert credentials_of(cooling) == finish(flow, None)
+        assert [("refresh_deferred", "cooldown", None)] == seen

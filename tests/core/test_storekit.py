@@ -14,11 +14,14 @@ from credkeeper.storekit import (
     FLAG,
     NAME,
     SECONDS,
+    AsyncClosingStore,
+    ClosingStore,
     check_key,
     check_moment,
     check_record,
     error_boundary,
     from_epoch_ms,
+    merge_options,
     new_version,
     query_options,
     read_epoch_ms,
@@ -157,6 +160,61 @@ class TestOptions:
             {"create": "1", "sslmode": "require"}, {"create": FLAG}, store="s", others="return"
         )
         assert ({"create": True}, {"sslmode": "require"}) == (values, rest)
+
+
+class TestMergeOptions:
+    def test_url_and_keyword_options_are_merged(self) -> None:
+        """Options from the URL and from keywords come back together."""
+        assert {"table": "t", "create": True} == merge_options(
+            {"table": "t"}, {"create": True}, store="SQL store"
+        )
+
+    def test_an_option_given_both_ways_is_refused_by_name(self) -> None:
+        """The same option in the URL and as a keyword: neither silently wins."""
+        with pytest.raises(ConfigurationError, match=r"SQL store option.*table.*both in the URL"):
+            merge_options({"table": "a"}, {"table": "b"}, store="SQL store")
+
+
+class Closed(ClosingStore):
+    """A store whose close() is recorded."""
+
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class AsyncClosed(AsyncClosingStore):
+    """An async store whose close() is recorded."""
+
+    closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class TestClosingStores:
+    def test_a_with_block_closes_the_store_even_on_error(self) -> None:
+        """``with store:`` hands the store in and closes it when the block raises."""
+        store = Closed()
+        entered: list[Closed] = []
+
+        def use() -> None:
+            with store as opened:
+                entered.append(opened)
+                raise RuntimeError("in the block")
+
+        with pytest.raises(RuntimeError):
+            use()
+        assert ([store], True) == (entered, store.closed)
+
+    @pytest.mark.anyio
+    async def test_an_async_with_block_awaits_close(self) -> None:
+        """``async with store:`` awaits the store's own async close()."""
+        store = AsyncClosed()
+        async with store as entered:
+            assert entered is store
+        assert store.closed
 
 
 class DriverError(Exception):

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,23 +34,25 @@ from credkeeper._exceptions import ConfigurationError, CredentialsError, Unknown
 from credkeeper._files import make_private_directories
 from credkeeper._journal import RescueJournal, default_journal_dir
 from credkeeper._keyring import KeyRing
-from credkeeper._provider import Provider
+from credkeeper._provider import SETTING_PROFILES
 from credkeeper._registry import KNOWN_SCHEMES
 from credkeeper._rekey import rekey
-from credkeeper._wrapper import WrapperClient
+from credkeeper._settings import ENVIRONMENT, Settings, display_url
+from credkeeper._sweeper import Sweeper, SweepReport
+from credkeeper._wrapper import DEFAULT_WRAPPER_URL, WrapperClient
 
 from ._demo import run_demo
 from ._errors import PREFIX, ExitCode, describe, epilog, exit_code_for, one_line
-from ._options import (
-    DEFAULT_WRAPPER_URL,
-    PROVIDER_PROFILES,
-    GlobalOptions,
-    default_store_path,
-    display_url,
-    pass_options,
-    resolve_provider,
+from ._options import GlobalOptions, pass_options
+from ._output import (
+    expiry_phrase,
+    load_records,
+    mapping_table,
+    record_json,
+    status_table,
+    sweep_progress,
+    sweep_summary,
 )
-from ._output import expiry_phrase, load_records, mapping_table, record_json, status_table
 
 if TYPE_CHECKING:  # the SQL store loads only for init-store, and only if installed
     from credkeeper_sql import StoreCheck
@@ -143,12 +145,9 @@ def _warn(message: str) -> None:
     click.echo(_WARNING + one_line(message), err=True)
 
 
-def _provider_option(ctx: click.Context, param: click.Parameter, value: str) -> Provider:
-    """``--provider``: a profile name or a token URL, checked while the options are parsed."""
-    try:
-        return resolve_provider(value)
-    except ConfigurationError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+def _env(name: str) -> str:
+    """The environment variable standing for the setting ``name``, for the help."""
+    return ENVIRONMENT[name][0]
 
 
 def _configure_logging(ctx: click.Context, *, debug: bool) -> None:
@@ -184,52 +183,44 @@ def _configure_logging(ctx: click.Context, *, debug: bool) -> None:
 )
 @click.option(
     "--store",
-    "store_url",
-    envvar="CREDKEEPER_STORE",
     metavar="URL",
-    help="The credential store [env CREDKEEPER_STORE; default: an encrypted file, "
+    help=f"The credential store [env {_env('store')}; default: an encrypted file, "
     "$XDG_DATA_HOME/credkeeper/credentials.json or ~/.local/share/credkeeper/credentials.json].",
 )
 @click.option(
     "--keys",
-    envvar="CREDKEEPER_KEYS",
     metavar="KEYS|@FILE",
     help="The key ring sealing the tokens: key text as `credkeeper keygen` prints it, or "
     "@FILE (also any value containing '/' or starting with '~' or '.') for a key file "
-    "[env CREDKEEPER_KEYS].",
+    f"[env {_env('keys')}].",
 )
 @click.option(
     "--codec",
-    envvar="CREDKEEPER_CODEC",
     metavar="MODULE:FACTORY",
     help="The application's own cipher for the stored tokens: FACTORY(), from the importable "
     "MODULE, returns its credkeeper.TokenCodec; tokens are then written as the application "
-    "writes them, and --keys seals only the rescue journal [env CREDKEEPER_CODEC].",
+    f"writes them, and --keys seals only the rescue journal [env {_env('codec')}].",
 )
 @click.option(
     "--provider",
-    envvar="CREDKEEPER_PROVIDER",
-    callback=_provider_option,
-    default="claude-code",
-    show_default=True,
-    metavar="PROFILE|URL",
-    help=f"The token endpoint: {', '.join(PROVIDER_PROFILES)}, or a token URL "
-    "(Claude Code's protocol at that address) [env CREDKEEPER_PROVIDER].",
+    metavar="PROFILE[+URL]|URL",
+    help="The token endpoint: claude-code, wrapper-guide, or PROFILE+URL with the profile's "
+    "options in the URL's query (oauth2+https://HOST/PATH?client_id=ID for any RFC 6749 "
+    f"endpoint; profiles: {', '.join(SETTING_PROFILES)}); a bare URL speaks Claude Code's "
+    f"protocol. An oauth2 client secret is read from {_env('client_secret')} only "
+    f"[env {_env('provider')}; default: claude-code].",
 )
 @click.option(
     "--wrapper-url",
-    envvar="CREDKEEPER_WRAPPER_URL",
-    default=DEFAULT_WRAPPER_URL,
-    show_default=True,
     metavar="URL",
-    help="The Claude Wrapper API's base URL [env CREDKEEPER_WRAPPER_URL].",
+    help=f"The Claude Wrapper API's base URL [env {_env('wrapper_url')}; "
+    f"default: {DEFAULT_WRAPPER_URL}].",
 )
 @click.option(
     "--journal",
-    envvar="CREDKEEPER_JOURNAL",
     type=click.Path(file_okay=False, path_type=Path),
     metavar="DIR",
-    help="The rescue journal's directory [env CREDKEEPER_JOURNAL; default: "
+    help=f"The rescue journal's directory [env {_env('journal')}; default: "
     "$XDG_STATE_HOME/credkeeper/journal or ~/.local/state/credkeeper/journal].",
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs on stderr.")
@@ -237,11 +228,11 @@ def _configure_logging(ctx: click.Context, *, debug: bool) -> None:
 @click.pass_context
 def cli(
     ctx: click.Context,
-    store_url: str | None,
+    store: str | None,
     keys: str | None,
     codec: str | None,
-    provider: Provider,
-    wrapper_url: str,
+    provider: str | None,
+    wrapper_url: str | None,
     journal: Path | None,
     debug: bool,
 ) -> None:
@@ -252,16 +243,16 @@ def cli(
     and status none.
     """
     _configure_logging(ctx, debug=debug)
-    options = GlobalOptions(
-        store_url=store_url or default_store_path().as_uri(),
-        default_store=not store_url,
+    # The options replace their variables; Settings reads the rest, as TokenManager.from_env().
+    settings = Settings.from_env(
+        store=store,
         keys=keys,
         codec=codec,
         provider=provider,
         wrapper_url=wrapper_url,
-        journal=journal.expanduser() if journal is not None else None,
-        debug=debug,
+        journal=journal,
     )
+    options = GlobalOptions(settings, debug=debug)
     ctx.obj = options
     ctx.call_on_close(options.close)
 
@@ -433,6 +424,94 @@ def refresh(options: GlobalOptions, key: str) -> None:
         f"refreshed {key!r}: the new access token "
         f"{expiry_phrase(credentials.expires_at, now=now)} ({expires})"
     )
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class _Duration(click.ParamType[timedelta]):
+    """``90s``, ``30m``, ``2h``, ``1d`` or a plain number of seconds."""
+
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        text = str(value).strip().lower()
+        unit = _UNITS.get(text[-1:]) if text else None
+        number = text[:-1] if unit is not None else text
+        try:
+            seconds = float(number) * (unit or 1)
+        except ValueError:
+            seconds = -1.0
+        if not (seconds >= 0 and seconds < 10 * 365 * 86400):
+            self.fail(f"{value!r} is not a duration such as 90s, 30m, 2h or 1d", param, ctx)
+        return timedelta(seconds=seconds)
+
+
+DURATION = _Duration()
+
+
+@cli.command(short_help="Refresh every credential due soon, before its user waits.")
+@click.option(
+    "--window",
+    type=DURATION,
+    help="Refresh credentials expiring within this [default: the leeway (15m) plus 15m].",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 256),
+    default=8,
+    show_default=True,
+    help="Refreshes at once.",
+)
+@click.option("--watch", is_flag=True, help="Sweep again every --interval until SIGTERM/SIGINT.")
+@click.option(
+    "--interval",
+    type=DURATION,
+    default="60s",
+    show_default=True,
+    help="With --watch, the time between sweeps.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print each sweep's report as JSON.")
+@pass_options
+def sweep(
+    options: GlobalOptions,
+    window: timedelta | None,
+    concurrency: int,
+    watch: bool,
+    interval: timedelta,
+    as_json: bool,
+) -> None:
+    """Refresh, through the store's leases, every credential expiring within the window.
+
+    Any number of sweeps on any number of hosts, beside live traffic, refresh each credential
+    once. Credentials whose user must log in again are listed and never retried; a throttling
+    provider slows the sweep down instead of failing it. Exits 1 when a refresh failed.
+    """
+    if watch and interval < timedelta(seconds=1):
+        raise click.BadParameter("must be at least 1s", param_hint="'--interval'")
+    sweeper = Sweeper(options.manager(), window=window, concurrency=concurrency)
+    console = _console()
+    failed = False
+
+    def report(result: SweepReport) -> None:
+        nonlocal failed
+        failed = failed or not result.ok
+        if as_json:
+            click.echo(json.dumps(result.as_dict()))
+        else:
+            console.print(sweep_summary(result))
+
+    if watch:
+        sweeper.run_forever(interval=interval, on_report=report)
+    else:
+        with sweep_progress(console, enabled=not as_json) as progress:
+            report(sweeper.run_once(progress=progress))
+    if failed:
+        raise SystemExit(ExitCode.FAILURE)
 
 
 @cli.command(short_help="Send a prompt as KEY and stream the reply.")

@@ -9,20 +9,7 @@ from __future__ import annotations
 import enum
 import shlex
 
-from credkeeper._exceptions import (
-    ConfigurationError,
-    CredentialNotFound,
-    CredentialsError,
-    CredkeeperError,
-    DecryptionError,
-    InvalidGrant,
-    InvalidRequest,
-    ProviderError,
-    ReauthRequired,
-    RefreshTimeout,
-    StoreError,
-    WrapperError,
-)
+import credkeeper as ck
 
 __all__ = ["ExitCode", "describe", "epilog", "exit_code_for"]
 
@@ -61,17 +48,17 @@ MEANINGS: dict[ExitCode, str] = {
 
 # Most specific first: CredentialNotFound is also a KeyError, InvalidGrant also a ProviderError.
 _CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
-    (ReauthRequired, ExitCode.REAUTH_REQUIRED),
-    (InvalidGrant, ExitCode.REAUTH_REQUIRED),
-    (CredentialNotFound, ExitCode.NOT_FOUND),
-    (DecryptionError, ExitCode.DECRYPTION),
-    (StoreError, ExitCode.STORE),
-    (ProviderError, ExitCode.PROVIDER),
-    (RefreshTimeout, ExitCode.PROVIDER),
-    (ConfigurationError, ExitCode.USAGE),
-    (CredentialsError, ExitCode.USAGE),
-    (InvalidRequest, ExitCode.USAGE),
-    (WrapperError, ExitCode.WRAPPER),
+    (ck.ReauthRequired, ExitCode.REAUTH_REQUIRED),
+    (ck.InvalidGrant, ExitCode.REAUTH_REQUIRED),
+    (ck.CredentialNotFound, ExitCode.NOT_FOUND),
+    (ck.DecryptionError, ExitCode.DECRYPTION),
+    (ck.StoreError, ExitCode.STORE),
+    (ck.ProviderError, ExitCode.PROVIDER),
+    (ck.RefreshTimeout, ExitCode.PROVIDER),
+    (ck.ConfigurationError, ExitCode.USAGE),
+    (ck.CredentialsError, ExitCode.USAGE),
+    (ck.InvalidRequest, ExitCode.USAGE),
+    (ck.WrapperError, ExitCode.WRAPPER),
 )
 
 
@@ -89,17 +76,17 @@ def describe(exc: BaseException) -> str:
     credkeeper's own messages never hold tokens, so they are shown as they are. Anything else
     is an internal error: only its type is shown, because its text could hold anything.
     """
-    if isinstance(exc, ReauthRequired):
+    if isinstance(exc, ck.ReauthRequired):
         message = (
             f"the provider refused the credential under key {exc.key!r} (invalid_grant); "
             f"log in again, then run `credkeeper import --key {shlex.quote(exc.key)}`"
         )
-    elif isinstance(exc, CredentialNotFound):
+    elif isinstance(exc, ck.CredentialNotFound):
         message = (
             f"no credential is stored under key {exc.key!r}; "
             f"store one with `credkeeper import --key {shlex.quote(exc.key)}`"
         )
-    elif isinstance(exc, CredkeeperError):
+    elif isinstance(exc, ck.CredkeeperError):
         message = str(exc)
     elif isinstance(exc, OSError):
         reason = exc.strerror or type(exc).__name__

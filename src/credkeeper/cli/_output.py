@@ -7,17 +7,21 @@ named with the store's reason, which names keys and fields, never values.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from credkeeper._exceptions import StoreCorrupted
 from credkeeper._record import Record, Status
 from credkeeper._store import CredentialStore, reported_damage
+from credkeeper._sweeper import SweepReport
 
 if TYPE_CHECKING:  # the SQL store is an optional extra
     from credkeeper_sql import FieldMapping
@@ -31,6 +35,8 @@ __all__ = [
     "mapping_table",
     "record_json",
     "status_table",
+    "sweep_progress",
+    "sweep_summary",
 ]
 
 #: Every record expires before this, so ``scan_due(FAR_FUTURE)`` lists every key. Whole
@@ -173,3 +179,41 @@ def mapping_table(fields: Iterable[FieldMapping]) -> Table:
     for row in fields:
         table.add_row(*(Text(value) for value in (row.field, row.column, row.type, row.format)))
     return table
+
+
+def sweep_summary(report: SweepReport) -> Text:
+    """One line closing a sweep: what was due, what became of it, and who must log in again."""
+    parts = [
+        f"{report.refreshed} refreshed",
+        f"{report.fresh} already fresh",
+        f"{report.by_peer} by a peer",
+    ]
+    if report.deleted:
+        parts.append(f"{report.deleted} deleted meanwhile")
+    line = Text(f"swept {report.due} due credential(s) in {report.seconds:.1f} s: ")
+    line.append(", ".join(parts))
+    if report.needs_reauth:
+        keys = ", ".join(repr(key) for key in report.needs_reauth)
+        line.append(f"; {len(report.needs_reauth)} must log in again ({keys})", style="yellow")
+    if report.deferred:
+        deferred = ", ".join(f"{key!r} ({reason})" for key, reason in report.deferred)
+        line.append(f"; {len(report.deferred)} deferred: {deferred}", style="yellow")
+    if report.failed:
+        failed = ", ".join(f"{key!r} ({outcome})" for key, outcome in report.failed)
+        line.append(f"; {len(report.failed)} failed: {failed}", style="bold red")
+    if report.throttled:
+        line.append(f"; the provider throttled {report.throttled} time(s)", style="dim")
+    return line
+
+
+@contextlib.contextmanager
+def sweep_progress(console: Console, *, enabled: bool) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar for one sweep on a terminal, as the sweeper's ``progress`` callback;
+    elsewhere (a pipe, ``--json``) a callback that shows nothing."""
+    if not (enabled and console.is_terminal):
+        yield lambda done, total: None
+        return
+    columns = (TextColumn("  sweeping"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("sweep", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

@@ -65,13 +65,15 @@ def phrase(code: int) -> str:
         return "Error"
 
 
-def content_type_of(body: str) -> str:
-    """The content type a verbatim fault body goes out with: JSON, HTML or plain text."""
+def verbatim(status: int, body: str, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    """``body`` sent as it is, typed as what it looks like: JSON, HTML or plain text."""
     try:
         json.loads(body)
     except ValueError:
-        return "text/html; charset=utf-8" if body.lstrip().startswith("<") else "text/plain"
-    return "application/json"
+        content_type = "text/html; charset=utf-8" if body.lstrip().startswith("<") else "text/plain"
+    else:
+        content_type = "application/json"
+    return Reply(status, body.encode(), content_type, headers)
 
 
 def check_status(code: object) -> None:
@@ -152,11 +154,12 @@ class FakeServer(Generic[F, C]):
     @property
     def url(self) -> str:
         """The base URL, ``http://127.0.0.1:<port>``."""
-        if self._server is None:
+        url = self._url_or_none()
+        if url is None:
             raise RuntimeError(
                 f"the {type(self).__name__} is not running; call start() or use `with`"
             )
-        return f"http://127.0.0.1:{self._server.server_port}"
+        return url
 
     def _url_or_none(self) -> str | None:
         server = self._server
@@ -248,6 +251,11 @@ class FakeServer(Generic[F, C]):
     def _logged(self) -> list[C]:
         with self._lock:
             return list(self._calls)
+
+    def _count(self, test: Callable[[C], bool] = lambda call: True) -> int:
+        """How many logged calls pass ``test``."""
+        with self._lock:
+            return sum(1 for call in self._calls if test(call))
 
     def _take_fault(self) -> F | None:
         with self._lock:

@@ -28,7 +28,7 @@ from credkeeper._clock import Clock, SystemClock
 from credkeeper._credentials import Credentials
 from credkeeper._secret import Secret
 
-from ._http import FakeServer, Reply, Request, check_seconds, check_status, content_type_of, phrase
+from ._http import FakeServer, Reply, Request, check_seconds, check_status, phrase, verbatim
 
 if TYPE_CHECKING:
     from credkeeper._provider import Provider
@@ -41,17 +41,15 @@ RefreshTokenState = Literal["current", "used", "revoked", "unknown"]
 TOKEN_PATH = "/v1/oauth/token"
 CLAUDE_CODE_CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
 MALFORMED_BODY = "<html>upstream error</html>"
+_TOKEN_PREFIXES = {"access": "sk-ant-oat01-", "refresh": "sk-ant-ort01-"}
 
-_INVALID_REQUEST = {"error": "invalid_request", "error_description": "Invalid request format"}
-_INVALID_GRANT = {
-    "error": "invalid_grant",
-    "error_description": "Refresh token not found or invalid",
+# What a refused request gets: the status, and the description of its outcome, the "error".
+_REFUSALS = {
+    "invalid_request": (400, "Invalid request format"),
+    "invalid_grant": (400, "Refresh token not found or invalid"),
+    "unsupported_grant_type": (400, "Grant type not supported"),
+    "invalid_client": (401, "Client authentication failed"),
 }
-_UNSUPPORTED_GRANT = {
-    "error": "unsupported_grant_type",
-    "error_description": "Grant type not supported",
-}
-_INVALID_CLIENT = {"error": "invalid_client", "error_description": "Client authentication failed"}
 _NOT_FOUND = {"type": "error", "error": {"type": "not_found_error", "message": "Not found"}}
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -185,18 +183,42 @@ class _Family:
     subscription_type: str | None
     account: dict[str, str]
     organization: dict[str, str]
-    refresh_token: str
-    access_token: str
     access_tokens: list[str] = field(default_factory=list)
+    refresh_token: str = ""
+
+    @property
+    def access_token(self) -> str:
+        return self.access_tokens[-1]
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class _TokenRequest:
     params: dict[str, str] | None
     body_format: Literal["json", "form", "unknown"]
     basic: tuple[str, str] | None
     basic_malformed: bool
     user_agent: str | None
+
+    @classmethod
+    def parse(cls, request: Request) -> _TokenRequest:
+        headers, body = request.headers, request.body
+        content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        body_format: Literal["json", "form", "unknown"] = "unknown"
+        if content_type == "application/json" or content_type.endswith("+json"):
+            body_format = "json"
+        elif content_type == "application/x-www-form-urlencoded":
+            body_format = "form"
+        parse = {"json": _parse_json, "form": _parse_form}.get(body_format)
+        params = None if parse is None or body is None else parse(body)
+        scheme, _, credentials = (headers.get("Authorization") or "").partition(" ")
+        basic = _parse_basic(credentials.strip()) if scheme.lower() == "basic" else None
+        return cls(
+            params=params,
+            body_format=body_format,
+            basic=basic,
+            basic_malformed=basic is None and scheme.lower() == "basic",
+            user_agent=headers.get("User-Agent"),
+        )
 
     @property
     def refresh_token(self) -> str | None:
@@ -227,7 +249,10 @@ def _fault_body(code: int) -> object:
     return {"type": "error", "error": {"type": error_type, "message": phrase(code)}}
 
 
-def _token_value(token: str | Secret) -> str:
+def _token_value(token: object, part: Literal["access", "refresh"] | None = None) -> str:
+    """The token in clear; with ``part``, credentials give their access or refresh token."""
+    if part is not None and isinstance(token, Credentials):
+        token = token.access_token if part == "access" else token.refresh_token
     if isinstance(token, Secret):
         return token.get_secret_value()
     if isinstance(token, str):
@@ -238,36 +263,7 @@ def _token_value(token: str | Secret) -> str:
 # -- request parsing ---------------------------------------------------------------------
 
 
-def _parse_request(request: Request) -> _TokenRequest:
-    headers, body = request.headers, request.body
-    content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
-    body_format: Literal["json", "form", "unknown"] = "unknown"
-    params: dict[str, str] | None = None
-    if content_type == "application/json" or content_type.endswith("+json"):
-        body_format = "json"
-        params = _parse_json(body)
-    elif content_type == "application/x-www-form-urlencoded":
-        body_format = "form"
-        params = _parse_form(body)
-    basic: tuple[str, str] | None = None
-    basic_malformed = False
-    authorization = headers.get("Authorization") or ""
-    scheme, _, credentials = authorization.partition(" ")
-    if scheme.lower() == "basic":
-        basic = _parse_basic(credentials.strip())
-        basic_malformed = basic is None
-    return _TokenRequest(
-        params=params,
-        body_format=body_format,
-        basic=basic,
-        basic_malformed=basic_malformed,
-        user_agent=headers.get("User-Agent"),
-    )
-
-
-def _parse_json(body: bytes | None) -> dict[str, str] | None:
-    if body is None:
-        return None
+def _parse_json(body: bytes) -> dict[str, str] | None:
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, ValueError):
@@ -283,9 +279,7 @@ def _parse_json(body: bytes | None) -> dict[str, str] | None:
     return params
 
 
-def _parse_form(body: bytes | None) -> dict[str, str] | None:
-    if body is None:
-        return None
+def _parse_form(body: bytes) -> dict[str, str] | None:
     try:
         text = body.decode("ascii")
         parsed = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text))
@@ -369,13 +363,9 @@ class FakeProvider(FakeServer[Fault, RefreshCall]):
         self._max_in_flight = 0
 
     def __repr__(self) -> str:
-        with self._lock:
-            calls = len(self._calls)
-            refreshes = sum(1 for call in self._calls if call.outcome == "ok")
-            families = len(self._families)
         return (
-            f"FakeProvider(url={self._url_or_none()!r}, refresh_count={refreshes}, calls={calls}, "
-            f"families={families})"
+            f"FakeProvider(url={self._url_or_none()!r}, refresh_count={self.refresh_count}, "
+            f"calls={self._count()}, families={len(self._families)})"
         )
 
     @property
@@ -399,8 +389,7 @@ class FakeProvider(FakeServer[Fault, RefreshCall]):
     @property
     def refresh_count(self) -> int:
         """How many refreshes succeeded (outcome ``"ok"``)."""
-        with self._lock:
-            return sum(1 for call in self._calls if call.outcome == "ok")
+        return self._count(lambda call: call.outcome == "ok")
 
     @property
     def max_in_flight(self) -> int:
@@ -447,21 +436,15 @@ class FakeProvider(FakeServer[Fault, RefreshCall]):
         scope_tuple = (scopes,) if isinstance(scopes, str) else tuple(scopes)
         with self._lock:
             number = next(self._family_numbers)
-            name = f"family-{number}"
-            access, refresh = self._new_token("access"), self._new_token("refresh")
             family = _Family(
-                name=name,
+                name=f"family-{number}",
                 scopes=scope_tuple,
                 subscription_type=subscription_type,
                 account={"uuid": str(uuid.uuid4()), "email_address": f"user{number}@example.com"},
                 organization={"uuid": str(uuid.uuid4()), "name": f"Example Org {number}"},
-                refresh_token=refresh,
-                access_token=access,
-                access_tokens=[access],
             )
-            self._families[name] = family
-            self._access[access] = _AccessToken(name, expiry)
-            self._refresh[refresh] = _RefreshToken(name)
+            self._mint_locked(family, expiry)
+            self._families[family.name] = family
             return self._credentials_locked(family)
 
     def rotate(self, refresh_token: str | Secret | Credentials) -> Credentials | None:
@@ -471,9 +454,7 @@ class FakeProvider(FakeServer[Fault, RefreshCall]):
         with the same family revocation as over HTTP). For fakes that consume tokens behind the
         client's back, like the wrapper's CLI refreshing by itself.
         """
-        if isinstance(refresh_token, Credentials):
-            refresh_token = refresh_token.refresh_token
-        token = _token_value(refresh_token)
+        token = _token_value(refresh_token, "refresh")
         with self._lock:
             outcome, family = self._grant_locked(token)
             self._record_locked(
@@ -516,9 +497,7 @@ class FakeProvider(FakeServer[Fault, RefreshCall]):
 
     def family_of(self, token: str | Secret | Credentials) -> str | None:
         """The family name of an access or refresh token this fake issued, else ``None``."""
-        if isinstance(token, Credentials):
-            token = token.access_token
-        value = _token_value(token)
+        value = _token_value(token, "access")
         with self._lock:
             return self._family_of_locked(value)
 
@@ -528,9 +507,7 @@ class FakeProvider(FakeServer[Fault, RefreshCall]):
         ``token`` is an access or refresh token, or credentials; one this fake never issued is
         a ``KeyError``.
         """
-        if isinstance(token, Credentials):
-            token = token.refresh_token
-        value = _token_value(token)
+        value = _token_value(token, "refresh")
         with self._lock:
             name = self._family_of_locked(value)
             if name is None:
@@ -544,9 +521,7 @@ class FakeProvider(FakeServer[Fault, RefreshCall]):
         client: the wrapper refuses the token before its ``expires_at``. One this fake never
         issued is a ``KeyError``.
         """
-        if isinstance(token, Credentials):
-            token = token.access_token
-        value = _token_value(token)
+        value = _token_value(token, "access")
         with self._lock:
             entry = self._access.get(value)
             if entry is None:
@@ -578,7 +553,7 @@ class FakeProvider(FakeServer[Fault, RefreshCall]):
         return _json_reply(404, _NOT_FOUND)
 
     def _serve_token(self, raw: Request) -> Reply | None:
-        request = _parse_request(raw)
+        request = _TokenRequest.parse(raw)
         fault = self._take_fault()
         with self._lock:
             self._in_flight += 1
@@ -588,10 +563,8 @@ class FakeProvider(FakeServer[Fault, RefreshCall]):
                 return None
             if fault is None:
                 return self._answer(request, None)
-            if fault.kind == "status":
-                return self._answer_status_fault(request, fault)
             if fault.kind == "reshape":
-                return self._answer_reshaped(request, fault)
+                return _reshaped(self._answer(request, fault.label), fault)
             if fault.consume:
                 reply = self._answer(request, fault.label)
             else:
@@ -599,93 +572,68 @@ class FakeProvider(FakeServer[Fault, RefreshCall]):
                     family = self._family_of_locked(request.refresh_token)
                     self._log_locked(request, fault.label, family, rotated=False)
                 reply = _json_reply(504, _fault_body(504))
+            if fault.kind == "status":
+                return _status_reply(fault)
             if fault.kind == "timeout":
                 return None if raw.wait(fault.seconds) else reply
-            if fault.kind == "malformed":
-                return Reply(200, MALFORMED_BODY.encode(), "text/html; charset=utf-8")
-            return None
+            return verbatim(200, MALFORMED_BODY) if fault.kind == "malformed" else None
         finally:
             with self._lock:
                 self._in_flight -= 1
 
-    def _answer_status_fault(self, request: _TokenRequest, fault: Fault) -> Reply:
-        assert fault.code is not None
+    def _answer(self, request: _TokenRequest, label: str | None) -> Reply:
+        """Validate, rotate when the grant is good, log (as ``label`` if given), and answer."""
         with self._lock:
-            family = self._family_of_locked(request.refresh_token)
-            self._log_locked(request, fault.label, family, rotated=False)
-        headers: list[tuple[str, str]] = []
-        if isinstance(fault.retry_after, str):
-            headers.append(("Retry-After", fault.retry_after))
-        elif fault.retry_after is not None:
-            value = fault.retry_after
-            headers.append(("Retry-After", str(int(value)) if value == int(value) else str(value)))
-        if fault.body is not None:
-            return Reply(
-                fault.code, fault.body.encode(), content_type_of(fault.body), tuple(headers)
+            outcome, family = self._decide_locked(request)
+            self._log_locked(request, label or outcome, family, rotated=outcome == "ok")
+            if outcome != "ok" or family is None:
+                status, description = _REFUSALS[outcome]
+                # RFC 6749 section 5.2: a client that tried the Authorization header is challenged.
+                basic = status == 401 and request.client_auth == "client_secret_basic"
+                challenge = (("WWW-Authenticate", 'Basic realm="fake-provider"'),) if basic else ()
+                document = {"error": outcome, "error_description": description}
+                return _json_reply(status, document, *challenge)
+            entry = self._families[family]
+            return _json_reply(
+                200,
+                {
+                    "access_token": entry.access_token,
+                    "refresh_token": entry.refresh_token,
+                    "expires_in": int(self.access_token_lifetime),
+                    "scope": self.scope,
+                    "token_type": "Bearer",
+                    "account": dict(entry.account),
+                    "organization": dict(entry.organization),
+                },
             )
-        return _json_reply(fault.code, _fault_body(fault.code), *headers)
 
-    def _answer_reshaped(self, request: _TokenRequest, fault: Fault) -> Reply:
-        assert fault.transform is not None
-        reply = self._answer(request, fault.label)
-        if reply.status != 200:
-            return reply
-        shaped = fault.transform(json.loads(reply.body))
-        body = shaped if isinstance(shaped, str) else json.dumps(shaped)
-        return Reply(200, body.encode(), content_type_of(body), reply.headers)
-
-    def _answer(self, request: _TokenRequest, outcome_override: str | None) -> Reply:
-        """Validate, rotate when the grant is good, log, and build the normal answer."""
-        with self._lock:
-            reply, outcome, family = self._decide_locked(request)
-            self._log_locked(request, outcome_override or outcome, family, rotated=outcome == "ok")
-            return reply
-
-    def _decide_locked(self, request: _TokenRequest) -> tuple[Reply, str, str | None]:
-        params = request.params
+    def _decide_locked(self, request: _TokenRequest) -> tuple[str, str | None]:
+        """The outcome of a token request, rotating on a good grant, and the token's family."""
+        params, basic = request.params, request.basic
         if params is None:
-            return _json_reply(400, _INVALID_REQUEST), "invalid_request", None
+            return "invalid_request", None
         family = self._family_of_locked(request.refresh_token)
         if request.basic_malformed:
-            return self._invalid_client(basic=True), "invalid_client", family
-        if request.basic is not None:
-            if "client_secret" in params:
-                # RFC 6749 section 2.3: a client must not use more than one auth method.
-                return _json_reply(400, _INVALID_REQUEST), "invalid_request", family
-            body_id = params.get("client_id")
-            if body_id is not None and body_id != request.basic[0]:
-                return self._invalid_client(basic=True), "invalid_client", family
+            return "invalid_client", family
+        if basic is not None and "client_secret" in params:
+            # RFC 6749 section 2.3: a client must not use more than one auth method.
+            return "invalid_request", family
+        if basic is not None and params.get("client_id", basic[0]) != basic[0]:
+            return "invalid_client", family
         if self._client_secret is not None:
-            presented = request.basic[1] if request.basic else params.get("client_secret")
+            presented = basic[1] if basic else params.get("client_secret")
             if presented is None or not hmac.compare_digest(
                 presented.encode(), self._client_secret.encode()
             ):
-                reply = self._invalid_client(basic=request.basic is not None)
-                return reply, "invalid_client", family
-        grant_type = params.get("grant_type")
-        if not grant_type:
-            return _json_reply(400, _INVALID_REQUEST), "invalid_request", family
-        if grant_type != "refresh_token":
-            return _json_reply(400, _UNSUPPORTED_GRANT), "unsupported_grant_type", family
-        token = params.get("refresh_token")
-        if not token:
-            return _json_reply(400, _INVALID_REQUEST), "invalid_request", family
+                return "invalid_client", family
+        grant_type, token = params.get("grant_type"), params.get("refresh_token")
+        if grant_type and grant_type != "refresh_token":
+            return "unsupported_grant_type", family
+        if not grant_type or not token:
+            return "invalid_request", family
         if self.require_client_id and request.client_id != self.client_id:
-            return _json_reply(400, _INVALID_REQUEST), "invalid_request", family
-        outcome, family = self._grant_locked(token)
-        if outcome != "ok" or family is None:
-            return _json_reply(400, _INVALID_GRANT), outcome, family
-        entry = self._families[family]
-        document = {
-            "access_token": entry.access_token,
-            "refresh_token": entry.refresh_token,
-            "expires_in": int(self.access_token_lifetime),
-            "scope": self.scope,
-            "token_type": "Bearer",
-            "account": dict(entry.account),
-            "organization": dict(entry.organization),
-        }
-        return _json_reply(200, document), "ok", family
+            return "invalid_request", family
+        return self._grant_locked(token)
 
     def _grant_locked(self, token: str) -> tuple[str, str | None]:
         """Consume ``token`` if it is current; return the outcome and its family."""
@@ -701,14 +649,17 @@ class FakeProvider(FakeServer[Fault, RefreshCall]):
         if self.revoke_previous_access_tokens:
             for access in family.access_tokens:
                 self._access[access].revoked = True
+        self._mint_locked(family, self.clock.now() + timedelta(seconds=self.access_token_lifetime))
+        family.scopes = tuple(self.scope.split())
+        return "ok", family.name
+
+    def _mint_locked(self, family: _Family, expiry: datetime) -> None:
+        """Give ``family`` a new access token, expiring at ``expiry``, and refresh token."""
         access, refresh = self._new_token("access"), self._new_token("refresh")
-        expiry = self.clock.now() + timedelta(seconds=self.access_token_lifetime)
         self._access[access] = _AccessToken(family.name, expiry)
         self._refresh[refresh] = _RefreshToken(family.name)
         family.access_tokens.append(access)
-        family.access_token, family.refresh_token = access, refresh
-        family.scopes = tuple(self.scope.split())
-        return "ok", family.name
+        family.refresh_token = refresh
 
     def _revoke_family_locked(self, family: _Family) -> None:
         current = self._refresh[family.refresh_token]
@@ -754,22 +705,31 @@ class FakeProvider(FakeServer[Fault, RefreshCall]):
 
     def _new_token(self, kind: Literal["access", "refresh"]) -> str:
         if self._mint is None:
-            return _new_access_token() if kind == "access" else _new_refresh_token()
+            return _TOKEN_PREFIXES[kind] + secrets.token_urlsafe(48)
         token = self._mint(kind)
         if not isinstance(token, str) or not token:
             raise TypeError(f"mint must return a non-empty str, not {type(token).__name__}")
         return token
 
-    @staticmethod
-    def _invalid_client(*, basic: bool) -> Reply:
-        # RFC 6749 section 5.2: a client that tried the Authorization header gets a challenge.
-        challenge = (("WWW-Authenticate", 'Basic realm="fake-provider"'),) if basic else ()
-        return _json_reply(401, _INVALID_CLIENT, *challenge)
+
+def _reshaped(reply: Reply, fault: Fault) -> Reply:
+    """A reshape fault's answer: the normal one through ``fault.transform``, if it refreshed."""
+    if reply.status != 200 or fault.transform is None:
+        return reply
+    shaped = fault.transform(json.loads(reply.body))
+    body = shaped if isinstance(shaped, str) else json.dumps(shaped)
+    return verbatim(200, body, reply.headers)
 
 
-def _new_access_token() -> str:
-    return "sk-ant-oat01-" + secrets.token_urlsafe(48)
-
-
-def _new_refresh_token() -> str:
-    return "sk-ant-ort01-" + secrets.token_urlsafe(48)
+def _status_reply(fault: Fault) -> Reply:
+    """A status fault's answer: Anthropic's JSON error, or the fault's own body."""
+    assert fault.code is not None
+    headers: tuple[tuple[str, str], ...] = ()
+    if isinstance(fault.retry_after, str):
+        headers = (("Retry-After", fault.retry_after),)
+    elif fault.retry_after is not None:
+        value = fault.retry_after
+        headers = (("Retry-After", str(int(value)) if value == int(value) else str(value)),)
+    if fault.body is not None:
+        return verbatim(fault.code, fault.body, headers)
+    return _json_reply(fault.code, _fault_body(fault.code), *headers)

@@ -20,17 +20,17 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, ClassVar, Literal, cast
+from typing import ClassVar, Literal, TypedDict, cast
 
 from credkeeper._clock import Clock
 from credkeeper._credentials import from_epoch_ms, to_epoch_ms
 from credkeeper._messages import _mcp_rule
 from credkeeper._secret import Secret
 
-from ._http import FakeServer, Reply, Request, check_seconds, check_status, content_type_of, phrase
+from ._http import FakeServer, Reply, Request, check_seconds, check_status, phrase, verbatim
 from ._provider import FakeProvider
 
 __all__ = ["FakeWrapper", "WrapperCall", "WrapperFault"]
@@ -195,6 +195,7 @@ class WrapperCall:
 
 _Loc = tuple[str | int, ...]
 _Errors = list[dict[str, object]]
+# A validator returns the value it accepts, or _INVALID after adding its errors.
 _Validator = Callable[[object, _Loc, _Errors], object]
 
 _INVALID = object()
@@ -217,8 +218,9 @@ _MESSAGES = {
     ),
 }
 _INT_STRING = re.compile(r"([+-]?\d+)(?:\.0*)?")
-_TRUE_STRINGS = frozenset({"1", "on", "t", "true", "y", "yes"})
-_FALSE_STRINGS = frozenset({"0", "off", "f", "false", "n", "no"})
+_BOOL_STRINGS = dict.fromkeys(("1", "on", "t", "true", "y", "yes"), True) | dict.fromkeys(
+    ("0", "off", "f", "false", "n", "no"), False
+)
 
 
 def _error(
@@ -236,24 +238,21 @@ def _error(
     return error
 
 
-def _string(value: object, loc: _Loc, errors: _Errors) -> object:
-    if isinstance(value, str):
-        return value
-    errors.append(_error("string_type", loc, value))
+def _refuse(errors: _Errors, kind: str, loc: _Loc, value: object) -> object:
+    errors.append(_error(kind, loc, value))
     return _INVALID
+
+
+def _string(value: object, loc: _Loc, errors: _Errors) -> object:
+    return value if isinstance(value, str) else _refuse(errors, "string_type", loc, value)
 
 
 def _integer(value: object, loc: _Loc, errors: _Errors) -> object:
     # Lax mode, as FastAPI runs it: bools, integral floats and numeric strings pass.
-    if isinstance(value, int):
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
         return int(value)
     if isinstance(value, float):
-        if not math.isfinite(value):
-            kind = "finite_number"
-        elif value.is_integer():
-            return int(value)
-        else:
-            kind = "int_from_float"
+        kind = "int_from_float" if math.isfinite(value) else "finite_number"
     elif isinstance(value, str):
         match = _INT_STRING.fullmatch(value.strip())
         if match:
@@ -261,42 +260,26 @@ def _integer(value: object, loc: _Loc, errors: _Errors) -> object:
         kind = "int_parsing"
     else:
         kind = "int_type"
-    errors.append(_error(kind, loc, value))
-    return _INVALID
+    return _refuse(errors, kind, loc, value)
 
 
 def _boolean(value: object, loc: _Loc, errors: _Errors) -> object:
     if isinstance(value, bool):
         return value
-    if isinstance(value, int | float):
-        if value in (0, 1):
-            return bool(value)
-        kind = "bool_parsing"
-    elif isinstance(value, str):
-        lowered = value.lower()
-        if lowered in _TRUE_STRINGS or lowered in _FALSE_STRINGS:
-            return lowered in _TRUE_STRINGS
-        kind = "bool_parsing"
-    else:
-        kind = "bool_type"
-    errors.append(_error(kind, loc, value))
-    return _INVALID
-
-
-def _optional(validator: _Validator) -> _Validator:
-    def validate(value: object, loc: _Loc, errors: _Errors) -> object:
-        return None if value is None else validator(value, loc, errors)
-
-    return validate
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _BOOL_STRINGS:
+        return _BOOL_STRINGS[value.lower()]
+    kind = "bool_parsing" if isinstance(value, int | float | str) else "bool_type"
+    return _refuse(errors, kind, loc, value)
 
 
 def _list_of(item: _Validator) -> _Validator:
     def validate(value: object, loc: _Loc, errors: _Errors) -> object:
         if not isinstance(value, list):
-            errors.append(_error("list_type", loc, value))
-            return _INVALID
+            return _refuse(errors, "list_type", loc, value)
         items = [item(element, (*loc, index), errors) for index, element in enumerate(value)]
-        return _INVALID if any(element is _INVALID for element in items) else items
+        return _INVALID if _INVALID in items else items
 
     return validate
 
@@ -304,38 +287,36 @@ def _list_of(item: _Validator) -> _Validator:
 def _dict_of(item: _Validator) -> _Validator:
     def validate(value: object, loc: _Loc, errors: _Errors) -> object:
         if not isinstance(value, dict):
-            errors.append(_error("dict_type", loc, value))
-            return _INVALID
+            return _refuse(errors, "dict_type", loc, value)
         items = {key: item(element, (*loc, key), errors) for key, element in value.items()}
-        return _INVALID if any(element is _INVALID for element in items.values()) else items
+        return _INVALID if _INVALID in items.values() else items
 
     return validate
 
 
 def _model(
-    fields: tuple[tuple[str, _Validator, object], ...],
+    *fields: tuple[str, _Validator, object],
     check: Callable[[Mapping[str, object]], str | None] | None = None,
 ) -> _Validator:
-    """A BaseModel: every field checked, errors collected, then an after-validator."""
+    """A BaseModel: every field checked, errors collected, then an after-validator.
+
+    A field whose default is ``None`` is ``Optional``: it takes ``null`` as well.
+    """
 
     def validate(value: object, loc: _Loc, errors: _Errors) -> object:
         if not isinstance(value, dict):
-            errors.append(_error("model_attributes_type", loc, value))
-            return _INVALID
+            return _refuse(errors, "model_attributes_type", loc, value)
         result: dict[str, object] = {}
-        valid = True
         for name, validator, default in fields:
             if name not in value:
+                result[name] = default
                 if default is _REQUIRED:
-                    errors.append(_error("missing", (*loc, name), value))
-                    valid = False
-                else:
-                    result[name] = default
-                continue
-            checked = validator(value[name], (*loc, name), errors)
-            valid = valid and checked is not _INVALID
-            result[name] = checked
-        if not valid:
+                    _refuse(errors, "missing", (*loc, name), value)
+            elif value[name] is None and default is None:
+                result[name] = None
+            else:
+                result[name] = validator(value[name], (*loc, name), errors)
+        if any(field is _INVALID or field is _REQUIRED for field in result.values()):
             return _INVALID
         problem = None if check is None else check(result)
         if problem is not None:
@@ -357,100 +338,108 @@ def _mcp_problem(server: Mapping[str, object]) -> str | None:
     return None if rule is None else rule[2]
 
 
-_OPTIONAL_STRING = _optional(_string)
 _OAUTH_CREDENTIALS = _model(
-    (
-        ("access_token", _string, _REQUIRED),
-        ("refresh_token", _string, _REQUIRED),
-        ("expires_at", _integer, _REQUIRED),
-        ("scopes", _list_of(_string), ("user:inference", "user:profile")),
-        ("subscription_type", _string, "max"),
-    )
+    ("access_token", _string, _REQUIRED),
+    ("refresh_token", _string, _REQUIRED),
+    ("expires_at", _integer, _REQUIRED),
+    ("scopes", _list_of(_string), ("user:inference", "user:profile")),
+    ("subscription_type", _string, "max"),
 )
-_MESSAGE = _model((("role", _string, _REQUIRED), ("content", _string, _REQUIRED)))
+_MESSAGE = _model(("role", _string, _REQUIRED), ("content", _string, _REQUIRED))
 _MCP_SERVER = _model(
-    (
-        ("command", _OPTIONAL_STRING, None),
-        ("args", _optional(_list_of(_string)), None),
-        ("env", _optional(_dict_of(_string)), None),
-        ("url", _OPTIONAL_STRING, None),
-        ("transport", _OPTIONAL_STRING, None),
-        ("auth_type", _OPTIONAL_STRING, None),
-        ("auth_token", _OPTIONAL_STRING, None),
-        ("streamable_http_path", _string, "/mcp"),
-    ),
-    _mcp_problem,
+    ("command", _string, None),
+    ("args", _list_of(_string), None),
+    ("env", _dict_of(_string), None),
+    ("url", _string, None),
+    ("transport", _string, None),
+    ("auth_type", _string, None),
+    ("auth_token", _string, None),
+    ("streamable_http_path", _string, "/mcp"),
+    check=_mcp_problem,
 )
 _MESSAGE_REQUEST = _model(
-    (
-        ("oauth_credentials", _OAUTH_CREDENTIALS, _REQUIRED),
-        ("messages", _list_of(_MESSAGE), _REQUIRED),
-        ("session_id", _OPTIONAL_STRING, None),
-        ("model", _string, "sonnet"),
-        ("mcp_servers", _optional(_dict_of(_MCP_SERVER)), None),
-        ("stream", _boolean, False),
-        ("fallback_model", _OPTIONAL_STRING, None),
-        ("thinking", _optional(_boolean), None),
-        ("include_files", _boolean, False),
-    )
+    ("oauth_credentials", _OAUTH_CREDENTIALS, _REQUIRED),
+    ("messages", _list_of(_MESSAGE), _REQUIRED),
+    ("session_id", _string, None),
+    ("model", _string, "sonnet"),
+    ("mcp_servers", _dict_of(_MCP_SERVER), None),
+    ("stream", _boolean, False),
+    ("fallback_model", _string, None),
+    ("thinking", _boolean, None),
+    ("include_files", _boolean, False),
 )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Request:
+class _Credentials(TypedDict):
     access_token: str
     refresh_token: str
-    expires_at_ms: int
-    scopes: tuple[str, ...]
+    expires_at: int
+    scopes: Sequence[str]
     subscription_type: str
-    messages: tuple[tuple[str, str], ...]
+
+
+class _Message(TypedDict):
+    role: str
+    content: str
+
+
+class _Body(TypedDict):
+    """A request body as validation leaves it, defaults filled in (the fields the fake reads)."""
+
+    oauth_credentials: _Credentials
+    messages: list[_Message]
     model: str
+    mcp_servers: dict[str, object] | None
     stream: bool
-    thinking: bool
     fallback_model: str | None
+    thinking: bool | None
     include_files: bool
-    mcp: bool
 
-    @classmethod
-    def of(cls, fields: Mapping[str, Any]) -> _Request:
-        credentials = fields["oauth_credentials"]
-        return cls(
-            access_token=credentials["access_token"],
-            refresh_token=credentials["refresh_token"],
-            expires_at_ms=credentials["expires_at"],
-            scopes=tuple(credentials["scopes"]),
-            subscription_type=credentials["subscription_type"],
-            messages=tuple((message["role"], message["content"]) for message in fields["messages"]),
-            model=fields["model"],
-            stream=fields["stream"],
-            thinking=bool(fields["thinking"]),
-            fallback_model=fields["fallback_model"],
-            include_files=fields["include_files"],
-            mcp=bool(fields["mcp_servers"]),
-        )
 
-    @property
-    def expires_at(self) -> datetime | None:
+def _validated(content_type: str | None, raw: bytes) -> _Body | Reply:
+    """The body after FastAPI's decoding and validation, or its answer refusing the request."""
+    mime = (content_type or "application/json").split(";")[0].strip().lower()
+    document: object = None
+    if raw and (
+        mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
+    ):
         try:
-            return from_epoch_ms(self.expires_at_ms)
-        except OverflowError:
-            return None
+            document = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            error = {
+                "type": "json_invalid",
+                "loc": ["body", exc.pos],
+                "msg": "JSON decode error",
+                "input": {},
+                "ctx": {"error": exc.msg},
+            }
+            return _json_reply(422, {"detail": [error]})
+        except ValueError:
+            return _json_reply(400, {"detail": "There was an error parsing the body"})
+    elif raw:
+        # FastAPI validates the raw bytes, which are no object.
+        document = raw.decode("utf-8", "replace")
+    errors: _Errors = []
+    if document is None:
+        body = _refuse(errors, "missing", ("body",), None)
+    else:
+        body = _MESSAGE_REQUEST(document, ("body",), errors)
+    return _json_reply(422, {"detail": errors}) if errors else cast("_Body", body)
 
 
-def _flatten(messages: tuple[tuple[str, str], ...]) -> str:
+def _expires_at(credentials: _Credentials) -> datetime | None:
+    try:
+        return from_epoch_ms(credentials["expires_at"])
+    except OverflowError:
+        return None
+
+
+def _flatten(messages: list[_Message]) -> str:
     """The one prompt string the server passes to the CLI; other roles are dropped."""
-    parts: list[str] = []
-    for role, content in messages:
-        if role == "user":
-            parts.append(content)
-        elif role == "assistant":
-            parts.append(f"Assistant: {content}")
-    return "\n\n".join(parts)
-
-
-def _default_reply(messages: tuple[tuple[str, str], ...], prompt: str) -> str:
-    users = [content for role, content in messages if role == "user"]
-    return f"You said: {users[-1] if users else prompt}"
+    prefixes = {"user": "", "assistant": "Assistant: "}
+    return "\n\n".join(
+        prefixes[m["role"]] + m["content"] for m in messages if m["role"] in prefixes
+    )
 
 
 def _pieces(text: str) -> list[str]:
@@ -458,69 +447,76 @@ def _pieces(text: str) -> list[str]:
     return re.findall(r"\S+\s*|\s+", text)
 
 
+def _file_document(path: str, data: bytes) -> dict[str, object]:
+    try:
+        content, encoding = data.decode(), "text"
+    except UnicodeDecodeError:
+        content, encoding = base64.b64encode(data).decode("ascii"), "base64"
+    return {"path": path, "content": content, "encoding": encoding, "size": len(data)}
+
+
 # -- replies -------------------------------------------------------------------------------
 
 
+def _compact(document: object) -> bytes:
+    # Starlette's JSONResponse and the CLI's JSON.stringify: compact, non-ASCII kept.
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def _json_reply(status: int, document: object, *headers: tuple[str, str]) -> Reply:
-    # Starlette's JSONResponse rendering.
-    body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
-    return Reply(status, body, headers=headers)
+    return Reply(status, _compact(document), headers=headers)
 
 
 def _cli_error_document(message: str, code: str = "cli_error") -> dict[str, object]:
     return {"type": "error", "error": {"message": message, "code": code}}
 
 
-def _ndjson_line(document: object) -> bytes:
-    # The CLI's stream-json is JSON.stringify output: compact, non-ASCII kept.
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+def _stream(objects: list[dict[str, object]], *, keepalive: bool) -> Reply:
+    """A streamed answer: SSE events then ``[DONE]`` on keepalive, else NDJSON in one chunk."""
+    if keepalive:
+        # The keepalive endpoint writes f"data: {json.dumps(event)}\n\n".
+        events = (b"data: " + json.dumps(obj).encode() + b"\n\n" for obj in objects)
+        chunks = (*events, b"data: [DONE]\n\n")
+    else:
+        chunks = (b"".join(_compact(obj) + b"\n" for obj in objects),)
+    return Reply(200, content_type="text/event-stream; charset=utf-8", chunks=chunks)
 
 
-def _sse_event(document: object) -> bytes:
-    # The keepalive endpoint writes f"data: {json.dumps(event)}\n\n".
-    return b"data: " + json.dumps(document).encode() + b"\n\n"
+def _cli_error(message: str, *, keepalive: bool) -> Reply:
+    """A CLI failure: a 200 JSON body, or on keepalive what the CLI itself streams.
 
-
-_SSE_DONE = b"data: [DONE]\n\n"
-_EVENT_STREAM = "text/event-stream; charset=utf-8"
-
-
-@dataclass(frozen=True, slots=True)
-class _File:
-    path: str
-    data: bytes
-
-    def document(self) -> dict[str, object]:
-        try:
-            content, encoding = self.data.decode(), "text"
-        except UnicodeDecodeError:
-            content, encoding = base64.b64encode(self.data).decode("ascii"), "base64"
-        return {"path": self.path, "content": content, "encoding": encoding, "size": len(self.data)}
-
-
-def _decode_body(content_type: str | None, raw: bytes) -> tuple[object, Reply | None]:
-    """The body as FastAPI hands it to validation, or the reply that ends the request."""
-    if not raw:
-        return None, None
-    mime = (content_type or "application/json").split(";")[0].strip().lower()
-    if mime != "application/json" and not (
-        mime.startswith("application/") and mime.endswith("+json")
-    ):
-        # FastAPI validates the raw bytes, which are no object.
-        return raw.decode("utf-8", "replace"), None
-    try:
-        return json.loads(raw), None
-    except json.JSONDecodeError as exc:
-        error = {
-            "type": "json_invalid",
-            "loc": ["body", exc.pos],
-            "msg": "JSON decode error",
-            "input": {},
-            "ctx": {"error": exc.msg},
-        }
-        return None, _json_reply(422, {"detail": [error]})
-    except ValueError:
-        return None, _json_reply(400, {"detail": "There was an error parsing the body"})
+    In stream-json mode the CLI reports a failed API call in band: ``system/init``, a synthetic
+    ``assistant`` message carrying the error text, then a ``result`` with ``is_error`` set,
+    before the server's ``[DONE]``.
+    """
+    if not keepalive:
+        return _json_reply(200, _cli_error_document(message))
+    session_id = str(uuid.uuid4())
+    objects: list[dict[str, object]] = [
+        {"type": "system", "subtype": "init", "session_id": session_id, "model": "<synthetic>"},
+        {
+            "type": "assistant",
+            "message": {
+                "id": str(uuid.uuid4()),
+                "model": "<synthetic>",
+                "role": "assistant",
+                "type": "message",
+                "content": [{"type": "text", "text": message}],
+            },
+            "isApiErrorMessage": True,
+            "session_id": session_id,
+        },
+        {
+            "type": "result",
+            "subtype": "success",
+            "is_error": True,
+            "result": message,
+            "num_turns": 1,
+            "duration_ms": 1,
+            "session_id": session_id,
+        },
+    ]
+    return _stream(objects, keepalive=True)
 
 
 # -- the fake ------------------------------------------------------------------------------
@@ -580,15 +576,12 @@ class FakeWrapper(FakeServer[WrapperFault, WrapperCall]):
         self.latency = float(latency)
         self.reply = reply
         super().__init__()
-        self._files: dict[str, _File] = {}
+        self._files: dict[str, bytes] = {}
 
     def __repr__(self) -> str:
-        with self._lock:
-            calls = len(self._calls)
-            refreshes = sum(1 for call in self._calls if call.self_refreshed)
         return (
-            f"FakeWrapper(url={self._url_or_none()!r}, calls={calls}, "
-            f"self_refresh={self.self_refresh}, self_refresh_count={refreshes})"
+            f"FakeWrapper(url={self._url_or_none()!r}, calls={self._count()}, "
+            f"self_refresh={self.self_refresh}, self_refresh_count={self.self_refresh_count})"
         )
 
     # -- workspace -----------------------------------------------------------------------
@@ -602,14 +595,10 @@ class FakeWrapper(FakeServer[WrapperFault, WrapperCall]):
         """
         if not isinstance(path, str) or not path:
             raise ValueError(f"path must be a non-empty str, got {path!r}")
-        if isinstance(content, str):
-            data = content.encode()
-        elif isinstance(content, bytes):
-            data = content
-        else:
+        if not isinstance(content, str | bytes):
             raise TypeError(f"content must be str or bytes, not {type(content).__name__}")
         with self._lock:
-            self._files[path] = _File(path, data)
+            self._files[path] = content.encode() if isinstance(content, str) else content
 
     def clear_files(self) -> None:
         """Empty the workspace snapshot."""
@@ -626,8 +615,7 @@ class FakeWrapper(FakeServer[WrapperFault, WrapperCall]):
     @property
     def self_refresh_count(self) -> int:
         """How many requests had the CLI consume the client's refresh token."""
-        with self._lock:
-            return sum(1 for call in self._calls if call.self_refreshed)
+        return self._count(lambda call: call.self_refreshed)
 
     # -- request handling ----------------------------------------------------------------
 
@@ -639,128 +627,104 @@ class FakeWrapper(FakeServer[WrapperFault, WrapperCall]):
             return _json_reply(404, {"detail": "Not Found"})
         if request.method != allowed:
             return _json_reply(405, {"detail": "Method Not Allowed"}, ("Allow", allowed))
-        if request.path == "/health":
-            return self._health()
-        return self._serve_messages(request)
+        if request.path != "/health":
+            return self._serve_messages(request, request.body)
+        health = {"status": "healthy", "version": VERSION, "security_level": "BALANCED"}
+        return _json_reply(200, {**health, "timestamp": self.clock.now().timestamp()})
 
-    def _health(self) -> Reply:
-        document = {
-            "status": "healthy",
-            "version": VERSION,
-            "security_level": "BALANCED",
-            "timestamp": self.clock.now().timestamp(),
-        }
-        return _json_reply(200, document)
-
-    def _serve_messages(self, raw: Request) -> Reply | None:
-        arrived, path = self.clock.now(), raw.path
-        assert raw.body is not None
-        document, reply = _decode_body(raw.headers.get("Content-Type"), raw.body)
-        errors: _Errors = []
-        fields: object = _INVALID
-        if reply is None:
-            if document is None:
-                errors.append(_error("missing", ("body",), None))
-            else:
-                fields = _MESSAGE_REQUEST(document, ("body",), errors)
-        if reply is not None or fields is _INVALID:
+    def _serve_messages(self, raw: Request, content: bytes) -> Reply | None:
+        arrived, keepalive = self.clock.now(), raw.path == KEEPALIVE_PATH
+        request = _validated(raw.headers.get("Content-Type"), content)
+        if isinstance(request, Reply):
+            call = WrapperCall(
+                at=arrived, path=raw.path, outcome="invalid_request", stream=keepalive
+            )
             with self._lock:
-                self._record_locked(
-                    WrapperCall(
-                        at=arrived,
-                        path=path,
-                        outcome="invalid_request",
-                        stream=path == KEEPALIVE_PATH,
-                    )
-                )
-            return reply or _json_reply(422, {"detail": errors})
-        request = _Request.of(cast("dict[str, Any]", fields))
+                self._record_locked(call)
+            return request
         fault = self._take_fault()
         if self.latency and raw.wait(self.latency):
             return None
         if fault is not None and fault.kind == "delay" and raw.wait(fault.seconds):
             return None
-        keepalive = path == KEEPALIVE_PATH
         outcome, self_refreshed, reply = self._answer(request, fault, keepalive=keepalive)
+        credentials = request["oauth_credentials"]
+        call = WrapperCall(
+            at=arrived,
+            path=raw.path,
+            outcome=outcome,
+            model=request["model"],
+            stream=keepalive or (request["stream"] and reply.chunks is not None),
+            expires_at=_expires_at(credentials),
+            self_refreshed=self_refreshed,
+            fault=None if fault is None else fault.label,
+            access_token=Secret(credentials["access_token"]),
+            refresh_token=Secret(credentials["refresh_token"]),
+        )
         with self._lock:
-            self._record_locked(
-                WrapperCall(
-                    at=arrived,
-                    path=path,
-                    outcome=outcome,
-                    model=request.model,
-                    stream=keepalive or (request.stream and reply.chunks is not None),
-                    expires_at=request.expires_at,
-                    self_refreshed=self_refreshed,
-                    fault=None if fault is None else fault.label,
-                    access_token=Secret(request.access_token),
-                    refresh_token=Secret(request.refresh_token),
-                )
-            )
+            self._record_locked(call)
         return reply
 
     def _answer(
-        self, request: _Request, fault: WrapperFault | None, *, keepalive: bool
+        self, request: _Body, fault: WrapperFault | None, *, keepalive: bool
     ) -> tuple[str, bool, Reply]:
         """Decide one valid request: ``(outcome, self_refreshed, reply)``."""
         if fault is not None and fault.kind == "status":
             assert fault.code is not None
             if fault.body is not None:
-                reply = Reply(fault.code, fault.body.encode(), content_type_of(fault.body))
-                return fault.label, False, reply
+                return fault.label, False, verbatim(fault.code, fault.body)
             return fault.label, False, _json_reply(fault.code, {"detail": fault.detail})
         if fault is not None and fault.kind == "cli_timeout":
             return fault.label, False, _json_reply(500, {"detail": _timeout_detail(request)})
         if fault is not None and fault.kind == "cli_error":
             assert fault.message is not None
             return fault.label, False, _cli_error(fault.message, keepalive=keepalive)
-        prompt = _flatten(request.messages)
+        prompt = _flatten(request["messages"])
         if not prompt:
             return "empty_prompt", False, _cli_error(EMPTY_PROMPT, keepalive=keepalive)
-        self_refreshed, failure = self._authenticate(request)
+        self_refreshed, failure = self._authenticate(request["oauth_credentials"])
         if failure is not None:
             outcome, message = failure
             return outcome, False, _cli_error(message, keepalive=keepalive)
         try:
-            text = self._reply_text(request, prompt)
+            text = self._reply_text(request["messages"], prompt)
         except Exception as exc:  # noqa: BLE001 - any failure of the test's callable is a 500
             detail = f"Server error: {type(exc).__name__}: {exc}"
             return "server_error", self_refreshed, _json_reply(500, {"detail": detail})
         cut = fault if fault is not None and fault.kind == "stream_error" else None
         outcome = "ok" if cut is None else cut.label
-        if not keepalive and not request.stream:
+        if not keepalive and not request["stream"]:
             if cut is not None:
                 assert cut.message is not None
                 return outcome, self_refreshed, _cli_error(cut.message, keepalive=False)
             return outcome, self_refreshed, self._message_reply(request, text)
-        files = self._file_events() if keepalive and request.include_files else []
+        files = self._file_events() if keepalive and request["include_files"] else []
         objects = _conversation(request, prompt, text, cut, files)
         return outcome, self_refreshed, _stream(objects, keepalive=keepalive)
 
-    def _authenticate(self, request: _Request) -> tuple[bool, tuple[str, str] | None]:
+    def _authenticate(self, credentials: _Credentials) -> tuple[bool, tuple[str, str] | None]:
         """``(self_refreshed, failure)``: what the CLI would make of these credentials."""
         window_ms = SELF_REFRESH_WINDOW // timedelta(milliseconds=1)
         # The rotated tokens stay in the wrapper's workspace; the client never sees them.
         if (
             self.self_refresh
-            and request.expires_at_ms - window_ms <= to_epoch_ms(self.clock.now())
-            and self.provider.rotate(request.refresh_token) is not None
+            and credentials["expires_at"] - window_ms <= to_epoch_ms(self.clock.now())
+            and self.provider.rotate(credentials["refresh_token"]) is not None
         ):
             return True, None
-        state = self.provider.access_token_state(request.access_token)
-        if state == "valid":
-            return False, None
-        return False, _AUTH_FAILURES[state]
+        state = self.provider.access_token_state(credentials["access_token"])
+        return False, None if state == "valid" else _AUTH_FAILURES[state]
 
-    def _reply_text(self, request: _Request, prompt: str) -> str:
+    def _reply_text(self, messages: list[_Message], prompt: str) -> str:
         if self.reply is None:
-            return _default_reply(request.messages, prompt)
+            users = [message["content"] for message in messages if message["role"] == "user"]
+            return f"You said: {users[-1] if users else prompt}"
         text = self.reply(prompt)
         if not isinstance(text, str):
             raise TypeError(f"reply must return a str, not {type(text).__name__}")
         return text
 
-    def _message_reply(self, request: _Request, text: str) -> Reply:
+    def _message_reply(self, request: _Body, text: str) -> Reply:
         # The server json.loads the CLI's stdout first: a reply that is JSON is the whole body.
         try:
             return _json_reply(200, json.loads(text))
@@ -769,112 +733,70 @@ class FakeWrapper(FakeServer[WrapperFault, WrapperCall]):
         document: dict[str, object] = {
             "type": "message",
             "content": [{"type": "text", "text": text.strip()}],
-            "model": request.model,
+            "model": request["model"],
             "usage": {},
         }
-        if request.include_files:
+        if request["include_files"]:
             files = self._snapshot()
-            document["files"] = [file.document() for file in files]
+            document["files"] = [_file_document(*file) for file in files]
             document["files_summary"] = {
                 "total": len(files),
-                "total_size": sum(len(file.data) for file in files),
+                "total_size": sum(len(data) for _, data in files),
             }
         return _json_reply(200, document)
 
-    def _snapshot(self) -> list[_File]:
+    def _snapshot(self) -> list[tuple[str, bytes]]:
         with self._lock:
-            return list(self._files.values())
+            return list(self._files.items())
 
     def _file_events(self) -> list[dict[str, object]]:
         """Keepalive's in-band file events: one ``file_created`` each, then a ``files_batch``."""
         snapshot = self._snapshot()
-        documents = [file.document() for file in snapshot]
+        documents = [_file_document(*file) for file in snapshot]
         timestamp = self.clock.now().timestamp()
         events: list[dict[str, object]] = [
             {
                 "type": "file_created",
                 **document,
-                "hash": hashlib.sha256(file.data).hexdigest(),
+                "hash": hashlib.sha256(data).hexdigest(),
                 "timestamp": timestamp,
             }
-            for file, document in zip(snapshot, documents, strict=True)
+            for (_, data), document in zip(snapshot, documents, strict=True)
         ]
         events.append({"type": "files_batch", "files": documents, "count": len(documents)})
         return events
 
 
-def _cli_error(message: str, *, keepalive: bool) -> Reply:
-    """A CLI failure: a 200 JSON body, or on keepalive what the CLI itself streams.
-
-    In stream-json mode the CLI reports a failed API call in band: ``system/init``, a synthetic
-    ``assistant`` message carrying the error text, then a ``result`` with ``is_error`` set,
-    before the server's ``[DONE]``.
-    """
-    if not keepalive:
-        return _json_reply(200, _cli_error_document(message))
-    session_id = str(uuid.uuid4())
-    objects: list[dict[str, object]] = [
-        {"type": "system", "subtype": "init", "session_id": session_id, "model": "<synthetic>"},
-        {
-            "type": "assistant",
-            "message": {
-                "id": str(uuid.uuid4()),
-                "model": "<synthetic>",
-                "role": "assistant",
-                "type": "message",
-                "content": [{"type": "text", "text": message}],
-            },
-            "isApiErrorMessage": True,
-            "session_id": session_id,
-        },
-        {
-            "type": "result",
-            "subtype": "success",
-            "is_error": True,
-            "result": message,
-            "num_turns": 1,
-            "duration_ms": 1,
-            "session_id": session_id,
-        },
-    ]
-    return _stream(objects, keepalive=True)
-
-
-def _stream(objects: list[dict[str, object]], *, keepalive: bool) -> Reply:
-    """A streamed answer: SSE events then ``[DONE]`` on keepalive, else NDJSON in one chunk."""
-    if keepalive:
-        chunks = (*(_sse_event(obj) for obj in objects), _SSE_DONE)
-    else:
-        chunks = (b"".join(_ndjson_line(obj) for obj in objects),)
-    return Reply(200, content_type=_EVENT_STREAM, chunks=chunks)
-
-
-def _timeout_detail(request: _Request) -> str:
+def _timeout_detail(request: _Body) -> str:
     """The real 500 detail: str(subprocess.TimeoutExpired), whose argv holds the tokens."""
+    credentials = request["oauth_credentials"]
     settings: dict[str, object] = {
         "credentials": {
-            "accessToken": request.access_token,
-            "refreshToken": request.refresh_token,
-            "expiresAt": request.expires_at_ms,
-            "scopes": list(request.scopes),
-            "subscriptionType": request.subscription_type,
+            "accessToken": credentials["access_token"],
+            "refreshToken": credentials["refresh_token"],
+            "expiresAt": credentials["expires_at"],
+            "scopes": list(credentials["scopes"]),
+            "subscriptionType": credentials["subscription_type"],
         }
     }
-    if request.thinking:
+    if request["thinking"]:
         settings["alwaysThinkingEnabled"] = True
-    argv = ["claude", "--print", "--model", MODEL_IDS.get(request.model, request.model)]
+    argv = ["claude", "--print", "--model", _model_id(request["model"])]
     argv += ["--settings", json.dumps(settings)]
-    if request.fallback_model is not None:
-        fallback = request.fallback_model
-        argv += ["--fallback-model", MODEL_IDS.get(fallback, fallback)]
-    if request.mcp:
+    if request["fallback_model"] is not None:
+        argv += ["--fallback-model", _model_id(request["fallback_model"])]
+    if request["mcp_servers"]:
         argv.append("--dangerously-skip-permissions")
-    argv.append(_flatten(request.messages))
+    argv.append(_flatten(request["messages"]))
     return f"Server error: Command '{argv}' timed out after 180 seconds"
 
 
+def _model_id(model: str) -> str:
+    return MODEL_IDS.get(model, model)
+
+
 def _conversation(
-    request: _Request,
+    request: _Body,
     prompt: str,
     text: str,
     cut: WrapperFault | None,
@@ -886,7 +808,7 @@ def _conversation(
     """
     started = time.perf_counter()
     session_id = str(uuid.uuid4())
-    model_id = MODEL_IDS.get(request.model, request.model)
+    model_id = _model_id(request["model"])
     pieces = _pieces(text)
     usage = {
         "input_tokens": max(1, len(prompt.split())),
@@ -898,7 +820,10 @@ def _conversation(
         {
             "type": "system",
             "subtype": "init",
-            "cwd": "/workspaces/" + hashlib.sha256(request.access_token.encode()).hexdigest()[:16],
+            "cwd": "/workspaces/"
+            + hashlib.sha256(request["oauth_credentials"]["access_token"].encode()).hexdigest()[
+                :16
+            ],
             "session_id": session_id,
             "tools": [],
             "mcp_servers": [],
@@ -938,7 +863,7 @@ def _conversation(
     }
     event("message_start", message=message)
     content: list[dict[str, object]] = []
-    if request.thinking:
+    if request["thinking"]:
         thinking = f"The user wrote {len(prompt.split())} words. I will answer them."
         signature = base64.b64encode(hashlib.sha256(thinking.encode()).digest()).decode()
         block = {"type": "thinking", "thinking": "", "signature": ""}

@@ -1,0 +1,82 @@
+"""What the refresh engine did, as events for metrics, logs and alerts; never a token.
+
+A manager built with ``events=hook`` calls ``hook(event)`` for each :class:`RefreshEvent`, in the
+thread or task that made the decision, the moment the flow makes it. The hook must be quick and
+must not block (count, log, put on a queue): a refresh waits for it. An exception it raises is
+logged and otherwise ignored, so a broken metrics exporter cannot fail a refresh.
+
+Every refresh a manager starts ends in exactly one ``refresh_succeeded`` or ``refresh_failed``,
+whose ``duration`` runs from the lease being taken to that end.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["EventHook", "EventKind", "RefreshEvent"]
+
+logger = logging.getLogger("credkeeper")
+
+
+class EventKind(enum.StrEnum):
+    """What happened; the ``outcome`` of each kind is listed beside it."""
+
+    #: This manager took the key's lease and is about to ask the provider.
+    REFRESH_STARTED = "refresh_started"
+    #: The refresh ended with valid tokens: ``ok`` (the provider's, now stored) or ``adopted``
+    #: (a peer's or a new login's, found when the provider refused the old refresh token).
+    REFRESH_SUCCEEDED = "refresh_succeeded"
+    #: The refresh ended without new tokens; the outcome says why: ``invalid_grant``,
+    #: ``unavailable`` (throttled or down past the retries), ``provider_error``,
+    #: ``store_unavailable``, ``store_contention``, ``deleted``, ``timeout``, ``interrupted``
+    #: (the call was cancelled or interrupted mid-refresh), ``error``.
+    REFRESH_FAILED = "refresh_failed"
+    #: A due token was served without a refresh, still valid: ``cooldown`` (after provider
+    #: failures), ``lease_busy`` (a peer's refresh outlasted the call's deadline),
+    #: ``contention`` (the lease kept conflicting) or ``store_unavailable`` (its clock).
+    REFRESH_DEFERRED = "refresh_deferred"
+    #: One token-endpoint round trip: ``ok``, ``invalid_grant``, ``throttled`` (HTTP 429),
+    #: ``unavailable`` (5xx or no answer) or ``error``; ``duration`` is its latency.
+    PROVIDER_CALL = "provider_call"
+    #: The provider refused the refresh token because a peer had already used it: its newer
+    #: tokens are taken instead (the race that, done naively, logs users out).
+    ADOPTED = "adopted"
+    #: The credential was marked ``needs_reauth``: the user must log in again.
+    REAUTH_REQUIRED = "reauth_required"
+    #: Taking the lease lost a compare-and-swap to another writer.
+    LEASE_CONFLICT = "lease_conflict"
+    #: A cooldown was recorded after provider failures; ``duration`` is its length.
+    COOLDOWN = "cooldown"
+    #: Tokens a crashed or failed write left in the rescue journal were stored.
+    JOURNAL_RESCUE = "journal_rescue"
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshEvent:
+    """One event: its kind, the credential's key, an outcome and a duration in seconds."""
+
+    kind: EventKind
+    key: str
+    outcome: str | None = None
+    duration: float | None = None
+
+
+EventHook = Callable[[RefreshEvent], None]
+
+
+def emit(hook: EventHook | None, event: RefreshEvent) -> None:
+    """Call ``hook`` with ``event``; what it raises is logged, never passed on."""
+    if hook is None:
+        return
+    try:
+        hook(event)
+    except Exception as exc:  # noqa: BLE001 - an exporter's failure must not fail a refresh
+        logger.warning(
+            "the events hook raised %s on %s for key %r; the refresh goes on",
+            type(exc).__name__,
+            event.kind,
+            event.key,
+        )
