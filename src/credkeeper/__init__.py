@@ -36,6 +36,7 @@ from ._journal import RescueJournal
 from ._keyring import KeyRing
 from ._manager import AsyncTokenManager, TokenManager
 from ._memory import MemoryStore
+from ._migrate import MigrateReport, migrate
 from ._provider import Provider
 from ._record import Record, Status
 from ._registry import open_store
@@ -69,6 +70,7 @@ __all__ = [
     "InvalidRequest",
     "KeyRing",
     "MemoryStore",
+    "MigrateReport",
     "Provider",
     "ProviderError",
     "ProviderUnavailable",
@@ -99,6 +101,7 @@ __all__ = [
     "WrapperUnavailable",
     "__version__",
     "as_async_store",
+    "migrate",
     "open_store",
     "rekey",
     "time_remaining",

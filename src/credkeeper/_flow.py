@@ -426,9 +426,12 @@ def put_flow(policy: Policy, key: str, credentials: Credentials) -> Flow[Record]
 def delete_flow(policy: Policy, key: str) -> Flow[bool]:
     """Remove ``key``; a rescue entry for it has nothing left to rescue."""
     yield from _start(policy)
-    record = yield Load(key)
+    # A record it cannot read (damaged, planted, or sealed elsewhere) is removed all the same.
+    try:
+        record = yield Load(key)
+    except StoreCorrupted:
+        record = None
     stored = None
-    # A record it cannot read (planted, or sealed elsewhere) is removed all the same.
     if record is not None:
         with contextlib.suppress(StoreCorrupted, DecryptionError, ConfigurationError):
             stored = fingerprint(policy.credentials(record).refresh_token)

@@ -976,6 +976,18 @@ class TestDelete:
 
         assert JournalForget(entry) == flow.send([entry])
 
+    def test_a_damaged_record_is_removed_all_the_same(self, policy: Policy) -> None:
+        """The store cannot read the record back: it is removed; its entries forgotten."""
+        entry = rescue()
+        flow = delete_flow(policy, KEY)
+        assert Deadline(DEADLINE) == next(flow)
+        assert Load(KEY) == flow.send(None)
+        assert Remove(KEY) == flow.throw(StoreCorrupted("damaged", key=KEY))
+        flow.send(True)
+
+        assert JournalForget(entry) == flow.send([entry])
+        assert finish(flow, None) is True
+
     def test_a_failing_journal_does_not_fail_the_delete(self, policy: Policy) -> None:
         """The journal cannot be read: the record is removed all the same."""
         flow = delete_flow(policy, KEY)

@@ -12,6 +12,7 @@ No command prints a token. ``keygen`` prints key material, which is its job, to 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -30,14 +31,23 @@ from rich.markup import escape
 
 from credkeeper import __version__
 from credkeeper._credentials import Credentials
-from credkeeper._exceptions import ConfigurationError, CredentialsError, UnknownSchemeError
+from credkeeper._exceptions import (
+    ConfigurationError,
+    CredentialNotFound,
+    CredentialsError,
+    StoreCorrupted,
+    UnknownSchemeError,
+)
 from credkeeper._files import make_private_directories
 from credkeeper._journal import RescueJournal, default_journal_dir
 from credkeeper._keyring import KeyRing
+from credkeeper._migrate import migrate
 from credkeeper._provider import SETTING_PROFILES
+from credkeeper._record import check_key
 from credkeeper._registry import KNOWN_SCHEMES
 from credkeeper._rekey import rekey
 from credkeeper._settings import ENVIRONMENT, Settings, display_url
+from credkeeper._store import declares_plaintext
 from credkeeper._sweeper import Sweeper, SweepReport
 from credkeeper._wrapper import DEFAULT_WRAPPER_URL, WrapperClient
 
@@ -48,6 +58,8 @@ from ._output import (
     expiry_phrase,
     load_records,
     mapping_table,
+    migrate_summary,
+    progress_bar,
     record_json,
     status_table,
     sweep_progress,
@@ -670,6 +682,197 @@ def _report_damaged(damaged: Mapping[str, str]) -> None:
         )
     if damaged:
         raise click.exceptions.Exit(ExitCode.STORE)
+
+
+@cli.command(short_help="Show one credential's state; never a token.")
+@click.argument("key")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
+@pass_options
+def show(options: GlobalOptions, key: str, as_json: bool) -> None:
+    """Show the state of the credential under KEY: its row of `status`. Never a token.
+
+    Needs no key ring. --json prints the object `status --json` lists for the key.
+    Exits 6 when no credential is stored under KEY.
+    """
+    record = options.store().get(check_key(key))
+    if record is None:
+        raise CredentialNotFound(key)
+    now = datetime.now(UTC)
+    if as_json:
+        click.echo(json.dumps(record_json(record, now=now), indent=2))
+    else:
+        _console(soft_wrap=False).print(status_table([record], now=now))
+
+
+@cli.command(short_help="Delete one credential, after asking.")
+@click.argument("key")
+@click.option("--yes", "-y", is_flag=True, help="Delete without asking.")
+@pass_options
+def delete(options: GlobalOptions, key: str, yes: bool) -> None:
+    """Delete the credential under KEY, after asking for confirmation (not with --yes).
+
+    With a key ring, --codec or a store declared plaintext it is deleted as the library
+    deletes it, which also drops the key's entries from the rescue journal; otherwise only the
+    store's record is, as it is for a damaged record. Without a terminal to ask on,
+    --yes is required. Exits 6 when no credential is stored under KEY, 1 when the answer is no.
+    """
+    store = options.store()
+    try:
+        if store.get(check_key(key)) is None:
+            raise CredentialNotFound(key)
+        damaged = False
+    except StoreCorrupted:
+        # Deleting a damaged record is often the fix; the manager reads a record before it
+        # deletes it, so only the store can.
+        damaged = True
+    if not yes:
+        if not (sys.stdin and sys.stdin.isatty()):
+            raise click.UsageError(
+                "standard input is not a terminal to ask on; pass --yes to delete without asking"
+            )
+        question = f"Delete the credential under key {key!r} from {options.store_display}?"
+        if not click.confirm(question):
+            click.echo(f"kept {key!r}: nothing deleted")
+            raise click.exceptions.Exit(ExitCode.FAILURE)
+    through_manager = not damaged and (
+        options.keys is not None or options.codec is not None or declares_plaintext(store)
+    )
+    deleted = options.manager().delete(key) if through_manager else store.delete(key)
+    if not deleted:  # deleted by someone else while we asked
+        raise CredentialNotFound(key)
+    what = "damaged record" if damaged else "credential"
+    journal = " and its rescue-journal entries" if through_manager else ""
+    click.echo(f"deleted the {what} under key {key!r}{journal} from {options.store_display}")
+
+
+@cli.command(short_help="Write every record as JSON lines, tokens as stored, for backup.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Write to FILE (mode 0600) instead of stdout.",
+)
+@click.option("--force", is_flag=True, help="Let --output replace an existing FILE.")
+@pass_options
+def export(options: GlobalOptions, output: Path | None, force: bool) -> None:
+    """Write every stored record as one JSON object a line, for backup.
+
+    Each line holds the key and the record's fields as document stores keep them (times in
+    epoch milliseconds). Tokens are written exactly as stored: sealed with the key ring or the
+    application's codec, or in clear for a store declared plaintext; keep the output as safe as
+    the store. Needs no key ring. The count goes to stderr; damaged records are named there
+    and make the exit code 4. `migrate` is the way to copy credentials into another store.
+    """
+    if force and output is None:
+        raise click.UsageError("--force only applies to --output")
+    store = options.store()
+    records, damaged = load_records(store)
+    text = "".join(
+        json.dumps({"key": record.key, **record.to_document()}) + "\n" for record in records
+    )
+    if output is None:
+        click.echo(text, nl=False)
+        where = "standard output"
+    else:
+        output = output.expanduser()
+        if output.exists() and not force:
+            raise click.BadParameter(
+                f"{output} already exists; pass --force to replace it", param_hint="'--output'"
+            )
+        _write_private(output, text, replace=force)
+        where = f"{output} (mode 0600)"
+    clear = ""
+    if declares_plaintext(store):
+        clear = "; the store is declared plaintext: its tokens are in clear"
+    click.echo(
+        f"exported {len(records)} record(s) from {options.store_display} to {where}{clear}",
+        err=True,
+    )
+    _report_damaged(damaged)
+
+
+@cli.command("migrate", short_help="Copy every credential to another store; resumable.")
+@click.option(
+    "--to",
+    "to_url",
+    required=True,
+    metavar="URL",
+    help="The destination store: any URL --store takes.",
+)
+@click.option(
+    "--to-keys",
+    metavar="KEYS|@FILE",
+    help="Re-seal the tokens under this key ring's primary key, read as --keys is; --keys "
+    "(or a --codec key ring) opens the source's tokens [default: copy tokens as stored].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@pass_options
+def migrate_command(
+    options: GlobalOptions, to_url: str, to_keys: str | None, as_json: bool
+) -> None:
+    """Copy every credential from --store to the store at URL, with its state.
+
+    Each record is written by compare-and-swap, and a credential the destination holds newer
+    (a later expiry, or other tokens at the same expiry) is kept: running it again is safe and
+    finishes a run that was cut off. Status, failures and cooldown are copied; leases are not.
+    A damaged record is named and skipped. Exits 1 when a credential was not copied.
+    """
+    for name, value in (("--to", to_url), ("--to-keys", to_keys)):
+        if value is not None and not value.strip():
+            raise click.BadParameter("must not be empty", param_hint=f"'{name}'")
+    target = GlobalOptions(
+        dataclasses.replace(options.settings, store=to_url, keys=to_keys), debug=options.debug
+    )
+    if target.settings.store_url == options.settings.store_url:
+        raise click.BadParameter("names the source store (--store) itself", param_hint="'--to'")
+    with contextlib.closing(target):
+        reseal = None if to_keys is None else _migration_ring(options, target.keyring())
+        source, destination = options.store(), target.store()
+        console = _console()
+        with progress_bar(console, "migrating", enabled=not as_json) as progress:
+            report = migrate(source, destination, reseal=reseal, progress=progress)
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+    else:
+        console.print(
+            migrate_summary(report, source=options.store_display, destination=target.store_display)
+        )
+    if not report.ok:
+        raise click.exceptions.Exit(ExitCode.FAILURE)
+
+
+def _migration_ring(options: GlobalOptions, destination: KeyRing) -> KeyRing:
+    """The ring re-sealing under ``destination``'s primary key that opens the source's tokens.
+
+    The source's ring is --keys, or a --codec that is a key ring; without either, only tokens
+    stored in clear can be re-sealed, and a sealed one stops the run naming its record.
+    """
+    codec = options.token_codec()
+    if codec is not None and not isinstance(codec, KeyRing):
+        raise ConfigurationError(
+            f"--to-keys re-seals tokens sealed with a credkeeper key ring, but --codec "
+            f"(CREDKEEPER_CODEC) {options.codec!r} gives the application's own cipher "
+            f"({type(codec).__name__}); migrate without --to-keys to copy its tokens as stored"
+        )
+    source = codec if codec is not None else options.keyring() if options.keys else None
+    return destination if source is None else _joined(destination, source)
+
+
+def _joined(primary: KeyRing, other: KeyRing) -> KeyRing:
+    """``primary``'s keys, then those of ``other`` it lacks: it seals as ``primary`` does and
+    opens what either ring sealed."""
+    lines = primary.export().splitlines()
+    for line in other.export().splitlines():
+        key_id = line.partition(":")[0]
+        if key_id not in primary.key_ids:
+            lines.append(line)
+        elif line not in lines:
+            raise ConfigurationError(
+                f"--keys and --to-keys both hold a key named {key_id!r}, with different key "
+                "material; give one of them another id"
+            )
+    return KeyRing.parse("\n".join(lines))
 
 
 @cli.command("init-store", short_help="Create a SQL store's tables if they are missing.")

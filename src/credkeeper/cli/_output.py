@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from credkeeper._exceptions import StoreCorrupted
+from credkeeper._migrate import MigrateReport
 from credkeeper._record import Record, Status
 from credkeeper._store import CredentialStore, reported_damage
 from credkeeper._sweeper import SweepReport
@@ -33,6 +34,8 @@ __all__ = [
     "humanise",
     "load_records",
     "mapping_table",
+    "migrate_summary",
+    "progress_bar",
     "record_json",
     "status_table",
     "sweep_progress",
@@ -206,14 +209,38 @@ def sweep_summary(report: SweepReport) -> Text:
     return line
 
 
-@contextlib.contextmanager
-def sweep_progress(console: Console, *, enabled: bool) -> Iterator[Callable[[int, int], None]]:
+def sweep_progress(
+    console: Console, *, enabled: bool
+) -> contextlib.AbstractContextManager[Callable[[int, int], None]]:
     """A progress bar for one sweep on a terminal, as the sweeper's ``progress`` callback;
     elsewhere (a pipe, ``--json``) a callback that shows nothing."""
+    return progress_bar(console, "sweeping", enabled=enabled)
+
+
+@contextlib.contextmanager
+def progress_bar(
+    console: Console, label: str, *, enabled: bool
+) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback drawing a bar headed ``label`` on a terminal;
+    elsewhere (a pipe, ``--json``) one that shows nothing."""
     if not (enabled and console.is_terminal):
         yield lambda done, total: None
         return
-    columns = (TextColumn("  sweeping"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn(f"  {label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("sweep", total=None)
+        task = bar.add_task(label, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def migrate_summary(report: MigrateReport, *, source: str, destination: str) -> Text:
+    """One line closing a migration: what became of the credentials, and which failed."""
+    moved = report.copied + report.updated + report.unchanged + report.kept_newer
+    line = Text(f"migrated {moved} credential(s) from {source} to {destination}: ")
+    line.append(
+        f"{report.copied} copied, {report.updated} updated, {report.unchanged} unchanged, "
+        f"{report.kept_newer} kept newer"
+    )
+    if report.failed:
+        failed = ", ".join(f"{key!r} ({reason})" for key, reason in report.failed.items())
+        line.append(f"; {len(report.failed)} failed: {failed}", style="bold red")
+    return line
