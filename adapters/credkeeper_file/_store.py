@@ -1,21 +1,25 @@
-"""``FileStore``: many credentials in one JSON file, safe for threads and processes on one host."""
+"""``FileStore``: many credentials in one SQLite file, safe for threads and processes on a host."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
 import secrets
 import shlex
+import sqlite3
+import stat
 import threading
 import time
+import weakref
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from credkeeper import (
     ConfigurationError,
@@ -37,7 +41,8 @@ from credkeeper._files import (
     writable_by_others,
 )
 
-from ._format import Contents, decode, encode, record_of, version_of
+from ._database import build, columns_of, document_of, read_meta
+from ._format import Contents, decode, record_of, version_of
 
 try:
     import fcntl
@@ -61,6 +66,12 @@ _FIRST_POLL = 0.001
 _MAX_POLL = 0.05
 
 _FILE_MODE = 0o600
+# The files SQLite keeps beside the data file: checked like it, never followed.
+_COMPANIONS = ("-wal", "-shm", "-journal")
+_SQLITE_HEADER = b"SQLite format 3\x00"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# scan_due reads this many keys per query: bounded memory whatever the store's size.
+_PAGE = 512
 
 
 def _describe(exc: Exception) -> str:
@@ -69,17 +80,30 @@ def _describe(exc: Exception) -> str:
     return f"{reason} ({filename})" if filename else reason
 
 
-class FileStore(kit.ClosingStore):
-    """A :class:`~credkeeper.CredentialStore` keeping every record in one JSON file.
+class _Connection(sqlite3.Connection):
+    """A SQLite connection the store can hold weakly (the base class takes no weak reference)."""
 
-    The embedded default: no server, safe for many threads and processes on one host.
-    Writes take an exclusive ``flock`` on a sibling ``<path>.lock`` file, re-read the file
-    under it, compare versions, and replace the file atomically (temp file, ``fsync``,
-    ``os.replace``, directory ``fsync``); a crash leaves the old file or the new one, never
-    a mix. Reads take no lock: an atomic replace means they see one whole file or the other.
+
+class _NotADatabase(Exception):
+    """The data file is not SQLite: a format 1 (JSON) file to migrate, or something foreign."""
+
+
+class FileStore(kit.ClosingStore):
+    """A :class:`~credkeeper.CredentialStore` keeping every record in one SQLite file.
+
+    The embedded default: no server, safe for many threads and processes on one host, and
+    each call costs about the same with a hundred credentials or a hundred thousand. The file
+    is a SQLite database (the standard library's ``sqlite3``) in WAL mode with
+    ``synchronous=FULL``: a commit is durable when the call returns, a crash leaves the last
+    committed state, and readers take no lock and never wait for a writer.
+    Writes take an exclusive ``flock`` on a sibling ``<path>.lock`` file, then compare and
+    write in one SQLite transaction; the flock keeps ``lock_timeout`` and the call's budget
+    the bound on every wait, and shuts out writers of the older JSON format.
+    A JSON file written by an older credkeeper is converted on first use, under that lock:
+    the new file is built beside it and replaces it atomically, so a crash leaves one or the
+    other.
 
     Token fields are kept as given; the engine seals them when it has a key ring.
-    The whole file is rewritten on every write, which suits up to a few thousand keys.
 
     ``create``: a missing file reads as empty and its directory is made (mode 0700) on the
     first write; with ``create=False`` a missing file raises ``StoreUnavailable``.
@@ -88,9 +112,9 @@ class FileStore(kit.ClosingStore):
 
     Only the owner may write the directory holding the file: one group or others can write is
     refused with ``ConfigurationError``. A symbolic link, FIFO or any other non-regular file
-    planted as the data or lock file is never followed or read: ``StoreCorrupted`` names it.
-    A damaged record fails only the calls that read its key; ``scan_due`` skips it with a
-    warning, and :meth:`damaged_records` lists every one.
+    planted as the data, lock or SQLite companion file is never followed or read:
+    ``StoreCorrupted`` names it. A damaged record fails only the calls that read its key;
+    ``scan_due`` skips it with a warning, and :meth:`damaged_records` lists every one.
     """
 
     def __init__(
@@ -122,13 +146,21 @@ class FileStore(kit.ClosingStore):
         # a symlink planted there is refused when opened, so it cannot redirect the store.
         self._dir = os.path.realpath(directory)
         self._path = os.path.join(self._dir, name)
+        self._uri = f"file:{quote(self._path)}?mode=rw"
         self._lock_path = f"{self._path}.lock"
         self._temp_prefix = f".{name}."
-        self._temp_name = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{16}}\.tmp")
+        self._temp_name = re.compile(
+            rf"\.{re.escape(name)}\.[0-9a-f]{{16}}\.tmp(?:-wal|-shm|-journal)?"
+        )
         self._create: bool = options["create"]
         self._lock_timeout: float = options["lock_timeout"]
         # Threads of one process queue here instead of all polling the file lock.
         self._thread_lock = threading.Lock()
+        # One SQLite connection per thread, so a transaction never mixes two threads' calls;
+        # the set lets close() reach them all and forgets those of threads that ended.
+        self._local = threading.local()
+        self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._connections_lock = threading.Lock()
         self._closed = False
 
     @classmethod
@@ -163,11 +195,15 @@ class FileStore(kit.ClosingStore):
     # -- the CredentialStore protocol ------------------------------------------------------
 
     def get(self, key: str) -> Record | None:
-        """See :meth:`CredentialStore.get`; reads the file without locking."""
+        """See :meth:`CredentialStore.get`; one indexed read, without the write lock."""
         key = kit.check_key(key)
         self._check_open(key)
-        document = self._read(key).records.get(key)
-        return None if document is None else record_of(key, document)
+        db = self._open(key)
+        if db is None:
+            return None
+        with self._boundary("read", key):
+            row = db.execute("SELECT document FROM records WHERE key = ?", (key,)).fetchone()
+        return None if row is None else record_of(key, document_of(key, row[0]))
 
     def put(self, record: Record) -> Record:
         """See :meth:`CredentialStore.put`; compares and writes under the file lock."""
@@ -176,16 +212,19 @@ class FileStore(kit.ClosingStore):
         document = record.to_document()
         # What get() will return: times in UTC, to the millisecond.
         readback = Record.from_document(key, document, version="0")
-        with self._locked(key):
-            contents = self._read(key)
-            current = contents.records.get(key)
-            stored = None if current is None else version_of(key, current)
-            if record.version != (None if stored is None else str(stored)):
-                raise self._conflict(key, expected=record.version, stored=stored)
-            version = contents.next_version(stored)
-            contents.records[key] = {**document, "version": version}
-            contents.last_version = version
-            self._write(contents, key)
+        with self._locked(key) as (deadline, limit):
+            db = self._open(key, locked=True)
+            if db is None:
+                # The first write makes the file whole, record included, or not at all.
+                contents = Contents(records={}, last_version=0)
+                self._check_version(key, record.version, None)
+                version = contents.next_version(None)
+                contents.records[key] = {**document, "version": version}
+                contents.last_version = version
+                self._replace(contents, key)
+            else:
+                with self._transaction(db, key, deadline, limit):
+                    version = self._swap(db, key, document, record.version)
         return readback.replace(version=str(version))
 
     def delete(self, key: str) -> bool:
@@ -193,30 +232,31 @@ class FileStore(kit.ClosingStore):
         key = kit.check_key(key)
         self._check_open(key)
         # An absent key needs no lock: the lock-free read is a consistent snapshot.
-        if key not in self._read(key).records:
+        db = self._open(key)
+        if db is None or not self._holds(db, key):
             return False
-        with self._locked(key):
-            contents = self._read(key)
-            if contents.records.pop(key, None) is None:
+        with self._locked(key) as (deadline, limit):
+            db = self._open(key, locked=True)
+            if db is None:
                 return False
-            self._write(contents, key)
-        return True
+            with self._transaction(db, key, deadline, limit):
+                removed = db.execute("DELETE FROM records WHERE key = ?", (key,)).rowcount
+        return removed > 0
 
     def scan_due(self, before: datetime) -> Iterator[str]:
-        """See :meth:`CredentialStore.scan_due`; reads the file once, when called."""
+        """See :meth:`CredentialStore.scan_due`; streams keys in pages, each listed once.
+
+        Keys come in key order, ``_PAGE`` at a time from an index of keys and expiry times,
+        so memory stays bounded and a key updated during the scan is not listed again.
+        Errors about the file itself are raised by the call, not by the first ``next()``.
+        """
         kit.check_moment("before", before)
         self._check_open(None)
-        due: list[str] = []
-        for key, document in self._read(None).records.items():
-            try:
-                record = record_of(key, document)
-            except StoreCorrupted as exc:
-                # One damaged record must not hide every other key from the sweeper and status.
-                logger.warning("scan_due skips a damaged record in %s: %s", self._path, exc)
-                continue
-            if record.expires_at <= before:
-                due.append(key)
-        return iter(due)
+        # Whole milliseconds, as stored: expires_at <= before, to the microsecond.
+        bound = (before - _EPOCH) // timedelta(microseconds=1) // 1000
+        if self._open(None) is None:
+            return iter(())
+        return self._due(bound)
 
     def damaged_records(self) -> dict[str, str]:
         """Every key whose stored record cannot be read, with the reason; read from the file now.
@@ -226,12 +266,17 @@ class FileStore(kit.ClosingStore):
         lists them. The reasons name keys and fields, never a value.
         """
         self._check_open(None)
+        db = self._open(None)
         damaged: dict[str, str] = {}
-        for key, document in self._read(None).records.items():
-            try:
-                record_of(key, document)
-            except StoreCorrupted as exc:
-                damaged[key] = str(exc)
+        if db is None:
+            return damaged
+        with self._boundary("read", None):
+            # The cursor streams rows: one document in memory at a time.
+            for key, text in db.execute("SELECT key, document FROM records"):
+                try:
+                    record_of(key, document_of(key, text))
+                except StoreCorrupted as exc:
+                    damaged[key] = str(exc)
         return damaged
 
     def now(self) -> datetime:
@@ -243,10 +288,16 @@ class FileStore(kit.ClosingStore):
         return datetime.now(UTC)
 
     def close(self) -> None:
-        """Mark the store closed; it holds no handle between calls, so nothing else is released."""
+        """Close the store's SQLite connections; later calls raise ``StoreUnavailable``."""
         self._closed = True
+        with self._connections_lock:
+            connections = list(self._connections)
+            self._connections.clear()
+        for db in connections:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
 
-    # -- reading ------------------------------------------------------------------------------
+    # -- opening the file ---------------------------------------------------------------------
 
     def _check_open(self, key: str | None) -> None:
         if self._closed:
@@ -260,34 +311,164 @@ class FileStore(kit.ClosingStore):
         )
 
     def _boundary(self, action: str, key: str | None) -> contextlib.AbstractContextManager[None]:
-        """Any other OSError inside the block as StoreUnavailable: could not ``action`` the file.
+        """Any other OSError or SQLite error inside the block as a credkeeper error.
 
-        The store's whole mapping of OS errors, but for the few that mean something else where
-        they are raised: a missing file (an empty store, or the create=False error), a lock
-        held by another process (wait), a directory that could not be synced (written, but
-        maybe not durable).
+        The store's whole mapping of driver errors, but for the few that mean something else
+        where they are raised: a missing file (an empty store, or the create=False error), a
+        lock held by another process (wait), a directory that could not be synced (written,
+        but maybe not durable). SQLite's "damaged file" errors are ``StoreCorrupted``.
         """
 
-        def translate(exc: Exception) -> StoreUnavailable:
+        def translate(exc: Exception) -> StoreUnavailable | StoreCorrupted:
             for_key = "" if key is None else f" for key {key!r}"
+            if isinstance(exc, sqlite3.DatabaseError) and getattr(
+                exc, "sqlite_errorcode", None
+            ) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                return StoreCorrupted(
+                    f"{self._path} is not a usable credkeeper file store ({exc}); it was left "
+                    "untouched: move it aside and restore a backup, or point the store at "
+                    "another path",
+                    key=key,
+                )
+            if isinstance(exc, sqlite3.ProgrammingError) and self._closed:
+                return StoreUnavailable(f"{self!r} is closed; open a new store", key=key)
             return StoreUnavailable(
                 f"could not {action} {self._path}{for_key}: {_describe(exc)}", key=key
             )
 
-        return kit.error_boundary(translate, OSError)
+        return kit.error_boundary(translate, OSError, sqlite3.Error)
 
-    def _read(self, key: str | None) -> Contents:
+    def _open(self, key: str | None, *, locked: bool = False) -> sqlite3.Connection | None:
+        """This thread's connection to the data file, None while it does not exist.
+
+        A format 1 (JSON) file is converted first, under the write lock (``locked``: the
+        caller holds it already); a file that is neither raises ``StoreCorrupted``.
+        """
         self._check_directory()
         with self._boundary("read", key):
             try:
-                fd = self._open_regular(self._path, os.O_RDONLY, key)
-            except FileNotFoundError as exc:
-                if self._create:
-                    return Contents(records={}, last_version=0)
-                raise self._missing(key) from exc
-            with os.fdopen(fd, "rb") as file:
-                raw = file.read()
+                return self._connect(key)
+            except _NotADatabase:
+                pass
+            # Decoded before locking, so a damaged file fails without waiting or a lock file.
+            if self._read_old_format(key) is not None:
+                if locked:
+                    self._convert(key)
+                else:
+                    with self._locked(key):
+                        self._convert(key)
+            return self._connect(key)
+
+    def _connect(self, key: str | None) -> sqlite3.Connection | None:
+        """The cached connection if it still reaches the file at the path, else a new one."""
+        identity = self._identify(key)
+        local = self._local
+        cached: sqlite3.Connection | None = getattr(local, "db", None)
+        if identity is None:
+            return None
+        if cached is not None and local.identity == identity:
+            return cached
+        # The path now holds another file (converted, restored, or the process forked):
+        # a new connection reaches it. An inherited one is kept open, never used: closing
+        # it in a child could disturb the parent's locks.
+        if cached is not None and local.identity[2] == identity[2]:
+            with contextlib.suppress(sqlite3.Error):
+                cached.close()
+        local.db = None
+        self._check_companions(key)
+        db = sqlite3.connect(
+            self._uri,
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=0,
+            factory=_Connection,
+        )
+        try:
+            db.execute(f"PRAGMA busy_timeout = {int(self._lock_timeout * 1000)}")
+            db.execute("PRAGMA synchronous = FULL")
+            read_meta(db, path=self._path, key=key)
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_NOTADB:
+                raise _NotADatabase from exc
+            raise
+        except BaseException:
+            db.close()
+            raise
+        with self._connections_lock:
+            if self._closed:
+                db.close()
+                raise StoreUnavailable(f"{self!r} is closed; open a new store", key=key)
+            self._connections.add(db)
+        local.db, local.identity = db, identity
+        return db
+
+    def _identify(self, key: str | None) -> tuple[int, int, int] | None:
+        """The data file's device, inode and this process's id; None if missing (create=True).
+
+        Checked without opening the file: closing any descriptor of a SQLite file drops every
+        POSIX lock this process holds on it, other connections' included.
+        """
+        try:
+            info = os.lstat(self._path)
+        except FileNotFoundError as exc:
+            if self._create:
+                return None
+            raise self._missing(key) from exc
+        if stat.S_ISLNK(info.st_mode):
+            raise self._planted(self._path, "a symbolic link", key)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self._path)
+        if not stat.S_ISREG(info.st_mode):
+            raise self._planted(self._path, "not a regular file", key)
+        if info.st_size == 0:
+            # SQLite would take an empty file for an empty database; it is damage here.
+            decode(b"", path=self._path, key=key)
+        if stat.S_IMODE(info.st_mode) != _FILE_MODE:
+            os.chmod(self._path, _FILE_MODE)  # a file copied in with a looser mode
+        return info.st_dev, info.st_ino, os.getpid()
+
+    def _check_companions(self, key: str | None) -> None:
+        # SQLite opens these itself, following links: refuse planted ones before it does.
+        for suffix in _COMPANIONS:
+            companion = self._path + suffix
+            try:
+                info = os.lstat(companion)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(info.st_mode):
+                raise self._planted(companion, "a symbolic link", key)
+            if not stat.S_ISREG(info.st_mode):
+                raise self._planted(companion, "not a regular file", key)
+            if stat.S_IMODE(info.st_mode) != _FILE_MODE:
+                os.chmod(companion, _FILE_MODE)
+
+    def _read_old_format(self, key: str | None) -> Contents | None:
+        """The format 1 file at the path, decoded; None if the path now holds something else.
+
+        Anything that is neither format raises ``StoreCorrupted`` and is left untouched.
+        """
+        try:
+            fd = self._open_regular(self._path, os.O_RDONLY, key)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as file:
+            raw = file.read()
+        if raw.startswith(_SQLITE_HEADER):
+            return None  # converted meanwhile by another process
         return decode(raw, path=self._path, key=key)
+
+    def _convert(self, key: str | None) -> None:
+        """Replace a format 1 file with its SQLite equivalent; the caller holds the lock."""
+        contents = self._read_old_format(key)
+        if contents is not None:
+            self._replace(contents, key)
+            logger.info(
+                "converted %s to the SQLite file format (%d records)",
+                self._path,
+                len(contents.records),
+            )
 
     def _check_directory(self) -> None:
         # Whoever can write the directory can swap the data file for one of their own.
@@ -317,22 +498,66 @@ class FileStore(kit.ClosingStore):
             key=key,
         )
 
+    # -- reading ------------------------------------------------------------------------------
+
+    def _holds(self, db: sqlite3.Connection, key: str) -> bool:
+        with self._boundary("read", key):
+            row = db.execute("SELECT 1 FROM records WHERE key = ?", (key,)).fetchone()
+        return row is not None
+
+    def _due(self, bound: int) -> Iterator[str]:
+        after = ""
+        while True:
+            self._check_open(None)
+            db = self._open(None)
+            if db is None:
+                return  # the file was removed during the scan
+            with self._boundary("read", None):
+                page = db.execute(
+                    "SELECT key, expires_at FROM records INDEXED BY records_due"
+                    " WHERE key > ? AND (expires_at IS NULL OR expires_at <= ?)"
+                    " ORDER BY key LIMIT ?",
+                    (after, bound, _PAGE),
+                ).fetchall()
+            for key, expires_at in page:
+                if expires_at is None and self._damage(db, key) is not None:
+                    continue
+                yield key
+            if len(page) < _PAGE:
+                return
+            after = page[-1][0]
+
+    def _damage(self, db: sqlite3.Connection, key: str) -> str | None:
+        """Why ``key``'s record cannot be read, logged as scan_due skips it; None if it can."""
+        with self._boundary("read", key):
+            row = db.execute("SELECT document FROM records WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return "deleted"  # gone since the page was read: not due any more
+        try:
+            record_of(key, document_of(key, row[0]))
+        except StoreCorrupted as exc:
+            # One damaged record must not hide every other key from the sweeper and status.
+            logger.warning("scan_due skips a damaged record in %s: %s", self._path, exc)
+            return str(exc)
+        return None
+
     # -- writing ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _locked(self, key: str) -> Iterator[None]:
+    def _locked(self, key: str | None) -> Iterator[tuple[float, float]]:
+        """Hold the write lock; yields the wait's deadline (monotonic) and its length."""
         # One budget per engine call: the wait ends at lock_timeout or at the call's deadline,
         # whichever comes first, so a held lock cannot outlast the call that waits for it.
         budget = time_remaining()
         limit = self._lock_timeout if budget is None else min(self._lock_timeout, budget)
         deadline = time.monotonic() + limit
-        if not self._thread_lock.acquire(timeout=limit):
+        if not self._thread_lock.acquire(timeout=max(limit, 0)):
             raise self._lock_timed_out(key, limit)
         try:
             fd = self._open_lock_file(key)
             try:
                 self._flock(fd, deadline, limit, key)
-                yield
+                yield deadline, limit
             finally:
                 # Closing the only descriptor of this open file releases the flock.
                 with contextlib.suppress(OSError):
@@ -340,7 +565,7 @@ class FileStore(kit.ClosingStore):
         finally:
             self._thread_lock.release()
 
-    def _open_lock_file(self, key: str) -> int:
+    def _open_lock_file(self, key: str | None) -> int:
         with self._boundary("lock", key):
             try:
                 if self._create:
@@ -355,7 +580,7 @@ class FileStore(kit.ClosingStore):
                     raise self._missing(key) from exc  # the directory went away meanwhile
                 raise
 
-    def _flock(self, fd: int, deadline: float, limit: float, key: str) -> None:
+    def _flock(self, fd: int, deadline: float, limit: float, key: str | None) -> None:
         delay = _FIRST_POLL
         while True:
             with self._boundary("lock", key), contextlib.suppress(BlockingIOError):
@@ -367,7 +592,7 @@ class FileStore(kit.ClosingStore):
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, _MAX_POLL)
 
-    def _lock_timed_out(self, key: str, limit: float) -> StoreUnavailable:
+    def _lock_timed_out(self, key: str | None, limit: float) -> StoreUnavailable:
         if limit < self._lock_timeout:
             fix = "or give the call more time (the manager's refresh_timeout)"
             waited = f"{limit:.3g}s, the rest of the call's time budget,"
@@ -381,6 +606,10 @@ class FileStore(kit.ClosingStore):
             key=key,
         )
 
+    def _check_version(self, key: str, expected: str | None, stored: int | None) -> None:
+        if expected != (None if stored is None else str(stored)):
+            raise self._conflict(key, expected=expected, stored=stored)
+
     def _conflict(self, key: str, *, expected: str | None, stored: int | None) -> ConflictError:
         if expected is None:
             reason = "already exists; get() it and put() with its version"
@@ -390,21 +619,85 @@ class FileStore(kit.ClosingStore):
             reason = f"changed since it was read: version {expected} is now {stored}"
         return ConflictError(f"the record under key {key!r} {reason}", key=key)
 
-    def _write(self, contents: Contents, key: str) -> None:
-        """Replace the file with ``contents``; the caller holds the lock."""
-        payload = encode(contents)
+    @contextlib.contextmanager
+    def _transaction(
+        self, db: sqlite3.Connection, key: str, deadline: float, limit: float
+    ) -> Iterator[None]:
+        """One write transaction, committed when the block ends, rolled back if it raises.
+
+        The flock already shuts out other writers; SQLite's own lock is waited for (a
+        checkpoint may hold it a moment) only until the same deadline.
+        """
+        remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        with self._boundary("write", key):
+            try:
+                db.execute(f"PRAGMA busy_timeout = {remaining_ms}")
+                db.execute("BEGIN IMMEDIATE")
+                yield
+                db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._roll_back(db)
+                if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY:
+                    raise self._lock_timed_out(key, limit) from exc
+                raise
+            except BaseException:
+                self._roll_back(db)
+                raise
+
+    @staticmethod
+    def _roll_back(db: sqlite3.Connection) -> None:
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+
+    def _swap(
+        self, db: sqlite3.Connection, key: str, document: dict[str, Any], expected: str | None
+    ) -> int:
+        """Compare ``expected`` with the stored version and write; inside a transaction."""
+        row = db.execute("SELECT version, document FROM records WHERE key = ?", (key,)).fetchone()
+        stored: int | None = None
+        if row is not None:
+            # A NULL version marks a damaged record: version_of says how.
+            stored = row[0] if row[0] is not None else version_of(key, document_of(key, row[1]))
+        self._check_version(key, expected, stored)
+        (last_version,) = db.execute("SELECT last_version FROM meta").fetchone()
+        version = Contents(records={}, last_version=last_version).next_version(stored)
+        stored_document = {**document, "version": version}
+        db.execute(
+            "INSERT INTO records (key, version, expires_at, document) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET version = excluded.version,"
+            " expires_at = excluded.expires_at, document = excluded.document",
+            (
+                key,
+                *columns_of(key, stored_document),
+                json.dumps(stored_document, separators=(",", ":")),
+            ),
+        )
+        db.execute("UPDATE meta SET last_version = ?", (version,))
+        return version
+
+    def _replace(self, contents: Contents, key: str | None) -> None:
+        """Put a new data file holding ``contents`` in place; the caller holds the lock.
+
+        Built in a temp file beside it, synced, then renamed over the path: a crash leaves
+        the old file (or none) or the new one, whole.
+        """
         with self._boundary("write", key):
             self._sweep_temp_files()
             fd, temp = self._open_temp_file()
             try:
-                with os.fdopen(fd, "wb") as file:
-                    file.write(payload)
-                    file.flush()
-                    os.fsync(file.fileno())
+                os.close(fd)
+                build(temp, contents.records.items(), contents.last_version)
+                fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
                 os.replace(temp, self._path)
             except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(temp)
+                for leftover in (temp, *(temp + suffix for suffix in _COMPANIONS)):
+                    with contextlib.suppress(OSError):
+                        os.unlink(leftover)
                 raise
         try:
             self._fsync_directory()

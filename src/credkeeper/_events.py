@@ -68,7 +68,25 @@ EventHook = Callable[[RefreshEvent], None]
 
 
 def emit(hook: EventHook | None, event: RefreshEvent) -> None:
-    """Call ``hook`` with ``event``; what it raises is logged, never passed on."""
+    """Log ``event`` at DEBUG with structured fields, then call ``hook`` with it; what the hook
+    raises is logged, never passed on.
+
+    The log record carries ``credkeeper_event``, ``credkeeper_key``, ``credkeeper_outcome`` and
+    ``credkeeper_duration`` as attributes, for a JSON formatter to pick up (``extra`` fields).
+    """
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "key %r: %s%s",
+            event.key,
+            event.kind.value,
+            f" ({event.outcome})" if event.outcome else "",
+            extra={
+                "credkeeper_event": event.kind.value,
+                "credkeeper_key": event.key,
+                "credkeeper_outcome": event.outcome,
+                "credkeeper_duration": event.duration,
+            },
+        )
     if hook is None:
         return
     try:

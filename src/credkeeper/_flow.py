@@ -205,8 +205,8 @@ class Policy:
     def emit(
         self, kind: EventKind, key: str, outcome: str | None = None, duration: float | None = None
     ) -> None:
-        """Tell the events hook, if there is one; its failures are only logged."""
-        if self.events is not None:
+        """Tell the events hook and the DEBUG log; the hook's failures are only logged."""
+        if self.events is not None or logger.isEnabledFor(logging.DEBUG):
             emit(self.events, RefreshEvent(kind, key, outcome, duration))
 
     def fresh(self, credentials: Credentials) -> bool:

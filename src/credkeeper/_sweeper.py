@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import random
 import signal
@@ -219,6 +220,7 @@ class _SweeperBase(Generic[M]):
         self.max_attempts = max_attempts
         self._rng = rng or random.Random()  # noqa: S311 - scheduling jitter, not secrecy
         self._stopping = threading.Event()
+        self._starts = itertools.count()  # keys begun this sweep; next() is atomic in CPython
         # On the manager's clock, which the cooldowns a pause waits out are written in.
         self._now = policy.clock.now
         self._pause_until = datetime.min.replace(tzinfo=UTC)
@@ -243,13 +245,14 @@ class _SweeperBase(Generic[M]):
 
     def _waits(self) -> Iterator[float]:
         """The sleeps before a key's next attempt: what is left of the sweep's pause, in steps
-        of at most a second so that a stop is seen, then the key's start jitter."""
+        of at most a second so that a stop is seen; then, for the sweep's first ``concurrency``
+        keys, a random start delay, so that workers (and hosts) do not start in step."""
         while not self.stopping:
             left = (self._pause_until - self._now()).total_seconds()
             if left <= 0:
                 break
             yield min(left, 1.0)
-        if self.jitter and not self.stopping:
+        if self.jitter and not self.stopping and next(self._starts) < self.concurrency:
             yield self._rng.uniform(0.0, self.jitter)
 
     def _throttled(self, verdict: _Verdict, tally: _Tally) -> None:
@@ -268,7 +271,7 @@ class Sweeper(_SweeperBase[TokenManager]):
     """Refreshes, ahead of time, every credential of a :class:`TokenManager` due within ``window``.
 
     ``window`` defaults to the manager's leeway plus 15 minutes. ``concurrency`` refreshes run at
-    once, in threads; each starts after a random delay of up to ``jitter`` seconds, keys in random
+    once, in threads, each starting after a random delay of up to ``jitter`` seconds, keys in random
     order. When the provider throttles (429, ``Retry-After``) or is down past a key's deadline,
     the whole sweep pauses for the cooldown the flow recorded and tries the key again, for at
     most ``max_attempts`` attempts in all, before it counts as failed. ``needs_reauth`` keys are
@@ -290,6 +293,7 @@ class Sweeper(_SweeperBase[TokenManager]):
         returns, or raises, once the refreshes in flight are done.
         """
         started = time.monotonic()
+        self._starts = itertools.count()
         keys = self._order(self.due())
         tally = _Tally(due=len(keys))
         if progress is not None:
@@ -372,6 +376,7 @@ class AsyncSweeper(_SweeperBase[AsyncTokenManager]):
         """Sweep once; see :meth:`Sweeper.run_once`. Cancelled, it starts no new key, and the
         refreshes in flight finish in the background."""
         started = time.monotonic()
+        self._starts = itertools.count()
         keys = self._order(await self.due())
         tally = _Tally(due=len(keys))
         if progress is not None:

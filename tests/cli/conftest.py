@@ -6,8 +6,10 @@ user's files, and with no ``CREDKEEPER_*`` variable from the environment that ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +159,11 @@ def error_line(result: Result) -> str:
 def damage(store_url: str, key: str) -> None:
     """Give the record under ``key`` in the file store a field of the wrong type."""
     path = Path(store_url.removeprefix("file://"))
-    document = json.loads(path.read_bytes())
-    document["records"][key]["expires_at"] = "tomorrow"
-    path.write_text(json.dumps(document))
+    with contextlib.closing(sqlite3.connect(path)) as database:
+        # The expiry column too: scan_due reads back only the records it cannot index.
+        database.execute(
+            "UPDATE records SET document = json_set(document, '$.expires_at', 'tomorrow'),"
+            " expires_at = NULL WHERE key = ?",
+            (key,),
+        )
+        database.commit()

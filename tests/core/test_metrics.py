@@ -100,6 +100,31 @@ class TestEvents:
         assert "valid" == fake.access_token_state(fresh.access_token)
         assert "events hook raised RuntimeError" in caplog.text
 
+    def test_events_are_logged_at_debug_with_structured_fields(
+        self,
+        store: MemoryStore,
+        fake: FakeProvider,
+        clock: FakeClock,
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """Without any hook, each event is a DEBUG record carrying its fields as attributes."""
+        with manager_with(store, fake, clock, tmp_path, None) as manager:
+            manager.put(KEY, fake.issue(expires_in=60))
+            with caplog.at_level(logging.DEBUG, logger="credkeeper"):
+                manager.get(KEY)
+
+        fields = [
+            (record.credkeeper_event, record.credkeeper_key, record.credkeeper_outcome)
+            for record in caplog.records
+            if hasattr(record, "credkeeper_event")
+        ]
+        assert [
+            ("refresh_started", KEY, None),
+            ("provider_call", KEY, "ok"),
+            ("refresh_succeeded", KEY, "ok"),
+        ] == fields
+
     def test_a_hook_that_is_not_callable_is_refused(
         self, store: MemoryStore, fake: FakeProvider, tmp_path: Path
     ) -> None:

@@ -1,13 +1,15 @@
-"""FileStore: one JSON file, written atomically, shared by threads and processes on one host."""
+"""FileStore: one SQLite file, written atomically, shared by threads and processes on one host."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import random
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -189,6 +191,25 @@ def write_document(path: Path, records: dict[str, Any], **top: Any) -> bytes:
     return content
 
 
+def stored_records(path: Path) -> dict[str, Any]:
+    """Every record document the data file holds, by key, read with SQLite directly."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return {
+            key: json.loads(text) for key, text in db.execute("SELECT key, document FROM records")
+        }
+
+
+def stored_meta(path: Path) -> tuple[Any, ...]:
+    """The data file's one meta row: format, format_version, last_version."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return tuple(db.execute("SELECT format, format_version, last_version FROM meta").fetchone())
+
+
+def stored_bytes(path: Path) -> bytes:
+    """The bytes of the data file and of the files SQLite keeps beside it."""
+    return b"".join(p.read_bytes() for p in sorted(path.parent.glob(f"{path.name}*")))
+
+
 def stored_document(key: str = "alice", version: int = 1, **changes: Any) -> dict[str, Any]:
     """What the file holds for a record, with ``changes`` applied to the document."""
     return {**make_record(key).to_document(), "version": version, **changes}
@@ -216,7 +237,7 @@ class TestFileStoreInit:
         expected = (True, ["alice", "bob"])
         assert expected == (
             link.is_symlink(),
-            sorted(json.loads((real / "creds.json").read_bytes())["records"]),
+            sorted(stored_records(real / "creds.json")),
         )
 
     @pytest.mark.parametrize("bad", [b"/srv/creds.json", "", "/srv/dir/", "/srv/a\x00b", 42])
@@ -418,16 +439,14 @@ class TestReadAndWrite:
             store.scan_due(datetime(2026, 1, 1))
 
     def test_file_holds_the_documented_format(self, store: FileStore, path: Path) -> None:
-        """The file is the format marker plus each record's document and integer version."""
+        """The file is a SQLite database: the format marker, and each record's document."""
         store.put(make_record())
-        data = json.loads(path.read_bytes())
-        expected = {
-            "format": "credkeeper.file",
-            "format_version": 1,
-            "last_version": 1,
-            "records": {"alice": {**make_record().to_document(), "version": 1}},
-        }
-        assert expected == data
+        expected = (
+            b"SQLite format 3\x00",
+            ("credkeeper.file", 2, 1),
+            {"alice": {**make_record().to_document(), "version": 1}},
+        )
+        assert expected == (path.read_bytes()[:16], stored_meta(path), stored_records(path))
 
     def test_reads_a_file_without_a_version_counter(self, path: Path) -> None:
         """A file holding only format, format_version and records continues its versions."""
@@ -595,21 +614,20 @@ class TestHostileDirectory:
 
 class TestTempFiles:
     def test_none_left_after_writes(self, store: FileStore, path: Path) -> None:
-        """Creates, updates and deletes leave only the data and lock files."""
+        """Creates, updates and deletes leave only the data and lock files, and SQLite's own."""
         stored = store.put(make_record())
         store.put(stored.replace(failures=1))
         store.put(make_record("bob"))
         store.delete("bob")
-        expected = ["creds.json", "creds.json.lock"]
+        expected = ["creds.json", "creds.json-shm", "creds.json-wal", "creds.json.lock"]
         assert expected == sorted(os.listdir(path.parent))
 
     @pytest.mark.parametrize("call", ["fsync", "replace"])
     def test_none_left_after_a_failed_write(
         self, store: FileStore, path: Path, monkeypatch: pytest.MonkeyPatch, call: str
     ) -> None:
-        """A disk error mid-write (injected) raises StoreUnavailable and keeps the old file."""
-        store.put(make_record())
-        before = path.read_bytes()
+        """A disk error while converting a file (injected) raises and keeps the old file."""
+        before = write_document(path, {"alice": stored_document()})
 
         def no_space(*args: object) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -619,6 +637,21 @@ class TestTempFiles:
             store.put(make_record("bob"))
         monkeypatch.undo()
         assert ("bob", [], before) == (caught.value.key, temp_files(path.parent), path.read_bytes())
+
+    @pytest.mark.parametrize("call", ["fsync", "replace"])
+    def test_a_failed_first_write_makes_no_file(
+        self, store: FileStore, path: Path, monkeypatch: pytest.MonkeyPatch, call: str
+    ) -> None:
+        """A disk error while creating the file (injected) leaves no file and no temp file."""
+
+        def no_space(*args: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, call, no_space)
+        with pytest.raises(StoreUnavailable, match="No space left"):
+            store.put(make_record())
+        monkeypatch.undo()
+        assert ([], False) == (temp_files(path.parent), path.exists())
 
     def test_a_failed_directory_sync_says_the_write_may_not_last(
         self, store: FileStore, monkeypatch: pytest.MonkeyPatch
@@ -720,7 +753,7 @@ class TestDamagedRecord:
         write_document(path, {"alice": {"junk": 1}})
         FileStore(path).put(make_record("bob"))
         expected = {"junk": 1}
-        assert expected == json.loads(path.read_bytes())["records"]["alice"]
+        assert expected == stored_records(path)["alice"]
 
     def test_a_damaged_record_can_be_deleted(self, path: Path) -> None:
         """delete removes a record that cannot be read, so it can be repaired."""
@@ -928,10 +961,10 @@ class TestEncryption:
             journal=tmp_path / "journal",
         ) as manager:
             manager.put("alice", credentials)
-        raw = path.read_bytes()
+        raw = stored_bytes(path)
         expected = (["alice"], False, False)
         assert expected == (
-            list(json.loads(raw)["records"]),
+            list(stored_records(path)),
             b"PLAINACCESS" in raw,
             b"PLAINREFRESH" in raw,
         )
@@ -985,5 +1018,140 @@ class TestConcurrency:
         assert record is not None
         n = record.failures
         expected = (f"access-{n}", f"refresh-{n}", str(201 + n), 201)
-        records = json.loads(path.read_bytes())["records"]
+        records = stored_records(path)
         assert expected == (record.access_token, record.refresh_token, record.version, len(records))
+
+
+class TestFormatOneMigration:
+    def test_an_old_json_file_is_converted_on_first_use(self, path: Path) -> None:
+        """A format 1 file becomes a SQLite file holding the same records and version counter."""
+        write_document(
+            path,
+            {"alice": stored_document(version=3), "bob": stored_document("bob", version=5)},
+            last_version=9,
+        )
+        store = FileStore(path)
+        alice = store.get("alice")
+        assert alice is not None
+        expected = ("3", b"SQLite format 3\x00", ("credkeeper.file", 2, 9), "10")
+        assert expected == (
+            alice.version,
+            path.read_bytes()[:16],
+            stored_meta(path),
+            store.put(alice.replace(failures=1)).version,
+        )
+
+    def test_a_damaged_record_survives_the_conversion(self, path: Path) -> None:
+        """A record that does not decode is carried over as it was, damaged for its key only."""
+        write_document(path, {"alice": {"junk": 1}, "bob": stored_document("bob")})
+        store = FileStore(path)
+        expected = (["alice"], "sealed-access-bob", {"junk": 1})
+        assert expected == (
+            sorted(store.damaged_records()),
+            store.get("bob").access_token,  # type: ignore[union-attr]
+            stored_records(path)["alice"],
+        )
+
+    def test_the_converted_file_is_private(self, path: Path) -> None:
+        """The converted data file is 0600 even when the old one was world-readable."""
+        write_document(path, {"alice": stored_document()})
+        path.chmod(0o644)
+        FileStore(path).get("alice")
+        expected = 0o600
+        assert expected == stat.S_IMODE(path.stat().st_mode)
+
+    def test_a_killed_conversion_leaves_the_old_file_and_is_redone(self, path: Path) -> None:
+        """A converter killed before its rename leaves the JSON file and a temp file, swept next."""
+        content = write_document(path, {"alice": stored_document()})
+        # What a converter killed mid-build leaves: a half-built database beside the old file.
+        (path.parent / ".creds.json.0123456789abcdef.tmp").write_bytes(b"SQLite format 3\x00")
+        (path.parent / ".creds.json.0123456789abcdef.tmp-journal").write_bytes(b"half")
+        before = (path.read_bytes(), json.loads(path.read_bytes())["records"]["alice"]["version"])
+        record = FileStore(path).get("alice")
+        expected = ((content, 1), "1", [])
+        assert expected == (before, record.version, temp_files(path.parent))  # type: ignore[union-attr]
+
+    def test_a_conversion_waits_for_the_old_writers_lock(self, path: Path) -> None:
+        """An old writer holding the lock keeps the file JSON: the conversion times out."""
+        content = write_document(path, {"alice": stored_document()})
+        store = FileStore(path, lock_timeout=0.2)
+        with lock_held_elsewhere(path), pytest.raises(StoreUnavailable, match="lock"):
+            store.get("alice")
+        assert content == path.read_bytes()
+
+    def test_an_old_reader_of_the_converted_file_refuses_it(self, path: Path) -> None:
+        """The format 1 decoder (an older credkeeper) calls the new file unusable, not empty."""
+        from credkeeper_file._format import decode
+
+        FileStore(path).put(make_record())
+        with pytest.raises(StoreCorrupted, match="untouched"):
+            decode(path.read_bytes(), path=str(path))
+
+
+class TestSqliteFiles:
+    def test_every_file_is_private(self, path: Path) -> None:
+        """The data file, the lock file and SQLite's WAL and shared-memory files are 0600."""
+        old = os.umask(0)
+        try:
+            with FileStore(path) as store:
+                stored = store.put(make_record())
+                store.put(stored.replace(failures=1))  # through SQLite: its files now exist
+                modes = {
+                    name: stat.S_IMODE((path.parent / name).stat().st_mode)
+                    for name in os.listdir(path.parent)
+                }
+        finally:
+            os.umask(old)
+        expected = dict.fromkeys(
+            ["creds.json", "creds.json-shm", "creds.json-wal", "creds.json.lock"], 0o600
+        )
+        assert expected == modes
+
+    @pytest.mark.parametrize("suffix", ["-wal", "-shm", "-journal"])
+    def test_a_symlink_as_a_sqlite_file_is_refused(
+        self, tmp_path: Path, path: Path, suffix: str
+    ) -> None:
+        """A link planted where SQLite keeps its WAL or shared memory is refused, not followed."""
+        FileStore(path).put(make_record())
+        for name in ("creds.json-wal", "creds.json-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                (path.parent / name).unlink()
+        target = tmp_path / "made-through-the-link"
+        Path(f"{path}{suffix}").symlink_to(target)
+        with pytest.raises(StoreCorrupted, match="symbolic link"):
+            FileStore(path).get("alice")
+        assert not target.exists()
+
+    def test_a_foreign_sqlite_file_is_refused(self, path: Path) -> None:
+        """A SQLite database credkeeper did not write raises StoreCorrupted and is left alone."""
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("CREATE TABLE users (name TEXT)")
+            db.commit()
+        before = path.read_bytes()
+        with pytest.raises(StoreCorrupted, match="written by something else"):
+            FileStore(path).put(make_record())
+        assert before == path.read_bytes()
+
+    def test_scan_due_lists_each_of_many_keys_once(self, store: FileStore) -> None:
+        """Keys beyond one page are all listed, once each, and a write between pages is fine."""
+        keys = [f"user-{i:04d}" for i in range(1300)]
+        for key in keys:
+            store.put(make_record(key, expires_at=NOW))
+        seen = []
+        for key in store.scan_due(NOW):
+            seen.append(key)
+            if len(seen) == 600:
+                # A key updated mid-scan (still due) is not listed again.
+                record = store.get("user-0001")
+                store.put(record.replace(failures=1))  # type: ignore[union-attr]
+        assert keys == seen
+
+    def test_a_file_replaced_under_a_store_is_read_anew(self, tmp_path: Path, path: Path) -> None:
+        """A store notices a restored file (another inode at the path) and reads it."""
+        store = FileStore(path)
+        store.put(make_record())
+        other = tmp_path / "other" / "creds.json"
+        FileStore(other).put(make_record("bob"))
+        os.replace(other, path)
+        expected = (None, "1")
+        assert expected == (store.get("alice"), store.get("bob").version)  # type: ignore[union-attr]
