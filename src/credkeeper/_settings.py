@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ._codec import TokenCodec
 from ._exceptions import ConfigurationError, CredkeeperError
@@ -80,17 +81,29 @@ def default_keys_path() -> Path:
     return base / "credkeeper" / "keys"
 
 
+# Query parameters whose value is a secret (libpq's password=, sslpassword=, a driver's token).
+_SECRET_PARAMETER = re.compile(
+    r"^(.*pass(word|wd)?|.*secret|(access_|auth_|session_)?token|api_?key)$", re.IGNORECASE
+)
+
+
 def display_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, fit to print."""
+    """``url`` with any password replaced by ``***``, in the authority or the query (libpq's
+    ``?password=``, ``sslpassword=``), fit to print."""
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
         return url
-    if password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    if password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(_SECRET_PARAMETER.match(name) for name, _ in pairs):
+            masked = [(n, "***" if _SECRET_PARAMETER.match(n) else v) for n, v in pairs]
+            parts = parts._replace(query=urlencode(masked, safe="*"))
+    return urlunsplit(parts)
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -138,7 +151,12 @@ class Settings:
                 )
             object.__setattr__(self, "journal", Path(self.journal).expanduser())
         if self.client_secret is not None:
-            # Secret() refuses anything but text; an empty one is no secret at all.
+            if not isinstance(self.client_secret, str | Secret):
+                raise ConfigurationError(
+                    f"{label('client_secret')} must be a str, "
+                    f"not {type(self.client_secret).__name__}"
+                )
+            # An empty secret is no secret at all.
             object.__setattr__(self, "client_secret", Secret(self.client_secret) or None)
         self.load_provider()
 

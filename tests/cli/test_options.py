@@ -80,6 +80,16 @@ class TestDisplayUrl:
 
         assert "postgresql+psycopg://app:***@db.example:5432/creds" == display_url(url)
 
+    @pytest.mark.parametrize("name", ["password", "sslpassword", "client_secret", "token"])
+    def test_a_secret_in_the_query_is_hidden(self, name: str) -> None:
+        """libpq's ?password= and its kind are hidden too; other options stay readable."""
+        url = f"postgresql://db.example/creds?{name}=s3cret&refresh_token_column=rt&table=t"
+
+        assert (
+            f"postgresql://db.example/creds?{name}=***&refresh_token_column=rt&table=t"
+            == display_url(url)
+        )
+
     def test_url_without_password_is_unchanged(self) -> None:
         """A URL without a password is printed as it is."""
         assert "file:///var/lib/creds.json" == display_url("file:///var/lib/creds.json")

@@ -153,6 +153,11 @@ class TestSettings:
 
         assert "--store (CREDKEEPER_STORE) must be a str, not int" == str(caught.value)
 
+    def test_a_client_secret_of_the_wrong_type_is_refused_naming_it(self) -> None:
+        """A client secret that is not text is a ConfigurationError naming its variable."""
+        with pytest.raises(ConfigurationError, match=r"CREDKEEPER_PROVIDER_CLIENT_SECRET.*not int"):
+            Settings(client_secret=42)  # type: ignore[arg-type]
+
     def test_the_provider_is_checked_when_made(self) -> None:
         """A wrong provider is an error at start-up, naming its option and variable."""
         with pytest.raises(ConfigurationError, match=r"^--provider \(CREDKEEPER_PROVIDER\) must"):
