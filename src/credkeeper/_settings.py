@@ -89,20 +89,23 @@ _SECRET_PARAMETER = re.compile(
 
 def display_url(url: str) -> str:
     """``url`` with any password replaced by ``***``, in the authority or the query (libpq's
-    ``?password=``, ``sslpassword=``), fit to print."""
+    ``?password=``, ``sslpassword=``), fit to print; a URL with none is returned as it is."""
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
         return url
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    secret_query = any(_SECRET_PARAMETER.match(name) for name, _ in pairs)
+    if password is None and not secret_query:
+        # Unchanged, not rebuilt: urlunsplit would turn sqlite:////abs/path into sqlite://abs/path.
+        return url
     if password is not None:
         host = parts.netloc.rpartition("@")[2]
         parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
-    if parts.query:
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        if any(_SECRET_PARAMETER.match(name) for name, _ in pairs):
-            masked = [(n, "***" if _SECRET_PARAMETER.match(n) else v) for n, v in pairs]
-            parts = parts._replace(query=urlencode(masked, safe="*"))
+    if secret_query:
+        masked = [(n, "***" if _SECRET_PARAMETER.match(n) else v) for n, v in pairs]
+        parts = parts._replace(query=urlencode(masked, safe="*"))
     return urlunsplit(parts)
 
 

@@ -90,9 +90,12 @@ class TestDisplayUrl:
             == display_url(url)
         )
 
-    def test_url_without_password_is_unchanged(self) -> None:
-        """A URL without a password is printed as it is."""
-        assert "file:///var/lib/creds.json" == display_url("file:///var/lib/creds.json")
+    @pytest.mark.parametrize(
+        "url", ["file:///var/lib/creds.json", "sqlite:////var/lib/creds.db?table=t"]
+    )
+    def test_url_without_password_is_unchanged(self, url: str) -> None:
+        """A URL without a password is printed as it is, four slashes of SQLite included."""
+        assert url == display_url(url)
 
 
 class TestProvider:
