@@ -173,6 +173,23 @@ Flow = Generator[Effect, Any, T]
 # -- policy ----------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class RefreshTimes:
+    """How long refreshes take, as this manager has seen them, for waiters to plan their reads.
+
+    Learnt from the manager's own refreshes (lease taken to tokens stored) and from the peers'
+    it waited on (between the last read that found the lease held and the one that found the
+    tokens); the estimate moves 30 % of the way towards each new observation.
+    """
+
+    expected: float | None = None
+
+    def observe(self, seconds: float) -> None:
+        """Take one refresh's duration into the estimate."""
+        previous = self.expected
+        self.expected = seconds if previous is None else previous + 0.3 * (seconds - previous)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Policy:
     """Everything a flow needs besides effects: settings, the clock, randomness, the codec."""
@@ -197,6 +214,8 @@ class Policy:
     plaintext_seen: set[str] = field(default_factory=set)
     # Told what the flow decides (docs: credkeeper._events); never given a token.
     events: EventHook | None = field(default=None, repr=False)
+    # Shared by every call of the manager (and kept when the policy is rebound after a fork).
+    times: RefreshTimes = field(default_factory=RefreshTimes, repr=False)
 
     def now(self) -> datetime:
         """The clock's current time."""
@@ -294,8 +313,22 @@ class Policy:
         )
 
     def poll_delay(self, attempt: int) -> float:
-        """How long a waiter sleeps before re-reading a leased record: 50 ms doubling to 1 s."""
+        """How long to back off after a lost compare-and-swap: 50 ms doubling to 1 s."""
         return min(1.0, 0.05 * 2.0**attempt) * self.rng.uniform(0.5, 1.0)
+
+    def wait_delay(self, elapsed: float) -> float:
+        """How long to sleep before re-reading a record whose peer lease began ``elapsed`` s ago.
+
+        Until the holder's expected finish, then in steps of a tenth of the time it has taken so
+        far: a waiter in another process learns of the new tokens at most a tenth of a refresh
+        late (plus one read), in three or four reads whatever the provider's latency, where a
+        schedule fixed in advance overshoots by up to its last step. Never more than a second,
+        so a holder that died is noticed when its lease runs out.
+        """
+        expected = self.times.expected
+        if expected is not None and elapsed < expected:
+            return min(1.0, expected - elapsed)
+        return min(1.0, max(0.02, 0.1 * elapsed)) * self.rng.uniform(0.9, 1.0)
 
     def retry_delay(self, attempt: int, retry_after: float | None) -> float:
         """Jittered exponential backoff for the provider, never shorter than ``Retry-After``."""
@@ -353,6 +386,8 @@ class _Run:
         if not self.ended:
             self.ended = True
             seconds = (policy.now() - self.started).total_seconds()
+            if outcome == "ok":
+                policy.times.observe(seconds)
             policy.emit(kind, self.key, outcome, seconds)
 
 
@@ -488,11 +523,13 @@ def _ensure_fresh(
     # One lease id per flow, not per process: two flows of one manager (a get() and a forced
     # refresh) must exclude each other exactly as two hosts do.
     owner = f"{policy.owner}/{policy.rng.getrandbits(32):08x}"
-    polls = 0
     conflicts = 0
     # How far the store's clock is ahead of ours: leases are judged on the store's clock, the
     # one every host shares, so a host whose clock runs ahead cannot take a live lease over.
     skew: timedelta | None = None
+    # While waiting on a peer: when its lease began (store clock), and how long it had been
+    # running at the last read that still found it held.
+    waited: tuple[datetime, float] | None = None
     while True:
         if record is None:
             raise CredentialNotFound(key)
@@ -500,6 +537,10 @@ def _ensure_fresh(
             raise ReauthRequired(key)
         credentials = policy.credentials(record)
         if policy.fresh(credentials) and credentials.access_token != failed:
+            if waited is not None and skew is not None:
+                began, held = waited
+                done = (policy.now() + skew - began).total_seconds()
+                policy.times.observe((held + done) / 2)
             return credentials
         if skew is None:
             try:
@@ -519,14 +560,16 @@ def _ensure_fresh(
                 f"({record.last_error or 'unknown'})",
                 retry_after=wait,
             )
-        leased = record.lease_until is not None and record.lease_until > now + skew
-        if leased and record.lease_owner != owner:
+        lease_until = record.lease_until
+        if lease_until is not None and lease_until > now + skew and record.lease_owner != owner:
             if now >= deadline:
                 if _usable(credentials, failed, now):
                     return _deferred(policy, key, credentials, "lease_busy")
                 raise RefreshTimeout(key)
-            yield Sleep(policy.poll_delay(polls))
-            polls += 1
+            began = lease_until - policy.lease_ttl
+            elapsed = max(0.0, (now + skew - began).total_seconds())
+            waited = (began, elapsed)
+            yield Sleep(policy.wait_delay(elapsed))
             record = yield Load(key)
             continue
         try:
