@@ -9,7 +9,13 @@ started together, each with ``--concurrency`` threads. Reported:
   ``credentials x latency / (sweepers x concurrency)``, the time the provider alone needs;
 - duplicate refreshes (provider refreshes beyond one per credential; must be 0) and families
   refreshed more than once (must be 0);
-- each sweeper's own report, and its peak resident memory (``ru_maxrss`` of the process).
+- each sweeper's own report, its peak resident memory (``ru_maxrss`` of the process) and its CPU
+  seconds (user and system);
+- where the CPU went during the sweep: the sweepers', this process's (the provider, answering
+  in threads), PostgreSQL's (every process of the server, those that exited included, read
+  from ``/proc``; ``null`` where the server is not on this host) and the whole machine's, beside
+  what the machine can give in the wall time (its cores x the wall time). Machine CPU well beyond
+  the sum of the others means something else ran meanwhile, and the figures are not clean.
 
     .venv/bin/python benchmarks/sweep.py \\
         postgresql+psycopg://postgres@127.0.0.1:5432/test --credentials 10000
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -50,7 +57,9 @@ with contextlib.redirect_stdout(out):
     code = main(sys.argv[1:])
 report = json.loads(out.getvalue())
 report["exit_code"] = code
-report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+usage = resource.getrusage(resource.RUSAGE_SELF)
+report["peak_rss_mib"] = usage.ru_maxrss / 1024
+report["cpu_s"] = usage.ru_utime + usage.ru_stime
 print(json.dumps(report))
 """
 
@@ -84,6 +93,41 @@ def seed(url: str, fake: FakeProvider, ring: KeyRing, count: int) -> list[str]:
     return families
 
 
+def _ticks(stat: str) -> list[int]:
+    """The numeric fields of a ``/proc/PID/stat`` line after the command name."""
+    return [int(field) for field in stat[stat.rindex(")") + 2 :].split()[1:]]
+
+
+def postgres_cpu() -> float | None:
+    """CPU seconds PostgreSQL's processes on this host used so far: the live ones, and the
+    backends its postmaster has reaped; ``None`` where no PostgreSQL process is visible."""
+    ticks, seen = 0, False
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        if stat[stat.find("(") + 1 : stat.rfind(")")] != "postgres":
+            continue
+        seen = True
+        fields = _ticks(stat)
+        ticks += fields[10] + fields[11]  # utime, stime
+        if fields[0] == 1:  # the postmaster: its reaped children's too
+            ticks += fields[12] + fields[13]
+    return ticks / os.sysconf("SC_CLK_TCK") if seen else None
+
+
+def machine_cpu() -> float:
+    """CPU seconds all the machine's cores spent busy since boot."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def sweep(url: str, keys: Path, token_url: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [
         sys.executable,
@@ -97,6 +141,7 @@ def sweep(url: str, keys: Path, token_url: str, args: argparse.Namespace) -> dic
         token_url,
     ]
     with tempfile.TemporaryDirectory() as journals:
+        own, postgres, machine = own_cpu(), postgres_cpu(), machine_cpu()
         started = time.monotonic()
         workers = [
             subprocess.Popen(
@@ -116,7 +161,18 @@ def sweep(url: str, keys: Path, token_url: str, args: argparse.Namespace) -> dic
         ]
         outputs = [worker.communicate()[0] for worker in workers]
         wall = time.monotonic() - started
-    return {"wall_s": wall, "reports": [json.loads(out) for out in outputs]}
+        postgres_after = postgres_cpu()
+        cpu = {
+            "provider": own_cpu() - own,
+            "postgres": None
+            if postgres is None or postgres_after is None
+            else postgres_after - postgres,
+            "machine": machine_cpu() - machine,
+            "capacity": (os.cpu_count() or 1) * wall,
+        }
+    reports = [json.loads(out) for out in outputs]
+    cpu["sweepers"] = sum(report["cpu_s"] for report in reports)
+    return {"wall_s": wall, "reports": reports, "cpu_s": cpu}
 
 
 def main() -> None:
@@ -162,9 +218,14 @@ def main() -> None:
         "duplicate_refreshes": sum(refreshed.values()) - len(refreshed),
         "families_refreshed_twice": sum(1 for n in refreshed.values() if n > 1),
         "families_not_refreshed": len(set(families) - set(refreshed)),
+        "cpu_s": {name: _rounded(value) for name, value in result["cpu_s"].items()},
         "sweepers_report": result["reports"],
     }
     _harness.emit(summary, show, as_json=args.json)
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def show(summary: dict[str, Any]) -> None:
@@ -183,8 +244,13 @@ def show(summary: dict[str, Any]) -> None:
             f"  sweeper {n}: refreshed {report['refreshed']:,}, fresh {report['fresh']:,}, "
             f"deferred {len(report['deferred'])}, failed {len(report['failed'])}, "
             f"{report['seconds']} s, peak RSS {report['peak_rss_mib']:.0f} MiB, "
-            f"exit {report['exit_code']}"
+            f"CPU {report['cpu_s']:.1f} s, exit {report['exit_code']}"
         )
+    cpu = summary["cpu_s"]
+    print(
+        f"  CPU s: sweepers {cpu['sweepers']}, provider {cpu['provider']}, PostgreSQL "
+        f"{cpu['postgres']}, machine {cpu['machine']} of {cpu['capacity']} the cores had"
+    )
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ class OwnCollection:
 
     def _document(self, record: Record, version: str) -> Document:
         document = record.to_document()
-        for name in ("expires_at", "lease_until", "cooldown_until"):
+        for name in ("expires_at", "lease_until", "cooldown_until", "refreshed_at"):
             if document[name] is not None:
                 document[name] = Int64(document[name])
         document["version"] = version
@@ -213,6 +213,7 @@ _CAMEL = {
     "failures": "failures",
     "cooldown_until": "cooldownUntil",
     "last_error": "lastError",
+    "refreshed_at": "refreshedAt",
 }
 _CREDENTIAL_FIELDS = ("access_token", "refresh_token", "expires_at", "scopes", "subscription_type")
 
@@ -256,9 +257,10 @@ class EmbeddedLayout:
     because the application is expected to own its documents. When ``match_field`` is not
     ``_id`` it needs a unique index, or two concurrent creates could insert two documents.
 
-    credkeeper's coordination state (version, lease, status, failures) lives beside the
-    credential in the sub-document ``state_field`` (``claudeCredentials.credkeeper``), named in
-    the same style. Nothing outside ``field_path`` of an existing document is ever written.
+    credkeeper's coordination state (version, lease, status, failures, when the tokens were last
+    obtained) lives beside the credential in the sub-document ``state_field``
+    (``claudeCredentials.credkeeper``), named in the same style. Nothing outside ``field_path``
+    of an existing document is ever written.
     """
 
     match_field: str = "_id"
@@ -360,10 +362,10 @@ class Embedded:
     the sub-document where it holds no refresh token; deleting one unsets credkeeper's fields,
     and the sub-document itself when nothing else is left in it.
 
-    The state (status, lease, failures, cooldown, last error) belongs to the refresh token
-    credkeeper last wrote: where the application has stored another one since, by a re-login
-    that bypasses credkeeper, the credential reads as active, with no lease, failures or
-    cooldown, and credkeeper's next write replaces that state.
+    The state (status, lease, failures, cooldown, last error, last refresh) belongs to the
+    refresh token credkeeper last wrote: where the application has stored another one since, by
+    a re-login that bypasses credkeeper, the credential reads as active, with no lease, failures,
+    cooldown or known last refresh, and credkeeper's next write replaces that state.
     """
 
     layout: EmbeddedLayout
@@ -567,6 +569,7 @@ class Embedded:
             failures=failures,
             cooldown_until=read_epoch_ms(stated("cooldown_until"), key=key, field="cooldown_until"),
             last_error=stated("last_error"),
+            refreshed_at=read_epoch_ms(stated("refreshed_at"), key=key, field="refreshed_at"),
             version=f"{version or _NO_STATE}.{token_digest(refresh)}",
         )
 
@@ -637,6 +640,9 @@ class Embedded:
                 None if record.cooldown_until is None else Int64(to_epoch_ms(record.cooldown_until))
             ),
             state_name("last_error"): record.last_error,
+            state_name("refreshed_at"): (
+                None if record.refreshed_at is None else Int64(to_epoch_ms(record.refreshed_at))
+            ),
         }
         return values
 

@@ -17,7 +17,15 @@ from ._schema import (
     leases_table,
     metadata,
 )
-from ._store import AsyncSQLStore, FieldMapping, SQLStore, StoreCheck, check_store, init_store
+from ._store import (
+    AsyncSQLStore,
+    FieldMapping,
+    SQLStore,
+    StoreCheck,
+    check_store,
+    init_store,
+    upgrade_store,
+)
 
 __all__ = [
     "DEFAULT_LEASE_TABLE",
@@ -32,4 +40,5 @@ __all__ = [
     "init_store",
     "leases_table",
     "metadata",
+    "upgrade_store",
 ]

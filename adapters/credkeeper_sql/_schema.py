@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
@@ -69,6 +69,7 @@ __all__ = [
     "EXPIRES_AT_UNITS_TEXT",
     "SCOPES_FORMATS",
     "SCOPES_FORMATS_TEXT",
+    "UPGRADE_COLUMNS",
     "ColumnMap",
     "ExistingTable",
     "Formats",
@@ -97,11 +98,15 @@ _KEY = sa.String(255).with_variant(
 )
 
 
-def credentials_table(meta: sa.MetaData, name: str = DEFAULT_TABLE) -> sa.Table:
+def credentials_table(
+    meta: sa.MetaData, name: str = DEFAULT_TABLE, *, refreshed_at: bool = True
+) -> sa.Table:
     """credkeeper's own table, named ``name``, added to ``meta``.
 
     Times are epoch milliseconds in BIGINT columns, exact on every backend; ``scopes`` is a
     JSON array. The index on ``(expires_at, key)`` serves ``scan_due``'s keyset pages.
+    ``refreshed_at=False`` describes a table made before credkeeper kept the last refresh
+    (see :data:`UPGRADE_COLUMNS`).
     """
     return sa.Table(
         name,
@@ -112,27 +117,30 @@ def credentials_table(meta: sa.MetaData, name: str = DEFAULT_TABLE) -> sa.Table:
         sa.Column("expires_at", sa.BigInteger, nullable=False),
         sa.Column("scopes", sa.Text, nullable=False),
         sa.Column("subscription_type", sa.String(255)),
-        *_state_columns(),
+        *_state_columns(refreshed_at=refreshed_at),
         sa.Index(f"ix_{name}_expires_at", "expires_at", "key"),
         mysql_charset="utf8mb4",
         mysql_collate="utf8mb4_bin",
     )
 
 
-def leases_table(meta: sa.MetaData, name: str = DEFAULT_LEASE_TABLE) -> sa.Table:
-    """The side table that holds coordination state for credentials in an existing table."""
+def leases_table(
+    meta: sa.MetaData, name: str = DEFAULT_LEASE_TABLE, *, refreshed_at: bool = True
+) -> sa.Table:
+    """The side table that holds coordination state for credentials in an existing table;
+    ``refreshed_at`` as for :func:`credentials_table`."""
     return sa.Table(
         name,
         meta,
         sa.Column("key", _KEY, primary_key=True),
-        *_state_columns(),
+        *_state_columns(refreshed_at=refreshed_at),
         mysql_charset="utf8mb4",
         mysql_collate="utf8mb4_bin",
     )
 
 
-def _state_columns() -> list[sa.Column[Any]]:
-    return [
+def _state_columns(*, refreshed_at: bool = True) -> list[sa.Column[Any]]:
+    columns: list[sa.Column[Any]] = [
         sa.Column("status", sa.String(32), nullable=False),
         sa.Column("lease_owner", sa.String(255)),
         sa.Column("lease_until", sa.BigInteger),
@@ -141,6 +149,19 @@ def _state_columns() -> list[sa.Column[Any]]:
         sa.Column("last_error", sa.Text),
         sa.Column("version", sa.String(32), nullable=False),
     ]
+    if refreshed_at:
+        columns.insert(-1, _refreshed_at_column())
+    return columns
+
+
+def _refreshed_at_column() -> sa.Column[Any]:
+    return sa.Column("refreshed_at", sa.BigInteger)
+
+
+#: Columns credkeeper's tables gained after their first release, which a table created before
+#: lacks: each nullable, so that a table without it keeps working (the field reads as None) until
+#: ``init-store`` (:func:`credkeeper_sql.upgrade_store`) adds it.
+UPGRADE_COLUMNS: tuple[Callable[[], sa.Column[Any]], ...] = (_refreshed_at_column,)
 
 
 #: The default tables, for Alembic: ``target_metadata = [app_metadata, credkeeper_sql.metadata]``.
@@ -193,10 +214,12 @@ def _status(key: str, value: Any) -> Status:
 _STATE_FIELDS = tuple(column.name for column in _state_columns() if column.name != "version")
 
 
-def _state_values(record: Record, version: str) -> dict[str, Any]:
-    """The state columns' values for ``record``, as a write versioned ``version`` sets them."""
+def _state_values(record: Record, version: str, table: sa.Table) -> dict[str, Any]:
+    """The state columns' values for ``record``, as a write versioned ``version`` sets them in
+    ``table`` (whose columns may predate some fields, see :data:`UPGRADE_COLUMNS`)."""
     document = record.to_document()
-    return {**{name: document[name] for name in _STATE_FIELDS}, "version": version}
+    values = {name: document[name] for name in _STATE_FIELDS if name in table.c}
+    return {**values, "version": version}
 
 
 def _conflict(record: Record, what: str) -> ConflictError:
@@ -204,10 +227,11 @@ def _conflict(record: Record, what: str) -> ConflictError:
 
 
 # The columns OwnTable reads, in the order record_of unpacks them: by position, as a row's
-# lookup by name costs more than the rest of the unpacking.
+# lookup by name costs more than the rest of the unpacking. refreshed_at comes last, where a
+# table made before it has none.
 _RECORD_COLUMNS = (
     *("access_token", "refresh_token", "expires_at", "scopes", "subscription_type"),
-    *_STATE_FIELDS,
+    *(name for name in _STATE_FIELDS if name != "refreshed_at"),
     "version",
 )
 # How many keys OwnTable remembers the last record read of (see OwnTable.record_of).
@@ -228,7 +252,10 @@ class OwnTable:
         self.key = table.c.key
         self.expires_at = table.c.expires_at
         by_key = self.key == sa.bindparam("key")
-        self._select = sa.select(*(table.c[name] for name in _RECORD_COLUMNS)).where(by_key)
+        #: Whether the table keeps the last refresh (one made before it did has no column).
+        self.refreshed_at = "refreshed_at" in table.c
+        read = (*_RECORD_COLUMNS, "refreshed_at") if self.refreshed_at else _RECORD_COLUMNS
+        self._select = sa.select(*(table.c[name] for name in read)).where(by_key)
         self._insert = sa.insert(table)
         self._update = sa.update(table).where(
             self.key == sa.bindparam("old_key"), table.c.version == sa.bindparam("old_version")
@@ -280,6 +307,7 @@ class OwnTable:
         return record
 
     def _record(self, key: str, row: sa.Row[*tuple[Any, ...]]) -> Record:
+        refreshed_at = row[-1] if self.refreshed_at else None
         (
             access_token,
             refresh_token,
@@ -293,7 +321,7 @@ class OwnTable:
             cooldown_until,
             last_error,
             version,
-        ) = row
+        ) = row[: len(_RECORD_COLUMNS)]
         return stored_record(
             key=key,
             access_token=access_token,
@@ -307,6 +335,7 @@ class OwnTable:
             failures=failures,
             cooldown_until=read_epoch_ms(cooldown_until, key=key, field="cooldown_until"),
             last_error=last_error,
+            refreshed_at=read_epoch_ms(refreshed_at, key=key, field="refreshed_at"),
             version=version,
         )
 
@@ -318,6 +347,8 @@ class OwnTable:
             "scopes": json.dumps(list(record.scopes)),
             "version": version,
         }
+        if not self.refreshed_at:
+            del values["refreshed_at"]
         if record.version is None:
             # A duplicate key fails the insert; the store turns that into ConflictError.
             yield self._insert, {"key": record.key, **values}
@@ -360,11 +391,15 @@ class ColumnMap:
     """Which columns of an existing table hold a credential's fields, and how.
 
     ``key`` identifies the row (e.g. ``id`` or ``user_id``); the three token columns are
-    required; ``scopes`` and ``subscription_type`` are optional.
+    required; ``scopes``, ``subscription_type`` and ``refreshed_at`` (when the tokens were
+    last obtained) are optional. Without a ``refreshed_at`` column the last refresh is kept in
+    the side table, with the rest of credkeeper's state.
 
     Every column is written back in the format it has (see ``docs/stores/sql.md``). The
     expiry column may be a timestamp, an integer of epoch milliseconds (``expires_at_unit="ms"``,
     the default) or seconds (``"s"``), or ISO-8601 text (``"iso"``, which a text column implies).
+    A ``refreshed_at`` column may be of the same kinds as the expiry column, its integers in
+    ``expires_at_unit``'s unit (milliseconds with ``"iso"``).
     The scopes column may be text holding space-separated scopes or a JSON array, a JSON column,
     or a PostgreSQL ``text[]``; ``scopes_format`` (``"space"``, ``"json"``, ``"array"``) names
     the format where neither the column type nor the row shows it, and is otherwise inferred
@@ -387,6 +422,7 @@ class ColumnMap:
     expires_at: str
     scopes: str | None = None
     subscription_type: str | None = None
+    refreshed_at: str | None = None
     expires_at_unit: Literal["ms", "s", "iso"] = "ms"
     scopes_format: ScopesFormat | None = None
     insert: bool = False
@@ -423,6 +459,7 @@ class ColumnMap:
             "expires_at": self.expires_at,
             "scopes": self.scopes,
             "subscription_type": self.subscription_type,
+            "refreshed_at": self.refreshed_at,
         }
         return {name: column for name, column in mapped.items() if column is not None}
 
@@ -484,9 +521,11 @@ def _type_name(column: sa.Column[Any]) -> str:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Formats:
-    """How the application's table keeps the expiry and the scopes, from its column types.
+    """How the application's table keeps the expiry, the scopes and the last refresh, from
+    its column types.
 
-    ``iso`` is the ISO-8601 style written into a text expiry column whose row shows none;
+    ``iso`` (``refreshed_iso``) is the ISO-8601 style written into a text expiry (last refresh)
+    column whose row shows none;
     ``scopes_default`` the format of a text scopes column whose row shows none. ``json_cast``
     marks a PostgreSQL JSON or JSONB scopes column: read as its text and written by a cast from
     text, so the application's spelling of the array survives (``json`` keeps it byte for byte).
@@ -495,6 +534,8 @@ class Formats:
     expires_at: ExpiryKind
     iso: IsoStyle = JAVASCRIPT_ISO
     scopes: ScopesKind | None = None
+    refreshed_at: ExpiryKind | None = None
+    refreshed_iso: IsoStyle = JAVASCRIPT_ISO
     scopes_default: Literal["space", "json"] = "space"
     json_cast: bool = False
 
@@ -552,8 +593,23 @@ def formats_of(
     if kind == "integer":
         _check_width(expiry, where, columns.expires_at_unit, dialect)
     iso = SQLITE_DATETIME if isinstance(expiry.type, sa.DateTime) else JAVASCRIPT_ISO
+    refreshed: dict[str, Any] = {}
+    if columns.refreshed_at is not None:
+        column = table.c[columns.refreshed_at]
+        refreshed["refreshed_at"] = _expiry_kind(column, dialect)
+        if refreshed["refreshed_at"] is None:
+            raise ConfigurationError(
+                f"last-refresh column {table.name}.{columns.refreshed_at} is "
+                f"{_type_name(column)}; credkeeper keeps it in timestamp, integer or text "
+                "(ISO-8601) columns, as the expiry: map refreshed_at_column to one of those"
+            )
+        if refreshed["refreshed_at"] == "integer":
+            unit = "s" if columns.expires_at_unit == "s" else "ms"
+            _check_width(column, f"{table.name}.{columns.refreshed_at}", unit, dialect)
+        if isinstance(column.type, sa.DateTime):
+            refreshed["refreshed_iso"] = SQLITE_DATETIME
     if columns.scopes is None:
-        return Formats(expires_at=kind, iso=iso)
+        return Formats(expires_at=kind, iso=iso, **refreshed)
     scopes = table.c[columns.scopes]
     where = f"{table.name}.{columns.scopes}"
     scopes_kind = _scopes_kind(scopes, dialect, json_columns)
@@ -577,6 +633,7 @@ def formats_of(
         scopes=scopes_kind,
         scopes_default="json" if wanted == "json" else "space",
         json_cast=dialect == "postgresql" and scopes_kind == "json",
+        **refreshed,
     )
 
 
@@ -635,10 +692,11 @@ class ExistingTable:
     back to ``NULL``. With ``insert`` (:class:`ColumnMap`), creating a credential for a key
     without a row inserts the row; with ``delete_rows``, deleting a credential deletes its row.
 
-    The side row's state (status, lease, failures, cooldown, last error) belongs to the refresh
-    token credkeeper last wrote: where the application has stored another one since, by a
-    re-login that bypasses credkeeper, the credential reads as active, with no lease, failures
-    or cooldown, and credkeeper's next write replaces that state.
+    The side row's state (status, lease, failures, cooldown, last error, last refresh) belongs
+    to the refresh token credkeeper last wrote: where the application has stored another one
+    since, by a re-login that bypasses credkeeper, the credential reads as active, with no
+    lease, failures, cooldown or known last refresh, and credkeeper's next write replaces that
+    state.
 
     Keys are compared in the key column's own type (:func:`key_kind`): bound as an ``int`` for
     an integer column and a ``uuid.UUID`` for a uuid column. Only a type's canonical spelling
@@ -734,6 +792,40 @@ class ExistingTable:
         if getattr(self.expires_at.type, "timezone", False):
             return moment.astimezone(UTC)
         return moment.astimezone(UTC).replace(tzinfo=None)
+
+    def _refreshed_value(self, moment: datetime | None, stored: Any) -> Any:
+        """``moment`` as the mapped last-refresh column keeps it, as :meth:`_expiry_value`
+        does for the expiry; ``None`` stays ``None``."""
+        if moment is None:
+            return None
+        if isinstance(stored, str):
+            parsed = parse_iso(stored)
+            return (self.formats.refreshed_iso if parsed is None else parsed[1]).render(moment)
+        kind = self.formats.refreshed_at
+        if (isinstance(stored, int) and not isinstance(stored, bool)) or kind == "integer":
+            return self._epoch(moment)
+        if kind == "text":
+            return self.formats.refreshed_iso.render(moment)
+        if getattr(self._column("refreshed_at").type, "timezone", False):
+            return moment.astimezone(UTC)
+        return moment.astimezone(UTC).replace(tzinfo=None)
+
+    def _refreshed_of(self, key: str, value: Any) -> datetime | None:
+        """The last refresh the mapped column holds; ``None`` for ``NULL``."""
+        if value is None:
+            return None
+        if isinstance(value, datetime):
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        if isinstance(value, int) and not isinstance(value, bool):
+            scale = 1000 if self.columns.expires_at_unit == "s" else 1
+            return read_epoch_ms(value * scale, key=key, field="refreshed_at")
+        if isinstance(value, str):
+            parsed = parse_iso(value)
+            if parsed is not None:
+                return parsed[0]
+        raise StoreCorrupted(
+            f"stored record for key {key!r} has a bad 'refreshed_at' column", key=key
+        )
 
     def _from_column(self, key: str, value: Any) -> datetime:
         if isinstance(value, datetime):
@@ -944,6 +1036,12 @@ class ExistingTable:
                     row["lease_cooldown_until"], key=key, field="cooldown_until"
                 )
                 fields["last_error"] = row["lease_last_error"]
+                fields["refreshed_at"] = read_epoch_ms(
+                    row.get("lease_refreshed_at"), key=key, field="refreshed_at"
+                )
+        if self.columns.refreshed_at is not None:
+            # The application's own column, which a login bypassing credkeeper may set too.
+            fields["refreshed_at"] = self._refreshed_of(key, row["refreshed_at"])
         return stored_record(**fields)
 
     def record_of(self, key: str, rows: Rows) -> Record | None:
@@ -980,6 +1078,10 @@ class ExistingTable:
             values[self.columns.scopes] = self._scopes_value(record.scopes, before.get("scopes"))
         if self.columns.subscription_type is not None:
             values[self.columns.subscription_type] = record.subscription_type
+        if self.columns.refreshed_at is not None:
+            values[self.columns.refreshed_at] = self._refreshed_value(
+                record.refreshed_at, before.get("refreshed_at")
+            )
         return values
 
     def _insert(self, record: Record) -> Plan:
@@ -1002,7 +1104,7 @@ class ExistingTable:
         )
         # A side row left behind by a row the application deleted belongs to no credential.
         yield sa.delete(self.leases).where(self.leases.c.key == record.key)
-        state = _state_values(record, version)
+        state = _state_values(record, version, self.leases)
         yield sa.insert(self.leases).values(key=record.key, **state)
         return record.replace(version=f"{version}.{token_digest(record.refresh_token)}")
 
@@ -1020,7 +1122,7 @@ class ExistingTable:
         if record.version != expected:
             raise _conflict(record, "changed, was created or was deleted since it was read")
         version = _side_version(record.refresh_token)
-        state = _state_values(record, version)
+        state = _state_values(record, version, self.leases)
         yield (
             sa.update(self.table)
             .where(self._matches(record.key))

@@ -7,6 +7,7 @@ module adds engines, options, and the translation of driver errors into credkeep
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import threading
 import warnings
@@ -39,6 +40,7 @@ from ._schema import (
     EXPIRES_AT_UNITS_TEXT,
     SCOPES_FORMATS,
     SCOPES_FORMATS_TEXT,
+    UPGRADE_COLUMNS,
     ColumnMap,
     ExistingTable,
     Formats,
@@ -54,7 +56,9 @@ from ._schema import (
     wall_time,
 )
 
-__all__ = ["AsyncSQLStore", "SQLStore", "init_store"]
+__all__ = ["AsyncSQLStore", "SQLStore", "init_store", "upgrade_store"]
+
+logger = logging.getLogger("credkeeper")
 
 Layout = OwnTable | ExistingTable
 
@@ -72,6 +76,7 @@ _COLUMN_OPTIONS = {
     "expires_at_column": "expires_at",
     "scopes_column": "scopes",
     "subscription_type_column": "subscription_type",
+    "refreshed_at_column": "refreshed_at",
 }
 # Options describing an existing-table mapping beyond its columns: ColumnMap's own fields.
 _MAPPING_OPTIONS = ("expires_at_unit", "scopes_format", "insert", "delete_rows")
@@ -308,7 +313,11 @@ def _engine_options(url: URL) -> dict[str, Any]:
     # SQLAlchemy's logs.
     options: dict[str, Any] = {"hide_parameters": True, "connect_args": _connect_args(url)}
     if url.get_backend_name() != "sqlite":
-        options.update(pool_pre_ping=True, pool_recycle=3600)
+        # At most 15 connections, as SQLAlchemy's default pool (5 kept, 10 more on demand)
+        # allows, but all 15 kept: that pool closes each connection beyond the fifth when it is
+        # returned, so a sweep's threads opened a new database session every few calls, and
+        # PostgreSQL forked a backend for each.
+        options.update(pool_pre_ping=True, pool_recycle=3600, pool_size=15, max_overflow=0)
     return options
 
 
@@ -376,10 +385,15 @@ class _StoreOptions:
         return cls(columns=columns, **values)
 
     def build(self, connection: sa.Connection) -> Layout:
-        """The layout, reflecting the application's table when there is a mapping."""
+        """The layout, reflecting the application's table when there is a mapping.
+
+        A credkeeper table made before a column of :data:`UPGRADE_COLUMNS` existed is used
+        without it (the field reads as None), with a warning naming the fix.
+        """
         if self.columns is None:
+            kept = not _missing_columns(connection, self.table, self.schema)
             layout: Layout = OwnTable(
-                credentials_table(sa.MetaData(schema=self.schema), self.table)
+                credentials_table(sa.MetaData(schema=self.schema), self.table, refreshed_at=kept)
             )
         else:
             where = _where(connection.engine.url)
@@ -389,9 +403,9 @@ class _StoreOptions:
                     # init-store --check names for ISO-8601 text; none is needed here.
                     warnings.filterwarnings("ignore", _SKIPPED_INDEX, sa_exc.SAWarning)
                     table, formats = self._reflect(connection, self.columns)
-                layout = ExistingTable(
-                    table, leases_table(table.metadata, self.lease_table), self.columns, formats
-                )
+                kept = not _missing_columns(connection, self.lease_table, self.schema)
+                leases = leases_table(table.metadata, self.lease_table, refreshed_at=kept)
+                layout = ExistingTable(table, leases, self.columns, formats)
             except ConfigurationError as exc:
                 raise ConfigurationError(f"cannot use the {where}: {exc}") from None
         if self.create:
@@ -449,6 +463,11 @@ class _StoreOptions:
                     columns.expires_at,
                     formats.expires_at == "text"
                     and not isinstance(table.c[columns.expires_at].type, sa.String),
+                ),
+                (
+                    columns.refreshed_at,
+                    formats.refreshed_at == "text"
+                    and not isinstance(table.c[str(columns.refreshed_at)].type, sa.String),
                 ),
                 (
                     columns.scopes,
@@ -545,6 +564,28 @@ class _StoreOptions:
                 f"once would insert two rows. Create it, e.g. CREATE UNIQUE INDEX "
                 f"{name}_{columns.key}_key ON {name} ({columns.key})"
             )
+
+
+def _missing_columns(
+    connection: sa.Connection, table: str, schema: str | None, *, warn: bool = True
+) -> list[str]:
+    """The columns of :data:`UPGRADE_COLUMNS` that credkeeper's existing ``table`` lacks, with
+    (``warn``) a warning naming the fix; none for a table that does not exist yet (it is made
+    whole)."""
+    inspector = sa.inspect(connection)
+    if not inspector.has_table(table, schema=schema):
+        return []
+    present = {column["name"] for column in inspector.get_columns(table, schema=schema)}
+    missing = [made().name for made in UPGRADE_COLUMNS if made().name not in present]
+    if missing and warn:
+        logger.warning(
+            "table %r has no column %s (it was created by an older credkeeper): the last "
+            "refresh of each credential is not kept, so the sweeper's keep-alive refreshes "
+            "every credential at each pass; run `credkeeper init-store URL` to add it",
+            table,
+            ", ".join(missing),
+        )
+    return missing
 
 
 def _where(url: URL) -> str:
@@ -920,8 +961,8 @@ class _SQLStoreBase(Generic[EngineT]):
         ``table``, ``schema``, ``lease_table``, ``page_size``, ``create``, ``plaintext``, and
         for an existing table ``key_column``, ``access_token_column``,
         ``refresh_token_column``, ``expires_at_column``, ``scopes_column``,
-        ``subscription_type_column``, ``expires_at_unit``, ``scopes_format``, ``insert`` and
-        ``delete_rows``.
+        ``subscription_type_column``, ``refreshed_at_column``, ``expires_at_unit``,
+        ``scopes_format``, ``insert`` and ``delete_rows``.
         """
         if not isinstance(url, str):
             raise ConfigurationError(f"SQL store URL must be a string, got {url!r}")
@@ -1176,6 +1217,37 @@ def init_store(url: str | sa.Engine, **options: Any) -> list[str]:
             engine.dispose()
 
 
+def upgrade_store(url: str | sa.Engine, **options: Any) -> list[str]:
+    """Add to credkeeper's existing tables the columns a newer credkeeper keeps; the columns
+    added, as ``table.column``.
+
+    Idempotent; only credkeeper's own tables (the credentials table, or with an existing-table
+    mapping the side table) are altered, never the application's, and only by adding nullable
+    columns (:data:`UPGRADE_COLUMNS`), which older credkeeper processes ignore, so they may keep
+    running meanwhile. ``options`` are :meth:`SQLStore.from_url`'s.
+    """
+    engine, store_options, owned = _setup_engine(url, options, command="init-store")
+    try:
+        with _boundary_at(engine.url, None, writing=True), engine.begin() as connection:
+            own = store_options.columns is None
+            name = store_options.table if own else store_options.lease_table
+            added = []
+            for column in _missing_columns(connection, name, store_options.schema, warn=False):
+                table = sa.Table(name, sa.MetaData(schema=store_options.schema))
+                made = next(make() for make in UPGRADE_COLUMNS if make().name == column)
+                table.append_column(made)
+                ddl = sa.schema.CreateColumn(made).compile(dialect=connection.dialect)
+                preparer = connection.dialect.identifier_preparer
+                connection.execute(
+                    sa.text(f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN {ddl}")
+                )
+                added.append(f"{name}.{column}")
+            return added
+    finally:
+        if owned:
+            engine.dispose()
+
+
 @dataclass(frozen=True, slots=True)
 class FieldMapping:
     """One credential field: the column holding it, the column's type, and how it is kept."""
@@ -1231,6 +1303,16 @@ def check_store(url: str | sa.Engine, **options: Any) -> StoreCheck:
         for name, exists in tables
         if not exists
     ]
+    mine = layout.tables[1:] if isinstance(layout, ExistingTable) else layout.tables
+    problems.extend(
+        f"table {table.name!r} has no column {column!r}, which this credkeeper keeps the last "
+        "refresh in: run `credkeeper init-store URL` to add it (or ALTER TABLE "
+        f"{table.name} ADD COLUMN {column} BIGINT)"
+        for table in mine
+        if dict(tables).get(table.name, False)
+        for column in (make().name for make in UPGRADE_COLUMNS)
+        if column not in table.c
+    )
     table_name, indexed, found = index
     if not found and dict(tables).get(table_name, False):
         problems.append(_index_problem(engine.dialect, layout, table_name, indexed))
@@ -1341,6 +1423,11 @@ def _field_mappings(layout: Layout, store_options: _StoreOptions) -> tuple[Field
             row("expires_at", table.c.expires_at, "epoch milliseconds"),
             row("scopes", table.c.scopes, "JSON array"),
             row("subscription_type", table.c.subscription_type, "text"),
+            *(
+                [row("refreshed_at", table.c.refreshed_at, "epoch milliseconds")]
+                if "refreshed_at" in table.c
+                else []
+            ),
         )
     columns, formats = layout.columns, layout.formats
     expiry = {
@@ -1361,6 +1448,12 @@ def _field_mappings(layout: Layout, store_options: _StoreOptions) -> tuple[Field
         "expires_at": expiry,
         "scopes": scopes,
         "subscription_type": "text",
+        "refreshed_at": {
+            None: "",
+            "timestamp": "timestamp",
+            "integer": "epoch seconds" if columns.expires_at_unit == "s" else "epoch milliseconds",
+            "text": "ISO-8601 text, in the row's own style",
+        }[formats.refreshed_at],
     }
     return tuple(
         row(field, table.c[column], kept[field]) for field, column in columns.columns().items()

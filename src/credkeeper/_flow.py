@@ -298,7 +298,11 @@ class Policy:
         )
 
     def record(self, key: str, credentials: Credentials, *, base: Record | None) -> Record:
-        """An active, unleased record holding ``credentials``, versioned as ``base``."""
+        """An active, unleased record holding ``credentials``, versioned as ``base``, obtained now.
+
+        Every record it makes holds tokens just obtained (the provider's answer, or a login
+        stored with put), so ``refreshed_at`` is now: the sweeper's keep-alive reads it.
+        """
         access = self._seal(key, "access_token", credentials.access_token)
         refresh = self._seal(key, "refresh_token", credentials.refresh_token)
         return Record(
@@ -309,6 +313,7 @@ class Policy:
             scopes=credentials.scopes,
             subscription_type=credentials.subscription_type,
             status=Status.ACTIVE,
+            refreshed_at=self.now(),
             version=None if base is None else base.version,
         )
 

@@ -73,6 +73,11 @@ H = TypeVar("H")
 
 DEFAULT_LEEWAY = timedelta(minutes=15)
 
+# Seconds a reading of the store's clock is carried forward on this host's monotonic clock
+# before the store is asked again: every refresh judges leases on the store's clock, and a
+# round trip per refresh to read it cost a quarter of a sweep's store calls.
+STORE_CLOCK_REUSE = 30.0
+
 
 def _duration(value: timedelta | float, name: str, *, minimum: float = 0.0) -> timedelta:
     if isinstance(value, bool) or not isinstance(value, timedelta | int | float):
@@ -161,6 +166,8 @@ class _Base(Generic[S, H]):
             directory = Path(journal) if journal is not None else default_journal_dir()
             self.journal = RescueJournal(directory, keyring=keyring)
         self._nonce = secrets.token_hex(4)
+        # The store's clock as last read, and this host's monotonic clock then.
+        self._store_clock: tuple[datetime, float] | None = None
         self._owner = owner
         self._cache: dict[str, Credentials] | None = {} if cache else None
         self.policy = Policy(
@@ -211,6 +218,26 @@ class _Base(Generic[S, H]):
         if until is None:
             return contextlib.nullcontext()
         return budget((until - self.policy.now()).total_seconds())
+
+    def _carried_store_clock(self) -> datetime | None:
+        """The store's clock carried forward from a recent reading, or ``None`` to read it.
+
+        Carried on the monotonic clock, so a step of this host's wall clock cannot skew it.
+        """
+        reading = self._store_clock
+        if reading is None:
+            return None
+        value, at = reading
+        elapsed = time.monotonic() - at
+        if not 0.0 <= elapsed <= STORE_CLOCK_REUSE:
+            return None
+        return value + timedelta(seconds=elapsed)
+
+    def _read_store_clock(self, value: object) -> object:
+        """Keep ``value``, the store's clock just read, for :meth:`_carried_store_clock`."""
+        if isinstance(value, datetime) and value.utcoffset() is not None:
+            self._store_clock = (value, time.monotonic())
+        return value
 
     def _remember(self, key: str, credentials: Credentials | None) -> None:
         if self._cache is None:
@@ -412,8 +439,13 @@ class TokenManager(Closing, _Base[CredentialStore, httpx.Client]):
                     return self.store.delete(key)
             case StoreNow():
                 clock = getattr(self.store, "now", None)
+                if clock is None:
+                    return None
+                carried = self._carried_store_clock()
+                if carried is not None:
+                    return carried
                 with _store_errors(None):
-                    return None if clock is None else clock()
+                    return self._read_store_clock(clock())
             case Send(request):
                 return self._http.send(request)
             case Sleep(seconds):
@@ -572,8 +604,13 @@ class AsyncTokenManager(
                     return await self.store.delete(key)
             case StoreNow():
                 clock = getattr(self.store, "now", None)
+                if clock is None:
+                    return None
+                carried = self._carried_store_clock()
+                if carried is not None:
+                    return carried
                 with _store_errors(None):
-                    return None if clock is None else await clock()
+                    return self._read_store_clock(await clock())
             case Send(request):
                 return await self._http.send(request)
             case Sleep(seconds):

@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from ._exceptions import ConfigurationError, ConflictError, DecryptionError, StoreCorrupted
 from ._keyring import KeyRing
-from ._record import Record
-from ._rekey import _END_OF_TIME, _FIELDS, _MAX_ATTEMPTS, _resealed
+from ._record import END_OF_TIME, TOKEN_FIELDS, Record
+from ._rekey import MAX_ATTEMPTS, resealed
 from ._store import CredentialStore, declares_plaintext, reported_damage
 
 __all__ = ["MigrateReport", "migrate"]
@@ -29,7 +29,7 @@ _Outcome = Literal["copied", "updated", "unchanged", "kept_newer"]
 
 # What is compared as the credential's state: everything but the tokens (compared on their
 # own, opened when re-sealing) and the lease, which belongs to the processes of its store.
-_NOT_STATE = frozenset((*_FIELDS, "lease_owner", "lease_until"))
+_NOT_STATE = frozenset((*TOKEN_FIELDS, "lease_owner", "lease_until"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +105,7 @@ def migrate(
     _check_sealing(source, destination, reseal)
     # All keys before any write, as rekey does: a scan cursor held across writes can block
     # writers, and a key listed twice would be counted twice.
-    keys = sorted(set(source.scan_due(_END_OF_TIME)))
+    keys = sorted(set(source.scan_due(END_OF_TIME)))
     counts: dict[_Outcome, int] = {"copied": 0, "updated": 0, "unchanged": 0, "kept_newer": 0}
     failed: dict[str, str] = {}
     if progress is not None:
@@ -119,7 +119,7 @@ def migrate(
         except ConflictError:
             failed[key] = (
                 f"the destination's record under key {key!r} changed under each of "
-                f"{_MAX_ATTEMPTS} attempts; run the migration again"
+                f"{MAX_ATTEMPTS} attempts; run the migration again"
             )
         else:
             if outcome is not None:
@@ -165,8 +165,8 @@ def _migrate_one(
         return None
     wanted = record.replace(lease_owner=None, lease_until=None, version=None)
     if reseal is not None:
-        wanted = _resealed(wanted, reseal)
-    for _ in range(_MAX_ATTEMPTS):
+        wanted = resealed(wanted, reseal)
+    for _ in range(MAX_ATTEMPTS):
         present = destination.get(key)
         outcome = _judge(wanted, present, reseal)
         if outcome in ("unchanged", "kept_newer"):
@@ -211,8 +211,8 @@ def _state(record: Record) -> Mapping[str, Any]:
 def _tokens(record: Record, reseal: KeyRing | None) -> tuple[str | None, ...]:
     """The tokens to compare: as stored, or opened with ``reseal``."""
     if reseal is None:
-        return tuple(getattr(record, field) for field in _FIELDS)
-    return tuple(_opened(reseal, record, field) for field in _FIELDS)
+        return tuple(getattr(record, field) for field in TOKEN_FIELDS)
+    return tuple(_opened(reseal, record, field) for field in TOKEN_FIELDS)
 
 
 def _opened(ring: KeyRing, record: Record, field: str) -> str | None:
@@ -227,4 +227,4 @@ def _opened(ring: KeyRing, record: Record, field: str) -> str | None:
 
 
 def _needs_reseal(record: Record, reseal: KeyRing | None) -> bool:
-    return reseal is not None and any(reseal.needs_rekey(getattr(record, f)) for f in _FIELDS)
+    return reseal is not None and any(reseal.needs_rekey(getattr(record, f)) for f in TOKEN_FIELDS)

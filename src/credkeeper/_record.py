@@ -23,6 +23,12 @@ __all__ = [
 ]
 
 MAX_KEY_LENGTH = 255
+# The token fields, sealed under these names when a key ring is set.
+TOKEN_FIELDS = ("access_token", "refresh_token")
+# Every record expires before this, so ``scan_due(END_OF_TIME)`` lists every key. Whole
+# seconds: a backend that keeps milliseconds would round datetime.max's .999999 up into the
+# year 10000.
+END_OF_TIME = datetime.max.replace(microsecond=0, tzinfo=UTC)
 
 
 class Status(enum.StrEnum):
@@ -71,8 +77,10 @@ class Record:
     """One stored credential with its coordination state.
 
     ``access_token`` and ``refresh_token`` are opaque strings to a store: sealed ciphertexts
-    when the manager has a key ring. ``version`` is the store's compare-and-swap token: ``None``
-    on a record that was never stored; stores set it on every successful ``put``.
+    when the manager has a key ring. ``refreshed_at`` is when the tokens were obtained (the
+    provider's refresh, or the login stored with ``put``); ``None`` where it is not known, as on
+    records stored before credkeeper kept it. ``version`` is the store's compare-and-swap token:
+    ``None`` on a record that was never stored; stores set it on every successful ``put``.
     """
 
     key: str
@@ -87,6 +95,7 @@ class Record:
     failures: int = 0
     cooldown_until: datetime | None = None
     last_error: str | None = None
+    refreshed_at: datetime | None = None
     version: str | None = None
 
     def __post_init__(self) -> None:
@@ -109,6 +118,10 @@ class Record:
                 self.cooldown_until is None
                 or (type(self.cooldown_until) is datetime and self.cooldown_until.tzinfo is UTC)
             )
+            and (
+                self.refreshed_at is None
+                or (type(self.refreshed_at) is datetime and self.refreshed_at.tzinfo is UTC)
+            )
             and type(self.scopes) is tuple
             and all(type(scope) is str for scope in self.scopes)
             and type(self.status) is Status
@@ -129,7 +142,7 @@ class Record:
                     f"Record.{name} must be a str, not {type(getattr(self, name)).__name__}"
                 )
         check_moment("Record.expires_at", self.expires_at)
-        for name in ("lease_until", "cooldown_until"):
+        for name in ("lease_until", "cooldown_until", "refreshed_at"):
             if getattr(self, name) is not None:
                 check_moment(f"Record.{name}", getattr(self, name))
         if not isinstance(self.scopes, tuple) or not all(isinstance(s, str) for s in self.scopes):
@@ -181,6 +194,7 @@ class Record:
                 None if self.cooldown_until is None else to_epoch_ms(self.cooldown_until)
             ),
             "last_error": self.last_error,
+            "refreshed_at": (None if self.refreshed_at is None else to_epoch_ms(self.refreshed_at)),
         }
 
     @classmethod
@@ -229,6 +243,7 @@ class Record:
             "failures": field("failures", int),
             "cooldown_until": moment("cooldown_until", optional=True),
             "last_error": field("last_error", str, optional=True),
+            "refreshed_at": moment("refreshed_at", optional=True),
             "version": version,
         }
         return stored_record(**fields)

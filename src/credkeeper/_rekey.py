@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from ._exceptions import ConfigurationError, ConflictError, DecryptionError, StoreCorrupted
 from ._keyring import KeyRing
-from ._record import Record
+from ._record import END_OF_TIME, TOKEN_FIELDS, Record
 from ._store import CredentialStore, declares_plaintext, reported_damage
 
 __all__ = ["RekeyReport", "rekey"]
 
-# The token fields and the names they are sealed under; the engine seals with the same names.
-_FIELDS = ("access_token", "refresh_token")
-# Every record expires before this. Whole seconds: a backend that keeps milliseconds would
-# round datetime.max's .999999 up into the year 10000.
-_END_OF_TIME = datetime.max.replace(microsecond=0, tzinfo=UTC)
 # A record that changes under us this many times in a row is being written in a loop;
-# give up on the run rather than spin.
-_MAX_ATTEMPTS = 10
+# give up on the run rather than spin. Migrations share it.
+MAX_ATTEMPTS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +49,7 @@ def rekey(store: CredentialStore, keyring: KeyRing) -> RekeyReport:
     # Take all keys before writing: a scan cursor left open across writes can block writers
     # (SQLite) or see an updated row twice (document stores), and a key seen twice would be
     # counted twice.
-    keys = list(dict.fromkeys(store.scan_due(_END_OF_TIME)))
+    keys = list(dict.fromkeys(store.scan_due(END_OF_TIME)))
     rekeyed = unchanged = 0
     damaged: dict[str, str] = {}
     for key in keys:
@@ -81,21 +75,21 @@ def _rekey_one(store: CredentialStore, keyring: KeyRing, key: str) -> bool | Non
         record = store.get(key)
         if record is None:
             return None
-        if not any(keyring.needs_rekey(getattr(record, field)) for field in _FIELDS):
+        if not any(keyring.needs_rekey(getattr(record, field)) for field in TOKEN_FIELDS):
             return False
         try:
-            store.put(_resealed(record, keyring))
+            store.put(resealed(record, keyring))
         except ConflictError:
             attempts += 1
-            if attempts >= _MAX_ATTEMPTS:
+            if attempts >= MAX_ATTEMPTS:
                 raise
         else:
             return True
 
 
-def _resealed(record: Record, keyring: KeyRing) -> Record:
+def resealed(record: Record, keyring: KeyRing) -> Record:
     changes: dict[str, str] = {}
-    for field in _FIELDS:
+    for field in TOKEN_FIELDS:
         try:
             changes[field] = keyring.reseal(getattr(record, field), key=record.key, field=field)
         except DecryptionError:

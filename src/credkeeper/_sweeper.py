@@ -7,6 +7,16 @@ any number of hosts, beside live traffic, refresh each credential once. The swee
 scheduling: how many at once, a random order and start jitter so hosts do not march in step, and
 one pause for the whole sweep when the provider throttles, instead of failing the keys. What
 became of each key is read from the events its flow emitted, never guessed.
+
+Sweepers running together do not divide the keys between them: each lists them all. Once one
+has found ``concurrency`` keys fresh since its last listing (a peer refreshed them), it lists
+the due keys again and passes over those no longer listed, which a peer has refreshed, without
+reading them; so two sweepers read far fewer of each other's keys, and a sweep that finds no
+key fresh lists them once.
+
+With ``keep_alive``, a sweep also refreshes credentials whose tokens were last obtained longer
+ago than that (or at an unknown time), for providers that expire refresh tokens left unused:
+listing them reads every record, so that pass runs at most once per ``keep_alive / 10``.
 """
 
 from __future__ import annotations
@@ -27,9 +37,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from ._events import EventHook, EventKind, RefreshEvent
-from ._exceptions import ConfigurationError, CredentialNotFound, CredkeeperError, ReauthRequired
-from ._flow import Policy, _failure, get_flow
+from ._exceptions import (
+    ConfigurationError,
+    CredentialNotFound,
+    CredkeeperError,
+    ReauthRequired,
+    StoreCorrupted,
+)
+from ._flow import Flow, Policy, _failure, get_flow, refresh_flow
 from ._manager import AsyncTokenManager, TokenManager, _duration, concrete_signature
+from ._record import END_OF_TIME, Record, Status
 
 __all__ = ["AsyncSweeper", "SweepReport", "Sweeper"]
 
@@ -37,6 +54,8 @@ logger = logging.getLogger("credkeeper")
 
 #: Added to the manager's leeway for the default window.
 DEFAULT_AHEAD = timedelta(minutes=15)
+#: The keep-alive pass runs at most once per ``keep_alive`` divided by this.
+KEEP_ALIVE_PASSES = 10
 
 Progress = Callable[[int, int], None]
 M = TypeVar("M", TokenManager, AsyncTokenManager)
@@ -48,9 +67,13 @@ class SweepReport:
 
     ``due``: keys the store listed. ``refreshed``: refreshed by this sweep. ``fresh``: valid
     beyond the window when their turn came (refreshed meanwhile by a peer or a caller, or listed
-    by a store whose scan is coarse). ``by_peer``: the provider refused this sweep's refresh
-    because a peer had just rotated the token, whose tokens were taken. ``needs_reauth``: keys
-    whose user must log in again (never retried). ``deferred``: key and reason of each key left
+    by a store whose scan is coarse), or no longer listed as due by a listing made again during
+    the sweep. ``by_peer``: the provider refused this sweep's refresh
+    because a peer had just rotated the token, whose tokens were taken. ``idle``: keys the
+    keep-alive pass listed, their tokens last obtained longer ago than ``keep_alive`` or at an
+    unknown time; ``kept_alive``: those this sweep refreshed (the others count where their
+    outcome says: ``fresh`` when a peer refreshed them first, ``failed``, ...). ``needs_reauth``:
+    keys whose user must log in again (never retried). ``deferred``: key and reason of each key left
     due but still valid (``cooldown`` after its own provider failures, ``lease_busy``,
     ``contention``, ``store_unavailable``). ``failed``: key and outcome of each refresh that
     failed. ``deleted``: keys gone before their turn. ``throttled``: how many times the
@@ -61,6 +84,8 @@ class SweepReport:
     refreshed: int = 0
     fresh: int = 0
     by_peer: int = 0
+    idle: int = 0
+    kept_alive: int = 0
     needs_reauth: tuple[str, ...] = ()
     deferred: tuple[tuple[str, str], ...] = ()
     failed: tuple[tuple[str, str], ...] = ()
@@ -103,10 +128,15 @@ class _Tally:
     """The report being built by threads or tasks; ``lock`` guards it across threads."""
 
     due: int
+    idle: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     listed: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     throttled: int = 0
     done: int = 0
+    # The due keys as a scan made during the sweep listed them; fresh keys found since.
+    still_due: set[str] | None = None
+    fresh_since_scan: int = 0
+    scanning: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def count(self, key: str, verdict: _Verdict) -> int:
@@ -119,9 +149,38 @@ class _Tally:
             self.done += 1
             return self.done
 
+    @property
+    def total(self) -> int:
+        """How many keys this sweep takes a turn on."""
+        return self.due + self.idle
+
     def pause(self) -> None:
         with self.lock:
             self.throttled += 1
+
+    def left(self, key: str) -> bool:
+        """Whether a scan made during the sweep no longer listed ``key`` as due."""
+        with self.lock:
+            return self.still_due is not None and key not in self.still_due
+
+    def scan_again(self, verdict: _Verdict, threshold: int) -> bool:
+        """Whether the caller should list the due keys again now: ``threshold`` keys were
+        found fresh since the last listing (a peer is sweeping too), and no one else is."""
+        with self.lock:
+            if verdict.outcome != "fresh":
+                return False
+            self.fresh_since_scan += 1
+            if self.scanning or self.fresh_since_scan < threshold:
+                return False
+            self.scanning, self.fresh_since_scan = True, 0
+            return True
+
+    def scanned(self, keys: set[str] | None) -> None:
+        """Take a new listing of the due keys (``None``: the scan failed; keep the last)."""
+        with self.lock:
+            if keys is not None:
+                self.still_due = keys
+            self.scanning = False
 
     def report(self, seconds: float) -> SweepReport:
         listed = {name: tuple(sorted(pairs)) for name, pairs in self.listed.items()}
@@ -130,6 +189,8 @@ class _Tally:
             refreshed=self.counts.get("refreshed", 0),
             fresh=self.counts.get("fresh", 0),
             by_peer=self.counts.get("by_peer", 0),
+            idle=self.idle,
+            kept_alive=self.counts.get("kept_alive", 0),
             needs_reauth=tuple(key for key, _ in listed.get("needs_reauth", ())),
             deferred=listed.get("deferred", ()),
             failed=listed.get("failed", ()),
@@ -194,6 +255,7 @@ class _SweeperBase(Generic[M]):
         concurrency: int = 8,
         jitter: timedelta | float = 0.1,
         max_attempts: int = 3,
+        keep_alive: timedelta | float | None = None,
         rng: random.Random | None = None,
     ) -> None:
         kind, other = self._kinds
@@ -215,6 +277,9 @@ class _SweeperBase(Generic[M]):
                 f"leeway ({policy.leeway.total_seconds():g} s): a sweep that stops short of "
                 "the leeway leaves callers to refresh"
             )
+        self.keep_alive = (
+            None if keep_alive is None else _duration(keep_alive, "keep_alive", minimum=1.0)
+        )
         self.concurrency = concurrency
         self.jitter = _duration(jitter, "jitter").total_seconds()
         self.max_attempts = max_attempts
@@ -226,6 +291,8 @@ class _SweeperBase(Generic[M]):
         self._pause_until = datetime.min.replace(tzinfo=UTC)
         self._pause_lock = threading.Lock()
         self._wake: asyncio.Event | None = None
+        # When the last keep-alive pass listed the idle keys, on the manager's clock.
+        self._kept_at: datetime | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.manager!r}, window={self.window.total_seconds():g}s)"
@@ -266,6 +333,39 @@ class _SweeperBase(Generic[M]):
         self._rng.shuffle(keys)
         return keys
 
+    def _keep_alive_now(self) -> datetime | None:
+        """The time of a keep-alive pass to run now, or ``None``: no keep-alive, or its last
+        pass was less than ``keep_alive / KEEP_ALIVE_PASSES`` ago."""
+        if self.keep_alive is None:
+            return None
+        now = self._now()
+        if self._kept_at is not None and now - self._kept_at < self.keep_alive / KEEP_ALIVE_PASSES:
+            return None
+        return now
+
+    def _idle(self, now: datetime, records: list[tuple[str, Record | None]]) -> dict[str, Record]:
+        """The records the keep-alive pass refreshes, in sweep order: active, and obtained
+        longer than ``keep_alive`` before ``now`` or at an unknown time. Records a store lists
+        but cannot read are left to the due sweep and to callers, which report them."""
+        assert self.keep_alive is not None
+        oldest = now - self.keep_alive
+        idle = {
+            key: record
+            for key, record in records
+            if record is not None
+            and record.status is Status.ACTIVE
+            and (record.refreshed_at is None or record.refreshed_at <= oldest)
+        }
+        self._kept_at = now
+        return {key: idle[key] for key in self._order(list(idle))}
+
+    def _kept_alive_flow(self, manager: M, watch: _Watch, record: Record) -> Flow[Any]:
+        """A forced refresh of ``record``'s key, unless its access token changed since it was
+        read: a peer (another sweeper, a caller) that refreshed it meanwhile did the work."""
+        policy = dataclasses.replace(manager._policy(), events=watch)
+        failed = policy.credentials(record).access_token
+        return refresh_flow(policy, record.key, failed=failed)
+
 
 class Sweeper(_SweeperBase[TokenManager]):
     """Refreshes, ahead of time, every credential of a :class:`TokenManager` due within ``window``.
@@ -276,6 +376,12 @@ class Sweeper(_SweeperBase[TokenManager]):
     the whole sweep pauses for the cooldown the flow recorded and tries the key again, for at
     most ``max_attempts`` attempts in all, before it counts as failed. ``needs_reauth`` keys are
     reported, never retried.
+
+    ``keep_alive`` (default off) also refreshes every active credential whose tokens were last
+    obtained (``Record.refreshed_at``) longer ago than that, or at an unknown time, through the
+    same leases: for providers that expire a refresh token left unused, so that an idle user is
+    never logged out for being idle. Finding them reads every record, so that pass runs in the
+    first sweep and then at most once per ``keep_alive / 10``.
     """
 
     __signature__ = concrete_signature(_SweeperBase.__init__, manager="TokenManager")
@@ -295,11 +401,15 @@ class Sweeper(_SweeperBase[TokenManager]):
         started = time.monotonic()
         self._starts = itertools.count()
         keys = self._order(self.due())
-        tally = _Tally(due=len(keys))
+        idle = self._idle_records(set(keys))
+        tally = _Tally(due=len(keys), idle=len(idle))
         if progress is not None:
-            progress(0, len(keys))
+            progress(0, tally.total)
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="credkeeper-sweep") as pool:
-            futures = [pool.submit(self._turn, key, tally, progress) for key in keys]
+            turns = [(key, None) for key in keys] + list(idle.items())
+            futures = [
+                pool.submit(self._turn, key, tally, progress, record) for key, record in turns
+            ]
             try:
                 for future in futures:
                     future.result()
@@ -334,31 +444,58 @@ class Sweeper(_SweeperBase[TokenManager]):
                         on_report(report)
                 self._stopping.wait(seconds * self._rng.uniform(0.9, 1.0))
 
-    def _turn(self, key: str, tally: _Tally, progress: Progress | None) -> None:
-        verdict = _Verdict("failed", "unavailable")
-        for _ in range(self.max_attempts):
-            for seconds in self._waits():
-                self.manager.policy.clock.sleep(seconds)
-            if self.stopping:
-                return
-            attempt = self._refresh(key)
-            if attempt.outcome != "throttled":
-                verdict = attempt
-                break
-            with self._pause_lock:
-                self._throttled(attempt, tally)
+    def _idle_records(self, due: set[str]) -> dict[str, Record]:
+        """The keep-alive pass's records, if one is to run now; none of the ``due`` keys."""
+        now = self._keep_alive_now()
+        if now is None:
+            return {}
+        store = self.manager.store
+        keys = [key for key in dict.fromkeys(store.scan_due(END_OF_TIME)) if key not in due]
+        return self._idle(now, [(key, _readable(store.get, key)) for key in keys])
+
+    def _turn(
+        self, key: str, tally: _Tally, progress: Progress | None, record: Record | None = None
+    ) -> None:
+        if record is None and tally.left(key):
+            verdict = _Verdict("fresh")
+        else:
+            verdict = _Verdict("failed", "unavailable")
+            for _ in range(self.max_attempts):
+                for seconds in self._waits():
+                    self.manager.policy.clock.sleep(seconds)
+                if self.stopping:
+                    return
+                attempt = self._refresh(key, record)
+                if attempt.outcome != "throttled":
+                    verdict = attempt
+                    break
+                with self._pause_lock:
+                    self._throttled(attempt, tally)
+            if record is None and tally.scan_again(verdict, self.concurrency):
+                tally.scanned(self._still_due())
         done = tally.count(key, verdict)
         if progress is not None:
-            progress(done, tally.due)
+            progress(done, tally.total)
 
-    def _refresh(self, key: str) -> _Verdict:
+    def _still_due(self) -> set[str] | None:
+        """The keys due now, or ``None`` if the store cannot list them (the sweep goes on)."""
+        try:
+            return set(self.due())
+        except CredkeeperError:
+            return None
+
+    def _refresh(self, key: str, record: Record | None) -> _Verdict:
         manager = self.manager
         watch = _Watch(manager.policy.events)
         try:
-            manager._run_cached(key, get_flow(self._ahead(manager._policy(), watch), key))
+            if record is None:
+                flow = get_flow(self._ahead(manager._policy(), watch), key)
+            else:
+                flow = self._kept_alive_flow(manager, watch, record)
+            manager._run_cached(key, flow)
         except Exception as exc:  # noqa: BLE001 - classified and counted; the sweep goes on
             return _verdict(exc, watch)
-        return _verdict(None, watch)
+        return _kept(_verdict(None, watch), record)
 
 
 class AsyncSweeper(_SweeperBase[AsyncTokenManager]):
@@ -378,16 +515,18 @@ class AsyncSweeper(_SweeperBase[AsyncTokenManager]):
         started = time.monotonic()
         self._starts = itertools.count()
         keys = self._order(await self.due())
-        tally = _Tally(due=len(keys))
+        idle = await self._idle_records(set(keys))
+        tally = _Tally(due=len(keys), idle=len(idle))
         if progress is not None:
-            progress(0, len(keys))
+            progress(0, tally.total)
         gate = asyncio.Semaphore(self.concurrency)
 
-        async def turn(key: str) -> None:
+        async def turn(key: str, record: Record | None) -> None:
             async with gate:
-                await self._turn(key, tally, progress)
+                await self._turn(key, tally, progress, record)
 
-        tasks = [asyncio.ensure_future(turn(key)) for key in keys]
+        turns = [(key, None) for key in keys] + list(idle.items())
+        tasks = [asyncio.ensure_future(turn(key, record)) for key, record in turns]
         try:
             # Shielded: a refresh cut off between the provider and the store would leave the
             # new refresh token in the journal only.
@@ -427,30 +566,84 @@ class AsyncSweeper(_SweeperBase[AsyncTokenManager]):
         if self._wake is not None:
             self._wake.set()
 
-    async def _turn(self, key: str, tally: _Tally, progress: Progress | None) -> None:
-        verdict = _Verdict("failed", "unavailable")
-        for _ in range(self.max_attempts):
-            for seconds in self._waits():
-                await self.manager.policy.clock.asleep(seconds)
-            if self.stopping:
-                return
-            attempt = await self._refresh(key)
-            if attempt.outcome != "throttled":
-                verdict = attempt
-                break
-            self._throttled(attempt, tally)
+    async def _idle_records(self, due: set[str]) -> dict[str, Record]:
+        """The keep-alive pass's records, if one is to run now; none of the ``due`` keys."""
+        now = self._keep_alive_now()
+        if now is None:
+            return {}
+        store = self.manager.store
+        listed = [key async for key in store.scan_due(END_OF_TIME)]
+        keys = [key for key in dict.fromkeys(listed) if key not in due]
+        return self._idle(now, [(key, await _areadable(store.get, key)) for key in keys])
+
+    async def _turn(
+        self, key: str, tally: _Tally, progress: Progress | None, record: Record | None = None
+    ) -> None:
+        if record is None and tally.left(key):
+            verdict = _Verdict("fresh")
+        else:
+            verdict = _Verdict("failed", "unavailable")
+            for _ in range(self.max_attempts):
+                for seconds in self._waits():
+                    await self.manager.policy.clock.asleep(seconds)
+                if self.stopping:
+                    return
+                attempt = await self._refresh(key, record)
+                if attempt.outcome != "throttled":
+                    verdict = attempt
+                    break
+                self._throttled(attempt, tally)
+            if record is None and tally.scan_again(verdict, self.concurrency):
+                tally.scanned(await self._still_due())
         done = tally.count(key, verdict)
         if progress is not None:
-            progress(done, tally.due)
+            progress(done, tally.total)
 
-    async def _refresh(self, key: str) -> _Verdict:
+    async def _still_due(self) -> set[str] | None:
+        """The keys due now, or ``None`` if the store cannot list them (the sweep goes on)."""
+        try:
+            return set(await self.due())
+        except CredkeeperError:
+            return None
+
+    async def _refresh(self, key: str, record: Record | None) -> _Verdict:
         manager = self.manager
         watch = _Watch(manager.policy.events)
         try:
-            await manager._run_cached(key, get_flow(self._ahead(manager._policy(), watch), key))
+            if record is None:
+                flow = get_flow(self._ahead(manager._policy(), watch), key)
+            else:
+                flow = self._kept_alive_flow(manager, watch, record)
+            await manager._run_cached(key, flow)
         except Exception as exc:  # noqa: BLE001 - classified and counted; the sweep goes on
             return _verdict(exc, watch)
-        return _verdict(None, watch)
+        return _kept(_verdict(None, watch), record)
+
+
+def _kept(verdict: _Verdict, record: Record | None) -> _Verdict:
+    """A keep-alive turn's refresh counts as ``kept_alive``, not as a due key's ``refreshed``."""
+    if record is not None and verdict.outcome == "refreshed":
+        return _Verdict("kept_alive")
+    return verdict
+
+
+def _readable(get: Callable[[str], Record | None], key: str) -> Record | None:
+    """``get(key)``, or ``None`` for a record the store holds damaged (logged, never a token)."""
+    try:
+        return get(key)
+    except StoreCorrupted as exc:
+        logger.warning("keep-alive skips key %r: %s", key, exc)
+        return None
+
+
+async def _areadable(get: Callable[[str], Any], key: str) -> Record | None:
+    """The async form of :func:`_readable`."""
+    try:
+        record: Record | None = await get(key)
+    except StoreCorrupted as exc:
+        logger.warning("keep-alive skips key %r: %s", key, exc)
+        return None
+    return record
 
 
 def _sweep_failed(exc: CredkeeperError) -> None:

@@ -12,6 +12,7 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,18 @@ def stored(store_url: str, key: str) -> Record:
         store.close()
     assert record is not None
     return record
+
+
+def set_refreshed_at(store_url: str, key: str, refreshed_at: datetime | None) -> Record:
+    """Set when the tokens under ``key`` were last obtained, as an older store may hold it."""
+    store = open_store(store_url)
+    assert isinstance(store, CredentialStore)
+    try:
+        record = store.get(key)
+        assert record is not None
+        return store.put(record.replace(refreshed_at=refreshed_at))
+    finally:
+        store.close()
 
 
 def stored_tokens(store_url: str, keyring: KeyRing, key: str) -> tuple[str, str]:

@@ -18,9 +18,16 @@ from sqlalchemy.engine import make_url
 
 from credkeeper import Record, open_store
 from credkeeper.cli._errors import PREFIX, ExitCode
-from credkeeper_sql import SQLStore
+from credkeeper_sql import SQLStore, credentials_table, leases_table
 
 from .conftest import Cli, error_line
+
+RECORD = Record(
+    key="alice",
+    access_token="access-token",
+    refresh_token="refresh-token",
+    expires_at=datetime(2026, 1, 1, 20, 0, tzinfo=UTC),
+)
 
 
 def init_store(url: str) -> Result:
@@ -127,6 +134,119 @@ class TestSQLite:
             result.stdout,
             tables(sqlite_url),
         )
+
+
+def make_old_table(url: str, *, name: str = "credkeeper_credentials", leases: bool = False) -> None:
+    """Create credkeeper's table as a release before ``refreshed_at`` made it."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as connection:
+            make = leases_table if leases else credentials_table
+            make(sa.MetaData(), name, refreshed_at=False).create(connection)
+    finally:
+        engine.dispose()
+
+
+def columns(url: str, table: str) -> list[str]:
+    """The column names of ``table`` in the database at ``url``."""
+    engine = sa.create_engine(url)
+    try:
+        return [column["name"] for column in sa.inspect(engine).get_columns(table)]
+    finally:
+        engine.dispose()
+
+
+class TestUpgrade:
+    def test_adds_the_refreshed_at_column_to_an_old_table(self, sqlite_url: str) -> None:
+        """A table from before refreshed_at gets the column, and the output says so."""
+        make_old_table(sqlite_url)
+
+        result = init_store(sqlite_url)
+
+        assert (0, f"added column credkeeper_credentials.refreshed_at in {sqlite_url}\n") == (
+            result.exit_code,
+            result.stdout,
+        )
+        assert "refreshed_at" in columns(sqlite_url, "credkeeper_credentials")
+
+    def test_the_upgraded_table_keeps_the_last_refresh(self, sqlite_url: str) -> None:
+        """After the upgrade, a record's refreshed_at round trips through the store."""
+        make_old_table(sqlite_url)
+        init_store(sqlite_url)
+        moment = datetime(2026, 1, 1, 12, 0, 0, 123000, tzinfo=UTC)
+        store = open_store(sqlite_url)
+        assert isinstance(store, SQLStore)
+        try:
+            stored = store.put(RECORD.replace(refreshed_at=moment))
+            assert stored == store.get("alice")
+        finally:
+            store.close()
+
+    def test_an_old_table_works_without_the_column(self, sqlite_url: str) -> None:
+        """Before the upgrade the store still works, the last refresh reading as None."""
+        make_old_table(sqlite_url)
+        store = open_store(sqlite_url)
+        assert isinstance(store, SQLStore)
+        try:
+            store.put(RECORD.replace(refreshed_at=datetime(2026, 1, 1, tzinfo=UTC)))
+            record = store.get("alice")
+        finally:
+            store.close()
+
+        assert (RECORD.access_token, None) == (
+            record and record.access_token,
+            record and record.refreshed_at,
+        )
+
+    def test_check_names_the_missing_column_and_the_fix(self, sqlite_url: str) -> None:
+        """--check on an old table exits 2 naming refreshed_at and init-store."""
+        make_old_table(sqlite_url)
+
+        result = Cli([])("init-store", "--check", sqlite_url)
+
+        assert ExitCode.USAGE == result.exit_code
+        assert "has no column 'refreshed_at'" in result.stderr
+        assert "credkeeper init-store URL" in result.stderr
+
+    def test_adds_the_column_to_an_old_side_table_only(self, sqlite_url: str) -> None:
+        """With an existing-table mapping, the side table gets it; the application's table not."""
+        engine = sa.create_engine(sqlite_url)
+        try:
+            with engine.begin() as connection:
+                connection.exec_driver_sql(
+                    "CREATE TABLE users (id TEXT PRIMARY KEY, access TEXT, refresh TEXT, "
+                    "expires BIGINT)"
+                )
+        finally:
+            engine.dispose()
+        make_old_table(sqlite_url, name="user_leases", leases=True)
+        url = (
+            f"{sqlite_url}?table=users&key_column=id&access_token_column=access"
+            "&refresh_token_column=refresh&expires_at_column=expires&lease_table=user_leases"
+        )
+
+        result = init_store(url)
+
+        assert (0, True, ["id", "access", "refresh", "expires"]) == (
+            result.exit_code,
+            "refreshed_at" in columns(sqlite_url, "user_leases"),
+            columns(sqlite_url, "users"),
+        )
+
+    def test_postgres_old_table_gets_the_column(
+        self, postgres_url: str, postgres_table: str
+    ) -> None:
+        """On PostgreSQL too, an old table gets the nullable column, once."""
+        url = f"{postgres_url}{'&' if '?' in postgres_url else '?'}table={postgres_table}"
+        make_old_table(postgres_url, name=postgres_table)
+
+        first = init_store(url)
+        again = init_store(url)
+
+        assert (
+            f"added column {postgres_table}.refreshed_at in {url}\n",
+            f"credkeeper's tables already exist in {url}; nothing to create\n",
+        ) == (first.stdout, again.stdout)
 
 
 class TestPostgres:

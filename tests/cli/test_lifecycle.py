@@ -18,7 +18,15 @@ from credkeeper.cli._errors import ExitCode
 from credkeeper.cli._output import FAR_FUTURE
 from credkeeper.testing import FakeProvider
 
-from .conftest import Cli, damage, error_line, import_credentials, leaked, stored
+from .conftest import (
+    Cli,
+    damage,
+    error_line,
+    import_credentials,
+    leaked,
+    set_refreshed_at,
+    stored,
+)
 
 
 class Terminal(io.BytesIO):
@@ -53,10 +61,53 @@ class TestShow:
 
         assert 0 == result.exit_code, result.stderr
         rows = result.stdout.splitlines()
-        assert (3, ["alice", "in 2h", "active", "-", "-"]) == (
+        assert (4, ["alice", "in 2h", "active", "-", "-"]) == (
             len(rows),
             [cell.strip() for cell in rows[2].split("  ") if cell.strip()],
         )
+
+    def test_prints_when_the_tokens_were_last_refreshed(
+        self, run: Cli, fake: FakeProvider, store_url: str
+    ) -> None:
+        """The line after the table gives the last refresh in UTC and how long ago it was."""
+        import_credentials(run, "alice", fake.issue())
+        moment = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+        set_refreshed_at(store_url, "alice", moment)
+
+        result = run("show", "alice")
+
+        last = result.stdout.splitlines()[-1]
+        prefix = "last refresh: 2026-01-02T03:04:05.678Z ("
+        assert (0, True, True) == (
+            result.exit_code,
+            last.startswith(prefix),
+            last.endswith(" ago)"),
+        )
+
+    def test_an_unknown_last_refresh_says_so(
+        self, run: Cli, fake: FakeProvider, store_url: str
+    ) -> None:
+        """A record stored before credkeeper kept the last refresh shows it as unknown."""
+        import_credentials(run, "alice", fake.issue())
+        set_refreshed_at(store_url, "alice", None)
+
+        result = run("show", "alice")
+
+        assert (
+            "last refresh: unknown (stored before credkeeper kept it)"
+            == (result.stdout.splitlines()[-1])
+        )
+
+    def test_json_holds_the_last_refresh(
+        self, run: Cli, fake: FakeProvider, store_url: str
+    ) -> None:
+        """--json gives refreshed_at in ISO 8601 UTC, to the millisecond."""
+        import_credentials(run, "alice", fake.issue())
+        set_refreshed_at(store_url, "alice", datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC))
+
+        shown = json.loads(run("show", "alice", "--json").stdout)
+
+        assert "2026-01-02T03:04:05.678Z" == shown["refreshed_at"]
 
     def test_json_is_the_object_status_lists(self, run: Cli, fake: FakeProvider) -> None:
         """--json prints the fields of `status --json` for the key."""

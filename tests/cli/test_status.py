@@ -245,8 +245,25 @@ class TestStatusJson:
             "failures": 0,
             "last_error": None,
             "cooldown_until": None,
-        } == {name: value for name, value in entry.items() if not name.startswith("expires")}
+        } == {
+            name: value
+            for name, value in entry.items()
+            if not name.startswith("expires") and name != "refreshed_at"
+        }
         assert 28700 < entry["expires_in_seconds"] <= 28800
+
+    def test_refreshed_at_is_when_the_login_was_stored(
+        self, run: Cli, fake: FakeProvider, store_url: str
+    ) -> None:
+        """refreshed_at is the stored record's, in ISO 8601 UTC to the millisecond."""
+        import_credentials(run, "alice", fake.issue())
+        record = stored(store_url, "alice")
+        assert record.refreshed_at is not None
+
+        [entry] = json.loads(run("status", "--json").stdout)
+
+        expected = record.refreshed_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        assert expected == entry["refreshed_at"]
 
 
 class TestHumanise:

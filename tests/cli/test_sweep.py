@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
 from credkeeper.cli._errors import ExitCode
 from credkeeper.testing import FakeProvider, Fault
 
-from .conftest import Cli, import_credentials, leaked
+from .conftest import Cli, import_credentials, leaked, set_refreshed_at, stored
+
+DAY = timedelta(days=1)
 
 
 class TestSweep:
@@ -79,6 +82,61 @@ class TestSweep:
     def test_a_watch_interval_under_a_second_is_refused(self, run: Cli) -> None:
         """--watch --interval 0s would poll the store in a busy loop: exit 2."""
         result = run("sweep", "--watch", "--interval", "0s")
+
+        assert ExitCode.USAGE == result.exit_code
+        assert "must be at least 1s" in result.stderr
+
+
+class TestKeepAlive:
+    def test_refreshes_an_idle_credential_and_leaves_a_recent_one(
+        self, run: Cli, fake: FakeProvider, store_url: str
+    ) -> None:
+        """Both valid for 60 days; the one last refreshed 31 days ago is refreshed, alone."""
+        import_credentials(run, "idle", fake.issue(expires_in=60 * 86400))
+        import_credentials(run, "recent", fake.issue(expires_in=60 * 86400))
+        set_refreshed_at(store_url, "idle", datetime.now(UTC) - 31 * DAY)
+        recent = stored(store_url, "recent")
+
+        result = run("sweep", "--keep-alive", "30d", "--json")
+
+        report = json.loads(result.stdout)
+        assert (0, 0, 1, 1, 1) == (
+            result.exit_code,
+            report["due"],
+            report["idle"],
+            report["kept_alive"],
+            fake.refresh_count,
+        )
+        assert recent == stored(store_url, "recent")
+
+    def test_without_the_flag_an_idle_credential_is_left_alone(
+        self, run: Cli, fake: FakeProvider, store_url: str
+    ) -> None:
+        """No --keep-alive: a credential idle for a year but valid is not refreshed."""
+        import_credentials(run, "idle", fake.issue(expires_in=60 * 86400))
+        set_refreshed_at(store_url, "idle", datetime.now(UTC) - 365 * DAY)
+
+        result = run("sweep", "--json")
+
+        idle = json.loads(result.stdout)["idle"]
+        assert (0, 0, 0) == (result.exit_code, idle, fake.refresh_count)
+
+    def test_the_summary_counts_the_idle_credentials(
+        self, run: Cli, fake: FakeProvider, store_url: str
+    ) -> None:
+        """The closing line says how many idle credentials were kept alive, no token shown."""
+        import_credentials(run, "idle", fake.issue(expires_in=60 * 86400))
+        set_refreshed_at(store_url, "idle", None)
+
+        result = run("sweep", "--keep-alive", "30d")
+
+        assert 0 == result.exit_code, result.stderr
+        assert "1 of 1 idle kept alive" in result.stdout
+        assert set() == leaked(fake, result)
+
+    def test_a_keep_alive_under_a_second_is_refused(self, run: Cli) -> None:
+        """--keep-alive 0s would refresh every credential at every pass: exit 2."""
+        result = run("sweep", "--keep-alive", "0s")
 
         assert ExitCode.USAGE == result.exit_code
         assert "must be at least 1s" in result.stderr

@@ -90,9 +90,11 @@ class ClockedStore(MemoryStore):
         super().__init__()
         self.offset = offset
         self.budgets: list[float | None] = []
+        self.clock_reads = 0
 
     def now(self) -> datetime:
         """The store's clock: the system's, plus the offset."""
+        self.clock_reads += 1
         return datetime.now(UTC) + self.offset
 
     def put(self, record: Record) -> Record:
@@ -388,6 +390,45 @@ class TestStoreClock:
 
         assert 1 == len(fake.refresh_calls)
         assert 0 < (caught.value.retry_after or 0) <= 31
+
+    def test_refreshes_close_together_read_the_store_clock_once(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """A reading of the store's clock serves the refreshes of the next 30 seconds."""
+        store = ClockedStore()
+        manager = TokenManager(store, fake.provider(), journal=tmp_path / "j", clock=clock)
+        for key in ("alice", "bob"):
+            manager.put(key, fake.issue(expires_in=0))
+
+        manager.get("alice")
+        manager.get("bob")
+
+        assert (2, 1) == (fake.refresh_count, store.clock_reads)
+
+    def test_a_host_clock_step_after_a_reading_does_not_take_over_a_live_lease(
+        self, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """The store's clock is carried on the monotonic clock: a host step of 5 minutes
+        after reading it does not end a live lease early."""
+        store = ClockedStore()
+        clock = FakeClock(datetime.now(UTC))
+        manager = TokenManager(
+            store, fake.provider(), journal=tmp_path / "j", clock=clock, refresh_timeout=1.0
+        )
+        for key in ("alice", "bob"):
+            manager.put(key, fake.issue(expires_in=0))
+        manager.get("alice")
+        store.put(
+            stored(store, "bob").replace(
+                lease_owner="peer", lease_until=store.now() + timedelta(seconds=60)
+            )
+        )
+        clock.advance(timedelta(minutes=5))
+
+        with pytest.raises(RefreshTimeout):
+            manager.get("bob")
+
+        assert 1 == fake.refresh_count
 
     def test_a_lease_past_its_end_on_the_store_clock_is_taken_over(
         self, fake: FakeProvider, tmp_path: Path

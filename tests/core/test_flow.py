@@ -126,6 +126,11 @@ def record(
     )
 
 
+def obtained(access: str, refresh: str, **fields: Any) -> Record:
+    """A record of tokens the flow has just obtained: ``refreshed_at`` is the clock's START."""
+    return record(access, refresh, refreshed_at=START, **fields)
+
+
 def credentials_of(stored: Record) -> Credentials:
     return Credentials(
         access_token=stored.access_token,
@@ -188,7 +193,7 @@ def to_store_write(flow: Flow[Any], due: Record) -> tuple[Record, RescueEntry]:
     assert isinstance(write, JournalWrite)
     assert Deadline(WRITE_UNTIL) == flow.send(None)
     save = flow.send(None)
-    assert Save(record("at-2", "rt-2", expires_at=rotated().expires_at, version="2")) == save
+    assert Save(obtained("at-2", "rt-2", expires_at=rotated().expires_at, version="2")) == save
     return leased, write.entry
 
 
@@ -259,7 +264,7 @@ class TestRefresh:
         )
         assert Deadline(WRITE_UNTIL) == flow.send(None)
         save = flow.send(None)
-        assert Save(record("at-2", "rt-2", expires_at=rotated().expires_at, version="2")) == save
+        assert Save(obtained("at-2", "rt-2", expires_at=rotated().expires_at, version="2")) == save
         assert JournalDiscard(write.entry) == flow.send(stored_as(save, "3"))
 
         assert rotated() == finish(flow, None)
@@ -675,7 +680,7 @@ class TestProviderFailures:
         assert isinstance(write, JournalWrite)
         assert Deadline(WRITE_UNTIL) == flow.send(None)
         save = flow.send(None)
-        assert Save(record("at-1", "rt-2", expires_at=START, version="2")) == save
+        assert Save(obtained("at-1", "rt-2", expires_at=START, version="2")) == save
         assert JournalDiscard(write.entry) == flow.send(stored_as(save, "3"))
 
         with pytest.raises(ProviderError, match="access_token") as caught:
@@ -755,7 +760,7 @@ class TestInvalidGrant:
         assert JournalPending(KEY, rescan=True) == flow.send(leased)
         assert Load(KEY) == flow.send([entry])
         restore = flow.send(leased)
-        assert Save(record("at-2", "rt-2", expires_at=rotated().expires_at, version="2")) == (
+        assert Save(obtained("at-2", "rt-2", expires_at=rotated().expires_at, version="2")) == (
             restore
         )
         restored = stored_as(restore, "3")
@@ -794,7 +799,7 @@ class TestStoreWrite:
 
         again = flow.send(taken)
 
-        assert Save(record("at-2", "rt-2", expires_at=rotated().expires_at, version="3")) == again
+        assert Save(obtained("at-2", "rt-2", expires_at=rotated().expires_at, version="3")) == again
         assert JournalDiscard(entry) == flow.send(stored_as(again, "4"))
 
     def test_a_login_stored_meanwhile_wins(self, policy: Policy) -> None:
@@ -893,7 +898,7 @@ class TestRescues:
         assert JournalPending(KEY) == flow.send(None)
         assert Load(KEY) == flow.send([entry])
         restore = flow.send(due)
-        assert Save(record("at-2", "rt-2", expires_at=rotated().expires_at, version="1")) == (
+        assert Save(obtained("at-2", "rt-2", expires_at=rotated().expires_at, version="1")) == (
             restore
         )
         assert JournalDiscard(entry) == flow.send(stored_as(restore))
@@ -966,7 +971,7 @@ class TestPut:
         assert Deadline(DEADLINE) == next(flow)
         assert Load(KEY) == flow.send(None)
         save = flow.send(None)
-        assert Save(record("at-2", "rt-2", expires_at=login.expires_at, version=None)) == save
+        assert Save(obtained("at-2", "rt-2", expires_at=login.expires_at, version=None)) == save
 
         assert stored_as(save) == finish(flow, stored_as(save))
 
@@ -979,7 +984,7 @@ class TestPut:
 
         save = flow.send(record(status=Status.NEEDS_REAUTH, version="4", failures=2))
 
-        assert Save(record("at-2", "rt-2", expires_at=login.expires_at, version="4")) == save
+        assert Save(obtained("at-2", "rt-2", expires_at=login.expires_at, version="4")) == save
 
     def test_a_conflict_rereads_at_once_then_backs_off(self, policy: Policy) -> None:
         """The first conflict re-reads with no wait; the second sleeps first."""

@@ -7,8 +7,12 @@ from typing import Any
 
 import pytest
 
-from credkeeper import ConfigurationError, Record, Status, StoreCorrupted
+from credkeeper import ConfigurationError, MemoryStore, Record, Status, StoreCorrupted, TokenManager
+from credkeeper._keyring import KeyRing
+from credkeeper._migrate import migrate
 from credkeeper._record import MAX_KEY_LENGTH, check_key
+from credkeeper._rekey import rekey
+from credkeeper.testing import FakeClock, FakeProvider
 
 KEY = "user-42"
 ACCESS = "ck1:k1:SEALEDaccessQZXJ"
@@ -30,6 +34,7 @@ def full_record() -> Record:
         failures=3,
         cooldown_until=EXPIRES - timedelta(hours=7, milliseconds=1),
         last_error="invalid_grant",
+        refreshed_at=EXPIRES - timedelta(days=30, milliseconds=7),
         version="v1",
     )
 
@@ -59,6 +64,7 @@ class TestDocument:
             "failures": 3,
             "cooldown_until": 1_905_211_815_122,
             "last_error": "invalid_grant",
+            "refreshed_at": 1_902_645_015_116,
         } == full_record().to_document()
 
     def test_round_trip(self) -> None:
@@ -83,12 +89,13 @@ class TestDocument:
         """A new record is active, unleased, without failures and never stored."""
         record = minimal_record()
 
-        assert (Status.ACTIVE, None, None, 0, None, None) == (
+        assert (Status.ACTIVE, None, None, 0, None, None, None) == (
             record.status,
             record.lease_owner,
             record.lease_until,
             record.failures,
             record.cooldown_until,
+            record.refreshed_at,
             record.version,
         )
 
@@ -96,10 +103,11 @@ class TestDocument:
         """Times read from a document are aware UTC datetimes."""
         record = Record.from_document(KEY, document(), version="v1")
 
-        assert (UTC, UTC, UTC) == (
+        assert (UTC, UTC, UTC, UTC) == (
             record.expires_at.tzinfo,
             record.lease_until.tzinfo if record.lease_until else None,
             record.cooldown_until.tzinfo if record.cooldown_until else None,
+            record.refreshed_at.tzinfo if record.refreshed_at else None,
         )
 
     @pytest.mark.parametrize(
@@ -125,6 +133,9 @@ class TestDocument:
             ("failures", -1),
             ("cooldown_until", 1.0),
             ("last_error", {"code": 1}),
+            ("refreshed_at", "2030-04-17T08:30:15Z"),
+            ("refreshed_at", 1.9e12),
+            ("refreshed_at", True),
         ],
     )
     def test_wrong_type(self, field: str, value: object) -> None:
@@ -153,7 +164,14 @@ class TestDocument:
 
     @pytest.mark.parametrize(
         "field",
-        ["subscription_type", "lease_owner", "lease_until", "cooldown_until", "last_error"],
+        [
+            "subscription_type",
+            "lease_owner",
+            "lease_until",
+            "cooldown_until",
+            "last_error",
+            "refreshed_at",
+        ],
     )
     def test_optional_field_absent(self, field: str) -> None:
         """An absent optional field reads as None."""
@@ -300,6 +318,8 @@ class TestValidation:
             ("expires_at", datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5)))),
             ("lease_until", datetime(2030, 1, 1)),
             ("cooldown_until", "2030-01-01T00:00:00Z"),
+            ("refreshed_at", datetime(2030, 1, 1)),
+            ("refreshed_at", 1_893_456_000_000),
             ("scopes", ["user:inference"]),
             ("scopes", ("user:inference", 7)),
             ("status", "active"),
@@ -329,3 +349,69 @@ class TestValidation:
         """An aware datetime in another zone is the same instant, accepted as given."""
         tokyo = EXPIRES.astimezone(timezone(timedelta(hours=9)))
         assert EXPIRES == minimal_record().replace(expires_at=tokyo).expires_at
+
+
+class TestRefreshedAt:
+    """When the tokens of a record were obtained: set by the engine, kept by rekey and migrate."""
+
+    def test_put_records_when_the_login_was_stored(
+        self, store: MemoryStore, manager: TokenManager, fake: FakeProvider, clock: FakeClock
+    ) -> None:
+        """put() stores the credentials with refreshed_at = the manager's clock."""
+        manager.put(KEY, fake.issue())
+        record = store.get(KEY)
+
+        assert clock.now() == (record.refreshed_at if record else None)
+
+    def test_a_refresh_records_when_it_happened(
+        self, store: MemoryStore, manager: TokenManager, fake: FakeProvider, clock: FakeClock
+    ) -> None:
+        """A refresh an hour after the login moves refreshed_at to the refresh's time."""
+        manager.put(KEY, fake.issue())
+        refreshed = clock.advance(3600)
+
+        manager.refresh(KEY)
+        record = store.get(KEY)
+
+        assert refreshed == (record.refreshed_at if record else None)
+
+    def test_a_read_of_fresh_credentials_leaves_it_alone(
+        self, store: MemoryStore, manager: TokenManager, fake: FakeProvider, clock: FakeClock
+    ) -> None:
+        """get() of credentials valid beyond the leeway is no refresh: refreshed_at stays."""
+        manager.put(KEY, fake.issue())
+        stored_at = clock.now()
+        clock.advance(3600)
+
+        manager.get(KEY)
+        record = store.get(KEY)
+
+        assert stored_at == (record.refreshed_at if record else None)
+
+    def test_rekey_keeps_it(self) -> None:
+        """Re-sealing under a new primary key keeps refreshed_at as it was."""
+        old = KeyRing.generate("old")
+        store = MemoryStore()
+        store.put(
+            full_record().replace(
+                access_token=old.seal("a", key=KEY, field="access_token"),
+                refresh_token=old.seal("r", key=KEY, field="refresh_token"),
+                status=Status.ACTIVE,
+                version=None,
+            )
+        )
+
+        rekey(store, old.rotated("new"))
+        record = store.get(KEY)
+
+        assert full_record().refreshed_at == (record.refreshed_at if record else None)
+
+    def test_migrate_keeps_it(self) -> None:
+        """A migrated credential arrives with its refreshed_at."""
+        source, destination = MemoryStore(), MemoryStore()
+        source.put(full_record().replace(version=None))
+
+        migrate(source, destination)
+        record = destination.get(KEY)
+
+        assert full_record().refreshed_at == (record.refreshed_at if record else None)

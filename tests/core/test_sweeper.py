@@ -23,6 +23,7 @@ from credkeeper import (
     AsyncTokenManager,
     ConfigurationError,
     MemoryStore,
+    Record,
     Status,
     Sweeper,
     SweepReport,
@@ -229,6 +230,236 @@ class TestRunOnce:
         }
 
 
+DAY = 86400
+
+
+class CountingStore(MemoryStore):
+    """A memory store that counts the scans listing every key, as the keep-alive pass makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full_scans = 0
+
+    def scan_due(self, before: datetime) -> Iterator[str]:
+        if before.year > 9000:
+            self.full_scans += 1
+        return super().scan_due(before)
+
+
+def age(store: MemoryStore, key: str, refreshed_at: datetime | None) -> None:
+    """Set when the credential under ``key`` was last refreshed, as a store from before may."""
+    record = store.get(key)
+    assert record is not None
+    store.put(record.replace(refreshed_at=refreshed_at))
+
+
+class TestKeepAlive:
+    def test_an_idle_but_valid_credential_is_refreshed(
+        self, manager: TokenManager, fake: FakeProvider, clock: FakeClock
+    ) -> None:
+        """Last refreshed 31 days ago, valid 29 more: keep_alive=30d refreshes it, counted so."""
+        fill(manager, fake, idle=60 * DAY)
+        clock.advance(31 * DAY)
+
+        report = Sweeper(manager, jitter=0, keep_alive=timedelta(days=30)).run_once()
+
+        assert (0, 1, 1, 0, 1) == (
+            report.due,
+            report.idle,
+            report.kept_alive,
+            report.refreshed,
+            fake.refresh_count,
+        )
+
+    def test_the_refresh_records_when_it_happened(
+        self, manager: TokenManager, fake: FakeProvider, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        """After the keep-alive refresh, the record's refreshed_at is the sweep's time."""
+        fill(manager, fake, idle=60 * DAY)
+        swept_at = clock.advance(31 * DAY)
+
+        Sweeper(manager, jitter=0, keep_alive=timedelta(days=30)).run_once()
+        record = store.get("idle")
+
+        assert swept_at == (record.refreshed_at if record else None)
+
+    def test_a_recently_refreshed_credential_is_left_alone(
+        self, manager: TokenManager, fake: FakeProvider, clock: FakeClock
+    ) -> None:
+        """Refreshed 29 days ago with keep_alive=30d: no provider call."""
+        fill(manager, fake, recent=60 * DAY)
+        clock.advance(29 * DAY)
+
+        report = Sweeper(manager, jitter=0, keep_alive=timedelta(days=30)).run_once()
+
+        assert (0, 0, 0) == (report.idle, report.kept_alive, fake.refresh_count)
+
+    def test_an_unknown_last_refresh_is_refreshed_once(
+        self, manager: TokenManager, fake: FakeProvider, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        """A record without refreshed_at is refreshed by the first pass, not by the next."""
+        fill(manager, fake, old=60 * DAY)
+        age(store, "old", None)
+        sweeper = Sweeper(manager, jitter=0, keep_alive=timedelta(days=30))
+
+        first = sweeper.run_once()
+        clock.advance(4 * DAY)
+        second = sweeper.run_once()
+
+        assert (1, 0, 0) == (first.kept_alive, second.idle, second.kept_alive)
+
+    def test_needs_reauth_is_never_touched(
+        self, manager: TokenManager, fake: FakeProvider, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        """An idle credential whose user must log in again is neither listed nor sent."""
+        fill(manager, fake, dead=60 * DAY)
+        record = store.get("dead")
+        assert record is not None
+        store.put(record.replace(status=Status.NEEDS_REAUTH))
+        clock.advance(31 * DAY)
+
+        report = Sweeper(manager, jitter=0, keep_alive=timedelta(days=30)).run_once()
+
+        assert (0, (), 0) == (report.idle, report.needs_reauth, fake.refresh_count)
+
+    def test_a_key_due_and_idle_is_refreshed_once_as_due(
+        self, manager: TokenManager, fake: FakeProvider, clock: FakeClock
+    ) -> None:
+        """Expiring within the window and idle: one refresh, counted as due, not as idle."""
+        fill(manager, fake, both=31 * DAY + 60)
+        clock.advance(31 * DAY)
+
+        report = Sweeper(manager, jitter=0, keep_alive=timedelta(days=30)).run_once()
+
+        assert (1, 1, 0, 1) == (report.due, report.refreshed, report.idle, fake.refresh_count)
+
+    def test_off_by_default(
+        self, manager: TokenManager, fake: FakeProvider, clock: FakeClock
+    ) -> None:
+        """Without keep_alive, a credential idle for a year but still valid is left alone."""
+        fill(manager, fake, idle=400 * DAY)
+        clock.advance(365 * DAY)
+
+        report = Sweeper(manager, jitter=0).run_once()
+
+        assert (0, 0, 0) == (report.idle, report.kept_alive, fake.refresh_count)
+
+    def test_a_peer_that_refreshed_first_leaves_nothing_to_do(
+        self, store: MemoryStore, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """Two hosts' sweepers over one store, one after the other: one refresh per idle key."""
+        with (
+            TokenManager(store, fake.provider(), journal=tmp_path / "a", clock=clock) as first,
+            TokenManager(store, fake.provider(), journal=tmp_path / "b", clock=clock) as second,
+        ):
+            fill(first, fake, a=60 * DAY, b=60 * DAY)
+            clock.advance(31 * DAY)
+            keep_alive = timedelta(days=30)
+
+            Sweeper(first, jitter=0, keep_alive=keep_alive).run_once()
+            report = Sweeper(second, jitter=0, keep_alive=keep_alive).run_once()
+
+        assert (0, 0, 2) == (report.idle, report.kept_alive, fake.refresh_count)
+
+    @pytest.mark.parametrize("repetition", range(3))
+    def test_sweepers_in_threads_refresh_each_idle_key_once(
+        self, repetition: int, store: MemoryStore, tmp_path: Path
+    ) -> None:
+        """Three managers keeping one store alive at once: one refresh per idle key.
+
+        On the system clock, as the other many-sweeper cases; idle through their refreshed_at.
+        """
+        with FakeProvider(latency=0.02, revoke_family_on_reuse=True) as fake:
+            managers = [
+                TokenManager(store, fake.provider(), journal=tmp_path / f"j{n}") for n in range(3)
+            ]
+            fill(managers[0], fake, **{f"user-{n}": 8 * HOUR for n in range(20)})
+            for n in range(20):
+                age(store, f"user-{n}", None)
+            reports: list[SweepReport] = []
+
+            def sweep(manager: TokenManager) -> None:
+                sweeper = Sweeper(manager, concurrency=4, jitter=0.01, keep_alive=30 * DAY)
+                reports.append(sweeper.run_once())
+
+            threads = [threading.Thread(target=sweep, args=(m,)) for m in managers]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            for manager in managers:
+                manager.close()
+
+            assert 20 == fake.refresh_count
+            assert {1} == set(refreshes_by_family(fake).values())
+            assert [] == [failed for report in reports for failed in report.failed]
+
+    def test_run_forever_lists_every_key_once_per_tenth_of_keep_alive(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """Sweeps half a day apart with keep_alive=10d: the pass runs in sweeps 1, 3 and 5."""
+        store = CountingStore()
+        with TokenManager(store, fake.provider(), journal=tmp_path / "j", clock=clock) as manager:
+            fill(manager, fake, a=60 * DAY)
+            sweeper = Sweeper(manager, jitter=0, keep_alive=timedelta(days=10))
+            scans: list[int] = []
+
+            def on_report(report: SweepReport) -> None:
+                scans.append(store.full_scans)
+                clock.advance(DAY / 2)
+                if len(scans) == 6:
+                    sweeper.stop()
+
+            sweeper.run_forever(interval=0.01, on_report=on_report, handle_signals=False)
+
+        assert [1, 1, 2, 2, 3, 3] == scans
+
+    def test_the_report_counts_idle_keys_in_json(
+        self, manager: TokenManager, fake: FakeProvider, clock: FakeClock
+    ) -> None:
+        """as_dict() holds idle and kept_alive."""
+        fill(manager, fake, idle=60 * DAY)
+        clock.advance(31 * DAY)
+
+        report = Sweeper(manager, jitter=0, keep_alive=30 * DAY).run_once().as_dict()
+
+        assert {"idle": 1, "kept_alive": 1} == {
+            name: report[name] for name in ("idle", "kept_alive")
+        }
+
+    def test_progress_counts_idle_keys(
+        self, manager: TokenManager, fake: FakeProvider, clock: FakeClock
+    ) -> None:
+        """progress(done, total) counts the due and the idle keys together."""
+        fill(manager, fake, due=31 * DAY + 60, idle=60 * DAY)
+        clock.advance(31 * DAY)
+        seen: list[tuple[int, int]] = []
+
+        Sweeper(manager, jitter=0, keep_alive=30 * DAY).run_once(
+            progress=lambda done, total: seen.append((done, total))
+        )
+
+        assert [(0, 2), (1, 2), (2, 2)] == sorted(seen)
+
+    @pytest.mark.anyio
+    async def test_the_async_sweeper_keeps_idle_credentials_alive(
+        self, store: MemoryStore, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """The async twin: the idle one refreshed, the recent one left alone."""
+        async with AsyncTokenManager(
+            store, fake.provider(), journal=tmp_path / "journal", clock=clock
+        ) as manager:
+            await manager.put("idle", fake.issue(expires_in=60 * DAY))
+            clock.advance(20 * DAY)
+            await manager.put("recent", fake.issue(expires_in=60 * DAY))
+            clock.advance(11 * DAY)
+
+            sweeper = AsyncSweeper(manager, jitter=0, keep_alive=timedelta(days=30))
+            report = await sweeper.run_once()
+
+        assert (1, 1, 1) == (report.idle, report.kept_alive, fake.refresh_count)
+
+
 class TestThrottling:
     @pytest.fixture
     def impatient(
@@ -296,6 +527,56 @@ class TestManySweepers:
             # The caller refreshes user-7 itself when it gets there before the sweepers.
             assert sum(report.refreshed for report in reports) in (29, 30)
             assert [] == [failed for report in reports for failed in report.failed]
+
+
+class ReadCountingStore(MemoryStore):
+    """A memory store that counts its reads and its listings of due keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+        self.listings = 0
+
+    def get(self, key: str) -> Record | None:
+        self.reads += 1
+        return super().get(key)
+
+    def scan_due(self, before: datetime) -> Iterator[str]:
+        self.listings += 1
+        return super().scan_due(before)
+
+
+class TestPeerSweeps:
+    def test_keys_a_peer_refreshed_after_the_listing_are_passed_over_unread(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """A key found fresh makes the sweep list again; the keys a peer refreshed go unread."""
+        store = ReadCountingStore()
+        with (
+            TokenManager(store, fake.provider(), journal=tmp_path / "a", clock=clock) as manager,
+            TokenManager(store, fake.provider(), journal=tmp_path / "b", clock=clock) as peer,
+        ):
+            fill(manager, fake, **{f"user-{n}": 60 for n in range(10)})
+
+            def peer_sweeps_first(done: int, total: int) -> None:
+                if done == 0:
+                    Sweeper(peer, concurrency=1, jitter=0).run_once()
+                    store.reads = 0
+
+            report = Sweeper(manager, concurrency=1, jitter=0).run_once(progress=peer_sweeps_first)
+
+        assert (1, 10, 0) == (store.reads, report.fresh, report.refreshed)
+
+    def test_a_sweep_that_finds_no_key_fresh_lists_the_keys_once(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """Alone, a sweep lists the due keys once, however many it refreshes."""
+        store = ReadCountingStore()
+        with TokenManager(store, fake.provider(), journal=tmp_path / "j", clock=clock) as manager:
+            fill(manager, fake, **{f"user-{n}": 60 for n in range(10)})
+            report = Sweeper(manager, concurrency=2, jitter=0).run_once()
+
+        assert (1, 10) == (store.listings, report.refreshed)
 
 
 class TestRunForever:
@@ -436,6 +717,8 @@ class TestSettings:
             ({"window": 60}, r"window \(60 s\) must be at least the manager's leeway"),
             ({"max_attempts": 0}, "max_attempts must be"),
             ({"jitter": -1}, "jitter must be at least"),
+            ({"keep_alive": 0}, "keep_alive must be at least 1 seconds"),
+            ({"keep_alive": "30d"}, "keep_alive must be a timedelta"),
         ],
     )
     def test_bad_settings_name_the_option(

@@ -56,6 +56,7 @@ from ._errors import PREFIX, ExitCode, describe, epilog, exit_code_for, one_line
 from ._options import GlobalOptions, pass_options
 from ._output import (
     expiry_phrase,
+    last_refresh_line,
     load_records,
     mapping_table,
     migrate_summary,
@@ -487,6 +488,13 @@ DURATION = _Duration()
     show_default=True,
     help="With --watch, the time between sweeps.",
 )
+@click.option(
+    "--keep-alive",
+    type=DURATION,
+    help="Also refresh credentials last refreshed longer ago than this (e.g. 30d), for "
+    "providers that expire unused refresh tokens; with --watch, checked at most once per "
+    "tenth of it.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print each sweep's report as JSON.")
 @pass_options
 def sweep(
@@ -495,6 +503,7 @@ def sweep(
     concurrency: int,
     watch: bool,
     interval: timedelta,
+    keep_alive: timedelta | None,
     as_json: bool,
 ) -> None:
     """Refresh, through the store's leases, every credential expiring within the window.
@@ -502,10 +511,19 @@ def sweep(
     Any number of sweeps on any number of hosts, beside live traffic, refresh each credential
     once. Credentials whose user must log in again are listed and never retried; a throttling
     provider slows the sweep down instead of failing it. Exits 1 when a refresh failed.
+
+    With --keep-alive, credentials whose tokens were last obtained longer ago than that (or at
+    an unknown time) are refreshed too, so that a user idle for long is not logged out by a
+    provider that expires unused refresh tokens. Finding them reads every record, so with
+    --watch that pass runs in the first sweep and then at most once per tenth of --keep-alive.
     """
     if watch and interval < timedelta(seconds=1):
         raise click.BadParameter("must be at least 1s", param_hint="'--interval'")
-    sweeper = Sweeper(options.manager(), window=window, concurrency=concurrency)
+    if keep_alive is not None and keep_alive < timedelta(seconds=1):
+        raise click.BadParameter("must be at least 1s", param_hint="'--keep-alive'")
+    sweeper = Sweeper(
+        options.manager(), window=window, concurrency=concurrency, keep_alive=keep_alive
+    )
     console = _console()
     failed = False
 
@@ -689,7 +707,8 @@ def _report_damaged(damaged: Mapping[str, str]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
 @pass_options
 def show(options: GlobalOptions, key: str, as_json: bool) -> None:
-    """Show the state of the credential under KEY: its row of `status`. Never a token.
+    """Show the state of the credential under KEY: its row of `status`, and when its tokens
+    were last refreshed. Never a token.
 
     Needs no key ring. --json prints the object `status --json` lists for the key.
     Exits 6 when no credential is stored under KEY.
@@ -701,7 +720,9 @@ def show(options: GlobalOptions, key: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(record_json(record, now=now), indent=2))
     else:
-        _console(soft_wrap=False).print(status_table([record], now=now))
+        console = _console(soft_wrap=False)
+        console.print(status_table([record], now=now))
+        console.print(last_refresh_line(record, now=now))
 
 
 @cli.command(short_help="Delete one credential, after asking.")
@@ -888,7 +909,9 @@ def init_store_command(url: str, check: bool) -> None:
     URL is a SQLAlchemy URL (sqlite:///path, postgresql+psycopg://..., mysql+pymysql://...) whose
     query may hold the store's options: ?table=NAME, ?schema=NAME, or for credentials kept in
     an existing table ?table=users&key_column=...&lease_table=NAME. Idempotent: it creates only
-    what is missing and never alters or drops a table. The global options are not used.
+    what is missing. To credkeeper's own tables made by an older credkeeper it adds the nullable
+    columns this one keeps (refreshed_at); it never alters the application's tables, and never
+    drops anything. The global options are not used.
 
     With --check it reflects the live tables and prints each field's column, type and format,
     the tables and the index scan_due needs, then exits 2 with the fixes if anything is wrong.
@@ -897,11 +920,16 @@ def init_store_command(url: str, check: bool) -> None:
         _print_check(_sql_module(url).check_store(url))
         return
     shown = display_url(url)
-    created = _sql_module(url).init_store(url)
+    sql = _sql_module(url)
+    created = sql.init_store(url)
+    added = sql.upgrade_store(url)
     if created:
         noun = "table" if len(created) == 1 else "tables"
         click.echo(f"created {noun} {', '.join(created)} in {shown}")
-    else:
+    if added:
+        noun = "column" if len(added) == 1 else "columns"
+        click.echo(f"added {noun} {', '.join(added)} in {shown}")
+    if not created and not added:
         click.echo(f"credkeeper's tables already exist in {shown}; nothing to create")
 
 

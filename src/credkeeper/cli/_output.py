@@ -32,6 +32,7 @@ __all__ = [
     "expiry_phrase",
     "expiry_text",
     "humanise",
+    "last_refresh_line",
     "load_records",
     "mapping_table",
     "migrate_summary",
@@ -121,6 +122,7 @@ def record_json(record: Record, *, now: datetime) -> dict[str, Any]:
         "failures": record.failures,
         "last_error": record.last_error,
         "cooldown_until": _iso(record.cooldown_until),
+        "refreshed_at": _iso(record.refreshed_at),
     }
 
 
@@ -174,6 +176,14 @@ def status_table(records: list[Record], *, now: datetime) -> Table:
     return table
 
 
+def last_refresh_line(record: Record, *, now: datetime) -> Text:
+    """``show``'s line saying when the credential's tokens were last obtained, if known."""
+    if record.refreshed_at is None:
+        return Text("last refresh: unknown (stored before credkeeper kept it)", style="dim")
+    ago = humanise((now - record.refreshed_at).total_seconds())
+    return Text(f"last refresh: {_iso(record.refreshed_at)} ({ago} ago)")
+
+
 def mapping_table(fields: Iterable[FieldMapping]) -> Table:
     """``init-store --check``'s table: each field's column, type and format."""
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, pad_edge=False)
@@ -193,6 +203,8 @@ def sweep_summary(report: SweepReport) -> Text:
     ]
     if report.deleted:
         parts.append(f"{report.deleted} deleted meanwhile")
+    if report.idle:
+        parts.append(f"{report.kept_alive} of {report.idle} idle kept alive")
     line = Text(f"swept {report.due} due credential(s) in {report.seconds:.1f} s: ")
     line.append(", ".join(parts))
     if report.needs_reauth:

@@ -79,6 +79,7 @@ StoreFactory = Callable[[], CredentialStore | AsyncCredentialStore]
 _EXPIRES_AT = datetime(2039, 6, 13, 18, 17, 20, 686000, tzinfo=UTC)
 _LEASE_UNTIL = datetime(2031, 5, 17, 8, 30, 12, 345000, tzinfo=UTC)
 _COOLDOWN_UNTIL = datetime(2031, 5, 17, 8, 45, 0, 1000, tzinfo=UTC)
+_REFRESHED_AT = datetime(2031, 5, 17, 0, 29, 59, 999000, tzinfo=UTC)
 _BEFORE = datetime(2030, 1, 1, 12, 0, 0, 0, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 
@@ -573,6 +574,7 @@ class StoreConformance:
             failures=7,
             cooldown_until=_COOLDOWN_UNTIL,
             last_error='HTTP 503 from the provider: "upstream unavailable", réessayer ✓',
+            refreshed_at=_REFRESHED_AT,
         )
         stored = store.put(record)
         assert record.replace(version=stored.version) == store.get(record.key)
@@ -680,12 +682,29 @@ class StoreConformance:
     def test_datetimes_come_back_aware_utc(self, store: CredentialStore, keys: KeySpace) -> None:
         """Every datetime field of a read record is timezone-aware with a zero UTC offset."""
         key = store.put(
-            _record(keys(), lease_until=_LEASE_UNTIL, cooldown_until=_COOLDOWN_UNTIL)
+            _record(
+                keys(),
+                lease_until=_LEASE_UNTIL,
+                cooldown_until=_COOLDOWN_UNTIL,
+                refreshed_at=_REFRESHED_AT,
+            )
         ).key
         got = store.get(key)
         assert got is not None
-        moments = (got.expires_at, got.lease_until, got.cooldown_until)
-        assert [timedelta(0)] * 3 == [moment and moment.utcoffset() for moment in moments]
+        moments = (got.expires_at, got.lease_until, got.cooldown_until, got.refreshed_at)
+        assert [timedelta(0)] * 4 == [moment and moment.utcoffset() for moment in moments]
+
+    def test_refreshed_at_follows_an_update(self, store: CredentialStore, keys: KeySpace) -> None:
+        """An update that sets, moves or clears refreshed_at reads back as written each time."""
+        created = store.put(_record(keys(), refreshed_at=_REFRESHED_AT))
+        later = _REFRESHED_AT + timedelta(days=89, milliseconds=1)
+        moved = store.put(created.replace(access_token="new-access-token", refreshed_at=later))
+        read_moved = store.get(created.key)
+        cleared = store.put(moved.replace(refreshed_at=None))
+        assert [later, None] == [
+            read_moved and read_moved.refreshed_at,
+            (store.get(cleared.key) or created).refreshed_at,
+        ]
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -824,7 +843,7 @@ class StoreConformance:
         self, store: CredentialStore, keys: KeySpace
     ) -> None:
         """After refused calls, the stored record is exactly as it was."""
-        stored = store.put(_record(keys()))
+        stored = store.put(_record(keys(), refreshed_at=_REFRESHED_AT))
         misuse: Any = store  # the wrong types are the point
         calls: list[Callable[[], object]] = [
             lambda: misuse.put("x"),

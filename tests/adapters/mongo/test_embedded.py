@@ -433,6 +433,38 @@ class TestEmbedded:
 
         assert written == store.get("alice")
 
+    def test_the_last_refresh_is_kept_in_the_state_sub_document(
+        self, users: Collection[dict[str, Any]], store: CredentialStore
+    ) -> None:
+        """refreshed_at is written as credkeeper.refreshedAt, Int64 epoch ms, and reads back."""
+        moment = datetime(2031, 1, 1, 0, 0, 0, 7000, tzinfo=UTC)
+
+        written = store.put(new_record("alice", refreshed_at=moment))
+
+        assert (Int64(to_epoch_ms(moment)), written) == (
+            stored(users, "alice")["credkeeper"]["refreshedAt"],
+            store.get("alice"),
+        )
+
+    def test_an_application_credential_has_no_known_last_refresh(
+        self, store: CredentialStore
+    ) -> None:
+        """Bob's credential, written by the application without credkeeper's state, reads None."""
+        record = store.get("bob")
+
+        assert (True, None) == (record is not None, record and record.refreshed_at)
+
+    def test_a_relogin_by_the_application_voids_the_last_refresh(
+        self, users: Collection[dict[str, Any]], store: CredentialStore
+    ) -> None:
+        """New tokens the application stored itself: credkeeper's refreshedAt no longer applies."""
+        store.put(new_record("alice", refreshed_at=datetime(2031, 1, 1, tzinfo=UTC)))
+        users.update_one({"_id": "alice"}, {"$set": {f"{PATH}.refreshToken": "a new login"}})
+
+        record = store.get("alice")
+
+        assert (True, None) == (record is not None, record and record.refreshed_at)
+
     def test_app_written_version_changes_when_credkeeper_writes(
         self, store: CredentialStore
     ) -> None:

@@ -251,8 +251,8 @@ class TestURLs:
         assert (
             "unknown SQL store option(s) tabel; the options are access_token_column, create, "
             "delete_rows, expires_at_column, expires_at_unit, insert, key_column, lease_table, "
-            "page_size, plaintext, refresh_token_column, schema, scopes_column, scopes_format, "
-            "subscription_type_column, table"
+            "page_size, plaintext, refresh_token_column, refreshed_at_column, schema, "
+            "scopes_column, scopes_format, subscription_type_column, table"
         ) == str(caught.value)
 
     def test_a_bad_option_in_the_url_names_it_and_what_it_takes(self) -> None:
