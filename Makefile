@@ -11,7 +11,7 @@ NODE_MODULES := $(if $(shell command -v npm),$(APP_NODE)/node_modules/.installed
 # The whole tree's branch coverage under the core and CLI tests may not fall below this.
 COVERAGE_MIN := 83
 
-.PHONY: demo test fast lint flow-coverage clean
+.PHONY: demo test fast chaos lint flow-coverage clean
 
 demo: $(VENV)/.cli
 	$(BIN)/credkeeper demo
@@ -29,6 +29,11 @@ test: $(VENV)/.dev lint $(NODE_MODULES) flow-coverage
 # The everyday loop: lint, types and every test but the slow storms and crash cases.
 fast: $(VENV)/.dev lint $(NODE_MODULES)
 	$(BIN)/pytest -m "not slow"
+
+# The chaos suite on every backend (docs/reliability.md); prints its table at the end. `make
+# test` runs it too, among the slow cases.
+chaos: $(VENV)/.dev
+	$(BIN)/pytest tests/adapters -k Chaos -m slow -p no:randomly -q
 
 # The refresh flow's own tests, stepping it by hand, must cover every branch of _flow.py.
 flow-coverage: $(VENV)/.dev

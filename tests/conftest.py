@@ -9,7 +9,7 @@ import pytest
 from credkeeper.testing import FakeClock, FakeProvider, FakeWrapper
 
 # postgres_url, mysql_url and the rule for unreachable servers: see tests/backends.py.
-pytest_plugins = ["tests.backends"]
+pytest_plugins = ["tests.backends", "tests.chaos_table"]
 
 
 @pytest.fixture

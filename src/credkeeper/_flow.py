@@ -535,6 +535,7 @@ def _ensure_fresh(
     # While waiting on a peer: when its lease began (store clock), and how long it had been
     # running at the last read that still found it held.
     waited: tuple[datetime, float] | None = None
+    rescanned = False
     while True:
         if record is None:
             raise CredentialNotFound(key)
@@ -577,6 +578,14 @@ def _ensure_fresh(
             yield Sleep(policy.wait_delay(elapsed))
             record = yield Load(key)
             continue
+        if record.lease_owner not in (None, owner) and not rescanned:
+            # A lease that ran out without being released: its holder may have died between the
+            # provider's answer and the store write. If it journalled that answer on this host,
+            # those tokens go to the store before anyone sends the refresh token it spent.
+            rescanned = True
+            if (yield from _apply_rescues(policy, key, deadline, rescan=True)):
+                record = yield Load(key)
+                continue
         try:
             record = yield Save(
                 record.replace(lease_owner=owner, lease_until=now + skew + policy.lease_ttl)

@@ -297,12 +297,31 @@ class TestRefresh:
         held = record(lease_owner="peer", lease_until=START + timedelta(minutes=2))
         flow = get_flow(policy, KEY)
         assert StoreNow() == opened(flow, held)
+        assert JournalPending(KEY, rescan=True) == flow.send(START + timedelta(minutes=5))
 
-        lease = flow.send(START + timedelta(minutes=5))
+        lease = flow.send([])
 
         assert Save(held.replace(lease_owner=LEASE, lease_until=START + timedelta(minutes=6))) == (
             lease
         )
+
+    def test_an_abandoned_lease_first_stores_its_journalled_answer(self, policy: Policy) -> None:
+        """A peer died after journalling its answer, its lease ran out: its tokens are stored
+        and used, and the refresh token it spent is never sent again."""
+        abandoned = record(lease_owner="peer", lease_until=START - timedelta(seconds=1))
+        entry = rescue()
+        flow = get_flow(policy, KEY)
+        assert StoreNow() == opened(flow, abandoned)
+        assert JournalPending(KEY, rescan=True) == flow.send(None)
+        assert Load(KEY) == flow.send([entry])
+        restore = flow.send(abandoned)
+        assert Save(obtained("at-2", "rt-2", expires_at=rotated().expires_at, version="1")) == (
+            restore
+        )
+        assert JournalDiscard(entry) == flow.send(stored_as(restore))
+        assert Load(KEY) == flow.send(None)
+
+        assert rotated() == finish(flow, stored_as(restore))
 
     @pytest.mark.parametrize("answer", [datetime(2026, 1, 1), "2026-01-01T00:00:00Z"])
     def test_a_store_clock_that_is_not_an_aware_datetime_is_refused(

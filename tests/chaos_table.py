@@ -1,0 +1,96 @@
+"""The chaos table: what each chaos case measured on each backend, printed after the run.
+
+Chaos cases call :func:`record` once per run with what they measured; this plugin (registered
+in ``tests/conftest.py``) prints one Markdown table at the end of the pytest run, cases down,
+backends across, so that ``docs/reliability.md`` can show it as printed. Each cell reads
+``lost / needless re-auth / provider calls (xruns)``: credentials lost and needless
+``needs_reauth`` are summed over the case's runs; provider calls are those for the one expiry
+of a run, ``refreshes+refused`` (refused: answered 429, 503 or ``invalid_grant``), as a range
+when runs differ; ``-`` where the case did not run on that backend.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pytest
+
+
+@dataclass
+class Cell:
+    """What the runs of one case on one backend measured."""
+
+    runs: int = 0
+    lost: int = 0
+    needless_reauth: int = 0
+    refreshes: list[int] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)
+    notes: Counter[str] = field(default_factory=Counter)
+
+    def render(self) -> str:
+        """``lost / needless re-auth / calls``, the calls as a range, the runs if several, and
+        how the runs went when the case says."""
+        runs = f" (x{self.runs})" if self.runs > 1 else ""
+        notes = "; ".join(f"{note} x{count}" for note, count in self.notes.items())
+        return (
+            f"{self.lost} / {self.needless_reauth} / {_calls(self.refreshes, self.refused)}{runs}"
+            + (f" [{notes}]" if notes else "")
+        )
+
+
+_CELLS: dict[tuple[str, str], Cell] = {}
+
+
+def record(
+    backend: str,
+    case: str,
+    *,
+    lost: int,
+    needless_reauth: int,
+    refreshes: int,
+    refused: int,
+    note: str | None = None,
+) -> None:
+    """Add one run of ``case`` on ``backend`` to the table; ``note`` says how it went."""
+    cell = _CELLS.setdefault((case, backend), Cell())
+    if note:
+        cell.notes[note] += 1
+    cell.runs += 1
+    cell.lost += lost
+    cell.needless_reauth += needless_reauth
+    cell.refreshes.append(refreshes)
+    cell.refused.append(refused)
+
+
+def table() -> list[str]:
+    """The table's lines, in the order cases and backends first ran; empty before any run."""
+    cases = list(dict.fromkeys(case for case, _ in _CELLS))
+    backends = list(dict.fromkeys(backend for _, backend in _CELLS))
+    lines = [
+        "| case | " + " | ".join(backends) + " |",
+        "|---|" + "---|" * len(backends),
+    ]
+    for case in cases:
+        cells = [_CELLS.get((case, backend)) for backend in backends]
+        rendered = ["-" if cell is None else cell.render() for cell in cells]
+        lines.append(f"| {case} | " + " | ".join(rendered) + " |")
+    return lines if _CELLS else []
+
+
+def _calls(refreshes: list[int], refused: list[int]) -> str:
+    def span(values: list[int]) -> str:
+        low, high = min(values), max(values)
+        return str(low) if low == high else f"{low}..{high}"
+
+    return span(refreshes) if not any(refused) else f"{span(refreshes)}+{span(refused)}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the table when chaos cases ran."""
+    lines = table()
+    if not lines:
+        return
+    terminalreporter.section("chaos table: lost / needless re-auth / provider calls per expiry")
+    for line in lines:
+        terminalreporter.write_line(line)
