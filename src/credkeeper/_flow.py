@@ -178,8 +178,10 @@ class RefreshTimes:
     """How long refreshes take, as this manager has seen them, for waiters to plan their reads.
 
     Learnt from the manager's own refreshes (lease taken to tokens stored) and from the peers'
-    it waited on (between the last read that found the lease held and the one that found the
-    tokens); the estimate moves 30 % of the way towards each new observation.
+    it waited on (between the last read that found the lease held and the one right after it
+    that found the tokens); the estimate moves 30 % of the way towards each new observation,
+    one at most twice the estimate counting as twice it, so that one refresh slowed by the
+    provider's retries does not put every waiter to sleep for seconds.
     """
 
     expected: float | None = None
@@ -187,7 +189,10 @@ class RefreshTimes:
     def observe(self, seconds: float) -> None:
         """Take one refresh's duration into the estimate."""
         previous = self.expected
-        self.expected = seconds if previous is None else previous + 0.3 * (seconds - previous)
+        if previous is None:
+            self.expected = seconds
+        else:
+            self.expected = previous + 0.3 * (min(seconds, 2 * previous) - previous)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -297,11 +302,19 @@ class Policy:
             key=key,
         )
 
-    def record(self, key: str, credentials: Credentials, *, base: Record | None) -> Record:
-        """An active, unleased record holding ``credentials``, versioned as ``base``, obtained now.
+    def record(
+        self,
+        key: str,
+        credentials: Credentials,
+        *,
+        base: Record | None,
+        obtained: datetime | None = None,
+    ) -> Record:
+        """An active, unleased record holding ``credentials``, versioned as ``base``.
 
-        Every record it makes holds tokens just obtained (the provider's answer, or a login
-        stored with put), so ``refreshed_at`` is now: the sweeper's keep-alive reads it.
+        ``refreshed_at`` is when the tokens were obtained: now, for the provider's answer or a
+        login stored with put; ``obtained`` for tokens a rescue journal kept since then. The
+        sweeper's keep-alive reads it.
         """
         access = self._seal(key, "access_token", credentials.access_token)
         refresh = self._seal(key, "refresh_token", credentials.refresh_token)
@@ -313,7 +326,7 @@ class Policy:
             scopes=credentials.scopes,
             subscription_type=credentials.subscription_type,
             status=Status.ACTIVE,
-            refreshed_at=self.now(),
+            refreshed_at=self.now() if obtained is None else obtained,
             version=None if base is None else base.version,
         )
 
@@ -325,10 +338,13 @@ class Policy:
         """How long to sleep before re-reading a record whose peer lease began ``elapsed`` s ago.
 
         Until the holder's expected finish, then in steps of a tenth of the time it has taken so
-        far: a waiter in another process learns of the new tokens at most a tenth of a refresh
-        late (plus one read), in three or four reads whatever the provider's latency, where a
-        schedule fixed in advance overshoots by up to its last step. Never more than a second,
-        so a holder that died is noticed when its lease runs out.
+        far (20 ms at least): a waiter in another process learns of the new tokens at most a
+        tenth of a refresh late (plus one read), where a schedule fixed in advance overshoots by
+        up to its last step. With an estimate that holds, that is three or four reads for a
+        refresh under a second; before the first estimate, a read every 20 ms for the first
+        0.2 s. Never more than a second between reads, so a holder that died is noticed when its
+        lease runs out. The lease's start is read as ``lease_until - lease_ttl``: every manager
+        of a fleet should use the same ``lease_ttl``.
         """
         expected = self.times.expected
         if expected is not None and elapsed < expected:
@@ -578,6 +594,8 @@ def _ensure_fresh(
             yield Sleep(policy.wait_delay(elapsed))
             record = yield Load(key)
             continue
+        # Only a read right after one that found a peer's lease held times that peer's refresh.
+        waited = None
         if record.lease_owner not in (None, owner) and not rescanned:
             # A lease that ran out without being released: its holder may have died between the
             # provider's answer and the store write. If it journalled that answer on this host,
@@ -902,7 +920,9 @@ def _apply_rescues(policy: Policy, key: str, deadline: datetime, *, rescan: bool
                 yield from _journal(JournalForget(entry), key)
                 break
             try:
-                yield Save(policy.record(key, entry.credentials, base=current))
+                yield Save(
+                    policy.record(key, entry.credentials, base=current, obtained=entry.created_at)
+                )
             except ConflictError:
                 yield from _backoff(policy, key, conflicts, deadline, "restoring journalled tokens")
                 conflicts += 1

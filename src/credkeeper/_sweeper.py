@@ -42,7 +42,6 @@ from ._exceptions import (
     CredentialNotFound,
     CredkeeperError,
     ReauthRequired,
-    StoreCorrupted,
 )
 from ._flow import Flow, Policy, _failure, get_flow, refresh_flow
 from ._manager import AsyncTokenManager, TokenManager, _duration, concrete_signature
@@ -472,7 +471,11 @@ class Sweeper(_SweeperBase[TokenManager]):
                 with self._pause_lock:
                     self._throttled(attempt, tally)
             if record is None and tally.scan_again(verdict, self.concurrency):
-                tally.scanned(self._still_due())
+                listed = None
+                try:
+                    listed = self._still_due()
+                finally:  # an interrupted listing must not leave the next one barred
+                    tally.scanned(listed)
         done = tally.count(key, verdict)
         if progress is not None:
             progress(done, tally.total)
@@ -494,8 +497,8 @@ class Sweeper(_SweeperBase[TokenManager]):
                 flow = self._kept_alive_flow(manager, watch, record)
             manager._run_cached(key, flow)
         except Exception as exc:  # noqa: BLE001 - classified and counted; the sweep goes on
-            return _verdict(exc, watch)
-        return _kept(_verdict(None, watch), record)
+            return _kept(_verdict(exc, watch), record, watch)
+        return _kept(_verdict(None, watch), record, watch)
 
 
 class AsyncSweeper(_SweeperBase[AsyncTokenManager]):
@@ -594,7 +597,11 @@ class AsyncSweeper(_SweeperBase[AsyncTokenManager]):
                     break
                 self._throttled(attempt, tally)
             if record is None and tally.scan_again(verdict, self.concurrency):
-                tally.scanned(await self._still_due())
+                listed = None
+                try:
+                    listed = await self._still_due()
+                finally:  # an interrupted listing must not leave the next one barred
+                    tally.scanned(listed)
         done = tally.count(key, verdict)
         if progress is not None:
             progress(done, tally.total)
@@ -616,23 +623,44 @@ class AsyncSweeper(_SweeperBase[AsyncTokenManager]):
                 flow = self._kept_alive_flow(manager, watch, record)
             await manager._run_cached(key, flow)
         except Exception as exc:  # noqa: BLE001 - classified and counted; the sweep goes on
-            return _verdict(exc, watch)
-        return _kept(_verdict(None, watch), record)
+            return _kept(_verdict(exc, watch), record, watch)
+        return _kept(_verdict(None, watch), record, watch)
 
 
-def _kept(verdict: _Verdict, record: Record | None) -> _Verdict:
-    """A keep-alive turn's refresh counts as ``kept_alive``, not as a due key's ``refreshed``."""
-    if record is not None and verdict.outcome == "refreshed":
+# Why a keep-alive turn that never began its refresh was put off, by what its flow raised: the
+# reasons a due key's flow gives when it serves the still-valid token instead (REFRESH_DEFERRED).
+_KEEP_ALIVE_DEFERRALS = {
+    "unavailable": "cooldown",
+    "timeout": "lease_busy",
+    "store_contention": "contention",
+    "store_unavailable": "store_unavailable",
+}
+
+
+def _kept(verdict: _Verdict, record: Record | None, watch: _Watch) -> _Verdict:
+    """A keep-alive turn's refresh counts as ``kept_alive``, not as a due key's ``refreshed``.
+
+    Its flow is a forced refresh, which raises where a due key's flow would serve the valid
+    token and defer (a cooldown, a peer's lease, contention, the store's clock down): before
+    its refresh began, such a turn counts as deferred, as a due key's would, not as failed.
+    """
+    if record is None:
+        return verdict
+    if verdict.outcome == "refreshed":
         return _Verdict("kept_alive")
+    deferral = _KEEP_ALIVE_DEFERRALS.get(verdict.detail)
+    if verdict.outcome == "failed" and deferral and not watch.last(EventKind.REFRESH_STARTED):
+        return _Verdict("deferred", deferral)
     return verdict
 
 
 def _readable(get: Callable[[str], Record | None], key: str) -> Record | None:
-    """``get(key)``, or ``None`` for a record the store holds damaged (logged, never a token)."""
+    """``get(key)``, or ``None`` for a record the store holds damaged or could not read now
+    (logged, never a token): one key's read never stops the sweep, due keys included."""
     try:
         return get(key)
-    except StoreCorrupted as exc:
-        logger.warning("keep-alive skips key %r: %s", key, exc)
+    except CredkeeperError as exc:
+        logger.warning("keep-alive skips key %r this time: %s", key, exc)
         return None
 
 
@@ -640,8 +668,8 @@ async def _areadable(get: Callable[[str], Any], key: str) -> Record | None:
     """The async form of :func:`_readable`."""
     try:
         record: Record | None = await get(key)
-    except StoreCorrupted as exc:
-        logger.warning("keep-alive skips key %r: %s", key, exc)
+    except CredkeeperError as exc:
+        logger.warning("keep-alive skips key %r this time: %s", key, exc)
         return None
     return record
 

@@ -8,6 +8,7 @@ effect it yields (``next(flow)``), answers with ``flow.send(result)`` or fails i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -471,6 +472,39 @@ class TestPeerLease:
 
         assert Sleep(pytest.approx(0.2)) == flow.send(None)
 
+    def test_a_refresh_far_slower_than_the_estimate_at_most_doubles_it(
+        self, policy: Policy
+    ) -> None:
+        """Estimate 0.2 s, one refresh of 10 s (the provider's retries): the estimate is 0.26 s."""
+        policy.times.observe(0.2)
+
+        policy.times.observe(10.0)
+
+        assert pytest.approx(0.26) == policy.times.expected
+
+    def test_taking_over_an_abandoned_lease_teaches_nothing(
+        self, policy: Policy, clock: FakeClock
+    ) -> None:
+        """A lease waited on until it ran out, then its journalled tokens stored: that wait was
+        no refresh's duration, and the estimate stays as it was."""
+        policy.times.observe(0.2)
+        held = record(lease_owner="peer", lease_until=START + timedelta(seconds=1))
+        entry = rescue()
+        flow = get_flow(policy, KEY)
+        assert StoreNow() == opened(flow, held)
+        assert isinstance(flow.send(None), Sleep)
+        clock.sleep(2.0)
+        assert Load(KEY) == flow.send(None)
+        assert JournalPending(KEY, rescan=True) == flow.send(held)
+        assert Load(KEY) == flow.send([entry])
+        restore = flow.send(held)
+        assert isinstance(restore, Save)
+        assert JournalDiscard(entry) == flow.send(stored_as(restore))
+        assert Load(KEY) == flow.send(None)
+
+        assert rotated() == finish(flow, stored_as(restore))
+        assert 0.2 == policy.times.expected
+
     def test_no_wait_is_longer_than_a_second(self, policy: Policy) -> None:
         """However long refreshes took before, a waiter re-reads at least once a second."""
         policy.times.observe(30.0)
@@ -924,6 +958,19 @@ class TestRescues:
         assert Load(KEY) == flow.send(None)
 
         assert rotated() == finish(flow, stored_as(restore))
+
+    def test_restored_tokens_keep_the_time_they_were_obtained(self, policy: Policy) -> None:
+        """Tokens journalled an hour ago are stored with refreshed_at an hour ago, not now."""
+        entry = dataclasses.replace(rescue(), created_at=START - timedelta(hours=1))
+        flow = get_flow(policy, KEY)
+        next(flow)
+        flow.send(None)
+        assert Load(KEY) == flow.send([entry])
+
+        restore = flow.send(record())
+
+        assert isinstance(restore, Save)
+        assert START - timedelta(hours=1) == restore.record.refreshed_at
 
     def test_an_entry_whose_tokens_are_stored_is_dropped(self, policy: Policy) -> None:
         """A rescue entry the store already holds is deleted, with no write."""

@@ -25,6 +25,7 @@ from credkeeper import (
     MemoryStore,
     Record,
     Status,
+    StoreUnavailable,
     Sweeper,
     SweepReport,
     TokenManager,
@@ -246,6 +247,27 @@ class CountingStore(MemoryStore):
         return super().scan_due(before)
 
 
+class UnreadableStore(MemoryStore):
+    """A memory store whose reads of one key fail as a store outage would.
+
+    Stands in for a backend that fails one read on demand, which no real server does.
+    """
+
+    def __init__(self, broken: str) -> None:
+        super().__init__()
+        self.broken = broken
+        self.failing = False
+
+    def put(self, record: Record) -> Record:
+        self.failing = True  # reads fail once the credentials are in
+        return super().put(record)
+
+    def get(self, key: str) -> Record | None:
+        if self.failing and key == self.broken:
+            raise StoreUnavailable("the store is unreachable", key=key)
+        return super().get(key)
+
+
 def age(store: MemoryStore, key: str, refreshed_at: datetime | None) -> None:
     """Set when the credential under ``key`` was last refreshed, as a store from before may."""
     record = store.get(key)
@@ -440,6 +462,43 @@ class TestKeepAlive:
         )
 
         assert [(0, 2), (1, 2), (2, 2)] == sorted(seen)
+
+    def test_a_key_that_cannot_be_read_does_not_stop_the_sweep(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """One idle key's read fails: it is skipped this time, and the due key is refreshed."""
+        store = UnreadableStore("broken")
+        with TokenManager(store, fake.provider(), journal=tmp_path / "j", clock=clock) as manager:
+            fill(manager, fake, broken=60 * DAY)
+            clock.advance(31 * DAY)
+            fill(manager, fake, due=60)
+
+            report = Sweeper(manager, jitter=0, keep_alive=timedelta(days=30)).run_once()
+
+        assert (1, 0, 0, 1) == (
+            report.refreshed,
+            report.idle,
+            report.kept_alive,
+            fake.refresh_count,
+        )
+
+    def test_an_idle_key_in_a_cooldown_is_deferred_not_failed(
+        self, manager: TokenManager, fake: FakeProvider, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        """An idle, valid credential whose refreshes are cooling down: deferred, as a due one."""
+        fill(manager, fake, idle=60 * DAY)
+        clock.advance(31 * DAY)
+        record = store.get("idle")
+        assert record is not None
+        store.put(record.replace(failures=3, cooldown_until=clock.now() + timedelta(minutes=5)))
+
+        report = Sweeper(manager, jitter=0, keep_alive=timedelta(days=30)).run_once()
+
+        assert ((("idle", "cooldown"),), (), 0) == (
+            report.deferred,
+            report.failed,
+            fake.refresh_count,
+        )
 
     @pytest.mark.anyio
     async def test_the_async_sweeper_keeps_idle_credentials_alive(
