@@ -51,6 +51,7 @@ from credkeeper._store import declares_plaintext
 from credkeeper._sweeper import Sweeper, SweepReport
 from credkeeper._wrapper import DEFAULT_WRAPPER_URL, WrapperClient
 
+from ._apikey import apikey
 from ._demo import run_demo
 from ._errors import PREFIX, ExitCode, describe, epilog, exit_code_for, one_line
 from ._options import GlobalOptions, pass_options
@@ -66,6 +67,7 @@ from ._output import (
     sweep_progress,
     sweep_summary,
 )
+from ._serve import serve
 
 if TYPE_CHECKING:  # the SQL store loads only for init-store, and only if installed
     from credkeeper_sql import StoreCheck
@@ -968,6 +970,10 @@ def _sql_module(url: str) -> Any:
             scheme=scheme,
         ) from exc
     return credkeeper_sql
+
+
+cli.add_command(apikey)
+cli.add_command(serve)
 
 
 def main(args: Sequence[str] | None = None) -> int:

@@ -1,0 +1,129 @@
+"""``credkeeper serve``: the HTTP service on uvicorn, from the global options' settings.
+
+FastAPI and uvicorn come with the ``server`` extra and are imported only when the command runs,
+so the rest of the command line works without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import click
+
+from credkeeper._exceptions import ConfigurationError
+from credkeeper._urls import LOOPBACK
+
+from ._options import GlobalOptions, pass_options
+
+__all__ = ["serve"]
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as a host and a port; ConfigurationError if not."""
+    host, colon, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigurationError(
+            f"--listen must be HOST:PORT such as {DEFAULT_LISTEN}, got {value!r}"
+        )
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command(short_help="Run the HTTP service: credentials and wrapper calls for any language.")
+@click.option(
+    "--listen",
+    default=DEFAULT_LISTEN,
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Where to listen; an address other than loopback needs --api-keys.",
+)
+@click.option(
+    "--api-keys",
+    "api_keys_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="CREDKEEPER_API_KEYS_FILE",
+    metavar="FILE",
+    help="The API keys callers authenticate with, as `credkeeper apikey create` writes them "
+    "[env CREDKEEPER_API_KEYS_FILE]; without it no request is authenticated.",
+)
+@click.option(
+    "--sweep/--no-sweep",
+    default=True,
+    show_default=True,
+    help="Refresh credentials in the background before they are needed.",
+)
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(1),
+    default=1_048_576,
+    show_default=True,
+    help="The largest request body accepted; larger ones get 413.",
+)
+@pass_options
+def serve(
+    options: GlobalOptions,
+    listen: str,
+    api_keys_file: Path | None,
+    sweep: bool,
+    max_body_bytes: int,
+) -> None:
+    """Serve credentials and Claude Wrapper API calls over HTTP, from the global options' store,
+    key ring, provider, journal and wrapper URL.
+
+    Listening beyond loopback needs --api-keys: every route but /healthz, /readyz and the API
+    document then asks for 'Authorization: Bearer <key>'. Stops on SIGTERM or Ctrl-C after the
+    refreshes in flight finish.
+    """
+    host, port = parse_listen(listen)
+    if api_keys_file is None and not is_loopback(host):
+        raise ConfigurationError(
+            f"refusing to listen on {host} without API keys: anyone who reaches it could read "
+            "every credential; pass --api-keys FILE (create keys with `credkeeper apikey "
+            "create`), or listen on 127.0.0.1"
+        )
+    try:
+        import uvicorn  # noqa: PLC0415
+
+        from credkeeper.server import ApiKeys, create_app  # noqa: PLC0415
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"credkeeper serve needs {exc.name or 'fastapi and uvicorn'}; "
+            "install it with pip install 'credkeeper[server]'"
+        ) from exc
+    api_keys = ApiKeys.load(api_keys_file) if api_keys_file is not None else None
+    settings = options.settings
+
+    async def run() -> None:
+        # Made inside the loop that serves: an asyncio manager belongs to one loop.
+        from credkeeper._wrapper import AsyncWrapperClient  # noqa: PLC0415
+
+        manager = settings.async_manager()
+        async with manager, AsyncWrapperClient(manager, base_url=settings.wrapper_url) as wrapper:
+            app = create_app(
+                manager=manager,
+                wrapper=wrapper,
+                api_keys=api_keys,
+                max_body_bytes=max_body_bytes,
+                sweep=sweep,
+            )
+            config: Any = uvicorn.Config(
+                app, host=host, port=port, log_level="info", server_header=False
+            )
+            await uvicorn.Server(config).serve()
+
+    asyncio.run(run())

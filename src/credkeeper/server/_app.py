@@ -1,0 +1,677 @@
+"""``create_app``: the HTTP service over one :class:`AsyncTokenManager` and one wrapper client.
+
+Every route is a thin edge over the engine: it authenticates the caller, decodes the key,
+calls the manager or the wrapper client, and shapes the answer. Nothing about refreshing is
+decided here; errors become problem+json through the one table in ``_problems``. Only the
+credential routes answer tokens, and always with ``Cache-Control: no-store``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from credkeeper import __version__
+from credkeeper._credentials import Credentials
+from credkeeper._exceptions import (
+    ConfigurationError,
+    CredentialNotFound,
+    CredkeeperError,
+    FieldViolation,
+)
+from credkeeper._manager import AsyncTokenManager
+from credkeeper._messages import OPTIONS
+from credkeeper._record import END_OF_TIME, Record, Status, check_key
+from credkeeper._redact import Redactor
+from credkeeper._sweeper import AsyncSweeper
+from credkeeper._wrapper import AsyncWrapperClient
+
+from ._apikeys import ApiKey, ApiKeys
+from ._problems import (
+    BODY_TOO_LARGE,
+    FORBIDDEN_SCOPE,
+    FORBIDDEN_TENANT,
+    MEDIA_TYPE,
+    METHOD_NOT_ALLOWED,
+    NO_WRAPPER,
+    NOT_IMPLEMENTED,
+    NOT_READY,
+    ROUTE_NOT_FOUND,
+    STORE_UNAVAILABLE,
+    UNAUTHENTICATED,
+    VALIDATION_FAILED,
+    Kind,
+    Problem,
+    problem_body,
+    problem_of,
+)
+
+__all__ = ["create_app"]
+
+ASGIApp = Callable[
+    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+    Awaitable[None],
+]
+
+#: The request options a caller may put beside ``messages``; ``timeout`` is the service's.
+MESSAGE_OPTIONS = frozenset(OPTIONS - {"timeout"})
+#: ``GET /v1/users`` pages: the default and the largest.
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+# The key /readyz reads: any read proves the store answers, and this one is never stored.
+_READY_PROBE = "credkeeper:readyz"
+# How long /readyz waits for the store before calling it unavailable.
+_READY_TIMEOUT = 5.0
+_NO_STORE = {"Cache-Control": "no-store"}
+_REDACTOR = Redactor()
+
+_bearer = HTTPBearer(auto_error=False, description="An API key made by `credkeeper apikey`.")
+
+
+def create_app(
+    *,
+    manager: AsyncTokenManager,
+    wrapper: AsyncWrapperClient | None = None,
+    api_keys: ApiKeys | None = None,
+    max_body_bytes: int = 1_048_576,
+    sweep: bool = False,
+) -> FastAPI:
+    """The service's ASGI application, to run with uvicorn or mount in another application.
+
+    ``wrapper`` is the client ``POST /v1/users/{key}/messages`` calls (without one that route
+    answers 503); ``api_keys`` the keys callers authenticate with (without them nothing is
+    checked, which ``credkeeper serve`` allows on loopback only). A request body larger than
+    ``max_body_bytes`` is refused with 413. With ``sweep``, an :class:`AsyncSweeper` refreshes
+    credentials in the background while the application runs. The manager and the wrapper
+    client stay the caller's to close.
+    """
+    if not isinstance(manager, AsyncTokenManager):
+        raise ConfigurationError("manager must be a credkeeper.AsyncTokenManager")
+    if wrapper is not None and not isinstance(wrapper, AsyncWrapperClient):
+        raise ConfigurationError("wrapper must be a credkeeper.AsyncWrapperClient or None")
+    if api_keys is not None and not isinstance(api_keys, ApiKeys):
+        raise ConfigurationError("api_keys must be a credkeeper.server.ApiKeys or None")
+    if type(max_body_bytes) is not int or max_body_bytes < 1:
+        raise ConfigurationError(f"max_body_bytes must be an int >= 1, got {max_body_bytes!r}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not sweep:
+            yield
+            return
+        sweeper = AsyncSweeper(manager)
+        task = asyncio.ensure_future(sweeper.run_forever(handle_signals=False))
+        try:
+            yield
+        finally:
+            sweeper.stop()
+            # Refreshes in flight finish: one cut off would leave its tokens in the journal only.
+            await task
+
+    app = FastAPI(
+        title="credkeeper",
+        version=__version__,
+        description="Fresh OAuth credentials for every user, and Claude Wrapper API calls "
+        "made with them: one provider refresh per expiry across the whole fleet.",
+        lifespan=lifespan,
+    )
+    _handle_errors(app)
+    service = _Service(manager, wrapper, api_keys)
+    service.route(app)
+    app.add_middleware(_RawPath)
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    return app
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+def _problem_response(problem: Problem) -> JSONResponse:
+    headers = dict(problem.headers)
+    if problem.kind is UNAUTHENTICATED:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(
+        problem_body(problem),
+        status_code=problem.kind.status,
+        headers=headers,
+        media_type=MEDIA_TYPE,
+    )
+
+
+def _handle_errors(app: FastAPI) -> None:
+    """Every error the application answers, as problem+json."""
+
+    async def on_problem(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Problem)
+        return _problem_response(exc)
+
+    async def on_credkeeper(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, CredkeeperError)
+        return _problem_response(problem_of(exc))
+
+    async def on_validation(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        # Only where and what: pydantic's "input" member would echo what was sent.
+        errors = [
+            FieldViolation(_field(error.get("loc", ())), str(error.get("msg", "invalid")))
+            for error in exc.errors()
+        ]
+        listed = "; ".join(str(error) for error in errors)
+        problem = Problem(VALIDATION_FAILED, f"invalid request: {listed}", errors=errors)
+        return _problem_response(problem)
+
+    async def on_http(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        kinds = {404: ROUTE_NOT_FOUND, 405: METHOD_NOT_ALLOWED}
+        kind = kinds.get(exc.status_code) or Kind(exc.status_code, "http_error", "HTTP error")
+        return _problem_response(Problem(kind, str(exc.detail), headers=dict(exc.headers or {})))
+
+    app.add_exception_handler(Problem, on_problem)
+    app.add_exception_handler(CredkeeperError, on_credkeeper)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+
+
+def _field(location: object) -> str:
+    """A pydantic error location as a dotted field, without FastAPI's ``body``/``query``."""
+    parts = [str(part) for part in location] if isinstance(location, list | tuple) else []
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:] or parts
+    return ".".join(parts) or "body"
+
+
+# -- middleware --------------------------------------------------------------------------
+
+
+class _RawPath:
+    """Route on the path as sent, so that ``%2F`` inside ``{key}`` stays inside that segment.
+
+    ASGI servers hand over the path already decoded, where a key's encoded ``/`` would split
+    it in two; routes then decode ``{key}`` themselves (:func:`_decode_key`).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[Any]],
+        send: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        raw = scope.get("raw_path") if scope["type"] == "http" else None
+        if isinstance(raw, bytes):
+            scope = dict(scope)
+            scope["path"] = raw.split(b"?", 1)[0].decode("latin-1")
+            scope["path_decoded"] = False
+        await self.app(scope, receive, send)
+
+
+class _BodyLimit:
+    """Refuse a request body above ``limit`` bytes with 413, declared or streamed.
+
+    A declared ``Content-Length`` is refused before anything is read; a chunked body is
+    counted as it is read, and the route reading it gets the :class:`Problem`.
+    """
+
+    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[Any]],
+        send: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            response = _problem_response(self._too_large())
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message.get("type") == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _too_large(self) -> Problem:
+        return Problem(
+            BODY_TOO_LARGE, f"the request body is larger than the limit of {self.limit} bytes"
+        )
+
+
+# -- the routes --------------------------------------------------------------------------
+
+
+def _decode_key(raw: str) -> str:
+    """The credential key of a ``{key}`` path segment, percent-decoded and checked."""
+    try:
+        key = unquote(raw, errors="strict")
+        return check_key(key)
+    except (UnicodeDecodeError, ConfigurationError) as exc:
+        reason = str(exc) if isinstance(exc, ConfigurationError) else "is not UTF-8 once decoded"
+        raise Problem(
+            VALIDATION_FAILED,
+            f"the key in the path is invalid: {reason}",
+            errors=[FieldViolation("key", reason)],
+        ) from None
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+async def _json_object(request: Request, *, required: bool) -> dict[str, Any]:
+    """The request body as a JSON object; ``{}`` for an empty optional body."""
+    raw = await request.body()
+    if not raw.strip():
+        if required:
+            raise Problem(
+                VALIDATION_FAILED,
+                "the request needs a JSON object body",
+                errors=[FieldViolation("body", "required")],
+            )
+        return {}
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise Problem(
+            VALIDATION_FAILED,
+            "the request body is not valid JSON",
+            errors=[FieldViolation("body", "must be a JSON object")],
+        ) from None
+    if not isinstance(document, dict):
+        raise Problem(
+            VALIDATION_FAILED,
+            "the request body must be a JSON object",
+            errors=[FieldViolation("body", "must be a JSON object")],
+        )
+    return document
+
+
+def _body_schema(schema: dict[str, Any], *, required: bool = True) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads its JSON body itself."""
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {"application/json": {"schema": schema}},
+        }
+    }
+
+
+_WRAPPER_CREDENTIALS = {
+    "type": "object",
+    "required": ["access_token", "refresh_token", "expires_at"],
+    "properties": {
+        "access_token": {"type": "string"},
+        "refresh_token": {"type": "string"},
+        "expires_at": {"type": "integer", "description": "milliseconds since the epoch"},
+        "scopes": {"type": "array", "items": {"type": "string"}},
+        "subscription_type": {"type": ["string", "null"]},
+    },
+}
+_CLAUDE_CODE = {
+    "type": "object",
+    "required": ["claudeAiOauth"],
+    "properties": {
+        "claudeAiOauth": {
+            "type": "object",
+            "required": ["accessToken", "refreshToken", "expiresAt"],
+            "properties": {
+                "accessToken": {"type": "string"},
+                "refreshToken": {"type": "string"},
+                "expiresAt": {"type": "integer"},
+                "scopes": {"type": "array", "items": {"type": "string"}},
+                "subscriptionType": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+class _Service:
+    """The routes' shared state: the manager, the wrapper client and the API keys."""
+
+    def __init__(
+        self,
+        manager: AsyncTokenManager,
+        wrapper: AsyncWrapperClient | None,
+        api_keys: ApiKeys | None,
+    ) -> None:
+        self.manager = manager
+        self.wrapper = wrapper
+        self.api_keys = api_keys
+
+    # -- authentication ------------------------------------------------------------------
+
+    def caller(self, scope: str) -> Callable[..., ApiKey | None]:
+        """A dependency: the API key the request presents, holding ``scope`` and covering
+        the request's ``{key}``; ``None`` when the service checks no keys."""
+
+        def authenticate(
+            request: Request,
+            bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),  # noqa: B008
+        ) -> ApiKey | None:
+            if self.api_keys is None:
+                return None
+            if bearer is None or bearer.scheme.lower() != "bearer":
+                raise Problem(UNAUTHENTICATED, "send an API key as 'Authorization: Bearer <key>'")
+            api_key = self.api_keys.verify(bearer.credentials)
+            if api_key is None:
+                raise Problem(UNAUTHENTICATED, "the API key is unknown or was revoked")
+            if not api_key.allows(scope):
+                raise Problem(
+                    FORBIDDEN_SCOPE,
+                    f"the API key {api_key.name!r} lacks the {scope!r} scope this route needs",
+                )
+            raw = request.path_params.get("key")
+            if isinstance(raw, str) and not api_key.covers(_decode_key(raw)):
+                raise Problem(
+                    FORBIDDEN_TENANT,
+                    f"the API key {api_key.name!r} does not cover this credential key",
+                )
+            return api_key
+
+        return authenticate
+
+    # -- answers -------------------------------------------------------------------------
+
+    def credentials_answer(self, credentials: Credentials) -> JSONResponse:
+        seconds = (credentials.expires_at - self.manager.policy.now()).total_seconds()
+        return JSONResponse(
+            {
+                "oauth_credentials": credentials.to_wrapper(),
+                "expires_in": max(0, math.floor(seconds)),
+            },
+            headers=_NO_STORE,
+        )
+
+    def state(self, record: Record) -> dict[str, Any]:
+        """A record's state without a token: what an operator needs to act on it."""
+        now = self.manager.policy.now()
+        due = record.expires_at - self.manager.policy.leeway
+        return {
+            "key": record.key,
+            "status": record.status.value,
+            "expires_at": _iso(record.expires_at),
+            "expires_in": math.floor((record.expires_at - now).total_seconds()),
+            "refreshed_at": _iso(record.refreshed_at),
+            "next_refresh_at": _iso(due) if record.status is Status.ACTIVE else None,
+            "failures": record.failures,
+            "cooldown_until": _iso(record.cooldown_until),
+            "last_error": record.last_error and _REDACTOR.redact(record.last_error),
+            "scopes": list(record.scopes),
+            "subscription_type": record.subscription_type,
+        }
+
+    async def record(self, key: str) -> Record:
+        record = await self.manager.store.get(key)
+        if record is None:
+            raise CredentialNotFound(key)
+        return record
+
+    # -- routes --------------------------------------------------------------------------
+
+    def route(self, app: FastAPI) -> None:
+        manager = self.manager
+        read = Depends(self.caller("credentials:read"))
+        write = Depends(self.caller("credentials:write"))
+        admin = Depends(self.caller("admin"))
+        messages_scope = Depends(self.caller("messages"))
+
+        @app.get("/healthz", tags=["health"])
+        async def healthz() -> dict[str, str]:
+            """Liveness: the process answers."""
+            return {"status": "ok"}
+
+        @app.get("/readyz", tags=["health"])
+        async def readyz() -> JSONResponse:
+            """Readiness: the store answers and the rescue journal can keep tokens."""
+            try:
+                await asyncio.wait_for(manager.store.get(_READY_PROBE), _READY_TIMEOUT)
+            except (TimeoutError, CredkeeperError) as exc:
+                reason = "did not answer in time" if isinstance(exc, TimeoutError) else str(exc)
+                raise Problem(
+                    STORE_UNAVAILABLE,
+                    f"the store is not ready: {reason}",
+                    headers={"Retry-After": "5"},
+                ) from None
+            problems = await asyncio.to_thread(manager.journal.problems)
+            if problems:
+                raise Problem(NOT_READY, "the rescue journal is not ready: " + "; ".join(problems))
+            return JSONResponse({"status": "ready"})
+
+        @app.get("/v1/users/{key}/credentials", tags=["credentials"])
+        async def get_credentials(
+            key: str,
+            min_valid: int | None = Query(
+                None, ge=0, le=86400, description="Seconds the access token must stay valid."
+            ),
+            force: bool = Query(False, description="Refresh now, whatever the expiry."),
+            caller: ApiKey | None = read,
+        ) -> JSONResponse:
+            """Credentials valid for at least the leeway (or ``min_valid``), as the wrapper's
+            ``oauth_credentials`` object."""
+            name = _decode_key(key)
+            if force:
+                return self.credentials_answer(await manager.refresh(name))
+            credentials = await manager.get(name)
+            if min_valid is not None:
+                left = (credentials.expires_at - manager.policy.now()).total_seconds()
+                if left < min_valid:
+                    # Unless a peer refreshed meanwhile: then its tokens are the answer.
+                    credentials = await manager.refresh(name, failed=credentials.access_token)
+            return self.credentials_answer(credentials)
+
+        @app.post(
+            "/v1/users/{key}/credentials/refresh",
+            tags=["credentials"],
+            openapi_extra=_body_schema(
+                {
+                    "type": "object",
+                    "properties": {"failed_access_token": {"type": "string"}},
+                },
+                required=False,
+            ),
+        )
+        async def refresh_credentials(
+            key: str, request: Request, caller: ApiKey | None = read
+        ) -> JSONResponse:
+            """Refresh after the wrapper refused ``failed_access_token``, unless a peer already
+            did; without it, refresh now. Answers as the GET."""
+            name = _decode_key(key)
+            body = await _json_object(request, required=False)
+            unknown = sorted(body.keys() - {"failed_access_token"})
+            failed = body.get("failed_access_token")
+            problems = [FieldViolation(field, "unknown field") for field in unknown]
+            if failed is not None and (not isinstance(failed, str) or not failed):
+                problems.append(FieldViolation("failed_access_token", "must be a non-empty string"))
+            if problems:
+                raise Problem(
+                    VALIDATION_FAILED,
+                    "invalid request: " + "; ".join(str(p) for p in problems),
+                    errors=problems,
+                )
+            return self.credentials_answer(await manager.refresh(name, failed=failed))
+
+        @app.put(
+            "/v1/users/{key}/credentials",
+            tags=["credentials"],
+            status_code=200,
+            responses={201: {"description": "A new credential was stored"}},
+            openapi_extra=_body_schema({"oneOf": [_WRAPPER_CREDENTIALS, _CLAUDE_CODE]}),
+        )
+        async def put_credentials(
+            key: str, request: Request, caller: ApiKey | None = write
+        ) -> JSONResponse:
+            """Store a login: the wrapper's ``oauth_credentials`` object or Claude Code's
+            ``{"claudeAiOauth": {...}}``. Answers the state, never a token."""
+            name = _decode_key(key)
+            body = await _json_object(request, required=True)
+            if "claudeAiOauth" in body:
+                credentials = Credentials.from_claude_code(body)
+            else:
+                credentials = Credentials.from_wrapper(body)
+            existed = await manager.store.get(name) is not None
+            await manager.put(name, credentials)
+            state = self.state(await self.record(name))
+            return JSONResponse(state, status_code=200 if existed else 201)
+
+        @app.delete("/v1/users/{key}/credentials", tags=["credentials"], status_code=204)
+        async def delete_credentials(key: str, caller: ApiKey | None = write) -> Response:
+            """Delete the credential; 404 when there was none."""
+            name = _decode_key(key)
+            if not await manager.delete(name):
+                raise CredentialNotFound(name)
+            return Response(status_code=204)
+
+        @app.get("/v1/users/{key}", tags=["users"])
+        async def get_user(key: str, caller: ApiKey | None = admin) -> dict[str, Any]:
+            """One credential's state: status, expiry, last refresh, failures; never a token."""
+            return self.state(await self.record(_decode_key(key)))
+
+        @app.get("/v1/users", tags=["users"])
+        async def list_users(
+            status: Status | None = Query(None, description="Only credentials in this state."),  # noqa: B008
+            limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE),
+            cursor: str | None = Query(None, description="next_cursor of the previous page."),
+            caller: ApiKey | None = admin,
+        ) -> dict[str, Any]:
+            """Every credential's state, in key order, ``limit`` at a time."""
+            after = _read_cursor(cursor)
+            keys = sorted([key async for key in manager.store.scan_due(END_OF_TIME)])
+            keys = [
+                key
+                for key in keys
+                if (after is None or key > after) and (caller is None or caller.covers(key))
+            ]
+            users: list[dict[str, Any]] = []
+            last: str | None = None
+            for start in range(0, len(keys), limit):
+                batch = keys[start : start + limit]
+                records = await asyncio.gather(*(manager.store.get(key) for key in batch))
+                for key, record in zip(batch, records, strict=True):
+                    last = key
+                    if record is None or (status is not None and record.status is not status):
+                        continue
+                    users.append(self.state(record))
+                    if len(users) == limit:
+                        break
+                if len(users) == limit:
+                    break
+            more = last is not None and last != keys[-1]
+            return {"users": users, "next_cursor": _make_cursor(last) if last and more else None}
+
+        @app.post(
+            "/v1/users/{key}/messages",
+            tags=["messages"],
+            openapi_extra=_body_schema(
+                {
+                    "type": "object",
+                    "required": ["messages"],
+                    "properties": {
+                        "messages": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "role": {"type": "string", "enum": ["user", "assistant"]},
+                                    "content": {"type": "string"},
+                                },
+                                "required": ["role", "content"],
+                            },
+                        },
+                        "model": {"type": "string"},
+                        "stream": {"type": "boolean"},
+                        "session_id": {"type": ["string", "null"]},
+                        "thinking": {"type": ["boolean", "null"]},
+                        "fallback_model": {"type": ["string", "null"]},
+                        "include_files": {"type": "boolean"},
+                        "mcp_servers": {"type": ["object", "null"]},
+                    },
+                }
+            ),
+        )
+        async def messages(
+            key: str, request: Request, caller: ApiKey | None = messages_scope
+        ) -> JSONResponse:
+            """The wrapper's ``/v1/messages`` with this user's fresh credentials attached;
+            the wrapper's JSON body unchanged."""
+            name = _decode_key(key)
+            body = await _json_object(request, required=True)
+            if "oauth_credentials" in body:
+                raise Problem(
+                    VALIDATION_FAILED,
+                    "the body must not carry oauth_credentials: the service attaches them",
+                    errors=[FieldViolation("oauth_credentials", "must be left out")],
+                )
+            if body.get("stream") is True:
+                raise Problem(
+                    NOT_IMPLEMENTED,
+                    "streaming through the service is not implemented yet; "
+                    "send the request without stream",
+                )
+            if self.wrapper is None:
+                raise Problem(
+                    NO_WRAPPER,
+                    "the service has no Claude Wrapper API configured (--wrapper-url)",
+                    headers={"Retry-After": "60"},
+                )
+            conversation = body.pop("messages", None)
+            body.pop("stream", None)
+            unknown = sorted(body.keys() - MESSAGE_OPTIONS)
+            if unknown:
+                errors = [FieldViolation(field, "unknown field") for field in unknown]
+                raise Problem(
+                    VALIDATION_FAILED,
+                    "invalid request: " + "; ".join(str(error) for error in errors),
+                    errors=errors,
+                )
+            message = await self.wrapper.messages.create(name, conversation, **body)
+            return JSONResponse(message.raw)
+
+
+def _make_cursor(key: str) -> str:
+    return base64.urlsafe_b64encode(key.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def _read_cursor(cursor: str | None) -> str | None:
+    """The last key of the previous page; an unreadable cursor is a 422 naming it."""
+    if cursor is None:
+        return None
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        return base64.urlsafe_b64decode(padded.encode("ascii")).decode("utf-8")
+    except (ValueError, binascii.Error, UnicodeError):
+        raise Problem(
+            VALIDATION_FAILED,
+            "the cursor is not one this service made",
+            errors=[FieldViolation("cursor", "must be the next_cursor of a previous page")],
+        ) from None
