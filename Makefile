@@ -16,11 +16,11 @@ COVERAGE_MIN := 83
 demo: $(VENV)/.cli
 	$(BIN)/credkeeper demo
 
-# What CI runs. Coverage is measured on the core and command-line tests (about a minute), where
-# the engine's branches are; the adapters' and the integration tests (storms, crashes, chaos)
+# What CI runs. Coverage is measured on the core, command-line and service tests (about two
+# minutes), where the engine's branches are (the service's own process under `coverage run`); the adapters' and the integration tests (storms, crashes, chaos)
 # run after it without coverage, which would cost CI more minutes than it has.
 # --tb=native: CPython 3.11.7 can crash formatting pytest's long tracebacks under coverage.
-COVERED := tests/core tests/cli tests/test_backends.py
+COVERED := tests/core tests/cli tests/server tests/test_backends.py
 test: $(VENV)/.dev lint $(NODE_MODULES) flow-coverage
 	$(BIN)/pytest $(COVERED) --tb=native --cov --cov-report=term-missing:skip-covered \
 		--cov-fail-under=$(COVERAGE_MIN)
