@@ -17,8 +17,9 @@ demo: $(VENV)/.cli
 	$(BIN)/credkeeper demo
 
 # What CI runs. Coverage is measured on the core, command-line and service tests (about two
-# minutes), where the engine's branches are (the service's own process under `coverage run`); the adapters' and the integration tests (storms, crashes, chaos)
-# run after it without coverage, which would cost CI more minutes than it has.
+# minutes; the service's own process runs under `coverage run`), where the engine's branches
+# are; the adapters' and the integration tests (storms, crashes, chaos) run after it without
+# coverage, which would cost CI more minutes than it has.
 # --tb=native: CPython 3.11.7 can crash formatting pytest's long tracebacks under coverage.
 COVERED := tests/core tests/cli tests/server tests/test_backends.py
 test: $(VENV)/.dev lint $(NODE_MODULES) flow-coverage

@@ -233,10 +233,14 @@ class _Base(Generic[S, H]):
             return None
         return value + timedelta(seconds=elapsed)
 
-    def _read_store_clock(self, value: object) -> object:
-        """Keep ``value``, the store's clock just read, for :meth:`_carried_store_clock`."""
+    def _read_store_clock(self, value: object, asked: float) -> object:
+        """Keep ``value``, the store's clock just read, for :meth:`_carried_store_clock`.
+
+        ``asked`` is the monotonic time the read began: the store read its clock somewhere
+        between then and now, so the reading is taken as of the middle, not as of its arrival.
+        """
         if isinstance(value, datetime) and value.utcoffset() is not None:
-            self._store_clock = (value, time.monotonic())
+            self._store_clock = (value, (asked + time.monotonic()) / 2)
         return value
 
     def _remember(self, key: str, credentials: Credentials | None) -> None:
@@ -444,8 +448,9 @@ class TokenManager(Closing, _Base[CredentialStore, httpx.Client]):
                 carried = self._carried_store_clock()
                 if carried is not None:
                     return carried
+                asked = time.monotonic()
                 with _store_errors(None):
-                    return self._read_store_clock(clock())
+                    return self._read_store_clock(clock(), asked)
             case Send(request):
                 return self._http.send(request)
             case Sleep(seconds):
@@ -609,8 +614,9 @@ class AsyncTokenManager(
                 carried = self._carried_store_clock()
                 if carried is not None:
                     return carried
+                asked = time.monotonic()
                 with _store_errors(None):
-                    return self._read_store_clock(await clock())
+                    return self._read_store_clock(await clock(), asked)
             case Send(request):
                 return await self._http.send(request)
             case Sleep(seconds):

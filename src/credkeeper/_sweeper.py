@@ -12,11 +12,15 @@ Sweepers running together do not divide the keys between them: each lists them a
 has found ``concurrency`` keys fresh since its last listing (a peer refreshed them), it lists
 the due keys again and passes over those no longer listed, which a peer has refreshed, without
 reading them; so two sweepers read far fewer of each other's keys, and a sweep that finds no
-key fresh lists them once.
+key fresh lists them once. A key a store's listing misses (an eventually consistent listing,
+such as Secrets Manager's) is passed over in this sweep only: its callers refresh it on demand
+and the next sweep lists it again.
 
 With ``keep_alive``, a sweep also refreshes credentials whose tokens were last obtained longer
 ago than that (or at an unknown time), for providers that expire refresh tokens left unused:
-listing them reads every record, so that pass runs at most once per ``keep_alive / 10``.
+listing them reads every record, so that pass runs at most once per ``keep_alive / 10``. The
+first pass over records from before ``refreshed_at`` refreshes them all (their last refresh is
+unknown), at the sweep's concurrency and paused by the provider's throttling like any sweep.
 """
 
 from __future__ import annotations
