@@ -1,24 +1,31 @@
-"""Files that hold credentials: private directories, and opening only what credkeeper wrote.
+"""Files that hold credentials: private directories, opening only what credkeeper wrote, and
+writing a file whole or not at all.
 
-The file store and the rescue journal share these rules. Whoever can write the directory a
-credential file lives in can replace that file, plant a symbolic link to one of their own, or
-a FIFO that blocks every reader; so the directory must be its owner's alone, and files are
-opened without following links and used only when they are regular files.
+The file store, the rescue journal and the service's API key file share these rules. Whoever
+can write the directory a credential file lives in can replace that file, plant a symbolic link
+to one of their own, or a FIFO that blocks every reader; so the directory must be its owner's
+alone, and files are opened without following links and used only when they are regular files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 __all__ = [
     "PRIVATE_DIR_MODE",
     "NotRegularFile",
+    "atomic_write",
+    "fsync_directory",
     "make_private_directories",
     "open_regular",
+    "synced_temp_file",
     "writable_by_others",
+    "write_all",
 ]
 
 PRIVATE_DIR_MODE = 0o700
@@ -103,3 +110,48 @@ def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY, mode: i
     if stat.S_ISDIR(kind):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     raise NotRegularFile(path, "not a regular file")
+
+
+def write_all(fd: int, payload: bytes) -> None:
+    """Write all of ``payload`` to ``fd``, however few bytes each ``os.write`` takes."""
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def fsync_directory(directory: Path) -> None:
+    """Sync ``directory``, so that a file just renamed into it survives a crash."""
+    with contextlib.suppress(FileNotFoundError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def synced_temp_file(path: Path, payload: bytes) -> str:
+    """A new file beside ``path`` holding ``payload``, mode 0600, on disk; its name."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        write_all(fd, payload)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    os.close(fd)
+    return temp
+
+
+def atomic_write(path: Path, payload: bytes) -> None:
+    """Put ``payload`` at ``path`` (mode 0600): a crash leaves the old file or the new one."""
+    temp = synced_temp_file(path, payload)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    fsync_directory(path.parent)

@@ -23,7 +23,6 @@ import re
 import secrets
 import shlex
 import stat
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -32,7 +31,15 @@ from pathlib import Path
 
 from ._credentials import Credentials, from_epoch_ms, to_epoch_ms
 from ._exceptions import ConfigurationError, CredentialsError, DecryptionError
-from ._files import NotRegularFile, make_private_directories, open_regular, writable_by_others
+from ._files import (
+    NotRegularFile,
+    atomic_write,
+    fsync_directory,
+    make_private_directories,
+    open_regular,
+    synced_temp_file,
+    writable_by_others,
+)
 from ._keyring import KeyRing
 from ._secret import Secret
 
@@ -46,7 +53,6 @@ _KEY_FILE = "journal.key"
 # An entry whose consumed token is not in the store after this long belongs to another store
 # or a credential replaced since; it cannot help anyone any more.
 _RETENTION = timedelta(days=30)
-_FILE_MODE = 0o600
 # The key id of a sealed value (``ck1:<key id>:<body>``), to name it in a warning.
 _SEALED_KEY_ID = re.compile(r"ck1:([A-Za-z0-9_-]{1,32}):")
 # Creating the key file loops only while other processes create or replace it at the same time.
@@ -142,7 +148,7 @@ class RescueJournal:
             }
         ).encode()
         self._ensure_directory()
-        _atomic_write(self.directory / f"{entry.id}.json", payload)
+        atomic_write(self.directory / f"{entry.id}.json", payload)
         with self._lock:
             if self._index is not None:
                 self._index.setdefault(entry.key, {})[entry.id] = entry
@@ -151,7 +157,7 @@ class RescueJournal:
         """Delete ``entry``: the store holds its tokens, or they can no longer matter."""
         with contextlib.suppress(FileNotFoundError):
             (self.directory / f"{entry.id}.json").unlink()
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
         self.forget(entry)
 
     def forget(self, entry: RescueEntry) -> None:
@@ -455,12 +461,6 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _write_all(fd: int, payload: bytes) -> None:
-    view = memoryview(payload)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def _unusable(path: Path, reason: str) -> ConfigurationError:
     return ConfigurationError(f"the rescue journal's key file {path} is unusable: {reason}")
 
@@ -547,7 +547,7 @@ def _replace_empty_key_file(path: Path, fd: int) -> None:
     if (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino) or opened.st_size:
         return
     logger.warning("the rescue journal's key file %s was empty; writing a new key to it", path)
-    _atomic_write(path, KeyRing.generate().export().encode())
+    atomic_write(path, KeyRing.generate().export().encode())
 
 
 def _mtime(path: Path) -> float:
@@ -557,42 +557,6 @@ def _mtime(path: Path) -> float:
         return time.time()
 
 
-def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _synced_temp_file(path: Path, payload: bytes) -> str:
-    """A new file beside ``path`` holding ``payload``, mode 0600, on disk; its name."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        _write_all(fd, payload)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    os.close(fd)
-    return temp
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    temp = _synced_temp_file(path, payload)
-    try:
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    _fsync_directory(path.parent)
-
-
 def _create_exclusive(path: Path, payload: bytes) -> None:
     """Create ``path`` holding ``payload``, whole or not at all; keep it if it already exists.
 
@@ -600,11 +564,11 @@ def _create_exclusive(path: Path, payload: bytes) -> None:
     never replaces an existing file, so of processes creating it together one wins, and none
     ever sees it partly written.
     """
-    temp = _synced_temp_file(path, payload)
+    temp = synced_temp_file(path, payload)
     try:
         with contextlib.suppress(FileExistsError):  # another process won; its file is read
             os.link(temp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)

@@ -27,7 +27,6 @@ import os
 import re
 import secrets
 import stat
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from credkeeper._exceptions import ConfigurationError
-from credkeeper._files import NotRegularFile, make_private_directories, open_regular
+from credkeeper._files import NotRegularFile, atomic_write, make_private_directories, open_regular
 
 __all__ = [
     "KEY_PREFIX",
@@ -372,21 +371,4 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _write(path: Path, entries: list[tuple[str, ApiKey]]) -> None:
     """Put a file holding ``entries`` at ``path``: whole, synced, mode 0600; the caller locks."""
-    payload = "".join(_line(hashed, key) for hashed, key in entries).encode("utf-8")
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), _FILE_MODE)
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-    with contextlib.suppress(OSError):  # best effort: not every filesystem syncs directories
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    atomic_write(path, "".join(_line(hashed, key) for hashed, key in entries).encode("utf-8"))
