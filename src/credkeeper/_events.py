@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from ._exceptions import ConfigurationError
 
 __all__ = ["EventHook", "EventKind", "RefreshEvent"]
 
@@ -44,8 +47,14 @@ class EventKind(enum.StrEnum):
     #: The provider refused the refresh token because a peer had already used it: its newer
     #: tokens are taken instead (the race that, done naively, logs users out).
     ADOPTED = "adopted"
-    #: The credential was marked ``needs_reauth``: the user must log in again.
+    #: The credential was marked ``needs_reauth``: the user must log in again. Emitted by the
+    #: one manager whose write made the change, so once per transition across a fleet.
     REAUTH_REQUIRED = "reauth_required"
+    #: A login was stored over a credential marked ``needs_reauth``: the user is back. Emitted
+    #: by the manager whose write replaced the marked record.
+    RECOVERED = "recovered"
+    #: The credential was deleted; emitted by the manager whose delete removed it.
+    DELETED = "deleted"
     #: Taking the lease lost a compare-and-swap to another writer.
     LEASE_CONFLICT = "lease_conflict"
     #: A cooldown was recorded after provider failures; ``duration`` is its length.
@@ -87,8 +96,11 @@ def emit(hook: EventHook | None, event: RefreshEvent) -> None:
                 "credkeeper_duration": event.duration,
             },
         )
-    if hook is None:
-        return
+    if hook is not None:
+        _call(hook, event)
+
+
+def _call(hook: EventHook, event: RefreshEvent) -> None:
     try:
         hook(event)
     except Exception as exc:  # noqa: BLE001 - an exporter's failure must not fail a refresh
@@ -98,3 +110,45 @@ def emit(hook: EventHook | None, event: RefreshEvent) -> None:
             event.kind,
             event.key,
         )
+
+
+class Subscribers:
+    """The hooks one manager tells, in order: the one it was built with, then those subscribed
+    since. Falsy while there are none, so that the flow builds no event nobody reads.
+
+    Each hook's failure is logged apart, so one broken consumer does not silence the others.
+    """
+
+    __slots__ = ("_hooks", "_lock")
+
+    def __init__(self, hook: EventHook | None = None) -> None:
+        self._hooks: tuple[EventHook, ...] = () if hook is None else (hook,)
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return bool(self._hooks)
+
+    def __call__(self, event: RefreshEvent) -> None:
+        hooks = self._hooks
+        if len(hooks) == 1:
+            hooks[0](event)
+            return
+        for hook in hooks:
+            _call(hook, event)
+
+    def add(self, hook: EventHook) -> Callable[[], None]:
+        """Tell ``hook`` too, from now on; returns what stops telling it (idempotent)."""
+        if not callable(hook):
+            raise ConfigurationError("the hook must be a callable taking a credkeeper.RefreshEvent")
+        # Replaced, never mutated: a flow reading the tuple mid-event is never disturbed.
+        with self._lock:
+            self._hooks = (*self._hooks, hook)
+
+        def remove() -> None:
+            with self._lock:
+                hooks = list(self._hooks)
+                if hook in hooks:
+                    hooks.remove(hook)
+                    self._hooks = tuple(hooks)
+
+        return remove

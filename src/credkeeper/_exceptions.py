@@ -18,13 +18,14 @@ The tree::
     ├── CredentialNotFound (KeyError)         no credential is stored under a key
     ├── ReauthRequired                        the user must log in again; nothing was deleted
     ├── RefreshTimeout (TimeoutError)         another worker's refresh did not finish in time
-    └── WrapperError                          the Claude Wrapper API answered with an error
-        ├── InvalidRequest (ValueError)       the request breaks the wrapper's rules; lists fields
-        ├── AuthFailed                        credentials refused again after a refresh
-        ├── UsageLimitReached                 the account hit a usage limit; no refresh helps
-        ├── WrapperCLIError                   the wrapper's CLI failed for another reason
-        ├── UnsafeFilePath (ValueError)       a returned file would land outside its directory
-        └── WrapperUnavailable                5xx, connection failure or timeout; retry later
+    ├── WrapperError                          the Claude Wrapper API answered with an error
+    │   ├── InvalidRequest (ValueError)       the request breaks the wrapper's rules; lists fields
+    │   ├── AuthFailed                        credentials refused again after a refresh
+    │   ├── UsageLimitReached                 the account hit a usage limit; no refresh helps
+    │   ├── WrapperCLIError                   the wrapper's CLI failed for another reason
+    │   ├── UnsafeFilePath (ValueError)       a returned file would land outside its directory
+    │   └── WrapperUnavailable                5xx, connection failure or timeout; retry later
+    └── WebhookVerificationError (ValueError) a received webhook's headers or signature fail
 
 No message ever contains a token: messages name keys, fields and HTTP statuses, and provider
 bodies are quoted only after redaction.
@@ -57,6 +58,7 @@ __all__ = [
     "UnknownSchemeError",
     "UnsafeFilePath",
     "UsageLimitReached",
+    "WebhookVerificationError",
     "WrapperCLIError",
     "WrapperError",
     "WrapperUnavailable",
@@ -269,3 +271,9 @@ class UnsafeFilePath(WrapperError, ValueError):
 
 class WrapperUnavailable(WrapperError):
     """The wrapper failed (5xx), could not be reached, or did not answer in time; retry later."""
+
+
+class WebhookVerificationError(CredkeeperError, ValueError):
+    """A received webhook failed verification: a header is missing, the timestamp is outside
+    the tolerance, no signature matches, or the body is not a JSON object. Answer it with 400
+    or 401 and do not act on it; the message never repeats the secret or a signature."""

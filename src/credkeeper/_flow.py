@@ -230,7 +230,7 @@ class Policy:
         self, kind: EventKind, key: str, outcome: str | None = None, duration: float | None = None
     ) -> None:
         """Tell the events hook and the DEBUG log; the hook's failures are only logged."""
-        if self.events is not None or logger.isEnabledFor(logging.DEBUG):
+        if self.events or logger.isEnabledFor(logging.DEBUG):
             emit(self.events, RefreshEvent(kind, key, outcome, duration))
 
     def fresh(self, credentials: Credentials) -> bool:
@@ -476,6 +476,9 @@ def put_flow(policy: Policy, key: str, credentials: Credentials) -> Flow[Record]
             yield from _backoff(policy, key, attempt, deadline, "storing the credentials")
             attempt += 1
             continue
+        if current is not None and current.status is Status.NEEDS_REAUTH:
+            # This write replaced the marked record: no other writer can report it too.
+            policy.emit(EventKind.RECOVERED, key)
         return stored
 
 
@@ -492,6 +495,8 @@ def delete_flow(policy: Policy, key: str) -> Flow[bool]:
         with contextlib.suppress(StoreCorrupted, DecryptionError, ConfigurationError):
             stored = fingerprint(policy.credentials(record).refresh_token)
     removed = yield Remove(key)
+    if removed:
+        policy.emit(EventKind.DELETED, key)
     for entry in (yield from _journal(JournalPending(key), key, [])):
         # Only entries for this store's record: the journal is shared by every store on the host.
         yield from _journal(

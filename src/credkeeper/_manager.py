@@ -29,7 +29,7 @@ from ._clock import Clock, SystemClock
 from ._closing import AsyncClosing, Closing
 from ._codec import TokenCodec, probe_codec
 from ._credentials import Credentials
-from ._events import EventHook
+from ._events import EventHook, Subscribers
 from ._exceptions import ConfigurationError, ReauthRequired, StoreUnavailable
 from ._flow import (
     Deadline,
@@ -166,6 +166,7 @@ class _Base(Generic[S, H]):
             directory = Path(journal) if journal is not None else default_journal_dir()
             self.journal = RescueJournal(directory, keyring=keyring)
         self._nonce = secrets.token_hex(4)
+        self._subscribers = Subscribers(events)
         # The store's clock as last read, and this host's monotonic clock then.
         self._store_clock: tuple[datetime, float] | None = None
         self._owner = owner
@@ -184,13 +185,22 @@ class _Base(Generic[S, H]):
             cooldown=_duration(cooldown, "cooldown", minimum=0.0),
             max_cooldown=timedelta(minutes=10),
             accept_plaintext=accept_plaintext,
-            events=events,
+            events=self._subscribers,
         )
         self._open(store, http)
 
     def _open(self, store: S, http: H | None) -> None:
         """Take the store and the HTTP client: the one part of construction that differs."""
         raise NotImplementedError  # pragma: no cover
+
+    def subscribe(self, hook: EventHook) -> Callable[[], None]:
+        """Tell ``hook`` of every :class:`RefreshEvent` from now on, besides the ``events``
+        given at construction; returns a function that stops telling it.
+
+        For consumers that arrive after the manager was made: the service's webhooks and
+        metrics subscribe while it runs and leave as it stops.
+        """
+        return self._subscribers.add(hook)
 
     @property
     def owner(self) -> str:

@@ -45,6 +45,8 @@ _COUNTED = (
     EventKind.COOLDOWN,
     EventKind.JOURNAL_RESCUE,
     EventKind.REFRESH_DEFERRED,
+    EventKind.RECOVERED,
+    EventKind.DELETED,
 )
 
 
@@ -84,7 +86,8 @@ class RefreshMetrics:
         )
         self.events = Counter(
             "credkeeper_events",
-            "Engine events: adopted, reauth_required, cooldown, journal_rescue, refresh_deferred.",
+            "Engine events by kind: adopted, reauth_required, cooldown, journal_rescue, "
+            "refresh_deferred, recovered, deleted.",
             ["kind"],
             registry=on,
         )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import socket
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -666,6 +668,22 @@ class TestStream:
         collapsed = [kind for i, kind in enumerate(kinds(objects)) if kinds(objects)[i - 1] != kind]
         assert list(self.EXPECTED_ORDER) == collapsed
 
+    def test_stream_gap_sends_each_line_as_it_comes(
+        self, make_wrapper: MakeWrapper, client: httpx.Client, credentials: Credentials
+    ) -> None:
+        """With stream_gap each NDJSON line is its own chunk, the next one that long after."""
+        wrapper = make_wrapper(stream_gap=0.05)
+        url = wrapper.url + "/v1/messages"
+        with client.stream("POST", url, json=body(credentials, stream=True)) as response:
+            arrivals = [(time.monotonic(), chunk) for chunk in response.iter_raw()]
+
+        lines = [chunk for _, chunk in arrivals]
+        gaps = [later - earlier for (earlier, _), (later, _) in itertools.pairwise(arrivals)]
+        assert (True, True) == (
+            all(line.count(b"\n") == 1 and line.endswith(b"\n") for line in lines),
+            min(gaps) >= 0.04,
+        )
+
     def test_text_deltas_join_to_the_reply(
         self, wrapper: FakeWrapper, client: httpx.Client, credentials: Credentials
     ) -> None:
@@ -1289,6 +1307,11 @@ class TestLifecycle:
         """latency must be a number of seconds >= 0."""
         with pytest.raises(ValueError, match="latency"):
             FakeWrapper(fake, latency=-1)
+
+    def test_negative_stream_gap_is_refused(self, fake: FakeProvider) -> None:
+        """stream_gap must be a number of seconds >= 0."""
+        with pytest.raises(ValueError, match="stream_gap"):
+            FakeWrapper(fake, stream_gap=-0.5)
 
     def test_provider_must_be_a_fake_provider(self) -> None:
         """The wrapper judges tokens with a FakeProvider and refuses anything else."""

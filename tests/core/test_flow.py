@@ -1327,6 +1327,55 @@ class TestEvents:
             ("refresh_succeeded", "adopted", 0.0),
         ] == seen
 
+    def test_a_login_over_a_condemned_record_reports_recovered(self, clock: FakeClock) -> None:
+        """put_flow replacing a needs_reauth record reports recovered, once it is stored."""
+        policy, seen = watched(clock)
+        flow = put_flow(policy, KEY, rotated())
+        next(flow)
+        flow.send(None)
+        save = flow.send(record(status=Status.NEEDS_REAUTH, version="4"))
+        assert [] == seen
+
+        finish(flow, stored_as(save, "5"))
+
+        assert [("recovered", None, None)] == seen
+
+    def test_a_login_over_an_active_record_reports_nothing(self, clock: FakeClock) -> None:
+        """Replacing an active credential is no recovery: no event."""
+        policy, seen = watched(clock)
+        flow = put_flow(policy, KEY, rotated())
+        next(flow)
+        flow.send(None)
+        save = flow.send(record(version="4"))
+
+        finish(flow, stored_as(save, "5"))
+
+        assert [] == seen
+
+    def test_a_delete_that_removed_the_record_reports_deleted(self, clock: FakeClock) -> None:
+        """delete_flow reports deleted when its removal took the record away."""
+        policy, seen = watched(clock)
+        flow = delete_flow(policy, KEY)
+        next(flow)
+        flow.send(None)
+        flow.send(record())
+        flow.send(True)
+        finish(flow, [])
+
+        assert [("deleted", None, None)] == seen
+
+    def test_a_delete_that_found_nothing_reports_nothing(self, clock: FakeClock) -> None:
+        """A peer removed it first (or it never existed): no event from this delete."""
+        policy, seen = watched(clock)
+        flow = delete_flow(policy, KEY)
+        next(flow)
+        flow.send(None)
+        flow.send(None)
+        flow.send(False)
+        finish(flow, [])
+
+        assert [] == seen
+
     def test_a_dead_credential_reports_reauth_required(self, clock: FakeClock) -> None:
         """invalid_grant and nothing newer: reauth_required, then the refresh fails so."""
         policy, seen = watched(clock)

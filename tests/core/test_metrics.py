@@ -132,6 +132,72 @@ class TestEvents:
         with pytest.raises(ConfigurationError, match="events must be a callable"):
             TokenManager(store, fake.provider(), journal=tmp_path, events=42)  # type: ignore[arg-type]
 
+    def test_a_subscribed_hook_hears_events_beside_the_first(
+        self, store: MemoryStore, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """subscribe() adds a hook: both it and the constructor's hear the same refresh."""
+        first: list[RefreshEvent] = []
+        later: list[RefreshEvent] = []
+        with manager_with(store, fake, clock, tmp_path, first.append) as manager:
+            manager.subscribe(later.append)
+            manager.put(KEY, fake.issue(expires_in=60))
+            manager.get(KEY)
+
+        assert (3, first) == (len(first), later)
+
+    def test_an_unsubscribed_hook_hears_nothing_more(
+        self, store: MemoryStore, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """The function subscribe() returns stops the hook; calling it twice is harmless."""
+        seen: list[RefreshEvent] = []
+        with manager_with(store, fake, clock, tmp_path, None) as manager:
+            stop = manager.subscribe(seen.append)
+            manager.put(KEY, fake.issue(expires_in=60))
+            manager.get(KEY)
+            stop()
+            stop()
+            manager.refresh(KEY)
+
+        assert 3 == len(seen)
+
+    def test_a_failing_subscriber_does_not_silence_the_others(
+        self, store: MemoryStore, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """One hook raising on every event: the next one still hears each of them."""
+        seen: list[RefreshEvent] = []
+
+        def broken(event: RefreshEvent) -> None:
+            raise RuntimeError("exporter down")
+
+        with manager_with(store, fake, clock, tmp_path, broken) as manager:
+            manager.subscribe(seen.append)
+            manager.put(KEY, fake.issue(expires_in=60))
+            manager.get(KEY)
+
+        assert ["refresh_started", "provider_call", "refresh_succeeded"] == [
+            event.kind for event in seen
+        ]
+
+    def test_a_login_over_a_dead_credential_and_a_delete_are_reported(
+        self, store: MemoryStore, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """needs_reauth, then a new login (recovered), then delete (deleted), in that order."""
+        seen: list[RefreshEvent] = []
+        with manager_with(store, fake, clock, tmp_path, seen.append) as manager:
+            dead = fake.issue(expires_in=60)
+            fake.revoke(dead)
+            manager.put(KEY, dead)
+            with pytest.raises(ReauthRequired):
+                manager.get(KEY)
+            manager.put(KEY, fake.issue())
+            manager.delete(KEY)
+            manager.delete(KEY)
+
+        wanted = {"reauth_required", "recovered", "deleted"}
+        assert ["reauth_required", "recovered", "deleted"] == [
+            event.kind for event in seen if event.kind in wanted
+        ]
+
 
 class TestRefreshMetrics:
     def test_refreshes_are_counted_by_outcome_with_their_latency(

@@ -336,16 +336,6 @@ def test_messages_name_each_invalid_field(
     assert ["messages.0.role", "messages.0.content"] == [e["field"] for e in problem["errors"]]
 
 
-def test_streaming_messages_are_not_implemented_yet(
-    service: Service, login: Callable[..., Credentials]
-) -> None:
-    """A messages body with "stream": true answers 501 not_implemented_yet, for now."""
-    login("alice")
-    with service.client() as client:
-        response = client.post("/v1/users/alice/messages", json={**HELLO, "stream": True})
-    assert (501, "not_implemented_yet") == (response.status_code, response.json()["code"])
-
-
 def test_a_usage_limit_answers_429(
     service: Service, login: Callable[..., Credentials], wrapper: FakeWrapper
 ) -> None:
@@ -455,6 +445,7 @@ def test_the_api_document_lists_every_route(service: Service) -> None:
     assert {
         "/healthz",
         "/readyz",
+        "/metrics",
         "/v1/users",
         "/v1/users/{key}",
         "/v1/users/{key}/credentials",

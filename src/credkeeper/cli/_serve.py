@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,27 @@ def is_loopback(host: str) -> bool:
     help="Refresh credentials in the background before they are needed.",
 )
 @click.option(
+    "--webhook",
+    "webhook_urls",
+    multiple=True,
+    metavar="URL",
+    help="Where to POST credential.needs_reauth, credential.recovered and credential.deleted "
+    "events, signed per Standard Webhooks; repeatable. Needs --webhook-secret.",
+)
+@click.option(
+    "--webhook-secret",
+    envvar="CREDKEEPER_WEBHOOK_SECRET",
+    metavar="SECRET",
+    help="The whsec_... secret webhooks are signed with [env CREDKEEPER_WEBHOOK_SECRET].",
+)
+@click.option(
+    "--audit-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Append the audit log (one JSON line per credential read, write, delete or forced "
+    "refresh) to FILE instead of standard error.",
+)
+@click.option(
     "--max-body-bytes",
     type=click.IntRange(1),
     default=1_048_576,
@@ -80,6 +103,9 @@ def serve(
     listen: str,
     api_keys_file: Path | None,
     sweep: bool,
+    webhook_urls: tuple[str, ...],
+    webhook_secret: str | None,
+    audit_log: Path | None,
     max_body_bytes: int,
 ) -> None:
     """Serve credentials and Claude Wrapper API calls over HTTP, from the global options' store,
@@ -87,7 +113,7 @@ def serve(
 
     Listening beyond loopback needs --api-keys: every route but /healthz, /readyz and the API
     document then asks for 'Authorization: Bearer <key>'. Stops on SIGTERM or Ctrl-C after the
-    refreshes in flight finish.
+    refreshes in flight finish and the webhooks pending are delivered (for at most 10 s).
     """
     host, port = parse_listen(listen)
     if api_keys_file is None and not is_loopback(host):
@@ -99,19 +125,26 @@ def serve(
     try:
         import uvicorn  # noqa: PLC0415
 
-        from credkeeper.server import ApiKeys, create_app  # noqa: PLC0415
+        from credkeeper.server import ApiKeys, Webhooks, create_app  # noqa: PLC0415
     except ImportError as exc:
         raise ConfigurationError(
             f"credkeeper serve needs {exc.name or 'fastapi and uvicorn'}; "
             "install it with pip install 'credkeeper[server]'"
         ) from exc
+    if webhook_urls and not webhook_secret:
+        raise ConfigurationError(
+            "--webhook needs --webhook-secret (or CREDKEEPER_WEBHOOK_SECRET) to sign with; "
+            'make one with: echo "whsec_$(openssl rand -base64 32)"'
+        )
     api_keys = ApiKeys.load(api_keys_file) if api_keys_file is not None else None
     settings = options.settings
+    _log_to(audit_log)
 
     async def run() -> None:
         # Made inside the loop that serves: an asyncio manager belongs to one loop.
         from credkeeper._wrapper import AsyncWrapperClient  # noqa: PLC0415
 
+        webhooks = Webhooks(webhook_urls, secret=webhook_secret or "") if webhook_urls else None
         manager = settings.async_manager()
         async with manager, AsyncWrapperClient(manager, base_url=settings.wrapper_url) as wrapper:
             app = create_app(
@@ -120,6 +153,7 @@ def serve(
                 api_keys=api_keys,
                 max_body_bytes=max_body_bytes,
                 sweep=sweep,
+                webhooks=webhooks,
             )
             config: Any = uvicorn.Config(
                 app, host=host, port=port, log_level="info", server_header=False
@@ -127,3 +161,24 @@ def serve(
             await uvicorn.Server(config).serve()
 
     asyncio.run(run())
+
+
+def _log_to(audit_log: Path | None) -> None:
+    """credkeeper's own log at INFO on standard error beside uvicorn's, and the audit log on
+    its own handler: standard error, or ``audit_log`` appended to."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    root = logging.getLogger("credkeeper")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    audit = logging.getLogger("credkeeper.audit")
+    sink: logging.Handler = (
+        logging.StreamHandler(sys.stderr)
+        if audit_log is None
+        else logging.FileHandler(audit_log, encoding="utf-8")
+    )
+    # The lines are JSON already: nothing around them, so each can be parsed as it is.
+    sink.setFormatter(logging.Formatter("%(message)s"))
+    audit.addHandler(sink)
+    audit.setLevel(logging.INFO)
+    audit.propagate = False

@@ -1,7 +1,8 @@
 """The HTTP service, ``credkeeper serve``: FastAPI on uvicorn, from the ``server`` extra.
 
-The API key names below need no extra: the command line manages key files with them, so this
-module must not import FastAPI when it is imported.
+The API key and webhook names below need no extra: the command line manages key files with
+them, and a receiver verifies webhooks with them, so this module must not import FastAPI when
+it is imported.
 """
 
 from __future__ import annotations
@@ -9,6 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._apikeys import ApiKey, ApiKeys, create_api_key, list_api_keys, revoke_api_key
+from ._webhooks import (
+    Webhooks,
+    WebhookVerificationError,
+    new_webhook_secret,
+    sign_webhook,
+    verify_webhook,
+)
 
 if TYPE_CHECKING:
     from ._app import create_app
@@ -16,10 +24,15 @@ if TYPE_CHECKING:
 __all__ = [
     "ApiKey",
     "ApiKeys",
+    "WebhookVerificationError",
+    "Webhooks",
     "create_api_key",
     "create_app",
     "list_api_keys",
+    "new_webhook_secret",
     "revoke_api_key",
+    "sign_webhook",
+    "verify_webhook",
 ]
 
 

@@ -3,7 +3,12 @@
 Every route is a thin edge over the engine: it authenticates the caller, decodes the key,
 calls the manager or the wrapper client, and shapes the answer. Nothing about refreshing is
 decided here; errors become problem+json through the one table in ``_problems``. Only the
-credential routes answer tokens, and always with ``Cache-Control: no-store``.
+credential routes answer tokens, and always with ``Cache-Control: no-store``; each of their
+calls is one line of the audit log (``_audit``).
+
+What runs beside the requests (the sweeper, the webhooks' deliveries, the metrics' and the
+webhooks' subscriptions to the manager's events) starts and stops with the application's
+lifespan: an application that mounts this one runs its lifespan inside its own.
 """
 
 from __future__ import annotations
@@ -14,14 +19,14 @@ import binascii
 import contextlib
 import json
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -34,13 +39,16 @@ from credkeeper._exceptions import (
     FieldViolation,
 )
 from credkeeper._manager import AsyncTokenManager
-from credkeeper._messages import OPTIONS
+from credkeeper._messages import OPTIONS, Event
 from credkeeper._record import END_OF_TIME, Record, Status, check_key
 from credkeeper._redact import Redactor
 from credkeeper._sweeper import AsyncSweeper
-from credkeeper._wrapper import AsyncWrapperClient
+from credkeeper._wrapper import AsyncMessageStream, AsyncWrapperClient
 
 from ._apikeys import ApiKey, ApiKeys
+from ._asgi import ASGIApp, HTTPMiddleware, Receive, Scope, Send
+from ._audit import audit
+from ._metrics import CONTENT_TYPE_LATEST, MeasureRequests, ServiceMetrics
 from ._problems import (
     BODY_TOO_LARGE,
     FORBIDDEN_SCOPE,
@@ -48,7 +56,6 @@ from ._problems import (
     MEDIA_TYPE,
     METHOD_NOT_ALLOWED,
     NO_WRAPPER,
-    NOT_IMPLEMENTED,
     NOT_READY,
     ROUTE_NOT_FOUND,
     STORE_UNAVAILABLE,
@@ -59,16 +66,16 @@ from ._problems import (
     problem_body,
     problem_of,
 )
+from ._webhooks import Webhooks
 
 __all__ = ["create_app"]
 
-ASGIApp = Callable[
-    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
-    Awaitable[None],
-]
 
-#: The request options a caller may put beside ``messages``; ``timeout`` is the service's.
+#: The request options a caller may put beside ``messages`` and ``stream``; ``timeout`` is the
+#: service's.
 MESSAGE_OPTIONS = frozenset(OPTIONS - {"timeout"})
+#: What a streamed answer is: one JSON object per line, the wrapper's, as they arrive.
+NDJSON = "application/x-ndjson"
 #: ``GET /v1/users`` pages: the default and the largest.
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
@@ -89,6 +96,7 @@ def create_app(
     api_keys: ApiKeys | None = None,
     max_body_bytes: int = 1_048_576,
     sweep: bool = False,
+    webhooks: Webhooks | None = None,
 ) -> FastAPI:
     """The service's ASGI application, to run with uvicorn or mount in another application.
 
@@ -96,8 +104,9 @@ def create_app(
     answers 503); ``api_keys`` the keys callers authenticate with (without them nothing is
     checked, which ``credkeeper serve`` allows on loopback only). A request body larger than
     ``max_body_bytes`` is refused with 413. With ``sweep``, an :class:`AsyncSweeper` refreshes
-    credentials in the background while the application runs. The manager and the wrapper
-    client stay the caller's to close.
+    credentials in the background while the application runs; ``webhooks`` are told of the
+    credentials' transitions this replica's writes make. The manager, the wrapper client and
+    the webhooks stay the caller's; the application starts and stops the webhooks' deliveries.
     """
     if not isinstance(manager, AsyncTokenManager):
         raise ConfigurationError("manager must be a credkeeper.AsyncTokenManager")
@@ -107,20 +116,26 @@ def create_app(
         raise ConfigurationError("api_keys must be a credkeeper.server.ApiKeys or None")
     if type(max_body_bytes) is not int or max_body_bytes < 1:
         raise ConfigurationError(f"max_body_bytes must be an int >= 1, got {max_body_bytes!r}")
+    if webhooks is not None and not isinstance(webhooks, Webhooks):
+        raise ConfigurationError("webhooks must be a credkeeper.server.Webhooks or None")
+    metrics = ServiceMetrics(manager)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if not sweep:
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(manager.subscribe(metrics.engine))
+            if webhooks is not None:
+                await webhooks.start()
+                stack.push_async_callback(webhooks.aclose)
+                stack.callback(manager.subscribe(webhooks))
+            if sweep:
+                sweeper = AsyncSweeper(manager)
+                task = asyncio.ensure_future(sweeper.run_forever(handle_signals=False))
+                # Refreshes in flight finish: one cut off would leave its tokens in the journal
+                # only. Stopped first, so that its last events still reach the webhooks.
+                stack.push_async_callback(asyncio.shield, task)
+                stack.callback(sweeper.stop)
             yield
-            return
-        sweeper = AsyncSweeper(manager)
-        task = asyncio.ensure_future(sweeper.run_forever(handle_signals=False))
-        try:
-            yield
-        finally:
-            sweeper.stop()
-            # Refreshes in flight finish: one cut off would leave its tokens in the journal only.
-            await task
 
     app = FastAPI(
         title="credkeeper",
@@ -130,8 +145,10 @@ def create_app(
         lifespan=lifespan,
     )
     _handle_errors(app)
-    service = _Service(manager, wrapper, api_keys)
+    service = _Service(manager, wrapper, api_keys, metrics)
     service.route(app)
+    # Innermost first: the router writes the matched route into the scope _RawPath passes on.
+    app.add_middleware(MeasureRequests, metrics=metrics)
     app.add_middleware(_RawPath)
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     return app
@@ -197,23 +214,15 @@ def _field(location: object) -> str:
 # -- middleware --------------------------------------------------------------------------
 
 
-class _RawPath:
+class _RawPath(HTTPMiddleware):
     """Route on the path as sent, so that ``%2F`` inside ``{key}`` stays inside that segment.
 
     ASGI servers hand over the path already decoded, where a key's encoded ``/`` would split
     it in two; routes then decode ``{key}`` themselves (:func:`_decode_key`).
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[Any]],
-        send: Callable[[Any], Awaitable[None]],
-    ) -> None:
-        raw = scope.get("raw_path") if scope["type"] == "http" else None
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = scope.get("raw_path")
         if isinstance(raw, bytes):
             scope = dict(scope)
             scope["path"] = raw.split(b"?", 1)[0].decode("latin-1")
@@ -221,7 +230,7 @@ class _RawPath:
         await self.app(scope, receive, send)
 
 
-class _BodyLimit:
+class _BodyLimit(HTTPMiddleware):
     """Refuse a request body above ``limit`` bytes with 413, declared or streamed.
 
     A declared ``Content-Length`` is refused before anything is read; a chunked body is
@@ -229,18 +238,10 @@ class _BodyLimit:
     """
 
     def __init__(self, app: ASGIApp, *, limit: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.limit = limit
 
-    async def __call__(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[Any]],
-        send: Callable[[Any], Awaitable[None]],
-    ) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             response = _problem_response(self._too_large())
@@ -364,10 +365,12 @@ class _Service:
         manager: AsyncTokenManager,
         wrapper: AsyncWrapperClient | None,
         api_keys: ApiKeys | None,
+        metrics: ServiceMetrics,
     ) -> None:
         self.manager = manager
         self.wrapper = wrapper
         self.api_keys = api_keys
+        self.metrics = metrics
 
     # -- authentication ------------------------------------------------------------------
 
@@ -381,22 +384,40 @@ class _Service:
         ) -> ApiKey | None:
             if self.api_keys is None:
                 return None
-            if bearer is None or bearer.scheme.lower() != "bearer":
-                raise Problem(UNAUTHENTICATED, "send an API key as 'Authorization: Bearer <key>'")
-            api_key = self.api_keys.verify(bearer.credentials)
-            if api_key is None:
-                raise Problem(UNAUTHENTICATED, "the API key is unknown or was revoked")
-            if not api_key.allows(scope):
-                raise Problem(
-                    FORBIDDEN_SCOPE,
-                    f"the API key {api_key.name!r} lacks the {scope!r} scope this route needs",
-                )
-            raw = request.path_params.get("key")
-            if isinstance(raw, str) and not api_key.covers(_decode_key(raw)):
-                raise Problem(
-                    FORBIDDEN_TENANT,
-                    f"the API key {api_key.name!r} does not cover this credential key",
-                )
+            api_key: ApiKey | None = None
+            try:
+                if bearer is None or bearer.scheme.lower() != "bearer":
+                    raise Problem(
+                        UNAUTHENTICATED, "send an API key as 'Authorization: Bearer <key>'"
+                    )
+                api_key = self.api_keys.verify(bearer.credentials)
+                if api_key is None:
+                    raise Problem(UNAUTHENTICATED, "the API key is unknown or was revoked")
+                if not api_key.allows(scope):
+                    raise Problem(
+                        FORBIDDEN_SCOPE,
+                        f"the API key {api_key.name!r} lacks the {scope!r} scope this route needs",
+                    )
+                raw = request.path_params.get("key")
+                if isinstance(raw, str) and not api_key.covers(_decode_key(raw)):
+                    raise Problem(
+                        FORBIDDEN_TENANT,
+                        f"the API key {api_key.name!r} does not cover this credential key",
+                    )
+            except Problem as refusal:
+                # A refused attempt on a credential is as much the audit's business as a read.
+                action = _AUDITED.get((request.method, _template(request)))
+                raw = request.path_params.get("key")
+                if action is not None and isinstance(raw, str):
+                    audit(
+                        action=action,
+                        api_key=api_key.name if api_key is not None else None,
+                        key=unquote(raw),
+                        route=_template(request),
+                        status=refusal.kind.status,
+                        outcome=refusal.kind.code,
+                    )
+                raise
             return api_key
 
         return authenticate
@@ -431,6 +452,34 @@ class _Service:
             "subscription_type": record.subscription_type,
         }
 
+    @contextlib.asynccontextmanager
+    async def audited(
+        self, request: Request, caller: ApiKey | None, key: str, action: str
+    ) -> AsyncIterator[_Handed]:
+        """Write the audit line of a credential route once it has answered or failed."""
+        handed = _Handed()
+        status, outcome = 200, "ok"
+        try:
+            yield handed
+            status = handed.status
+        except (Problem, CredkeeperError) as exc:
+            problem = exc if isinstance(exc, Problem) else problem_of(exc)
+            status, outcome = problem.kind.status, problem.kind.code
+            raise
+        except BaseException:
+            status, outcome = 500, "internal_error"
+            raise
+        finally:
+            audit(
+                action=action,
+                api_key=caller.name if caller is not None else None,
+                key=key,
+                route=_template(request),
+                status=status,
+                outcome=outcome,
+                credentials=handed.credentials,
+            )
+
     async def record(self, key: str) -> Record:
         record = await self.manager.store.get(key)
         if record is None:
@@ -445,6 +494,7 @@ class _Service:
         write = Depends(self.caller("credentials:write"))
         admin = Depends(self.caller("admin"))
         messages_scope = Depends(self.caller("messages"))
+        metrics_scope = Depends(self.caller("metrics"))
 
         @app.get("/healthz", tags=["health"])
         async def healthz() -> dict[str, str]:
@@ -468,9 +518,21 @@ class _Service:
                 raise Problem(NOT_READY, "the rescue journal is not ready: " + "; ".join(problems))
             return JSONResponse({"status": "ready"})
 
+        @app.get(
+            "/metrics",
+            tags=["health"],
+            response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+        )
+        async def prometheus(caller: ApiKey | None = metrics_scope) -> Response:
+            """Prometheus metrics: refreshes, provider latency, credentials by status, requests
+            by route and status. No label carries a credential key or a token."""
+            return Response(await self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
         @app.get("/v1/users/{key}/credentials", tags=["credentials"])
         async def get_credentials(
             key: str,
+            request: Request,
             min_valid: int | None = Query(
                 None, ge=0, le=86400, description="Seconds the access token must stay valid."
             ),
@@ -480,14 +542,18 @@ class _Service:
             """Credentials valid for at least the leeway (or ``min_valid``), as the wrapper's
             ``oauth_credentials`` object."""
             name = _decode_key(key)
-            if force:
-                return self.credentials_answer(await manager.refresh(name))
-            credentials = await manager.get(name)
-            if min_valid is not None:
-                left = (credentials.expires_at - manager.policy.now()).total_seconds()
-                if left < min_valid:
-                    # Unless a peer refreshed meanwhile: then its tokens are the answer.
-                    credentials = await manager.refresh(name, failed=credentials.access_token)
+            async with self.audited(
+                request, caller, name, "forced_refresh" if force else "read"
+            ) as handed:
+                if force:
+                    credentials = await manager.refresh(name)
+                else:
+                    credentials = await manager.get(name)
+                    left = (credentials.expires_at - manager.policy.now()).total_seconds()
+                    if min_valid is not None and left < min_valid:
+                        # Unless a peer refreshed meanwhile: then its tokens are the answer.
+                        credentials = await manager.refresh(name, failed=credentials.access_token)
+                handed.credentials = credentials
             return self.credentials_answer(credentials)
 
         @app.post(
@@ -519,7 +585,9 @@ class _Service:
                     "invalid request: " + "; ".join(str(p) for p in problems),
                     errors=problems,
                 )
-            return self.credentials_answer(await manager.refresh(name, failed=failed))
+            async with self.audited(request, caller, name, "refresh") as handed:
+                handed.credentials = await manager.refresh(name, failed=failed)
+            return self.credentials_answer(handed.credentials)
 
         @app.put(
             "/v1/users/{key}/credentials",
@@ -534,22 +602,28 @@ class _Service:
             """Store a login: the wrapper's ``oauth_credentials`` object or Claude Code's
             ``{"claudeAiOauth": {...}}``. Answers the state, never a token."""
             name = _decode_key(key)
-            body = await _json_object(request, required=True)
-            if "claudeAiOauth" in body:
-                credentials = Credentials.from_claude_code(body)
-            else:
-                credentials = Credentials.from_wrapper(body)
-            existed = await manager.store.get(name) is not None
-            await manager.put(name, credentials)
-            state = self.state(await self.record(name))
-            return JSONResponse(state, status_code=200 if existed else 201)
+            async with self.audited(request, caller, name, "write") as handed:
+                body = await _json_object(request, required=True)
+                if "claudeAiOauth" in body:
+                    credentials = Credentials.from_claude_code(body)
+                else:
+                    credentials = Credentials.from_wrapper(body)
+                existed = await manager.store.get(name) is not None
+                await manager.put(name, credentials)
+                state = self.state(await self.record(name))
+                handed.status = 200 if existed else 201
+            return JSONResponse(state, status_code=handed.status)
 
         @app.delete("/v1/users/{key}/credentials", tags=["credentials"], status_code=204)
-        async def delete_credentials(key: str, caller: ApiKey | None = write) -> Response:
+        async def delete_credentials(
+            key: str, request: Request, caller: ApiKey | None = write
+        ) -> Response:
             """Delete the credential; 404 when there was none."""
             name = _decode_key(key)
-            if not await manager.delete(name):
-                raise CredentialNotFound(name)
+            async with self.audited(request, caller, name, "delete") as handed:
+                if not await manager.delete(name):
+                    raise CredentialNotFound(name)
+                handed.status = 204
             return Response(status_code=204)
 
         @app.get("/v1/users/{key}", tags=["users"])
@@ -621,9 +695,11 @@ class _Service:
         )
         async def messages(
             key: str, request: Request, caller: ApiKey | None = messages_scope
-        ) -> JSONResponse:
+        ) -> Response:
             """The wrapper's ``/v1/messages`` with this user's fresh credentials attached;
-            the wrapper's JSON body unchanged."""
+            the wrapper's JSON body unchanged. With ``"stream": true``, ``application/x-ndjson``:
+            the wrapper's objects one per line as they arrive, a failure after the first line
+            as a last ``{"type": "error", "error": {"code", "message"}}`` line."""
             name = _decode_key(key)
             body = await _json_object(request, required=True)
             if "oauth_credentials" in body:
@@ -632,11 +708,12 @@ class _Service:
                     "the body must not carry oauth_credentials: the service attaches them",
                     errors=[FieldViolation("oauth_credentials", "must be left out")],
                 )
-            if body.get("stream") is True:
+            stream = body.pop("stream", False)
+            if not isinstance(stream, bool):
                 raise Problem(
-                    NOT_IMPLEMENTED,
-                    "streaming through the service is not implemented yet; "
-                    "send the request without stream",
+                    VALIDATION_FAILED,
+                    "invalid request: stream: must be true or false",
+                    errors=[FieldViolation("stream", "must be true or false")],
                 )
             if self.wrapper is None:
                 raise Problem(
@@ -645,7 +722,6 @@ class _Service:
                     headers={"Retry-After": "60"},
                 )
             conversation = body.pop("messages", None)
-            body.pop("stream", None)
             unknown = sorted(body.keys() - MESSAGE_OPTIONS)
             if unknown:
                 errors = [FieldViolation(field, "unknown field") for field in unknown]
@@ -654,8 +730,58 @@ class _Service:
                     "invalid request: " + "; ".join(str(error) for error in errors),
                     errors=errors,
                 )
-            message = await self.wrapper.messages.create(name, conversation, **body)
-            return JSONResponse(message.raw)
+            if not stream:
+                message = await self.wrapper.messages.create(name, conversation, **body)
+                return JSONResponse(message.raw)
+            events = self.wrapper.messages.stream(name, conversation, **body)
+            # The first event is awaited here: until then the call may still be refused (no
+            # credential, re-auth required, the wrapper's error) with a status of its own, and
+            # an auth failure is refreshed and retried before the client has seen a line.
+            first = await anext(events)
+            return StreamingResponse(_relay(events, first), media_type=NDJSON)
+
+
+class _Handed:
+    """What a credential route tells its audit line: the credentials handed out, the status."""
+
+    __slots__ = ("credentials", "status")
+
+    def __init__(self) -> None:
+        self.credentials: Credentials | None = None
+        self.status = 200
+
+
+# The credential routes the audit log records, by method and route template.
+_AUDITED = {
+    ("GET", "/v1/users/{key}/credentials"): "read",
+    ("POST", "/v1/users/{key}/credentials/refresh"): "refresh",
+    ("PUT", "/v1/users/{key}/credentials"): "write",
+    ("DELETE", "/v1/users/{key}/credentials"): "delete",
+}
+
+
+def _template(request: Request) -> str:
+    """The matched route's template, which names no credential."""
+    return getattr(request.scope.get("route"), "path", None) or request.url.path
+
+
+def _line(event: Event) -> bytes:
+    return json.dumps(event.raw, separators=(",", ":"), default=dict).encode() + b"\n"
+
+
+async def _relay(events: AsyncMessageStream, first: Event) -> AsyncIterator[bytes]:
+    """The stream's events as NDJSON lines, each sent as it is read; a failure after the first
+    line, when the status is long sent, becomes a last line in the wrapper's own error shape."""
+    try:
+        yield _line(first)
+        async for event in events:
+            yield _line(event)
+    except CredkeeperError as exc:
+        problem = problem_of(exc)
+        error = {"code": problem.kind.code, "message": problem_body(problem)["detail"]}
+        yield json.dumps({"type": "error", "error": error}, separators=(",", ":")).encode() + b"\n"
+    finally:
+        await events.aclose()
 
 
 def _make_cursor(key: str) -> str:

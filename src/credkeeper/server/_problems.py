@@ -78,7 +78,6 @@ BODY_TOO_LARGE = Kind(413, "body_too_large", "The request body is too large")
 VALIDATION_FAILED = Kind(422, "validation_failed", "The request is invalid")
 USAGE_LIMIT = Kind(429, "usage_limit_reached", "The account reached a usage limit")
 INTERNAL = Kind(500, "internal_error", "The service failed")
-NOT_IMPLEMENTED = Kind(501, "not_implemented_yet", "Not implemented yet")
 WRAPPER_ERROR = Kind(502, "wrapper_error", "The Claude Wrapper API answered with an error")
 NO_WRAPPER = Kind(503, "no_wrapper", "No Claude Wrapper API is configured")
 NOT_READY = Kind(503, "not_ready", "The service cannot serve requests now")
@@ -157,6 +156,12 @@ def problem_of(exc: CredkeeperError) -> Problem:
             DEFAULT_RETRY_AFTER if delay is None else max(1, math.ceil(delay))
         )
     detail = str(exc)
+    if isinstance(exc, CredentialNotFound):
+        # The library's text names put(); an HTTP caller stores a login with PUT.
+        detail = (
+            f"no credential is stored under key {exc.key!r}; "
+            "store one with PUT /v1/users/{key}/credentials"
+        )
     if kind is INTERNAL:
         # An unexpected failure's text is for the operator's log, not the client.
         detail = f"the service failed ({type(exc).__name__}); see the service's log"

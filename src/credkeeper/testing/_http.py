@@ -55,6 +55,8 @@ class Reply:
     headers: tuple[tuple[str, str], ...] = ()
     chunks: tuple[bytes, ...] | None = None
     close: bool = False
+    #: Real seconds between chunks; 0 sends them all in one write.
+    gap: float = 0.0
 
 
 def phrase(code: int) -> str:
@@ -413,9 +415,18 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            # Sent in one go, as the buffered /v1/messages stream is.
-            framed = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in reply.chunks)
-            self.wfile.write(framed + b"0\r\n\r\n")
+            if not reply.gap:
+                # Sent in one go, as the buffered /v1/messages stream is.
+                framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in reply.chunks)
+                self.wfile.write(framed + b"0\r\n\r\n")
+                return
+            for index, chunk in enumerate(reply.chunks):
+                if index and self.server.stopping.wait(reply.gap):
+                    self.close_connection = True
+                    return
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
         except OSError:
             # The client gave up (a timeout or delay fault) and closed its end.
             self.close_connection = True

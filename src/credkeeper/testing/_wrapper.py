@@ -471,15 +471,18 @@ def _cli_error_document(message: str, code: str = "cli_error") -> dict[str, obje
     return {"type": "error", "error": {"message": message, "code": code}}
 
 
-def _stream(objects: list[dict[str, object]], *, keepalive: bool) -> Reply:
-    """A streamed answer: SSE events then ``[DONE]`` on keepalive, else NDJSON in one chunk."""
+def _stream(objects: list[dict[str, object]], *, keepalive: bool, gap: float = 0.0) -> Reply:
+    """A streamed answer: SSE events then ``[DONE]`` on keepalive, else NDJSON in one chunk,
+    or one line per chunk ``gap`` seconds apart."""
     if keepalive:
         # The keepalive endpoint writes f"data: {json.dumps(event)}\n\n".
         events = (b"data: " + json.dumps(obj).encode() + b"\n\n" for obj in objects)
-        chunks = (*events, b"data: [DONE]\n\n")
+        chunks: tuple[bytes, ...] = (*events, b"data: [DONE]\n\n")
+    elif gap:
+        chunks = tuple(_compact(obj) + b"\n" for obj in objects)
     else:
         chunks = (b"".join(_compact(obj) + b"\n" for obj in objects),)
-    return Reply(200, content_type="text/event-stream; charset=utf-8", chunks=chunks)
+    return Reply(200, content_type="text/event-stream; charset=utf-8", chunks=chunks, gap=gap)
 
 
 def _cli_error(message: str, *, keepalive: bool) -> Reply:
@@ -531,7 +534,9 @@ class FakeWrapper(FakeServer[WrapperFault, WrapperCall]):
     minutes of ``clock`` (default: the provider's): the client's refresh token is consumed at
     the provider and the new tokens are never returned. ``reply`` maps the prompt the server
     builds to the model's answer (default ``"You said: <last user message>"``); ``latency``
-    real seconds pass before each message request is handled. Token validity is the
+    real seconds pass before each message request is handled, and ``stream_gap`` between the
+    lines of a streamed answer (the real wrapper sends them in one go: 0, the default, does
+    too). Token validity is the
     provider's verdict. Tokens are never printed, logged or shown in ``repr``. :meth:`handler`
     answers the same requests in-process, for ``httpx.MockTransport``.
     """
@@ -561,19 +566,22 @@ class FakeWrapper(FakeServer[WrapperFault, WrapperCall]):
         clock: Clock | None = None,
         latency: float = 0.0,
         reply: Callable[[str], str] | None = None,
+        stream_gap: float = 0.0,
     ) -> None:
         if not isinstance(provider, FakeProvider):
             raise TypeError(f"provider must be a FakeProvider, not {type(provider).__name__}")
-        if isinstance(latency, bool) or not isinstance(latency, int | float):
-            raise TypeError(f"latency must be a number, not {type(latency).__name__}")
-        if not math.isfinite(latency) or latency < 0:
-            raise ValueError(f"latency must be a number of seconds >= 0, got {latency!r}")
+        for name, value in (("latency", latency), ("stream_gap", stream_gap)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
         if reply is not None and not callable(reply):
             raise TypeError(f"reply must be callable, not {type(reply).__name__}")
         self.provider = provider
         self.self_refresh = self_refresh
         self.clock: Clock = clock if clock is not None else provider.clock
         self.latency = float(latency)
+        self.stream_gap = float(stream_gap)
         self.reply = reply
         super().__init__()
         self._files: dict[str, bytes] = {}
@@ -700,7 +708,7 @@ class FakeWrapper(FakeServer[WrapperFault, WrapperCall]):
             return outcome, self_refreshed, self._message_reply(request, text)
         files = self._file_events() if keepalive and request["include_files"] else []
         objects = _conversation(request, prompt, text, cut, files)
-        return outcome, self_refreshed, _stream(objects, keepalive=keepalive)
+        return outcome, self_refreshed, _stream(objects, keepalive=keepalive, gap=self.stream_gap)
 
     def _authenticate(self, credentials: _Credentials) -> tuple[bool, tuple[str, str] | None]:
         """``(self_refreshed, failure)``: what the CLI would make of these credentials."""
