@@ -3,18 +3,24 @@
 The service runs as the command line starts it, in its own process, over a real store, with
 the test's :class:`FakeProvider` and :class:`FakeWrapper` on loopback and real time. Tests talk
 to it over HTTP with httpx, exactly as an application in any language would.
+
+Whatever a test does, no token may leave a service where it was not asked for: once its
+services have stopped, every response body they gave (but the credential routes' answers), every
+line they logged and their metrics are searched for each token the provider issued and each API
+key the test made.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -85,11 +91,22 @@ class Service:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    keyed: bool = False
+    responses: list[httpx.Response] = field(default_factory=list)
 
     def client(self, api_key: str | None = None) -> httpx.Client:
-        """An HTTP client for the service, sending ``api_key`` as a bearer token."""
+        """An HTTP client for the service, sending ``api_key`` as a bearer token; every
+        response it gets is kept for the leak check."""
         headers = {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
+        return httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=30.0,
+            event_hooks={"response": [self._keep]},
+        )
+
+    def _keep(self, response: httpx.Response) -> None:
+        self.responses.append(response)
 
     def output(self) -> str:
         """Everything the process wrote so far (its logs)."""
@@ -103,8 +120,10 @@ def start_service(
     keys_file: Path,
     fake: FakeProvider,
     wrapper: FakeWrapper,
+    api_keys_made: list[str],
 ) -> Iterator[Callable[..., Service]]:
-    """Start ``credkeeper serve`` with the given options; every process is stopped after."""
+    """Start ``credkeeper serve`` with the given options; every process is stopped after, and
+    what each one answered and logged is searched for tokens and API keys."""
     started: list[Service] = []
 
     def start(*serve_options: str, store: str | None = None) -> Service:
@@ -134,19 +153,52 @@ def start_service(
         ]
         with log.open("wb") as sink:
             process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        service = Service(f"http://127.0.0.1:{port}", process, log)
+        service = Service(
+            f"http://127.0.0.1:{port}", process, log, keyed="--api-keys" in serve_options
+        )
         started.append(service)
         _wait_until_up(service)
         return service
 
     yield start
     for service in started:
+        if service.process.poll() is None and not service.keyed:
+            with contextlib.suppress(httpx.TransportError), service.client() as client:
+                client.get("/metrics")
         service.process.terminate()
         try:
             service.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             service.process.kill()
             service.process.wait()
+    secrets = fake.all_tokens() | set(api_keys_made)
+    leaks = [place for service in started for place in _leaks(service, secrets)]
+    if leaks:
+        pytest.fail("a token or API key left the service: " + "; ".join(leaks))
+
+
+# The answers that carry tokens by design: a credential route's 200.
+_TOKEN_ROUTES = re.compile(r"/v1/users/[^/]+/credentials(/refresh)?")
+
+
+def _leaks(service: Service, secrets: set[str]) -> list[str]:
+    """Where a secret appears: a response not meant to carry one, or the process's output."""
+    places = []
+    for response in service.responses:
+        request = response.request
+        path = request.url.raw_path.split(b"?")[0].decode("ascii")
+        if response.status_code == 200 and _TOKEN_ROUTES.fullmatch(path):
+            continue
+        try:
+            body = response.text
+        except httpx.ResponseNotRead:
+            continue  # a stream the test read itself, and checks itself
+        if any(secret in body for secret in secrets):
+            places.append(f"the answer to {request.method} {path}")
+    output = service.output()
+    if any(secret in output for secret in secrets):
+        places.append(f"the log of {service.url}")
+    return places
 
 
 _VARIABLES = {variable for variable, _ in ENVIRONMENT.values()} | {"CREDKEEPER_API_KEYS_FILE"}
@@ -212,10 +264,18 @@ def login(fake: FakeProvider, manager: TokenManager) -> Callable[..., Credential
 
 
 @pytest.fixture
-def new_api_key(api_keys_file: Path) -> Callable[..., str]:
+def api_keys_made() -> list[str]:
+    """The API keys the test made, for the leak check."""
+    return []
+
+
+@pytest.fixture
+def new_api_key(api_keys_file: Path, api_keys_made: list[str]) -> Callable[..., str]:
     """Make an API key in the test's file: ``new_api_key(name, scope, ..., keys_matching=)``."""
 
     def make(name: str, *scopes: str, keys_matching: str | None = None) -> str:
-        return create_api_key(api_keys_file, name, scopes, keys_matching=keys_matching)
+        key = create_api_key(api_keys_file, name, scopes, keys_matching=keys_matching)
+        api_keys_made.append(key)
+        return key
 
     return make

@@ -6,12 +6,13 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from credkeeper import Credentials, TokenManager
 from credkeeper.testing import FakeProvider, FakeWrapper, Fault, WrapperFault
 
-from .conftest import Service
+from .conftest import Service, _leaks
 
 PROBLEM = "application/problem+json"
 HELLO = {"messages": [{"role": "user", "content": "Hello"}]}
@@ -462,4 +463,24 @@ def test_an_unknown_route_answers_a_problem(service: Service) -> None:
         response.status_code,
         response.headers["content-type"],
         response.json()["code"],
+    )
+
+
+def test_the_leak_check_flags_a_token_outside_the_credential_routes(
+    service: Service, login: Callable[..., Credentials], fake: FakeProvider
+) -> None:
+    """The suite's leak check passes a credential route's answer and flags the same body
+    answered on another route."""
+    login("alice")
+    with service.client() as client:
+        answer = client.get("/v1/users/alice/credentials")
+    elsewhere = httpx.Response(
+        200, content=answer.content, request=httpx.Request("GET", service.url + "/v1/users/alice")
+    )
+    clean = _leaks(service, fake.all_tokens())
+    service.responses.append(elsewhere)
+
+    assert ([], ["the answer to GET /v1/users/alice"]) == (
+        clean,
+        _leaks(service, fake.all_tokens()),
     )
