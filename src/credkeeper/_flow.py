@@ -440,9 +440,15 @@ def _provider_outcome(exc: ProviderError | httpx.TransportError) -> str:
 # -- flows -----------------------------------------------------------------------------
 
 
-def get_flow(policy: Policy, key: str) -> Flow[Credentials]:
-    """Fresh credentials for ``key``: stored ones if valid beyond the leeway, else refreshed."""
-    return (yield from _get(policy, key, failed=None, force=False))
+def get_flow(policy: Policy, key: str, *, stale: Secret | None = None) -> Flow[Credentials]:
+    """Fresh credentials for ``key``: stored ones if valid beyond the leeway, else refreshed.
+
+    With ``stale`` (an access token still valid but due for replacement, as a keep-alive's),
+    the stored credentials are refreshed too while they hold that token, and a peer's newer
+    ones are taken as they are; unlike a refused token, a stale one is still handed out when
+    the refresh must wait (a cooldown, a peer's lease, the store's clock down).
+    """
+    return (yield from _get(policy, key, failed=None, force=False, stale=stale))
 
 
 def refresh_flow(policy: Policy, key: str, *, failed: Secret | None = None) -> Flow[Credentials]:
@@ -455,13 +461,15 @@ def refresh_flow(policy: Policy, key: str, *, failed: Secret | None = None) -> F
     return (yield from _get(policy, key, failed=failed, force=failed is None))
 
 
-def _get(policy: Policy, key: str, *, failed: Secret | None, force: bool) -> Flow[Credentials]:
+def _get(
+    policy: Policy, key: str, *, failed: Secret | None, force: bool, stale: Secret | None = None
+) -> Flow[Credentials]:
     deadline = yield from _start(policy)
     yield from _apply_rescues(policy, key, deadline, rescan=False)
     record = yield Load(key)
     if force and record is not None:
         failed = policy.credentials(record).access_token
-    return (yield from _ensure_fresh(policy, key, record, failed, deadline))
+    return (yield from _ensure_fresh(policy, key, record, failed, deadline, stale))
 
 
 def put_flow(policy: Policy, key: str, credentials: Credentials) -> Flow[Record]:
@@ -544,7 +552,12 @@ def _journal(effect: Effect, key: str, default: Any = None) -> Flow[Any]:
 
 
 def _ensure_fresh(
-    policy: Policy, key: str, record: Record | None, failed: Secret | None, deadline: datetime
+    policy: Policy,
+    key: str,
+    record: Record | None,
+    failed: Secret | None,
+    deadline: datetime,
+    stale: Secret | None = None,
 ) -> Flow[Credentials]:
     # One lease id per flow, not per process: two flows of one manager (a get() and a forced
     # refresh) must exclude each other exactly as two hosts do.
@@ -563,7 +576,7 @@ def _ensure_fresh(
         if record.status is Status.NEEDS_REAUTH:
             raise ReauthRequired(key)
         credentials = policy.credentials(record)
-        if policy.fresh(credentials) and credentials.access_token != failed:
+        if policy.fresh(credentials) and credentials.access_token not in (failed, stale):
             if waited is not None and skew is not None:
                 began, held = waited
                 done = (policy.now() + skew - began).total_seconds()

@@ -88,6 +88,10 @@ def _duration(value: timedelta | float, name: str, *, minimum: float = 0.0) -> t
     return timedelta(seconds=seconds)
 
 
+def _min_valid(value: timedelta | float | None) -> timedelta | None:
+    return None if value is None else _duration(value, "min_valid")
+
+
 def concrete_signature(init: Callable[..., None], **types: str) -> inspect.Signature:
     """``init``'s signature without ``self``, with the type variables in it replaced by
     ``types``, so that ``help()`` and API docs show each class's own types."""
@@ -215,11 +219,26 @@ class _Base(Generic[S, H]):
         self.policy = dataclasses.replace(self.policy, owner=self.owner)
         return self.policy
 
-    def _cached(self, key: str) -> Credentials | None:
+    def _ahead(self, leeway: timedelta | None, events: EventHook | None = None) -> Policy:
+        """The policy of a call wanting credentials valid ``leeway`` ahead (the manager's own
+        leeway when that is longer, or ``None``), its events told to ``events`` if given."""
+        policy = self._policy()
+        changes: dict[str, Any] = {}
+        if leeway is not None and leeway > policy.leeway:
+            changes["leeway"] = leeway
+        if events is not None:
+            changes["events"] = events
+        return dataclasses.replace(policy, **changes) if changes else policy
+
+    def _cached(self, key: str, leeway: timedelta | None) -> Credentials | None:
         if self._cache is None:
             return None
         credentials = self._cache.get(key)
-        if credentials is None or not self.policy.fresh(credentials):
+        if credentials is None:
+            return None
+        # The plain policy on the hot path: binding the owner reads the host name.
+        policy = self.policy if leeway is None else self._ahead(leeway)
+        if not policy.fresh(credentials):
             return None
         return credentials
 
@@ -333,15 +352,30 @@ class TokenManager(Closing, _Base[CredentialStore, httpx.Client]):
     def __repr__(self) -> str:
         return f"TokenManager(store={self.store!r}, provider={self.policy.provider.name!r})"
 
-    def get(self, key: str) -> Credentials:
-        """Credentials for ``key`` valid beyond the leeway, refreshing them if needed."""
+    def get(self, key: str, *, min_valid: timedelta | float | None = None) -> Credentials:
+        """Credentials for ``key`` valid beyond the leeway, refreshing them if needed.
+
+        ``min_valid`` (a timedelta or seconds) asks for credentials valid at least that long
+        when it is longer than the leeway. Keep it well under the tokens' lifetime (about 8
+        hours): credentials that can never be valid that long are refreshed on every call.
+        """
         check_key(key)
-        cached = self._cached(key)
+        leeway = _min_valid(min_valid)
+        cached = self._cached(key, leeway)
         if cached is not None:
             return cached
         return self._once(
-            ("get", key), lambda: self._run_cached(key, get_flow(self._policy(), key))
+            ("get", key, leeway),
+            lambda: self._run_cached(key, get_flow(self._ahead(leeway), key)),
         )
+
+    def _refresh_ahead(
+        self, key: str, leeway: timedelta, events: EventHook, stale: Secret | None = None
+    ) -> Credentials:
+        """The sweeper's turn on ``key``: :meth:`get` with ``leeway`` (and ``stale``, see
+        :func:`get_flow`), its flow alone, sharing no caller's flight, its events told to
+        ``events`` too."""
+        return self._run_cached(key, get_flow(self._ahead(leeway, events), key, stale=stale))
 
     def refresh(self, key: str, *, failed: str | Secret | None = None) -> Credentials:
         """Refresh ``key`` now; with ``failed``, only if the store still holds that access token.
@@ -512,15 +546,25 @@ class AsyncTokenManager(
     def __repr__(self) -> str:
         return f"AsyncTokenManager(store={self.store!r}, provider={self.policy.provider.name!r})"
 
-    async def get(self, key: str) -> Credentials:
-        """Credentials for ``key`` valid beyond the leeway, refreshing them if needed."""
+    async def get(self, key: str, *, min_valid: timedelta | float | None = None) -> Credentials:
+        """Credentials for ``key`` valid beyond the leeway (or ``min_valid``, when longer),
+        refreshing them if needed; see :meth:`TokenManager.get`."""
         check_key(key)
-        cached = self._cached(key)
+        leeway = _min_valid(min_valid)
+        cached = self._cached(key, leeway)
         if cached is not None:
             return cached
         return await self._once(
-            ("get", key), lambda: self._run_cached(key, get_flow(self._policy(), key))
+            ("get", key, leeway),
+            lambda: self._run_cached(key, get_flow(self._ahead(leeway), key)),
         )
+
+    async def _refresh_ahead(
+        self, key: str, leeway: timedelta, events: EventHook, stale: Secret | None = None
+    ) -> Credentials:
+        """The async form of :meth:`TokenManager._refresh_ahead`."""
+        flow = get_flow(self._ahead(leeway, events), key, stale=stale)
+        return await self._run_cached(key, flow)
 
     async def refresh(self, key: str, *, failed: str | Secret | None = None) -> Credentials:
         """Refresh ``key`` now; with ``failed``, only if the store still holds that access token."""

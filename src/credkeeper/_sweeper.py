@@ -47,9 +47,10 @@ from ._exceptions import (
     CredkeeperError,
     ReauthRequired,
 )
-from ._flow import Flow, Policy, _failure, get_flow, refresh_flow
+from ._flow import _failure
 from ._manager import AsyncTokenManager, TokenManager, _duration, concrete_signature
 from ._record import END_OF_TIME, Record, Status
+from ._secret import Secret
 
 __all__ = ["AsyncSweeper", "SweepReport", "Sweeper"]
 
@@ -309,10 +310,6 @@ class _SweeperBase(Generic[M]):
         """Whether :meth:`stop` was called (or a signal asked for it)."""
         return self._stopping.is_set()
 
-    def _ahead(self, policy: Policy, watch: _Watch) -> Policy:
-        """The manager's policy judging freshness against the window, its events watched."""
-        return dataclasses.replace(policy, leeway=self.window, events=watch)
-
     def _waits(self) -> Iterator[float]:
         """The sleeps before a key's next attempt: what is left of the sweep's pause, in steps
         of at most a second so that a stop is seen; then, for the sweep's first ``concurrency``
@@ -362,12 +359,11 @@ class _SweeperBase(Generic[M]):
         self._kept_at = now
         return {key: idle[key] for key in self._order(list(idle))}
 
-    def _kept_alive_flow(self, manager: M, watch: _Watch, record: Record) -> Flow[Any]:
-        """A forced refresh of ``record``'s key, unless its access token changed since it was
-        read: a peer (another sweeper, a caller) that refreshed it meanwhile did the work."""
-        policy = dataclasses.replace(manager._policy(), events=watch)
-        failed = policy.credentials(record).access_token
-        return refresh_flow(policy, record.key, failed=failed)
+    def _stale(self, record: Record | None) -> Secret | None:
+        """For a keep-alive turn, the access token its record was read with: refreshed while
+        the store still holds it, taken as it is once a peer (another sweeper, a caller) has
+        replaced it. ``None`` for a due key's turn."""
+        return None if record is None else self.manager.policy.credentials(record).access_token
 
 
 class Sweeper(_SweeperBase[TokenManager]):
@@ -492,17 +488,12 @@ class Sweeper(_SweeperBase[TokenManager]):
             return None
 
     def _refresh(self, key: str, record: Record | None) -> _Verdict:
-        manager = self.manager
-        watch = _Watch(manager.policy.events)
+        watch = _Watch(self.manager.policy.events)
         try:
-            if record is None:
-                flow = get_flow(self._ahead(manager._policy(), watch), key)
-            else:
-                flow = self._kept_alive_flow(manager, watch, record)
-            manager._run_cached(key, flow)
+            self.manager._refresh_ahead(key, self.window, watch, self._stale(record))
         except Exception as exc:  # noqa: BLE001 - classified and counted; the sweep goes on
-            return _kept(_verdict(exc, watch), record, watch)
-        return _kept(_verdict(None, watch), record, watch)
+            return _kept(_verdict(exc, watch), record)
+        return _kept(_verdict(None, watch), record)
 
 
 class AsyncSweeper(_SweeperBase[AsyncTokenManager]):
@@ -618,43 +609,18 @@ class AsyncSweeper(_SweeperBase[AsyncTokenManager]):
             return None
 
     async def _refresh(self, key: str, record: Record | None) -> _Verdict:
-        manager = self.manager
-        watch = _Watch(manager.policy.events)
+        watch = _Watch(self.manager.policy.events)
         try:
-            if record is None:
-                flow = get_flow(self._ahead(manager._policy(), watch), key)
-            else:
-                flow = self._kept_alive_flow(manager, watch, record)
-            await manager._run_cached(key, flow)
+            await self.manager._refresh_ahead(key, self.window, watch, self._stale(record))
         except Exception as exc:  # noqa: BLE001 - classified and counted; the sweep goes on
-            return _kept(_verdict(exc, watch), record, watch)
-        return _kept(_verdict(None, watch), record, watch)
+            return _kept(_verdict(exc, watch), record)
+        return _kept(_verdict(None, watch), record)
 
 
-# Why a keep-alive turn that never began its refresh was put off, by what its flow raised: the
-# reasons a due key's flow gives when it serves the still-valid token instead (REFRESH_DEFERRED).
-_KEEP_ALIVE_DEFERRALS = {
-    "unavailable": "cooldown",
-    "timeout": "lease_busy",
-    "store_contention": "contention",
-    "store_unavailable": "store_unavailable",
-}
-
-
-def _kept(verdict: _Verdict, record: Record | None, watch: _Watch) -> _Verdict:
-    """A keep-alive turn's refresh counts as ``kept_alive``, not as a due key's ``refreshed``.
-
-    Its flow is a forced refresh, which raises where a due key's flow would serve the valid
-    token and defer (a cooldown, a peer's lease, contention, the store's clock down): before
-    its refresh began, such a turn counts as deferred, as a due key's would, not as failed.
-    """
-    if record is None:
-        return verdict
-    if verdict.outcome == "refreshed":
+def _kept(verdict: _Verdict, record: Record | None) -> _Verdict:
+    """A keep-alive turn's refresh counts as ``kept_alive``, not as a due key's ``refreshed``."""
+    if record is not None and verdict.outcome == "refreshed":
         return _Verdict("kept_alive")
-    deferral = _KEEP_ALIVE_DEFERRALS.get(verdict.detail)
-    if verdict.outcome == "failed" and deferral and not watch.last(EventKind.REFRESH_STARTED):
-        return _Verdict("deferred", deferral)
     return verdict
 
 

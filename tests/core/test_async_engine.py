@@ -46,6 +46,20 @@ class TestAsyncTokenManager:
         assert fresh.refresh_token.get_secret_value() == record.refresh_token
         assert 1 == fake.refresh_count
 
+    async def test_min_valid_refreshes_a_token_valid_for_less(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """get(min_valid=2h) refreshes a token valid one more hour, once."""
+        async with AsyncTokenManager(
+            MemoryStore(), fake.provider(), journal=tmp_path / "j", clock=clock
+        ) as manager:
+            await manager.put(KEY, fake.issue(expires_in=3600))
+            await manager.get(KEY)
+            await manager.get(KEY, min_valid=7200)
+            await manager.get(KEY, min_valid=7200)
+
+        assert 1 == fake.refresh_count
+
     async def test_sync_stores_are_offloaded_to_threads(
         self, fake: FakeProvider, tmp_path: Path
     ) -> None:

@@ -94,6 +94,43 @@ class TestGet:
 
         assert first == manager.get(KEY)
 
+    def test_min_valid_refreshes_a_token_valid_for_less(
+        self, manager: TokenManager, fake: FakeProvider
+    ) -> None:
+        """get(min_valid=2h) refreshes a token valid 1 more hour; the default leeway would not."""
+        manager.put(KEY, fake.issue(expires_in=3600))
+        manager.get(KEY)
+        assert 0 == fake.refresh_count
+
+        fresh = manager.get(KEY, min_valid=timedelta(hours=2))
+
+        assert (1, "valid") == (fake.refresh_count, fake.access_token_state(fresh.access_token))
+
+    def test_min_valid_shorter_than_the_leeway_changes_nothing(
+        self, manager: TokenManager, fake: FakeProvider
+    ) -> None:
+        """min_valid=60 s asks less than the 15-minute leeway: a due token is still refreshed."""
+        manager.put(KEY, fake.issue(expires_in=600))
+
+        manager.get(KEY, min_valid=60)
+
+        assert 1 == fake.refresh_count
+
+    def test_min_valid_is_answered_from_the_cache_when_it_allows(
+        self, manager: TokenManager, store: MemoryStore, fake: FakeProvider
+    ) -> None:
+        """A cached token valid for 8 hours answers min_valid=1h without the store."""
+        manager.put(KEY, fake.issue())
+        first = manager.get(KEY)
+        store.delete(KEY)
+
+        assert first == manager.get(KEY, min_valid=3600)
+
+    def test_a_negative_min_valid_is_refused(self, manager: TokenManager) -> None:
+        """min_valid=-1: a ConfigurationError naming it."""
+        with pytest.raises(ConfigurationError, match="min_valid"):
+            manager.get(KEY, min_valid=-1)
+
 
 class TestRefresh:
     def test_failed_token_still_stored_is_refreshed(

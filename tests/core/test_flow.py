@@ -245,6 +245,35 @@ class TestValidRecord:
             opened(get_flow(policy, KEY), condemned)
 
 
+class TestStale:
+    def test_a_valid_record_still_holding_the_stale_token_is_refreshed(
+        self, policy: Policy
+    ) -> None:
+        """get_flow(stale=token) on a valid record holding that token goes on to the lease."""
+        valid = record(expires_at=LATER)
+        flow = get_flow(policy, KEY, stale=Secret("at-1"))
+
+        assert StoreNow() == opened(flow, valid)
+
+    def test_a_record_a_peer_replaced_is_taken_as_it_is(self, policy: Policy) -> None:
+        """The store holds another valid token than the stale one: it is the answer."""
+        replaced = record("at-9", "rt-9", expires_at=LATER)
+        flow = get_flow(policy, KEY, stale=Secret("at-1"))
+        assert Deadline(DEADLINE) == next(flow)
+        flow.send(None)
+        flow.send([])
+
+        assert credentials_of(replaced) == finish(flow, replaced)
+
+    def test_a_stale_token_is_still_served_during_a_cooldown(self, policy: Policy) -> None:
+        """Unlike a refused token, a stale one is handed out while the refresh must wait."""
+        cooling = record(expires_at=LATER, cooldown_until=START + timedelta(seconds=60))
+        flow = get_flow(policy, KEY, stale=Secret("at-1"))
+        assert StoreNow() == opened(flow, cooling)
+
+        assert credentials_of(cooling) == finish(flow, None)
+
+
 class TestRefresh:
     def test_a_due_record_is_leased_refreshed_journalled_and_stored(self, policy: Policy) -> None:
         """The whole path of a due record: lease, request, journal, store write, journal drop."""

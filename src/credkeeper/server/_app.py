@@ -76,6 +76,9 @@ __all__ = ["create_app"]
 MESSAGE_OPTIONS = frozenset(OPTIONS - {"timeout"})
 #: What a streamed answer is: one JSON object per line, the wrapper's, as they arrive.
 NDJSON = "application/x-ndjson"
+#: The longest ``min_valid`` a caller may ask for: tokens live about 8 hours, and one asked to
+#: stay valid longer than a fresh token does would be refreshed on every request.
+MAX_MIN_VALID = 4 * 3600
 #: ``GET /v1/users`` pages: the default and the largest.
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
@@ -534,7 +537,11 @@ class _Service:
             key: str,
             request: Request,
             min_valid: int | None = Query(
-                None, ge=0, le=86400, description="Seconds the access token must stay valid."
+                None,
+                ge=0,
+                le=MAX_MIN_VALID,
+                description="Seconds the access token must stay valid (at most 4 hours: "
+                "tokens live about 8).",
             ),
             force: bool = Query(False, description="Refresh now, whatever the expiry."),
             caller: ApiKey | None = read,
@@ -548,11 +555,7 @@ class _Service:
                 if force:
                     credentials = await manager.refresh(name)
                 else:
-                    credentials = await manager.get(name)
-                    left = (credentials.expires_at - manager.policy.now()).total_seconds()
-                    if min_valid is not None and left < min_valid:
-                        # Unless a peer refreshed meanwhile: then its tokens are the answer.
-                        credentials = await manager.refresh(name, failed=credentials.access_token)
+                    credentials = await manager.get(name, min_valid=min_valid)
                 handed.credentials = credentials
             return self.credentials_answer(credentials)
 
