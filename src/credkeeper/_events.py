@@ -137,18 +137,23 @@ class Subscribers:
             _call(hook, event)
 
     def add(self, hook: EventHook) -> Callable[[], None]:
-        """Tell ``hook`` too, from now on; returns what stops telling it (idempotent)."""
+        """Tell ``hook`` too, from now on; returns what stops telling it (idempotent).
+
+        A hook already told is refused: it would hear every event twice.
+        """
         if not callable(hook):
             raise ConfigurationError("the hook must be a callable taking a credkeeper.RefreshEvent")
         # Replaced, never mutated: a flow reading the tuple mid-event is never disturbed.
         with self._lock:
+            if hook in self._hooks:
+                raise ConfigurationError(
+                    f"{hook!r} already hears this manager's events (given as events=, or "
+                    "subscribed before); it would hear each of them twice"
+                )
             self._hooks = (*self._hooks, hook)
 
         def remove() -> None:
             with self._lock:
-                hooks = list(self._hooks)
-                if hook in hooks:
-                    hooks.remove(hook)
-                    self._hooks = tuple(hooks)
+                self._hooks = tuple(told for told in self._hooks if told != hook)
 
         return remove

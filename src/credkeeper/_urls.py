@@ -7,7 +7,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["LOOPBACK", "secure_url"]
+__all__ = ["LOOPBACK", "secure_url", "shown_url"]
 
 LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -25,16 +25,19 @@ def secure_url(value: object, *, option: str, hint: str = "") -> SplitResult:
             parts = urlsplit(value)
             host = parts.hostname
     if parts is None or parts.scheme not in ("https", "http") or not host:
-        shown = _without_password(parts) if parts is not None else value
+        shown = shown_url(parts) if parts is not None else value
         raise ConfigurationError(f"{option} must be an absolute http(s) URL, got {shown!r}{hint}")
     if parts.scheme == "http" and host not in LOOPBACK:
         raise ConfigurationError(
             f"{option} must use https (plain http is accepted only on loopback), "
-            f"got {_without_password(parts)!r}{hint}"
+            f"got {shown_url(parts)!r}{hint}"
         )
     return parts
 
 
-def _without_password(parts: SplitResult) -> str:
-    """The URL without its user and password, which an error message must not repeat."""
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+def shown_url(url: str | SplitResult) -> str:
+    """``url`` fit for a message or a log: without its user and password, and with its query
+    cut to ``?...`` and no fragment, since receivers and proxies put secrets in them."""
+    parts = urlsplit(url) if isinstance(url, str) else url
+    netloc = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=netloc, query="..." if parts.query else "", fragment="").geturl()

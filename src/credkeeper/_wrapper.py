@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar, Unpack
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -61,7 +60,7 @@ from ._messages import (
 from ._record import check_key
 from ._redact import Redactor, harvest
 from ._secret import Secret
-from ._urls import secure_url
+from ._urls import secure_url, shown_url
 
 __all__ = [
     "DEFAULT_WRAPPER_URL",
@@ -326,7 +325,7 @@ class _Endpoint:
 
     @classmethod
     def of(cls, base_url: str, path: str) -> _Endpoint:
-        shown = _display(base_url + path)
+        shown = shown_url(base_url + path)
         try:
             url = httpx.URL(base_url + path)
         except httpx.InvalidURL as exc:
@@ -370,13 +369,6 @@ class _TransportErrors:
             f"could not reach the wrapper at {shown}{about}: {type(exc).__name__}",
             key=self._key,
         ) from exc
-
-
-def _display(url: str) -> str:
-    """``url`` without a user name or password, fit for a message."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
 
 
 def _payload(body: Mapping[str, Any], credentials: Credentials) -> dict[str, Any]:

@@ -160,6 +160,17 @@ class TestEvents:
 
         assert 3 == len(seen)
 
+    def test_a_hook_already_told_is_refused(
+        self, store: MemoryStore, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """Subscribing the constructor's hook again: ConfigurationError, not double events."""
+        seen: list[RefreshEvent] = []
+        with (
+            manager_with(store, fake, clock, tmp_path, seen.append) as manager,
+            pytest.raises(ConfigurationError, match="twice"),
+        ):
+            manager.subscribe(seen.append)
+
     def test_a_failing_subscriber_does_not_silence_the_others(
         self, store: MemoryStore, fake: FakeProvider, clock: FakeClock, tmp_path: Path
     ) -> None:

@@ -84,6 +84,19 @@ def test_unknown_paths_share_one_series(service: Service) -> None:
     )
 
 
+def test_unknown_methods_share_one_series(service: Service) -> None:
+    """Methods no route takes are labelled "other": a client cannot make new series."""
+    with service.client() as client:
+        client.request("BREW", "/healthz")
+        client.request("PROPFIND", "/healthz")
+        text = client.get("/metrics").text
+    series = (("method", "other"), ("route", "/healthz"), ("status", "405"))
+    assert (2.0, False) == (
+        samples(text)[("credkeeper_http_requests_total", series)],
+        "BREW" in text,
+    )
+
+
 def test_metrics_need_the_metrics_scope(
     start_service: Callable[..., Service],
     new_api_key: Callable[..., str],
@@ -179,3 +192,38 @@ def test_a_refused_api_key_is_audited(
         line["status"],
         line["outcome"],
     )
+
+
+def test_invalid_requests_to_credential_routes_are_audited(
+    start_service: Callable[..., Service], tmp_path: Path
+) -> None:
+    """A bad query, a bad key and a bad body: each one line with 422 validation_failed."""
+    audit = tmp_path / "audit.jsonl"
+    service = start_service("--no-sweep", "--audit-log", str(audit))
+    with service.client() as client:
+        client.get("/v1/users/alice/credentials", params={"min_valid": -1})
+        client.get("/v1/users/%FF/credentials")
+        client.post("/v1/users/alice/credentials/refresh", json={"failed_access_token": 7})
+    assert [
+        ("read", "alice", 422),
+        ("read", "\ufffd", 422),
+        ("refresh", "alice", 422),
+    ] == [(line["action"], line["key"], line["status"]) for line in audit_lines(audit)]
+
+
+def test_a_refused_forced_refresh_is_audited_as_one(
+    start_service: Callable[..., Service],
+    new_api_key: Callable[..., str],
+    api_keys_file: Path,
+    tmp_path: Path,
+) -> None:
+    """?force=true by a key without the scope: the line says forced_refresh, 403."""
+    audit = tmp_path / "audit.jsonl"
+    key = new_api_key("writer", "credentials:write")
+    service = start_service(
+        "--no-sweep", "--api-keys", str(api_keys_file), "--audit-log", str(audit)
+    )
+    with service.client(key) as client:
+        client.get("/v1/users/alice/credentials", params={"force": "true"})
+    (line,) = audit_lines(audit)
+    assert ("forced_refresh", "writer", 403) == (line["action"], line["api_key"], line["status"])

@@ -43,13 +43,15 @@ def stream(client: httpx.Client, key: str = "alice") -> tuple[httpx.Response, li
 def test_a_stream_answers_ndjson_ending_with_the_result(
     service: Service, login: Callable[..., Credentials]
 ) -> None:
-    """The answer is application/x-ndjson, one wrapper object per line, the result last."""
+    """The answer is application/x-ndjson, unbuffered by proxies, one wrapper object a line,
+    the result last."""
     login("alice")
     with service.client() as client:
         response, arrivals = stream(client)
     objects = [document for _, document in arrivals]
-    assert ("application/x-ndjson", "system", "result", "You said: one two three four") == (
+    assert ("application/x-ndjson", "no", "system", "result", "You said: one two three four") == (
         response.headers["content-type"],
+        response.headers["x-accel-buffering"],
         objects[0]["type"],
         objects[-1]["type"],
         objects[-1]["result"],

@@ -11,6 +11,7 @@ import concurrent.futures
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -84,12 +85,19 @@ def store_dead_login(fake: FakeProvider, manager: TokenManager) -> None:
 
 @pytest.fixture
 def replicas(
-    start_service: Callable[..., Service], receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+    start_service: Callable[..., Service],
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> tuple[Service, Service]:
-    """Two replicas on one store, each with the receiver as its webhook."""
-    monkeypatch.setenv("CREDKEEPER_WEBHOOK_SECRET", SECRET)
+    """Two replicas on one store, each with the receiver as its webhook: one reads the secret
+    from a file, the other from the environment."""
+    secret_file = tmp_path / "webhook-secret"
+    secret_file.write_text(SECRET + "\n", encoding="utf-8")
     options = ("--no-sweep", "--webhook", receiver.url)
-    return start_service(*options), start_service(*options)
+    first = start_service(*options, "--webhook-secret", f"@{secret_file}")
+    monkeypatch.setenv("CREDKEEPER_WEBHOOK_SECRET", SECRET)
+    return first, start_service(*options)
 
 
 def test_needs_reauth_seen_by_two_replicas_is_delivered_once(

@@ -81,7 +81,8 @@ def is_loopback(host: str) -> bool:
     "--webhook-secret",
     envvar="CREDKEEPER_WEBHOOK_SECRET",
     metavar="SECRET",
-    help="The whsec_... secret webhooks are signed with [env CREDKEEPER_WEBHOOK_SECRET].",
+    help="The whsec_... secret webhooks are signed with, or @FILE to read it from a file "
+    "(a value on the command line shows in the process list) [env CREDKEEPER_WEBHOOK_SECRET].",
 )
 @click.option(
     "--audit-log",
@@ -136,6 +137,8 @@ def serve(
             "--webhook needs --webhook-secret (or CREDKEEPER_WEBHOOK_SECRET) to sign with; "
             'make one with: echo "whsec_$(openssl rand -base64 32)"'
         )
+    if webhook_secret and webhook_secret.startswith("@"):
+        webhook_secret = _read_secret(Path(webhook_secret[1:]).expanduser())
     api_keys = ApiKeys.load(api_keys_file) if api_keys_file is not None else None
     settings = options.settings
     _log_to(audit_log)
@@ -182,3 +185,14 @@ def _log_to(audit_log: Path | None) -> None:
     audit.addHandler(sink)
     audit.setLevel(logging.INFO)
     audit.propagate = False
+
+
+def _read_secret(path: Path) -> str:
+    """The webhook secret in ``path``, stripped; a ConfigurationError naming it if unreadable."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(
+            f"--webhook-secret @{path}: cannot read the file ({type(exc).__name__}); "
+            "give the path of a file holding the whsec_... secret"
+        ) from None

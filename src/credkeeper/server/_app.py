@@ -18,12 +18,14 @@ import base64
 import binascii
 import contextlib
 import json
+import logging
 import math
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
+import anyio
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -48,11 +50,12 @@ from credkeeper._wrapper import AsyncMessageStream, AsyncWrapperClient
 from ._apikeys import ApiKey, ApiKeys
 from ._asgi import ASGIApp, HTTPMiddleware, Receive, Scope, Send
 from ._audit import audit
-from ._metrics import CONTENT_TYPE_LATEST, MeasureRequests, ServiceMetrics
+from ._metrics import CONTENT_TYPE_LATEST, MeasureRequests, ServiceMetrics, read_records
 from ._problems import (
     BODY_TOO_LARGE,
     FORBIDDEN_SCOPE,
     FORBIDDEN_TENANT,
+    INTERNAL,
     MEDIA_TYPE,
     METHOD_NOT_ALLOWED,
     NO_WRAPPER,
@@ -69,6 +72,8 @@ from ._problems import (
 from ._webhooks import Webhooks
 
 __all__ = ["create_app"]
+
+_logger = logging.getLogger("credkeeper.server")
 
 
 #: The request options a caller may put beside ``messages`` and ``stream``; ``timeout`` is the
@@ -108,8 +113,9 @@ def create_app(
     checked, which ``credkeeper serve`` allows on loopback only). A request body larger than
     ``max_body_bytes`` is refused with 413. With ``sweep``, an :class:`AsyncSweeper` refreshes
     credentials in the background while the application runs; ``webhooks`` are told of the
-    credentials' transitions this replica's writes make. The manager, the wrapper client and
-    the webhooks stay the caller's; the application starts and stops the webhooks' deliveries.
+    credentials' transitions this replica's writes make: the application's lifespan subscribes
+    them to the manager, starts and closes them, so each application needs webhooks of its own.
+    The manager and the wrapper client stay the caller's to close.
     """
     if not isinstance(manager, AsyncTokenManager):
         raise ConfigurationError("manager must be a credkeeper.AsyncTokenManager")
@@ -147,13 +153,14 @@ def create_app(
         "made with them: one provider refresh per expiry across the whole fleet.",
         lifespan=lifespan,
     )
-    _handle_errors(app)
     service = _Service(manager, wrapper, api_keys, metrics)
+    _handle_errors(app, who=service.who)
     service.route(app)
-    # Innermost first: the router writes the matched route into the scope _RawPath passes on.
-    app.add_middleware(MeasureRequests, metrics=metrics)
+    # Innermost first. Every one shares the scope, into which the router writes the matched
+    # route that MeasureRequests labels with; requests refused for their size are counted too.
     app.add_middleware(_RawPath)
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    app.add_middleware(MeasureRequests, metrics=metrics)
     return app
 
 
@@ -172,8 +179,9 @@ def _problem_response(problem: Problem) -> JSONResponse:
     )
 
 
-def _handle_errors(app: FastAPI) -> None:
-    """Every error the application answers, as problem+json."""
+def _handle_errors(app: FastAPI, *, who: Callable[[Request], ApiKey | None]) -> None:
+    """Every error the application answers, as problem+json; ``who`` names the API key of a
+    request refused before its route ran, for the audit line."""
 
     async def on_problem(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, Problem)
@@ -192,6 +200,7 @@ def _handle_errors(app: FastAPI) -> None:
         ]
         listed = "; ".join(str(error) for error in errors)
         problem = Problem(VALIDATION_FAILED, f"invalid request: {listed}", errors=errors)
+        _audit_line(request, who(request), problem.kind.status, problem.kind.code)
         return _problem_response(problem)
 
     async def on_http(request: Request, exc: Exception) -> Response:
@@ -227,9 +236,7 @@ class _RawPath(HTTPMiddleware):
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = scope.get("raw_path")
         if isinstance(raw, bytes):
-            scope = dict(scope)
             scope["path"] = raw.split(b"?", 1)[0].decode("latin-1")
-            scope["path_decoded"] = False
         await self.app(scope, receive, send)
 
 
@@ -409,17 +416,7 @@ class _Service:
                     )
             except Problem as refusal:
                 # A refused attempt on a credential is as much the audit's business as a read.
-                action = _AUDITED.get((request.method, _template(request)))
-                raw = request.path_params.get("key")
-                if action is not None and isinstance(raw, str):
-                    audit(
-                        action=action,
-                        api_key=api_key.name if api_key is not None else None,
-                        key=unquote(raw),
-                        route=_template(request),
-                        status=refusal.kind.status,
-                        outcome=refusal.kind.code,
-                    )
+                _audit_line(request, api_key, refusal.kind.status, refusal.kind.code)
                 raise
             return api_key
 
@@ -455,11 +452,19 @@ class _Service:
             "subscription_type": record.subscription_type,
         }
 
+    def who(self, request: Request) -> ApiKey | None:
+        """The API key a request presents, if valid: for an audit line written before (or
+        without) the route's own authentication."""
+        header = request.headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if self.api_keys is None or scheme.lower() != "bearer":
+            return None
+        return self.api_keys.verify(presented.strip())
+
     @contextlib.asynccontextmanager
-    async def audited(
-        self, request: Request, caller: ApiKey | None, key: str, action: str
-    ) -> AsyncIterator[_Handed]:
-        """Write the audit line of a credential route once it has answered or failed."""
+    async def audited(self, request: Request, caller: ApiKey | None) -> AsyncIterator[_Handed]:
+        """Write the audit line of a credential route once it has answered or failed. The
+        route decodes its key and reads its body inside, so an invalid one is audited too."""
         handed = _Handed()
         status, outcome = 200, "ok"
         try:
@@ -469,19 +474,15 @@ class _Service:
             problem = exc if isinstance(exc, Problem) else problem_of(exc)
             status, outcome = problem.kind.status, problem.kind.code
             raise
+        except asyncio.CancelledError:
+            # The client went away: nothing was answered (nginx's "client closed request").
+            status, outcome = 499, "client_closed"
+            raise
         except BaseException:
             status, outcome = 500, "internal_error"
             raise
         finally:
-            audit(
-                action=action,
-                api_key=caller.name if caller is not None else None,
-                key=key,
-                route=_template(request),
-                status=status,
-                outcome=outcome,
-                credentials=handed.credentials,
-            )
+            _audit_line(request, caller, status, outcome, handed.credentials)
 
     async def record(self, key: str) -> Record:
         record = await self.manager.store.get(key)
@@ -548,10 +549,8 @@ class _Service:
         ) -> JSONResponse:
             """Credentials valid for at least the leeway (or ``min_valid``), as the wrapper's
             ``oauth_credentials`` object."""
-            name = _decode_key(key)
-            async with self.audited(
-                request, caller, name, "forced_refresh" if force else "read"
-            ) as handed:
+            async with self.audited(request, caller) as handed:
+                name = _decode_key(key)
                 if force:
                     credentials = await manager.refresh(name)
                 else:
@@ -575,20 +574,22 @@ class _Service:
         ) -> JSONResponse:
             """Refresh after the wrapper refused ``failed_access_token``, unless a peer already
             did; without it, refresh now. Answers as the GET."""
-            name = _decode_key(key)
-            body = await _json_object(request, required=False)
-            unknown = sorted(body.keys() - {"failed_access_token"})
-            failed = body.get("failed_access_token")
-            problems = [FieldViolation(field, "unknown field") for field in unknown]
-            if failed is not None and (not isinstance(failed, str) or not failed):
-                problems.append(FieldViolation("failed_access_token", "must be a non-empty string"))
-            if problems:
-                raise Problem(
-                    VALIDATION_FAILED,
-                    "invalid request: " + "; ".join(str(p) for p in problems),
-                    errors=problems,
-                )
-            async with self.audited(request, caller, name, "refresh") as handed:
+            async with self.audited(request, caller) as handed:
+                name = _decode_key(key)
+                body = await _json_object(request, required=False)
+                unknown = sorted(body.keys() - {"failed_access_token"})
+                failed = body.get("failed_access_token")
+                problems = [FieldViolation(field, "unknown field") for field in unknown]
+                if failed is not None and (not isinstance(failed, str) or not failed):
+                    problems.append(
+                        FieldViolation("failed_access_token", "must be a non-empty string")
+                    )
+                if problems:
+                    raise Problem(
+                        VALIDATION_FAILED,
+                        "invalid request: " + "; ".join(str(p) for p in problems),
+                        errors=problems,
+                    )
                 handed.credentials = await manager.refresh(name, failed=failed)
             return self.credentials_answer(handed.credentials)
 
@@ -604,8 +605,8 @@ class _Service:
         ) -> JSONResponse:
             """Store a login: the wrapper's ``oauth_credentials`` object or Claude Code's
             ``{"claudeAiOauth": {...}}``. Answers the state, never a token."""
-            name = _decode_key(key)
-            async with self.audited(request, caller, name, "write") as handed:
+            async with self.audited(request, caller) as handed:
+                name = _decode_key(key)
                 body = await _json_object(request, required=True)
                 if "claudeAiOauth" in body:
                     credentials = Credentials.from_claude_code(body)
@@ -622,8 +623,8 @@ class _Service:
             key: str, request: Request, caller: ApiKey | None = write
         ) -> Response:
             """Delete the credential; 404 when there was none."""
-            name = _decode_key(key)
-            async with self.audited(request, caller, name, "delete") as handed:
+            async with self.audited(request, caller) as handed:
+                name = _decode_key(key)
                 if not await manager.delete(name):
                     raise CredentialNotFound(name)
                 handed.status = 204
@@ -653,7 +654,7 @@ class _Service:
             last: str | None = None
             for start in range(0, len(keys), limit):
                 batch = keys[start : start + limit]
-                records = await asyncio.gather(*(manager.store.get(key) for key in batch))
+                records = await read_records(manager.store, batch)
                 for key, record in zip(batch, records, strict=True):
                     last = key
                     if record is None or (status is not None and record.status is not status):
@@ -741,7 +742,9 @@ class _Service:
             # credential, re-auth required, the wrapper's error) with a status of its own, and
             # an auth failure is refreshed and retried before the client has seen a line.
             first = await anext(events)
-            return StreamingResponse(_relay(events, first), media_type=NDJSON)
+            # No proxy may hold the lines back (nginx buffers unless told not to).
+            headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+            return StreamingResponse(_relay(events, first), media_type=NDJSON, headers=headers)
 
 
 class _Handed:
@@ -763,6 +766,32 @@ _AUDITED = {
 }
 
 
+def _audit_line(
+    request: Request,
+    caller: ApiKey | None,
+    status: int,
+    outcome: str,
+    credentials: Credentials | None = None,
+) -> None:
+    """The audit line of a request to a credential route; nothing for other routes."""
+    template = _template(request)
+    action = _AUDITED.get((request.method, template))
+    raw = request.path_params.get("key")
+    if action is None or not isinstance(raw, str):
+        return
+    if action == "read" and request.query_params.get("force", "").lower() in ("true", "1"):
+        action = "forced_refresh"
+    audit(
+        action=action,
+        api_key=caller.name if caller is not None else None,
+        key=unquote(raw, errors="replace"),
+        route=template,
+        status=status,
+        outcome=outcome,
+        credentials=credentials,
+    )
+
+
 def _template(request: Request) -> str:
     """The matched route's template, which names no credential."""
     return getattr(request.scope.get("route"), "path", None) or request.url.path
@@ -775,16 +804,25 @@ def _line(event: Event) -> bytes:
 async def _relay(events: AsyncMessageStream, first: Event) -> AsyncIterator[bytes]:
     """The stream's events as NDJSON lines, each sent as it is read; a failure after the first
     line, when the status is long sent, becomes a last line in the wrapper's own error shape."""
+    problem: Problem | None = None
     try:
         yield _line(first)
         async for event in events:
             yield _line(event)
     except CredkeeperError as exc:
         problem = problem_of(exc)
+    except Exception:
+        _logger.exception("a stream through the service failed after its first line")
+        problem = Problem(INTERNAL, "the service failed mid-stream; see the service's log")
+    finally:
+        # Shielded: a client gone away cancels this generator, and the wrapper's connection
+        # must be released all the same.
+        with anyio.CancelScope(shield=True):
+            await events.aclose()
+    if problem is not None:
+        # Built here, out of the handler: no frame of the failure stays referenced.
         error = {"code": problem.kind.code, "message": problem_body(problem)["detail"]}
         yield json.dumps({"type": "error", "error": error}, separators=(",", ":")).encode() + b"\n"
-    finally:
-        await events.aclose()
 
 
 def _make_cursor(key: str) -> str:

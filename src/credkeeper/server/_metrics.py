@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -22,11 +23,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from credkeeper._exceptions import CredkeeperError
 from credkeeper._manager import AsyncTokenManager
 from credkeeper._record import END_OF_TIME, Record
+from credkeeper._store import AsyncCredentialStore
 from credkeeper.metrics import RefreshMetrics
 
 from ._asgi import ASGIApp, HTTPMiddleware, Receive, Scope, Send
 
-__all__ = ["CONTENT_TYPE_LATEST", "MeasureRequests", "ServiceMetrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "MeasureRequests", "ServiceMetrics", "read_records"]
 
 logger = logging.getLogger("credkeeper.server")
 
@@ -36,6 +38,11 @@ STORE_EVERY = 60.0
 STORE_TIMEOUT = 10.0
 # The gauge of credentials due counts those expiring within this window past the leeway.
 _DUE_WINDOW = timedelta(minutes=15)
+#: How many records one read of many asks the store for at once: enough to keep a connection
+#: pool busy, few enough that neither the event loop nor a thread pool is flooded.
+READ_BATCH = 64
+# The methods a label names; any other is "other", so a client cannot make new series.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 # Service answers take milliseconds; a wrapper call up to minutes.
 _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0, 120.0)
 
@@ -80,27 +87,25 @@ class ServiceMetrics:
             now = time.monotonic()
             if self._observed is not None and now - self._observed < STORE_EVERY:
                 return
+            # Tried again only after STORE_EVERY, failed or not: a store too slow to answer
+            # one scrape must not be asked for every record again by the next.
+            self._observed = now
+            store = self.manager.store
             try:
-                records = await asyncio.wait_for(self._records(), STORE_TIMEOUT)
+                records = await asyncio.wait_for(read_records(store, None), STORE_TIMEOUT)
             except (TimeoutError, CredkeeperError) as exc:
-                # The gauges keep their last values; the next scrape tries again.
+                # The gauges keep their last values.
                 logger.warning("metrics: could not read the store's records (%s)", exc)
                 return
             policy = self.manager.policy
             self.engine.observe_store(records, now=policy.now(), window=policy.leeway + _DUE_WINDOW)
-            self._observed = now
-
-    async def _records(self) -> list[Record | None]:
-        store = self.manager.store
-        keys = [key async for key in store.scan_due(END_OF_TIME)]
-        return list(await asyncio.gather(*(store.get(key) for key in keys)))
 
 
 class MeasureRequests(HTTPMiddleware):
     """ASGI middleware counting each HTTP request into :class:`ServiceMetrics` as it ends.
 
-    It must sit inside the router's scope (under the middleware that rewrites the path), where
-    the matched route is written into the scope.
+    The matched route is read from the scope once the request is answered: the router writes
+    it there, so every middleware between must pass the same scope on, not a copy.
     """
 
     def __init__(self, app: ASGIApp, *, metrics: ServiceMetrics) -> None:
@@ -122,4 +127,19 @@ class MeasureRequests(HTTPMiddleware):
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.request(scope["method"], template, status, time.perf_counter() - started)
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            self.metrics.request(method, template, status, time.perf_counter() - started)
+
+
+async def read_records(
+    store: AsyncCredentialStore, keys: Sequence[str] | None
+) -> list[Record | None]:
+    """The records under ``keys`` (every key the store lists, for ``None``), in that order,
+    read :data:`READ_BATCH` at a time."""
+    if keys is None:
+        keys = [key async for key in store.scan_due(END_OF_TIME)]
+    records: list[Record | None] = []
+    for start in range(0, len(keys), READ_BATCH):
+        batch = keys[start : start + READ_BATCH]
+        records += await asyncio.gather(*(store.get(key) for key in batch))
+    return records

@@ -57,7 +57,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Self
-from urllib.parse import SplitResult
 
 import httpx
 
@@ -65,7 +64,7 @@ from credkeeper import __version__
 from credkeeper._clock import Clock, SystemClock
 from credkeeper._events import EventKind, RefreshEvent
 from credkeeper._exceptions import ConfigurationError, WebhookVerificationError
-from credkeeper._urls import secure_url
+from credkeeper._urls import secure_url, shown_url
 
 __all__ = [
     "EVENT_TYPES",
@@ -267,11 +266,13 @@ class _State(enum.Enum):
 class Webhooks:
     """The events hook that POSTs ``credential.*`` webhooks to ``urls``, signed with ``secret``.
 
-    Pass it as ``events=`` to the manager (or call it from another hook), ``await start()`` (or
-    enter it with ``async with``) on the loop that should deliver, and ``await aclose()`` when
-    stopping. Calling it is quick and never blocks: it builds the message and queues one
-    delivery per URL, from the loop's thread or any other. Events before :meth:`start` or
-    after :meth:`aclose` are logged and dropped; other event kinds are ignored.
+    Subscribe it to a manager (``manager.subscribe(webhooks)``, or ``events=webhooks``), ``await
+    start()`` (or enter it with ``async with``) on the loop that should deliver, and ``await
+    aclose()`` when stopping; once each: a closed instance does not start again. Given to
+    :func:`~credkeeper.server.create_app`, the application's lifespan does all three. Calling it
+    is quick and never blocks: it builds the message and queues one delivery per URL, from the
+    loop's thread or any other. Events before :meth:`start` or after :meth:`aclose` are logged
+    and dropped; other event kinds are ignored.
 
     ``urls`` must be https (plain http only to a loopback host) and distinct; ``secret`` is a
     ``whsec_`` secret (see :func:`new_webhook_secret`). Each attempt times out after
@@ -310,9 +311,9 @@ class Webhooks:
             assert isinstance(url, str)
             if url in routes:
                 raise ConfigurationError(
-                    f"--webhook {_shown(parts)!r} is given twice; each URL gets every event once"
+                    f"--webhook {shown_url(parts)!r} is given twice; each URL gets every event once"
                 )
-            routes[url] = _Route(url, _shown(parts))
+            routes[url] = _Route(url, shown_url(parts))
         key = _key_of(secret, _KEY_OPTION)
         _check_int("attempts", attempts, 1)
         _check_int("concurrency", concurrency, 1)
@@ -594,12 +595,6 @@ def _fields(message: _Message, route: _Route | None = None, **more: object) -> d
         fields["credkeeper_webhook_url"] = route.shown
     fields.update({f"credkeeper_{name}": value for name, value in more.items()})
     return fields
-
-
-def _shown(parts: SplitResult) -> str:
-    """A URL fit for logs: no user or password, and no query, where receivers put secrets."""
-    netloc = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=netloc, query="..." if parts.query else "", fragment="").geturl()
 
 
 def _check_int(name: str, value: object, least: int) -> None:
