@@ -365,7 +365,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="credkeeper-bench-") as temporary,
         FakeProvider() as provider,
-        FakeWrapper(provider, stream_gap=args.stream_gap) as wrapper,
+        FakeWrapper(provider, stream_gap=args.stream_gap, latency=args.latency) as wrapper,
     ):
         directory = Path(temporary)
         keys_file = directory / "keys"
@@ -501,6 +501,13 @@ def main(argv: list[str] | None = None) -> int:
         type=_harness._at_least(0.001, float),
         default=0.01,
         help="seconds between the wrapper's streamed lines",
+    )
+    parser.add_argument(
+        "--latency",
+        type=_harness._at_least(0.0, float),
+        default=0.0,
+        help="seconds the wrapper takes per call (the real one runs a CLI for seconds); 0 "
+        "measures the service's own cost, where a small machine's CPUs bound both sides",
     )
     args = parser.parse_args(argv)
     _harness.emit(measure(args), show, as_json=args.json)

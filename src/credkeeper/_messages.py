@@ -191,13 +191,17 @@ def _check_messages(messages: object) -> list[FieldViolation]:
                 else ""
             )
             problems.append(FieldViolation(f"{where}.role", f"must be 'user' or 'assistant'{hint}"))
-        if not isinstance(message.get("content"), str):
+        content = message.get("content")
+        if not isinstance(content, str):
             problems.append(
                 FieldViolation(
                     f"{where}.content",
                     "must be a string; the wrapper refuses content blocks, join their text instead",
                 )
             )
+        elif not content:
+            # An empty message can leave the CLI an empty prompt, which it refuses as a failure.
+            problems.append(FieldViolation(f"{where}.content", "must not be empty"))
     return problems
 
 

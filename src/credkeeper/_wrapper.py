@@ -10,6 +10,8 @@ once. The decision lives in :func:`call_flow`; the two clients only perform its 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import re
@@ -82,6 +84,8 @@ DEFAULT_WRAPPER_URL = "https://wrapper.claude.serenity-system.fr"
 DEFAULT_TIMEOUT = httpx.Timeout(310.0, connect=10.0)
 
 _logger = logging.getLogger("credkeeper.wrapper")
+# The most lines read after a stream's result before its connection is closed instead.
+_DRAIN_LINES = 16
 
 # Upstream quota texts are checked first: they must never cost a refresh.
 _LIMIT = re.compile(
@@ -606,6 +610,8 @@ class MessageStream(Closing, _StreamBase):
                         return
             raise _stream_truncated(self._key)
         finally:
+            if self.result is not None:
+                _drain(opened.lines)
             response.close()
 
 
@@ -796,6 +802,8 @@ class AsyncMessageStream(AsyncClosing, _StreamBase):
                         return
             raise _stream_truncated(self._key)
         finally:
+            if self.result is not None:
+                await _adrain(opened.lines)
             await response.aclose()
 
 
@@ -918,6 +926,24 @@ class AsyncWrapperClient(AsyncClosing, _Client[AsyncTokenManager, httpx.AsyncCli
 
 
 # -- helpers shared by both clients -----------------------------------------------------
+
+
+def _drain(lines: Iterator[str]) -> None:
+    """Read what follows a stream's result (its end, or a few stray lines): a response read to
+    its end gives its connection back to the pool; one closed early throws it away."""
+    with contextlib.suppress(httpx.HTTPError):
+        for _ in itertools.islice(lines, _DRAIN_LINES):
+            pass
+
+
+async def _adrain(lines: AsyncIterator[str]) -> None:
+    """The async form of :func:`_drain`."""
+    with contextlib.suppress(httpx.HTTPError):
+        left = _DRAIN_LINES
+        async for _ in lines:
+            left -= 1
+            if not left:
+                return
 
 
 def _streams(response: httpx.Response) -> bool:

@@ -431,6 +431,26 @@ class TestStream:
 
             assert REPLY == client.messages.create(KEY, HELLO).text
 
+    @pytest.mark.parametrize("keepalive", [False, True], ids=["ndjson", "sse"])
+    def test_a_stream_read_to_its_result_keeps_its_connection(
+        self, manager: TokenManager, wrapper: FakeWrapper, alice: Credentials, keepalive: bool
+    ) -> None:
+        """Streams read to the result are read to their end: the next call reuses the connection."""
+        connections: list[object] = []
+
+        def note(response: httpx.Response) -> None:
+            connections.append(response.extensions["network_stream"])
+
+        with (
+            httpx.Client(event_hooks={"response": [note]}) as http,
+            WrapperClient(manager, base_url=wrapper.url, http=http) as client,
+        ):
+            for _ in range(3):
+                with client.messages.stream(KEY, HELLO, keepalive=keepalive) as stream:
+                    list(stream)
+
+        assert 1 == len({id(connection) for connection in connections})
+
     def test_injected_client_keeps_the_long_default_timeout(
         self, manager: TokenManager, wrapper: FakeWrapper, alice: Credentials
     ) -> None:
@@ -656,6 +676,24 @@ class TestAsync:
             text = "".join([delta async for delta in stream.text_deltas()])
 
         assert (REPLY, REPLY) == (text, stream.result.result if stream.result else None)
+
+    @pytest.mark.anyio
+    async def test_a_stream_read_to_its_result_keeps_its_connection(
+        self, aclient: AsyncWrapperClient
+    ) -> None:
+        """An async stream read to the result leaves its connection for the next call."""
+        connections: list[object] = []
+
+        async def note(response: httpx.Response) -> None:
+            connections.append(response.extensions["network_stream"])
+
+        async with httpx.AsyncClient(event_hooks={"response": [note]}) as http:
+            client = AsyncWrapperClient(aclient.tokens, base_url=aclient.base_url, http=http)
+            for _ in range(3):
+                async with client.messages.stream(KEY, HELLO) as stream:
+                    _ = [event async for event in stream]
+
+        assert 1 == len({id(connection) for connection in connections})
 
     @pytest.mark.anyio
     async def test_many_tasks_one_refresh(

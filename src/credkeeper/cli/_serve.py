@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,8 @@ def serve(
             )
             await uvicorn.Server(config).serve()
 
-    asyncio.run(run())
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(run())
 
 
 def _log_to(audit_log: Path | None) -> None:
@@ -196,3 +198,12 @@ def _read_secret(path: Path) -> str:
             f"--webhook-secret @{path}: cannot read the file ({type(exc).__name__}); "
             "give the path of a file holding the whsec_... secret"
         ) from None
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (the server extra brings it), else asyncio's."""
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

@@ -60,6 +60,7 @@ from ._problems import (
     METHOD_NOT_ALLOWED,
     NO_WRAPPER,
     NOT_READY,
+    PROBLEM_SCHEMA,
     ROUTE_NOT_FOUND,
     STORE_UNAVAILABLE,
     UNAUTHENTICATED,
@@ -68,6 +69,7 @@ from ._problems import (
     Problem,
     problem_body,
     problem_of,
+    problem_responses,
 )
 from ._webhooks import Webhooks
 
@@ -161,7 +163,24 @@ def create_app(
     app.add_middleware(_RawPath)
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     app.add_middleware(MeasureRequests, metrics=metrics)
+    _declare_schemas(app)
     return app
+
+
+def _declare_schemas(app: FastAPI) -> None:
+    """Put the schemas the routes' answers refer to in the API document FastAPI builds."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        # FastAPI keeps the document it built and answers it from then on: extended once.
+        document = build()
+        document.setdefault("components", {}).setdefault("schemas", {}).update(_SCHEMAS)
+        return document
+
+    # FastAPI's documented way to extend its document: replace the method that builds it.
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -367,6 +386,77 @@ _CLAUDE_CODE = {
 }
 
 
+# What the routes answer, for the API document; refusals are _problems' Problem.
+_MOMENT = {"type": ["string", "null"], "format": "date-time"}
+_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Problem": PROBLEM_SCHEMA,
+    "CredentialsAnswer": {
+        "type": "object",
+        "required": ["oauth_credentials", "expires_in"],
+        "properties": {
+            "oauth_credentials": _WRAPPER_CREDENTIALS,
+            "expires_in": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "seconds the access token stays valid",
+            },
+        },
+    },
+    "CredentialState": {
+        "type": "object",
+        "required": [
+            "key",
+            "status",
+            "expires_at",
+            "expires_in",
+            "refreshed_at",
+            "next_refresh_at",
+            "failures",
+            "cooldown_until",
+            "last_error",
+            "scopes",
+            "subscription_type",
+        ],
+        "properties": {
+            "key": {"type": "string"},
+            "status": {"type": "string", "enum": [status.value for status in Status]},
+            "expires_at": {"type": "string", "format": "date-time"},
+            "expires_in": {"type": "integer"},
+            "refreshed_at": _MOMENT,
+            "next_refresh_at": _MOMENT,
+            "failures": {"type": "integer", "minimum": 0},
+            "cooldown_until": _MOMENT,
+            "last_error": {"type": ["string", "null"]},
+            "scopes": {"type": "array", "items": {"type": "string"}},
+            "subscription_type": {"type": ["string", "null"]},
+        },
+    },
+    "UserPage": {
+        "type": "object",
+        "required": ["users", "next_cursor"],
+        "properties": {
+            "users": {"type": "array", "items": {"$ref": "#/components/schemas/CredentialState"}},
+            "next_cursor": {"type": ["string", "null"]},
+        },
+    },
+}
+
+
+def _answer(schema: str, description: str | None = None) -> dict[str, Any]:
+    """A JSON answer of one of :data:`_SCHEMAS`, for a route's ``responses``."""
+    reference = {"$ref": f"#/components/schemas/{schema}"}
+    answer: dict[str, Any] = {"content": {"application/json": {"schema": reference}}}
+    if description is not None:
+        answer["description"] = description
+    return answer
+
+
+# What a route on one credential may refuse with; one that may refresh, also a login gone
+# (409) and the provider's failure (502).
+_KEYED = (401, 403, 404, 422, 500, 503)
+_REFRESHING = (*_KEYED, 409, 502)
+
+
 class _Service:
     """The routes' shared state: the manager, the wrapper client and the API keys."""
 
@@ -505,7 +595,7 @@ class _Service:
             """Liveness: the process answers."""
             return {"status": "ok"}
 
-        @app.get("/readyz", tags=["health"])
+        @app.get("/readyz", tags=["health"], responses=problem_responses(503))
         async def readyz() -> JSONResponse:
             """Readiness: the store answers and the rescue journal can keep tokens."""
             try:
@@ -526,14 +616,21 @@ class _Service:
             "/metrics",
             tags=["health"],
             response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+            responses={
+                200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
+                **problem_responses(401, 403, 500),
+            },
         )
         async def prometheus(caller: ApiKey | None = metrics_scope) -> Response:
             """Prometheus metrics: refreshes, provider latency, credentials by status, requests
             by route and status. No label carries a credential key or a token."""
             return Response(await self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-        @app.get("/v1/users/{key}/credentials", tags=["credentials"])
+        @app.get(
+            "/v1/users/{key}/credentials",
+            tags=["credentials"],
+            responses={200: _answer("CredentialsAnswer"), **problem_responses(*_REFRESHING)},
+        )
         async def get_credentials(
             key: str,
             request: Request,
@@ -561,6 +658,10 @@ class _Service:
         @app.post(
             "/v1/users/{key}/credentials/refresh",
             tags=["credentials"],
+            responses={
+                200: _answer("CredentialsAnswer"),
+                **problem_responses(*_REFRESHING, 413),
+            },
             openapi_extra=_body_schema(
                 {
                     "type": "object",
@@ -597,7 +698,11 @@ class _Service:
             "/v1/users/{key}/credentials",
             tags=["credentials"],
             status_code=200,
-            responses={201: {"description": "A new credential was stored"}},
+            responses={
+                200: _answer("CredentialState", "The credential was replaced"),
+                201: _answer("CredentialState", "A new credential was stored"),
+                **problem_responses(401, 403, 413, 422, 500, 503),
+            },
             openapi_extra=_body_schema({"oneOf": [_WRAPPER_CREDENTIALS, _CLAUDE_CODE]}),
         )
         async def put_credentials(
@@ -618,7 +723,12 @@ class _Service:
                 handed.status = 200 if existed else 201
             return JSONResponse(state, status_code=handed.status)
 
-        @app.delete("/v1/users/{key}/credentials", tags=["credentials"], status_code=204)
+        @app.delete(
+            "/v1/users/{key}/credentials",
+            tags=["credentials"],
+            status_code=204,
+            responses=problem_responses(*_KEYED),
+        )
         async def delete_credentials(
             key: str, request: Request, caller: ApiKey | None = write
         ) -> Response:
@@ -630,12 +740,20 @@ class _Service:
                 handed.status = 204
             return Response(status_code=204)
 
-        @app.get("/v1/users/{key}", tags=["users"])
+        @app.get(
+            "/v1/users/{key}",
+            tags=["users"],
+            responses={200: _answer("CredentialState"), **problem_responses(*_KEYED)},
+        )
         async def get_user(key: str, caller: ApiKey | None = admin) -> dict[str, Any]:
             """One credential's state: status, expiry, last refresh, failures; never a token."""
             return self.state(await self.record(_decode_key(key)))
 
-        @app.get("/v1/users", tags=["users"])
+        @app.get(
+            "/v1/users",
+            tags=["users"],
+            responses={200: _answer("UserPage"), **problem_responses(401, 403, 422, 500, 503)},
+        )
         async def list_users(
             status: Status | None = Query(None, description="Only credentials in this state."),  # noqa: B008
             limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE),
@@ -670,6 +788,16 @@ class _Service:
         @app.post(
             "/v1/users/{key}/messages",
             tags=["messages"],
+            responses={
+                200: {
+                    "description": "The wrapper's reply; with stream, its events, one a line",
+                    "content": {
+                        "application/json": {"schema": {"type": "object"}},
+                        NDJSON: {"schema": {"type": "string"}},
+                    },
+                },
+                **problem_responses(*_REFRESHING, 413, 429),
+            },
             openapi_extra=_body_schema(
                 {
                     "type": "object",
@@ -681,7 +809,7 @@ class _Service:
                                 "type": "object",
                                 "properties": {
                                     "role": {"type": "string", "enum": ["user", "assistant"]},
-                                    "content": {"type": "string"},
+                                    "content": {"type": "string", "minLength": 1},
                                 },
                                 "required": ["role", "content"],
                             },

@@ -38,13 +38,16 @@ from credkeeper._exceptions import (
 from credkeeper._redact import Redactor
 
 __all__ = [
+    "KINDS",
     "MEDIA_TYPE",
+    "PROBLEM_SCHEMA",
     "TABLE",
     "Kind",
     "Problem",
     "kind_of",
     "problem_body",
     "problem_of",
+    "problem_responses",
 ]
 
 MEDIA_TYPE = "application/problem+json"
@@ -109,7 +112,70 @@ TABLE: tuple[tuple[type[CredkeeperError], Kind], ...] = (
     (CredkeeperError, INTERNAL),
 )
 
+#: Every kind the service answers with: those of its own refusals, then the table's.
+KINDS: tuple[Kind, ...] = tuple(
+    dict.fromkeys(
+        (
+            UNAUTHENTICATED,
+            FORBIDDEN_SCOPE,
+            FORBIDDEN_TENANT,
+            ROUTE_NOT_FOUND,
+            METHOD_NOT_ALLOWED,
+            BODY_TOO_LARGE,
+            NO_WRAPPER,
+            NOT_READY,
+            *(kind for _, kind in TABLE),
+        )
+    )
+)
+
+#: What :func:`problem_body` answers, as JSON Schema for the API document.
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail", "code"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "code": {"type": "string"},
+        "instance": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["field", "message"],
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+    },
+}
+
+# Headers some answers always carry (a 401's challenge) or may carry (a 503's delay).
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
+    503: {"Retry-After": {"schema": {"type": "string"}}},
+}
+
 _REDACTOR = Redactor()
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's ``responses`` for the API document: each of ``statuses`` as problem+json,
+    described by the codes of :data:`KINDS` with that status."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        codes = sorted(kind.code for kind in KINDS if kind.status == status)
+        if not codes:
+            raise ValueError(f"no kind of problem has status {status}")
+        response: dict[str, Any] = {
+            "description": ", ".join(codes),
+            "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        }
+        if status in _HEADERS:
+            response["headers"] = _HEADERS[status]
+        responses[status] = response
+    return responses
 
 
 class Problem(Exception):
