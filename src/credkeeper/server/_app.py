@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
@@ -474,11 +474,11 @@ class _Service:
 
     # -- authentication ------------------------------------------------------------------
 
-    def caller(self, scope: str) -> Callable[..., ApiKey | None]:
+    def caller(self, scope: str) -> Callable[..., Awaitable[ApiKey | None]]:
         """A dependency: the API key the request presents, holding ``scope`` and covering
         the request's ``{key}``; ``None`` when the service checks no keys."""
 
-        def authenticate(
+        async def authenticate(
             request: Request,
             bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),  # noqa: B008
         ) -> ApiKey | None:
