@@ -50,8 +50,9 @@ class EventKind(enum.StrEnum):
     #: The credential was marked ``needs_reauth``: the user must log in again. Emitted by the
     #: one manager whose write made the change, so once per transition across a fleet.
     REAUTH_REQUIRED = "reauth_required"
-    #: A login was stored over a credential marked ``needs_reauth``: the user is back. Emitted
-    #: by the manager whose write replaced the marked record.
+    #: A login was stored over a credential marked ``needs_reauth``, or tokens a rescue journal
+    #: kept were restored over it: the user is back. Emitted by the manager whose write
+    #: replaced the marked record.
     RECOVERED = "recovered"
     #: The credential was deleted; emitted by the manager whose delete removed it.
     DELETED = "deleted"

@@ -947,6 +947,9 @@ def _apply_rescues(policy: Policy, key: str, deadline: datetime, *, rescan: bool
                 continue
             logger.info("key %r: restored tokens from the rescue journal", key)
             policy.emit(EventKind.JOURNAL_RESCUE, key)
+            if current.status is Status.NEEDS_REAUTH:
+                # Marked by a peer that could not see this host's journal: the user is back.
+                policy.emit(EventKind.RECOVERED, key)
             yield from _journal(JournalDiscard(entry), key)
             applied = True
             break

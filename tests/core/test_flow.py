@@ -1405,6 +1405,18 @@ class TestEvents:
 
         assert [] == seen
 
+    def test_a_rescue_over_a_condemned_record_reports_recovered(self, clock: FakeClock) -> None:
+        """Journalled tokens restored over a needs_reauth record: journal_rescue, recovered."""
+        policy, seen = watched(clock)
+        flow = get_flow(policy, KEY)
+        next(flow)
+        flow.send(None)
+        assert Load(KEY) == flow.send([rescue()])
+        restore = flow.send(record(status=Status.NEEDS_REAUTH))
+        flow.send(stored_as(restore))
+
+        assert [("journal_rescue", None, None), ("recovered", None, None)] == seen
+
     def test_a_dead_credential_reports_reauth_required(self, clock: FakeClock) -> None:
         """invalid_grant and nothing newer: reauth_required, then the refresh fails so."""
         policy, seen = watched(clock)
