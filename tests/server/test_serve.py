@@ -106,6 +106,40 @@ def test_serve_refuses_a_public_address_without_api_keys() -> None:
     assert (2, True) == (result.exit_code, "--api-keys" in result.stderr)
 
 
+def test_serve_refuses_a_webhook_without_a_secret() -> None:
+    """serve --webhook URL without --webhook-secret exits 2 naming the option."""
+    result = CliRunner().invoke(
+        cli,
+        ["serve", "--webhook", "https://hooks.example/h"],
+        env={"CREDKEEPER_WEBHOOK_SECRET": ""},
+    )
+    assert (2, True) == (result.exit_code, "--webhook-secret" in result.stderr)
+
+
+def test_serve_refuses_an_unreadable_webhook_secret_file(tmp_path: Path) -> None:
+    """--webhook-secret @FILE naming no file exits 2 naming the file."""
+    missing = tmp_path / "no-such-secret"
+    result = CliRunner().invoke(
+        cli,
+        ["serve", "--webhook", "https://hooks.example/h", "--webhook-secret", f"@{missing}"],
+    )
+    assert (2, True) == (result.exit_code, str(missing) in result.stderr)
+
+
+def test_serve_refuses_a_plain_http_webhook_to_another_host(tmp_path: Path) -> None:
+    """A webhook over plain http beyond loopback exits 2 naming --webhook, before any start."""
+    secret = "whsec_" + "A" * 44
+    result = CliRunner().invoke(
+        cli,
+        ["serve", "--webhook", "http://hooks.example/h", "--webhook-secret", secret],
+    )
+    assert (2, True, False) == (
+        result.exit_code,
+        "--webhook" in result.stderr,
+        secret in result.stderr,
+    )
+
+
 def test_messages_answer_503_without_a_wrapper(
     tmp_path: Path, fake: FakeProvider, keyring: KeyRing, store_url: str
 ) -> None:

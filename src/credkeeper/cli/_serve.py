@@ -142,13 +142,14 @@ def serve(
         webhook_secret = _read_secret(Path(webhook_secret[1:]).expanduser())
     api_keys = ApiKeys.load(api_keys_file) if api_keys_file is not None else None
     settings = options.settings
+    # Checked before anything starts; a Webhooks binds to its loop only when started.
+    webhooks = Webhooks(webhook_urls, secret=webhook_secret or "") if webhook_urls else None
     _log_to(audit_log)
 
     async def run() -> None:
         # Made inside the loop that serves: an asyncio manager belongs to one loop.
         from credkeeper._wrapper import AsyncWrapperClient  # noqa: PLC0415
 
-        webhooks = Webhooks(webhook_urls, secret=webhook_secret or "") if webhook_urls else None
         manager = settings.async_manager()
         async with manager, AsyncWrapperClient(manager, base_url=settings.wrapper_url) as wrapper:
             app = create_app(
