@@ -34,7 +34,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -62,7 +62,9 @@ DEFAULT_AHEAD = timedelta(minutes=15)
 KEEP_ALIVE_PASSES = 10
 
 Progress = Callable[[int, int], None]
+_THREADS = "credkeeper-sweep"
 M = TypeVar("M", TokenManager, AsyncTokenManager)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,8 +247,54 @@ def _verdict(error: Exception | None, watch: _Watch) -> _Verdict:
     return _Verdict("fresh")
 
 
+# The effects a sweep's flows yield and each sweeper performs: its store, its manager, its
+# clock, threads or tasks. What the flow is sent back is named in each docstring.
+
+
+@dataclass(frozen=True, slots=True)
+class _Pause:
+    """Sleep ``seconds`` on the manager's clock; ``None``."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    """The keys the store lists as due before ``before``, as a list."""
+
+    before: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class _Get:
+    """The record under ``key``, or ``None``."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Refresh:
+    """The manager's refresh of ``key`` ahead of the window, its events told to ``watch``."""
+
+    key: str
+    watch: _Watch
+    stale: Secret | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Gather:
+    """What each flow returns, in order, ``concurrency`` flows driven at once. One raising
+    stops the sweep (:meth:`~_SweeperBase.stop`), and is raised once those in flight are done."""
+
+    flows: tuple[_Flow[Any], ...]
+
+
+_Effect = _Pause | _Scan | _Get | _Refresh | _Gather
+_Flow = Generator[_Effect, Any, T]
+
+
 class _SweeperBase(Generic[M]):
-    """Settings, construction and the scheduling both sweepers share; no I/O."""
+    """Settings, construction and the sweep itself, as flows yielding effects; no I/O."""
 
     # The manager type this sweeper takes, and what to use for the other.
     _kinds: tuple[type[M], str]
@@ -310,6 +358,98 @@ class _SweeperBase(Generic[M]):
         """Whether :meth:`stop` was called (or a signal asked for it)."""
         return self._stopping.is_set()
 
+    def _sweep(self, progress: Progress | None) -> _Flow[SweepReport]:
+        """One sweep: list the due keys (and the idle ones), take a turn on each, report."""
+        started = time.monotonic()
+        self._starts = itertools.count()
+        keys = self._order((yield _Scan(self._now() + self.window)))
+        idle = yield from self._idle_records(set(keys))
+        tally = _Tally(due=len(keys), idle=len(idle))
+        if progress is not None:
+            progress(0, tally.total)
+        turns = [(key, None) for key in keys] + list(idle.items())
+        yield _Gather(tuple(self._turn(key, tally, progress, record) for key, record in turns))
+        return tally.report(time.monotonic() - started)
+
+    def _idle_records(self, due: set[str]) -> _Flow[dict[str, Record]]:
+        """The records the keep-alive pass refreshes, in sweep order, none of the ``due`` keys:
+        active, and obtained longer than ``keep_alive`` ago or at an unknown time. Empty without
+        keep-alive, or when its last pass was less than ``keep_alive / KEEP_ALIVE_PASSES`` ago.
+        Records a store lists but cannot read are left to the due sweep and to callers, which
+        report them."""
+        now, keep_alive, last = self._now(), self.keep_alive, self._kept_at
+        if keep_alive is None or (last is not None and now - last < keep_alive / KEEP_ALIVE_PASSES):
+            return {}
+        keys = tuple(key for key in dict.fromkeys((yield _Scan(END_OF_TIME))) if key not in due)
+        records = yield _Gather(tuple(self._read(key) for key in keys))
+        idle = {
+            key: record
+            for key, record in zip(keys, records, strict=True)
+            if record is not None
+            and record.status is Status.ACTIVE
+            and (record.refreshed_at is None or record.refreshed_at <= now - keep_alive)
+        }
+        self._kept_at = now
+        return {key: idle[key] for key in self._order(list(idle))}
+
+    def _read(self, key: str) -> _Flow[Record | None]:
+        """The keep-alive pass's read of ``key``: ``None`` once the sweep is stopped, or for a
+        record the store holds damaged or could not read now (logged, never a token): one key's
+        read never stops the sweep, due keys included."""
+        if self.stopping:
+            return None
+        try:
+            record: Record | None = yield _Get(key)
+        except CredkeeperError as exc:
+            logger.warning("keep-alive skips key %r this time: %s", key, exc)
+            return None
+        return record
+
+    def _turn(
+        self, key: str, tally: _Tally, progress: Progress | None, record: Record | None
+    ) -> _Flow[None]:
+        """One key's turn: refreshed, or retried after the sweep's pause while the provider
+        throttles; counted unless the sweep stopped first."""
+        if record is None and tally.left(key):
+            verdict = _Verdict("fresh")
+        else:
+            verdict = _Verdict("failed", "unavailable")
+            for _ in range(self.max_attempts):
+                for seconds in self._waits():
+                    yield _Pause(seconds)
+                if self.stopping:
+                    return
+                attempt = yield from self._refresh(key, record)
+                if attempt.outcome != "throttled":
+                    verdict = attempt
+                    break
+                self._throttled(attempt, tally)
+            if record is None and tally.scan_again(verdict, self.concurrency):
+                listed = None
+                try:
+                    with contextlib.suppress(CredkeeperError):  # unlisted now: the sweep goes on
+                        listed = set((yield _Scan(self._now() + self.window)))
+                finally:  # an interrupted listing must not leave the next one barred
+                    tally.scanned(listed)
+        done = tally.count(key, verdict)
+        if progress is not None:
+            progress(done, tally.total)
+
+    def _refresh(self, key: str, record: Record | None) -> _Flow[_Verdict]:
+        """One attempt's verdict. A keep-alive turn passes the access token its ``record`` was
+        read with: refreshed while the store still holds it, taken as it is once a peer (another
+        sweeper, a caller) has replaced it; its refresh counts as ``kept_alive``."""
+        watch, error = _Watch(self.manager.policy.events), None
+        try:
+            stale = None if record is None else self.manager.policy.credentials(record).access_token
+            yield _Refresh(key, watch, stale)
+        except Exception as exc:  # noqa: BLE001 - classified and counted; the sweep goes on
+            error = exc
+        verdict = _verdict(error, watch)
+        if record is not None and verdict.outcome == "refreshed":
+            return _Verdict("kept_alive")
+        return verdict
+
     def _waits(self) -> Iterator[float]:
         """The sleeps before a key's next attempt: what is left of the sweep's pause, in steps
         of at most a second so that a stop is seen; then, for the sweep's first ``concurrency``
@@ -324,46 +464,15 @@ class _SweeperBase(Generic[M]):
 
     def _throttled(self, verdict: _Verdict, tally: _Tally) -> None:
         tally.pause()
-        resume = self._now() + timedelta(seconds=verdict.pause)
-        self._pause_until = max(self._pause_until, resume)
+        with self._pause_lock:
+            resume = self._now() + timedelta(seconds=verdict.pause)
+            self._pause_until = max(self._pause_until, resume)
 
     def _order(self, keys: list[str]) -> list[str]:
         # Hosts sweeping together start from different ends, so they contend less for leases.
         keys = list(dict.fromkeys(keys))
         self._rng.shuffle(keys)
         return keys
-
-    def _keep_alive_now(self) -> datetime | None:
-        """The time of a keep-alive pass to run now, or ``None``: no keep-alive, or its last
-        pass was less than ``keep_alive / KEEP_ALIVE_PASSES`` ago."""
-        if self.keep_alive is None:
-            return None
-        now = self._now()
-        if self._kept_at is not None and now - self._kept_at < self.keep_alive / KEEP_ALIVE_PASSES:
-            return None
-        return now
-
-    def _idle(self, now: datetime, records: list[tuple[str, Record | None]]) -> dict[str, Record]:
-        """The records the keep-alive pass refreshes, in sweep order: active, and obtained
-        longer than ``keep_alive`` before ``now`` or at an unknown time. Records a store lists
-        but cannot read are left to the due sweep and to callers, which report them."""
-        assert self.keep_alive is not None
-        oldest = now - self.keep_alive
-        idle = {
-            key: record
-            for key, record in records
-            if record is not None
-            and record.status is Status.ACTIVE
-            and (record.refreshed_at is None or record.refreshed_at <= oldest)
-        }
-        self._kept_at = now
-        return {key: idle[key] for key in self._order(list(idle))}
-
-    def _stale(self, record: Record | None) -> Secret | None:
-        """For a keep-alive turn, the access token its record was read with: refreshed while
-        the store still holds it, taken as it is once a peer (another sweeper, a caller) has
-        replaced it. ``None`` for a due key's turn."""
-        return None if record is None else self.manager.policy.credentials(record).access_token
 
 
 class Sweeper(_SweeperBase[TokenManager]):
@@ -397,25 +506,7 @@ class Sweeper(_SweeperBase[TokenManager]):
         (:meth:`stop`, or an exception such as KeyboardInterrupt here), it starts no new key and
         returns, or raises, once the refreshes in flight are done.
         """
-        started = time.monotonic()
-        self._starts = itertools.count()
-        keys = self._order(self.due())
-        idle = self._idle_records(set(keys))
-        tally = _Tally(due=len(keys), idle=len(idle))
-        if progress is not None:
-            progress(0, tally.total)
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="credkeeper-sweep") as pool:
-            turns = [(key, None) for key in keys] + list(idle.items())
-            futures = [
-                pool.submit(self._turn, key, tally, progress, record) for key, record in turns
-            ]
-            try:
-                for future in futures:
-                    future.result()
-            except BaseException:
-                self.stop()
-                raise
-        return tally.report(time.monotonic() - started)
+        return self._drive(self._sweep(progress))
 
     def run_forever(
         self,
@@ -443,57 +534,39 @@ class Sweeper(_SweeperBase[TokenManager]):
                         on_report(report)
                 self._stopping.wait(seconds * self._rng.uniform(0.9, 1.0))
 
-    def _idle_records(self, due: set[str]) -> dict[str, Record]:
-        """The keep-alive pass's records, if one is to run now; none of the ``due`` keys."""
-        now = self._keep_alive_now()
-        if now is None:
-            return {}
-        store = self.manager.store
-        keys = [key for key in dict.fromkeys(store.scan_due(END_OF_TIME)) if key not in due]
-        return self._idle(now, [(key, _readable(store.get, key)) for key in keys])
-
-    def _turn(
-        self, key: str, tally: _Tally, progress: Progress | None, record: Record | None = None
-    ) -> None:
-        if record is None and tally.left(key):
-            verdict = _Verdict("fresh")
-        else:
-            verdict = _Verdict("failed", "unavailable")
-            for _ in range(self.max_attempts):
-                for seconds in self._waits():
-                    self.manager.policy.clock.sleep(seconds)
-                if self.stopping:
-                    return
-                attempt = self._refresh(key, record)
-                if attempt.outcome != "throttled":
-                    verdict = attempt
-                    break
-                with self._pause_lock:
-                    self._throttled(attempt, tally)
-            if record is None and tally.scan_again(verdict, self.concurrency):
-                listed = None
+    def _drive(self, flow: _Flow[T]) -> T:
+        send: Callable[[Any], _Effect] = flow.send
+        reply: Any = None
+        with contextlib.closing(flow):  # interrupted (KeyboardInterrupt), it ends here, not at GC
+            while True:
                 try:
-                    listed = self._still_due()
-                finally:  # an interrupted listing must not leave the next one barred
-                    tally.scanned(listed)
-        done = tally.count(key, verdict)
-        if progress is not None:
-            progress(done, tally.total)
+                    effect = send(reply)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                try:
+                    send, reply = flow.send, self._perform(effect)
+                except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
+                    send, reply = flow.throw, exc
 
-    def _still_due(self) -> set[str] | None:
-        """The keys due now, or ``None`` if the store cannot list them (the sweep goes on)."""
-        try:
-            return set(self.due())
-        except CredkeeperError:
-            return None
-
-    def _refresh(self, key: str, record: Record | None) -> _Verdict:
-        watch = _Watch(self.manager.policy.events)
-        try:
-            self.manager._refresh_ahead(key, self.window, watch, self._stale(record))
-        except Exception as exc:  # noqa: BLE001 - classified and counted; the sweep goes on
-            return _kept(_verdict(exc, watch), record)
-        return _kept(_verdict(None, watch), record)
+    def _perform(self, effect: _Effect) -> Any:
+        match effect:
+            case _Pause(seconds):
+                return self.manager.policy.clock.sleep(seconds)
+            case _Scan(before):
+                return list(self.manager.store.scan_due(before))
+            case _Refresh(key, watch, stale):
+                return self.manager._refresh_ahead(key, self.window, watch, stale)
+            case _Get(key):
+                return self.manager.store.get(key)
+            case _Gather(flows):
+                with ThreadPoolExecutor(self.concurrency, thread_name_prefix=_THREADS) as pool:
+                    futures = [pool.submit(self._drive, flow) for flow in flows]
+                    try:
+                        return [future.result() for future in futures]
+                    except BaseException:
+                        self.stop()
+                        raise
+        raise AssertionError(f"unknown effect {effect!r}")  # pragma: no cover
 
 
 class AsyncSweeper(_SweeperBase[AsyncTokenManager]):
@@ -510,29 +583,7 @@ class AsyncSweeper(_SweeperBase[AsyncTokenManager]):
     async def run_once(self, *, progress: Progress | None = None) -> SweepReport:
         """Sweep once; see :meth:`Sweeper.run_once`. Cancelled, it starts no new key, and the
         refreshes in flight finish in the background."""
-        started = time.monotonic()
-        self._starts = itertools.count()
-        keys = self._order(await self.due())
-        idle = await self._idle_records(set(keys))
-        tally = _Tally(due=len(keys), idle=len(idle))
-        if progress is not None:
-            progress(0, tally.total)
-        gate = asyncio.Semaphore(self.concurrency)
-
-        async def turn(key: str, record: Record | None) -> None:
-            async with gate:
-                await self._turn(key, tally, progress, record)
-
-        turns = [(key, None) for key in keys] + list(idle.items())
-        tasks = [asyncio.ensure_future(turn(key, record)) for key, record in turns]
-        try:
-            # Shielded: a refresh cut off between the provider and the store would leave the
-            # new refresh token in the journal only.
-            await asyncio.shield(asyncio.gather(*tasks))
-        except BaseException:
-            self.stop()
-            raise
-        return tally.report(time.monotonic() - started)
+        return await self._drive(self._sweep(progress))
 
     async def run_forever(
         self,
@@ -546,7 +597,8 @@ class AsyncSweeper(_SweeperBase[AsyncTokenManager]):
         should pass ``handle_signals=False`` and call :meth:`stop` from its own shutdown."""
         seconds = _duration(interval, "interval").total_seconds()
         self._wake = asyncio.Event()
-        with _loop_signals_stop(self) if handle_signals else contextlib.nullcontext():
+        loop = asyncio.get_running_loop()
+        with _signals_stop(self, loop) if handle_signals else contextlib.nullcontext():
             while not self.stopping:
                 try:
                     report = await self.run_once()
@@ -564,84 +616,46 @@ class AsyncSweeper(_SweeperBase[AsyncTokenManager]):
         if self._wake is not None:
             self._wake.set()
 
-    async def _idle_records(self, due: set[str]) -> dict[str, Record]:
-        """The keep-alive pass's records, if one is to run now; none of the ``due`` keys."""
-        now = self._keep_alive_now()
-        if now is None:
-            return {}
-        store = self.manager.store
-        listed = [key async for key in store.scan_due(END_OF_TIME)]
-        keys = [key for key in dict.fromkeys(listed) if key not in due]
-        return self._idle(now, [(key, await _areadable(store.get, key)) for key in keys])
-
-    async def _turn(
-        self, key: str, tally: _Tally, progress: Progress | None, record: Record | None = None
-    ) -> None:
-        if record is None and tally.left(key):
-            verdict = _Verdict("fresh")
-        else:
-            verdict = _Verdict("failed", "unavailable")
-            for _ in range(self.max_attempts):
-                for seconds in self._waits():
-                    await self.manager.policy.clock.asleep(seconds)
-                if self.stopping:
-                    return
-                attempt = await self._refresh(key, record)
-                if attempt.outcome != "throttled":
-                    verdict = attempt
-                    break
-                self._throttled(attempt, tally)
-            if record is None and tally.scan_again(verdict, self.concurrency):
-                listed = None
+    async def _drive(self, flow: _Flow[T]) -> T:
+        send: Callable[[Any], _Effect] = flow.send
+        reply: Any = None
+        with contextlib.closing(flow):  # interrupted (a cancelled task), it ends here, not at GC
+            while True:
                 try:
-                    listed = await self._still_due()
-                finally:  # an interrupted listing must not leave the next one barred
-                    tally.scanned(listed)
-        done = tally.count(key, verdict)
-        if progress is not None:
-            progress(done, tally.total)
+                    effect = send(reply)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                try:
+                    send, reply = flow.send, await self._perform(effect)
+                except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
+                    send, reply = flow.throw, exc
 
-    async def _still_due(self) -> set[str] | None:
-        """The keys due now, or ``None`` if the store cannot list them (the sweep goes on)."""
-        try:
-            return set(await self.due())
-        except CredkeeperError:
-            return None
+    async def _perform(self, effect: _Effect) -> Any:
+        match effect:
+            case _Pause(seconds):
+                return await self.manager.policy.clock.asleep(seconds)
+            case _Scan(before):
+                return [key async for key in self.manager.store.scan_due(before)]
+            case _Refresh(key, watch, stale):
+                return await self.manager._refresh_ahead(key, self.window, watch, stale)
+            case _Get(key):
+                return await self.manager.store.get(key)
+            case _Gather(flows):
+                gate = asyncio.Semaphore(self.concurrency)
 
-    async def _refresh(self, key: str, record: Record | None) -> _Verdict:
-        watch = _Watch(self.manager.policy.events)
-        try:
-            await self.manager._refresh_ahead(key, self.window, watch, self._stale(record))
-        except Exception as exc:  # noqa: BLE001 - classified and counted; the sweep goes on
-            return _kept(_verdict(exc, watch), record)
-        return _kept(_verdict(None, watch), record)
+                async def drive(flow: _Flow[Any]) -> Any:
+                    async with gate:
+                        return await self._drive(flow)
 
-
-def _kept(verdict: _Verdict, record: Record | None) -> _Verdict:
-    """A keep-alive turn's refresh counts as ``kept_alive``, not as a due key's ``refreshed``."""
-    if record is not None and verdict.outcome == "refreshed":
-        return _Verdict("kept_alive")
-    return verdict
-
-
-def _readable(get: Callable[[str], Record | None], key: str) -> Record | None:
-    """``get(key)``, or ``None`` for a record the store holds damaged or could not read now
-    (logged, never a token): one key's read never stops the sweep, due keys included."""
-    try:
-        return get(key)
-    except CredkeeperError as exc:
-        logger.warning("keep-alive skips key %r this time: %s", key, exc)
-        return None
-
-
-async def _areadable(get: Callable[[str], Any], key: str) -> Record | None:
-    """The async form of :func:`_readable`."""
-    try:
-        record: Record | None = await get(key)
-    except CredkeeperError as exc:
-        logger.warning("keep-alive skips key %r this time: %s", key, exc)
-        return None
-    return record
+                tasks = [asyncio.ensure_future(drive(flow)) for flow in flows]
+                try:
+                    # Shielded: a refresh cut off between the provider and the store would leave
+                    # the new refresh token in the journal only.
+                    return await asyncio.shield(asyncio.gather(*tasks))
+                except BaseException:
+                    self.stop()
+                    raise
+        raise AssertionError(f"unknown effect {effect!r}")  # pragma: no cover
 
 
 def _sweep_failed(exc: CredkeeperError) -> None:
@@ -653,54 +667,34 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextlib.contextmanager
-def _signals_stop(sweeper: _SweeperBase[Any]) -> Iterator[None]:
-    """The first SIGTERM or SIGINT stops ``sweeper``; a second goes to the previous handler
-    (a second Ctrl-C interrupts). Only in the main thread, where signals can be handled."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {number: signal.getsignal(number) for number in _SIGNALS}
-
-    def restore() -> None:
-        for number, old in previous.items():
-            if old is not None:  # None: a handler not set from Python, which cannot be put back
-                signal.signal(number, old)
-
-    def handler(number: int, frame: Any) -> None:
-        sweeper.stop()
-        restore()
-
-    for number in _SIGNALS:
-        signal.signal(number, handler)
-    try:
-        yield
-    finally:
-        restore()
-
-
-@contextlib.contextmanager
-def _loop_signals_stop(sweeper: _SweeperBase[Any]) -> Iterator[None]:
-    """The asyncio form of :func:`_signals_stop`, through the running loop's handlers; the
-    handlers that were there before are put back afterwards."""
-    loop = asyncio.get_running_loop()
+def _signals_stop(
+    sweeper: _SweeperBase[Any], loop: asyncio.AbstractEventLoop | None = None
+) -> Iterator[None]:
+    """The first SIGTERM or SIGINT stops ``sweeper``; a second goes to the handler that was
+    there before (a second Ctrl-C interrupts), which is put back afterwards. With ``loop``,
+    through the loop's own handlers. Only in the main thread, where signals can be handled."""
     previous = {number: signal.getsignal(number) for number in _SIGNALS}
     installed: list[signal.Signals] = []
 
     def restore() -> None:
         for number in installed:
-            loop.remove_signal_handler(number)
+            if loop is not None:
+                loop.remove_signal_handler(number)
             old = previous[number]
             if old is not None:  # None: a handler not set from Python, which cannot be put back
                 signal.signal(number, old)
         installed.clear()
 
-    def stop() -> None:
+    def stop(*_: Any) -> None:
         sweeper.stop()
         restore()
 
     for number in _SIGNALS:
         try:
-            loop.add_signal_handler(number, stop)
+            if loop is None:
+                signal.signal(number, stop)
+            else:
+                loop.add_signal_handler(number, stop)
         except (NotImplementedError, RuntimeError, ValueError):
             continue  # not the main thread, or a platform without them
         installed.append(number)

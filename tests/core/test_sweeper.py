@@ -268,6 +268,27 @@ class UnreadableStore(MemoryStore):
         return super().get(key)
 
 
+class RendezvousStore(MemoryStore):
+    """A memory store whose reads, once armed, wait until ``parties`` of them are waiting: reads
+    made one after another break the barrier at its timeout and raise BrokenBarrierError."""
+
+    def __init__(self, parties: int) -> None:
+        super().__init__()
+        self.parties = parties
+        self.barrier: threading.Barrier | None = None
+
+    def arm(self) -> None:
+        """Make the next ``parties`` reads meet."""
+        self.barrier = threading.Barrier(self.parties, timeout=5)
+
+    def get(self, key: str) -> Record | None:
+        barrier = self.barrier
+        if barrier is not None:
+            barrier.wait()
+            self.barrier = None  # the keep-alive pass's reads meet; the refreshes' need not
+        return super().get(key)
+
+
 def age(store: MemoryStore, key: str, refreshed_at: datetime | None) -> None:
     """Set when the credential under ``key`` was last refreshed, as a store from before may."""
     record = store.get(key)
@@ -499,6 +520,55 @@ class TestKeepAlive:
             report.failed,
             fake.refresh_count,
         )
+
+    def test_the_pass_reads_records_at_the_sweeps_concurrency(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """Four idle records, concurrency 4: their reads overlap (they meet at a barrier)."""
+        store = RendezvousStore(parties=4)
+        with TokenManager(store, fake.provider(), journal=tmp_path / "j", clock=clock) as manager:
+            fill(manager, fake, **{f"user-{n}": 60 * DAY for n in range(4)})
+            clock.advance(31 * DAY)
+            store.arm()
+
+            report = Sweeper(manager, concurrency=4, jitter=0, keep_alive=30 * DAY).run_once()
+
+        assert (4, 4) == (report.idle, report.kept_alive)
+
+    def test_a_stopped_sweeper_reads_no_record(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """stop() before the keep-alive pass: it lists the keys but reads none of them."""
+        store = ReadCountingStore()
+        with TokenManager(store, fake.provider(), journal=tmp_path / "j", clock=clock) as manager:
+            fill(manager, fake, a=60 * DAY, b=60 * DAY)
+            clock.advance(31 * DAY)
+            store.reads = 0
+            sweeper = Sweeper(manager, jitter=0, keep_alive=30 * DAY)
+            sweeper.stop()
+
+            report = sweeper.run_once()
+
+        assert (0, 0, 0) == (store.reads, report.idle, fake.refresh_count)
+
+    @pytest.mark.anyio
+    async def test_the_async_pass_reads_records_at_the_sweeps_concurrency(
+        self, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """The async twin: four idle records' reads, offloaded to threads, overlap."""
+        store = RendezvousStore(parties=4)
+        async with AsyncTokenManager(
+            store, fake.provider(), journal=tmp_path / "j", clock=clock
+        ) as manager:
+            for n in range(4):
+                await manager.put(f"user-{n}", fake.issue(expires_in=60 * DAY))
+            clock.advance(31 * DAY)
+            store.arm()
+
+            sweeper = AsyncSweeper(manager, concurrency=4, jitter=0, keep_alive=30 * DAY)
+            report = await sweeper.run_once()
+
+        assert (4, 4) == (report.idle, report.kept_alive)
 
     @pytest.mark.anyio
     async def test_the_async_sweeper_keeps_idle_credentials_alive(
@@ -744,6 +814,49 @@ class TestAsyncSweeper:
             report = await AsyncSweeper(manager, jitter=0).run_once()
 
         assert ("dead",) == report.needs_reauth
+
+    def test_sigterm_stops_run_forever_through_the_loop(self, tmp_path: Path) -> None:
+        """SIGTERM, taken through the running loop, ends run_forever; the default is put back."""
+        script = tmp_path / "sweep.py"
+        script.write_text(
+            textwrap.dedent(
+                """
+                import asyncio, signal, sys
+                from credkeeper import AsyncSweeper, AsyncTokenManager, MemoryStore
+                from credkeeper.testing import FakeProvider
+
+                async def main():
+                    with FakeProvider() as fake:
+                        async with AsyncTokenManager(
+                            MemoryStore(), fake.provider(), journal=sys.argv[1]
+                        ) as manager:
+                            await manager.put("a", fake.issue(expires_in=60))
+                            sweeper = AsyncSweeper(manager, jitter=0)
+                            reports = []
+
+                            def on_report(report):
+                                if not reports:  # the handlers are in by the first report
+                                    print("swept", flush=True)
+                                reports.append(report)
+
+                            await sweeper.run_forever(interval=0.05, on_report=on_report)
+                        default = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+                        print("stopped", fake.refresh_count, default, flush=True)
+
+                asyncio.run(main())
+                """
+            )
+        )
+        worker = subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "j")], stdout=subprocess.PIPE, text=True
+        )
+        assert worker.stdout is not None
+        assert "swept" == worker.stdout.readline().strip()
+        worker.send_signal(signal.SIGTERM)
+
+        out, _ = worker.communicate(timeout=30)
+
+        assert (0, "stopped 1 True") == (worker.returncode, out.strip())
 
     @pytest.mark.anyio
     async def test_stop_ends_run_forever(
