@@ -40,11 +40,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from multiprocessing.connection import Connection
 from typing import Any
 
 import _harness
+from _forwarding import ForwardingStore
 from credkeeper import CredentialStore, KeyRing, Provider, Record, TokenManager, open_store
 from credkeeper._events import EventKind, RefreshEvent
 from credkeeper.testing import FakeProvider
@@ -54,35 +54,17 @@ BACKENDS = ("file", "sqlite", "postgresql", "mariadb", "mongodb", "aws")
 KEY = "waiting-user"
 
 
-class CountingStore:
+class CountingStore(ForwardingStore):
     """A real store that counts the reads made through it (the load waiting puts on it)."""
 
     def __init__(self, store: CredentialStore) -> None:
-        self.store = store
+        super().__init__(store)
         self.reads = 0
-        if hasattr(store, "now"):
-            self.now = store.now
 
     def get(self, key: str) -> Record | None:
         """The real store's record, counted."""
         self.reads += 1
         return self.store.get(key)
-
-    def put(self, record: Record) -> Record:
-        """The real store's compare-and-swap."""
-        return self.store.put(record)
-
-    def delete(self, key: str) -> bool:
-        """The real store's delete."""
-        return self.store.delete(key)
-
-    def scan_due(self, before: datetime) -> Iterator[str]:
-        """The real store's scan."""
-        return self.store.scan_due(before)
-
-    def close(self) -> None:
-        """Close the real store."""
-        self.store.close()
 
 
 @dataclass(frozen=True)
@@ -229,7 +211,8 @@ def backend_url(name: str, args: argparse.Namespace) -> Iterator[str]:
         table = f"ck_wait_{suffix}"
         init_store(base, table=table)
         try:
-            yield f"{base}?table={table}"
+            off = "&notify=false" if name == "postgresql" and not args.notify else ""
+            yield f"{base}?table={table}{off}"
         finally:
             engine = sa.create_engine(base)
             with engine.begin() as connection:
@@ -260,6 +243,12 @@ def main() -> None:
         "--postgresql-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test"
     )
     parser.add_argument("--mariadb-url", default="mysql+pymysql://root@127.0.0.1:3306/test")
+    parser.add_argument(
+        "--no-notify",
+        dest="notify",
+        action="store_false",
+        help="PostgreSQL: waiters without change notices (LISTEN/NOTIFY), on their schedule only",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON line per result")
     args = parser.parse_args()
     layouts = [tuple(int(n) for n in text.split("x")) for text in args.layout or ["16x1", "4x16"]]

@@ -46,6 +46,7 @@ from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 import pytest
+from benchmarks._forwarding import ForwardingStore
 
 from credkeeper import (
     Credentials,
@@ -122,37 +123,7 @@ class RivalWriter:
             self._process.kill()
 
 
-class StoreInFront:
-    """A real store behind a subclass that changes its writes; reads, deletes, scans, the
-    store's clock and close go straight through."""
-
-    def __init__(self, store: CredentialStore) -> None:
-        self.store = store
-        if hasattr(store, "now"):
-            self.now = store.now
-
-    def get(self, key: str) -> Record | None:
-        """The real store's record."""
-        return self.store.get(key)
-
-    def put(self, record: Record) -> Record:
-        """The real store's compare-and-swap."""
-        return self.store.put(record)
-
-    def delete(self, key: str) -> bool:
-        """The real store's delete."""
-        return self.store.delete(key)
-
-    def scan_due(self, before: datetime) -> Iterator[str]:
-        """The real store's scan."""
-        return self.store.scan_due(before)
-
-    def close(self) -> None:
-        """Close the real store."""
-        self.store.close()
-
-
-class ContendedStore(StoreInFront):
+class ContendedStore(ForwardingStore):
     """A real store whose every write first loses to the rival, while ``contended`` is set.
 
     With ``spare_leases``, writes that take a lease go through, so the engine reaches the
@@ -280,7 +251,7 @@ class _Crash:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class DyingStore(StoreInFront):
+class DyingStore(ForwardingStore):
     """A real store whose process dies around the write of freshly refreshed tokens.
 
     ``ANSWER_JOURNALED``: killed as the write is asked for, before the real store sees it (the

@@ -10,15 +10,11 @@ separate choice, ``delete_rows=true``: the row may hold columns only the applica
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 from credkeeper import (
     ConfigurationError,
@@ -30,66 +26,27 @@ from credkeeper import (
 )
 from credkeeper_sql import init_store
 
-from .apptables import BACKENDS, AppTable, create_table, database_url
-from .test_conformance import _Sync
-
-MAPPING = (
-    "key_column=user_id&access_token_column=access_token&refresh_token_column=refresh_token"
-    "&expires_at_column=expires_at&scopes_column=scopes&subscription_type_column=plan"
+from .apptables import (
+    BACKENDS,
+    TEXT_KEY,
+    TOKENS_INSERT_AND_DELETE,
+    TOKENS_MAPPING,
+    AppTable,
+    MappedTableConformance,
+    claude_tokens,
+    create_table,
+    database_url,
+    new_record,
+    opened,
 )
-INSERT = f"{MAPPING}&insert=true"
-# Rows credkeeper creates at login and deletes at logout.
-INSERT_AND_DELETE = f"{INSERT}&delete_rows=true"
-NOW = {"sqlite": "CURRENT_TIMESTAMP", "postgresql": "now()", "mariadb": "CURRENT_TIMESTAMP"}
+
+INSERT = f"{TOKENS_MAPPING}&insert=true"
 # A surrogate primary key the database numbers, beside a user_id that is not the key.
 SERIAL = {
     "sqlite": "id INTEGER PRIMARY KEY, ",
     "postgresql": "id SERIAL PRIMARY KEY, ",
     "mariadb": "id INTEGER NOT NULL AUTO_INCREMENT PRIMARY KEY, ",
 }
-
-
-def claude_tokens(backend: str, *, extra: str = "", key: str | None = None) -> str:
-    """The columns of a ``claude_tokens`` table as an application declares it: a row exists
-    only for a logged-in user, so its token columns are NOT NULL."""
-    return (
-        f"user_id {key or 'INTEGER NOT NULL PRIMARY KEY'}, access_token TEXT NOT NULL, "
-        "refresh_token TEXT NOT NULL, expires_at BIGINT NOT NULL, scopes TEXT NOT NULL, "
-        "plan VARCHAR(20), source VARCHAR(20) NOT NULL DEFAULT 'web-login', "
-        f"created_at TIMESTAMP NOT NULL DEFAULT {NOW[backend]}{extra}"
-    )
-
-
-def new_record(key: str, **changes: Any) -> Record:
-    """A never-stored credential under ``key``."""
-    fields: dict[str, Any] = {
-        "key": key,
-        "access_token": "access-token",
-        "refresh_token": "refresh-token",
-        "expires_at": datetime(2031, 5, 17, 8, 30, 12, 345000, tzinfo=UTC),
-        "scopes": ("user:inference", "user:profile"),
-        "subscription_type": "max",
-    }
-    return Record(**{**fields, **changes})
-
-
-@contextlib.contextmanager
-def opened(url: str) -> Iterator[CredentialStore]:
-    """A sync store on ``url``, closed afterwards."""
-    store = open_store(url)
-    assert isinstance(store, CredentialStore)
-    with contextlib.closing(store):
-        yield store
-
-
-def select(table: AppTable, sql: str) -> list[tuple[Any, ...]]:
-    """The rows of one query, read with plain SQL."""
-    engine = sa.create_engine(table.server)
-    try:
-        with engine.connect() as connection:
-            return [tuple(row) for row in connection.execute(sa.text(sql))]
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -108,23 +65,22 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def tokens(server: str, backend: str) -> Iterator[AppTable]:
     """An empty ``claude_tokens`` table, mapped with insert=true; dropped afterwards."""
-    table = create_table(server, backend, claude_tokens(backend), options=INSERT, prefix="tokens")
-    try:
+    with create_table(
+        server, backend, claude_tokens(backend), options=INSERT, prefix="tokens"
+    ) as table:
         yield table
-    finally:
-        table.drop()
 
 
 def test_without_insert_a_missing_row_is_refused_naming_the_option(
     server: str, backend: str
 ) -> None:
     """Storing for a key the table has no row for raises StoreError telling of insert=true."""
-    table = create_table(server, backend, claude_tokens(backend), options=MAPPING)
-    try:
-        with opened(table.url) as store, pytest.raises(StoreError) as raised:
-            store.put(new_record("42"))
-    finally:
-        table.drop()
+    with (
+        create_table(server, backend, claude_tokens(backend), options=TOKENS_MAPPING) as table,
+        opened(table.url) as store,
+        pytest.raises(StoreError) as raised,
+    ):
+        store.put(new_record("42"))
 
     assert (
         f"table {table.name!r} has no row with user_id = '42'; credkeeper stores credentials "
@@ -137,8 +93,7 @@ def test_insert_creates_the_row_with_the_key_and_the_mapped_columns(tokens: AppT
     with opened(tokens.url) as store:
         created = store.put(new_record("42"))
         read = store.get("42")
-    rows = select(
-        tokens,
+    rows = tokens.select(
         f"SELECT user_id, access_token, refresh_token, expires_at, scopes, plan, source, "  # noqa: S608
         f"created_at IS NOT NULL FROM {tokens.name}",
     )
@@ -152,8 +107,7 @@ def test_insert_gives_the_side_table_its_row(tokens: AppTable) -> None:
     with opened(tokens.url) as store:
         store.put(new_record("42", lease_owner="worker-1"))
 
-    assert [("42", "worker-1")] == select(
-        tokens,
+    assert [("42", "worker-1")] == tokens.select(
         f"SELECT {'`key`' if tokens.backend == 'mariadb' else 'key'}, lease_owner "  # noqa: S608
         f"FROM {tokens.leases}",
     )
@@ -172,7 +126,7 @@ def test_a_create_over_a_stored_credential_conflicts(tokens: AppTable) -> None:
     with opened(tokens.url) as store, pytest.raises(ConflictError):
         store.put(new_record("42"))
 
-    assert [("the app's",)] == select(tokens, f"SELECT refresh_token FROM {tokens.name}")  # noqa: S608
+    assert [("the app's",)] == tokens.select(f"SELECT refresh_token FROM {tokens.name}")  # noqa: S608
 
 
 def test_an_update_never_recreates_a_row_the_application_deleted(tokens: AppTable) -> None:
@@ -183,7 +137,7 @@ def test_an_update_never_recreates_a_row_the_application_deleted(tokens: AppTabl
         with pytest.raises(ConflictError):
             store.put(created.replace(failures=1))
 
-    assert [] == select(tokens, f"SELECT user_id FROM {tokens.name}")  # noqa: S608
+    assert [] == tokens.select(f"SELECT user_id FROM {tokens.name}")  # noqa: S608
 
 
 def test_concurrent_creates_make_one_row_and_one_winner(tokens: AppTable) -> None:
@@ -210,7 +164,7 @@ def test_concurrent_creates_make_one_row_and_one_winner(tokens: AppTable) -> Non
     assert ([read], 7, [(1,)]) == (
         winners,
         sum(isinstance(outcome, ConflictError) for outcome in outcomes),
-        select(tokens, f"SELECT COUNT(*) FROM {tokens.name}"),  # noqa: S608
+        tokens.select(f"SELECT COUNT(*) FROM {tokens.name}"),  # noqa: S608
     )
 
 
@@ -218,17 +172,15 @@ def test_delete_rows_deletes_a_row_that_cannot_be_without_a_credential(
     server: str, backend: str
 ) -> None:
     """With delete_rows=true and NOT NULL token columns, delete deletes the row and side row."""
-    table = create_table(server, backend, claude_tokens(backend), options=INSERT_AND_DELETE)
-    try:
+    columns = claude_tokens(backend)
+    with create_table(server, backend, columns, options=TOKENS_INSERT_AND_DELETE) as table:
         with opened(table.url) as store:
             store.put(new_record("42"))
             deleted = store.delete("42")
         counts = [
-            select(table, f"SELECT COUNT(*) FROM {name}")  # noqa: S608
+            table.select(f"SELECT COUNT(*) FROM {name}")  # noqa: S608
             for name in (table.name, table.leases)
         ]
-    finally:
-        table.drop()
 
     assert (True, [[(0,)], [(0,)]]) == (deleted, counts)
 
@@ -247,24 +199,20 @@ def test_without_delete_rows_delete_of_a_not_null_row_is_refused(tokens: AppTabl
         "the store with delete_rows=true to let credkeeper delete such rows, or allow NULL in "
         "the mapped columns",
         [("r",)],
-    ) == (str(raised.value), select(tokens, f"SELECT refresh_token FROM {tokens.name}"))  # noqa: S608
+    ) == (str(raised.value), tokens.select(f"SELECT refresh_token FROM {tokens.name}"))  # noqa: S608
 
 
 def test_a_not_null_column_left_empty_is_a_store_error_not_a_conflict(
     server: str, backend: str
 ) -> None:
     """A NOT NULL mapped column the record has no value for is refused as such, not as a race."""
-    table = create_table(
-        server,
-        backend,
-        claude_tokens(backend).replace("plan VARCHAR(20)", "plan VARCHAR(20) NOT NULL"),
-        options=INSERT,
-    )
-    try:
-        with opened(table.url) as store, pytest.raises(StoreError) as raised:
-            store.put(new_record("42", subscription_type=None))
-    finally:
-        table.drop()
+    columns = claude_tokens(backend).replace("plan VARCHAR(20)", "plan VARCHAR(20) NOT NULL")
+    with (
+        create_table(server, backend, columns, options=INSERT) as table,
+        opened(table.url) as store,
+        pytest.raises(StoreError) as raised,
+    ):
+        store.put(new_record("42", subscription_type=None))
 
     assert (False, True) == (
         isinstance(raised.value, ConflictError),
@@ -276,18 +224,12 @@ def test_not_null_columns_without_defaults_are_named_at_first_use(
     server: str, backend: str
 ) -> None:
     """insert=true on a table with NOT NULL columns the mapping cannot fill is refused early."""
-    table = create_table(
-        server,
-        backend,
-        claude_tokens(backend, extra=", device VARCHAR(20) NOT NULL, ip VARCHAR(40) NOT NULL"),
-        options=INSERT,
-        init=False,
-    )
-    try:
-        with pytest.raises(ConfigurationError) as raised:
-            init_store(table.url)
-    finally:
-        table.drop()
+    columns = claude_tokens(backend, extra=", device VARCHAR(20) NOT NULL, ip VARCHAR(40) NOT NULL")
+    with (
+        create_table(server, backend, columns, options=INSERT, init=False) as table,
+        pytest.raises(ConfigurationError) as raised,
+    ):
+        init_store(table.url)
 
     assert (
         "the NOT NULL column(s) device, ip of table "
@@ -298,18 +240,13 @@ def test_not_null_columns_without_defaults_are_named_at_first_use(
 
 def test_insert_needs_a_unique_key_column(server: str, backend: str) -> None:
     """Without a unique key column two creates could insert two rows: refused, with the fix."""
-    table = create_table(
-        server,
-        backend,
-        SERIAL[backend] + claude_tokens(backend, key="INTEGER NOT NULL"),
-        options=INSERT,
-        init=False,
-    )
-    try:
-        with opened(table.url) as store, pytest.raises(ConfigurationError) as raised:
-            store.get("42")
-    finally:
-        table.drop()
+    columns = SERIAL[backend] + claude_tokens(backend, key="INTEGER NOT NULL")
+    with (
+        create_table(server, backend, columns, options=INSERT, init=False) as table,
+        opened(table.url) as store,
+        pytest.raises(ConfigurationError) as raised,
+    ):
+        store.get("42")
 
     assert (
         f"insert=true needs {table.name}.user_id to be unique (its primary key, or a unique "
@@ -321,19 +258,15 @@ def test_insert_needs_a_unique_key_column(server: str, backend: str) -> None:
 
 def test_a_unique_index_makes_the_key_column_unique_enough(server: str, backend: str) -> None:
     """A unique index on the key column alone serves as well as a primary key."""
-    table = create_table(
-        server,
-        backend,
-        SERIAL[backend]
-        + claude_tokens(backend, key="INTEGER NOT NULL", extra=", UNIQUE (user_id)"),
-        options=INSERT,
+    columns = SERIAL[backend] + claude_tokens(
+        backend, key="INTEGER NOT NULL", extra=", UNIQUE (user_id)"
     )
-    try:
-        with opened(table.url) as store:
-            created = store.put(new_record("42"))
-            read = store.get("42")
-    finally:
-        table.drop()
+    with (
+        create_table(server, backend, columns, options=INSERT) as table,
+        opened(table.url) as store,
+    ):
+        created = store.put(new_record("42"))
+        read = store.get("42")
 
     assert created == read
 
@@ -341,13 +274,13 @@ def test_a_unique_index_makes_the_key_column_unique_enough(server: str, backend:
 def test_insert_must_be_a_boolean() -> None:
     """insert=maybe is a ConfigurationError naming the option."""
     with pytest.raises(ConfigurationError, match="insert must be true or false, got 'maybe'"):
-        open_store(f"sqlite:///app.db?table=claude_tokens&{MAPPING}&insert=maybe")
+        open_store(f"sqlite:///app.db?table=claude_tokens&{TOKENS_MAPPING}&insert=maybe")
 
 
 def test_delete_rows_must_be_a_boolean() -> None:
     """delete_rows=maybe is a ConfigurationError naming the option."""
     with pytest.raises(ConfigurationError, match="delete_rows must be true or false, got 'maybe'"):
-        open_store(f"sqlite:///app.db?table=claude_tokens&{MAPPING}&delete_rows=maybe")
+        open_store(f"sqlite:///app.db?table=claude_tokens&{TOKENS_MAPPING}&delete_rows=maybe")
 
 
 def test_delete_rows_needs_a_mapping() -> None:
@@ -359,62 +292,13 @@ def test_delete_rows_needs_a_mapping() -> None:
 # -- the store contract on rows credkeeper creates ---------------------------------------------
 
 
-def conformance_columns(backend: str) -> str:
-    """A claude_tokens table whose text key holds any credkeeper key, byte for byte."""
-    key = {
-        "sqlite": "TEXT NOT NULL PRIMARY KEY",
-        "postgresql": "VARCHAR(255) NOT NULL PRIMARY KEY",
-        "mariadb": "VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL PRIMARY KEY",
-    }[backend]
-    return claude_tokens(backend, key=key)
+class TestInsertConformance(MappedTableConformance):
+    """The whole store contract on rows credkeeper inserts, on every backend."""
 
+    # delete_rows=true too: the contract deletes.
+    options = TOKENS_INSERT_AND_DELETE
 
-@pytest.fixture(scope="module")
-def conformance_tables(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, str]]:
-    """One claude_tokens table per backend, mapped with insert=true and delete_rows=true (the
-    contract deletes); the store URL of each."""
-    made: dict[str, AppTable] = {}
-    try:
-        for backend in BACKENDS:
-            directory = tmp_path_factory.mktemp("conformance")
-            server = database_url(request, backend, directory)
-            made[backend] = create_table(
-                server,
-                backend,
-                conformance_columns(backend),
-                options=INSERT_AND_DELETE,
-                prefix="tokens",
-            )
-        yield {backend: table.url for backend, table in made.items()}
-    finally:
-        for table in made.values():
-            table.drop()
-
-
-class _InsertConformance(_Sync):
-    backend: str
-
-    @pytest.fixture(autouse=True)
-    def table(self, conformance_tables: dict[str, str]) -> None:
-        """This backend's claude_tokens table."""
-        self.url = conformance_tables[self.backend]
-
-
-class TestInsertConformanceSQLite(_InsertConformance):
-    """The whole store contract on rows credkeeper inserts, in a SQLite file."""
-
-    backend = "sqlite"
-
-
-class TestInsertConformancePostgres(_InsertConformance):
-    """The whole store contract on rows credkeeper inserts, on PostgreSQL."""
-
-    backend = "postgresql"
-
-
-class TestInsertConformanceMariaDB(_InsertConformance):
-    """The whole store contract on rows credkeeper inserts, on MariaDB."""
-
-    backend = "mariadb"
+    @classmethod
+    def columns(cls, backend: str) -> str:
+        """A claude_tokens table whose text key holds any credkeeper key."""
+        return claude_tokens(backend, key=TEXT_KEY[backend])

@@ -3,45 +3,37 @@ tables from before the column, the side table, and an application's own mapped c
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from credkeeper import ConfigurationError, CredentialStore, Record, open_store
+from credkeeper import ConfigurationError, Record
 from credkeeper_sql import check_store, credentials_table, leases_table, upgrade_store
 
-from .apptables import BACKENDS, AppTable, create_table, database_url
-from .test_conformance import _Sync
-from .test_insert import INSERT_AND_DELETE, MAPPING, claude_tokens, conformance_columns, select
+from . import apptables
+from .apptables import (
+    BACKENDS,
+    TEXT_KEY,
+    TOKENS_INSERT_AND_DELETE,
+    TOKENS_MAPPING,
+    AppTable,
+    MappedTableConformance,
+    claude_tokens,
+    create_table,
+    database_url,
+    opened,
+)
 
 REFRESHED_AT = datetime(2031, 5, 17, 0, 29, 59, 999000, tzinfo=UTC)
-MAPPED = f"{INSERT_AND_DELETE}&refreshed_at_column=refreshed_at"
+MAPPED = f"{TOKENS_INSERT_AND_DELETE}&refreshed_at_column=refreshed_at"
 
 
-def new_record(key: str, **changes: Any) -> Record:
+def new_record(key: str) -> Record:
     """A never-stored credential under ``key``, last refreshed at REFRESHED_AT."""
-    fields: dict[str, Any] = {
-        "key": key,
-        "access_token": "access-token",
-        "refresh_token": "refresh-token",
-        "expires_at": datetime(2031, 5, 17, 8, 30, 12, 345000, tzinfo=UTC),
-        "refreshed_at": REFRESHED_AT,
-    }
-    return Record(**{**fields, **changes})
-
-
-@contextlib.contextmanager
-def opened(url: str) -> Iterator[CredentialStore]:
-    """A sync store on ``url``, closed afterwards."""
-    store = open_store(url)
-    assert isinstance(store, CredentialStore)
-    with contextlib.closing(store):
-        yield store
+    return apptables.new_record(key, refreshed_at=REFRESHED_AT)
 
 
 def old_table(url: str, name: str, *, leases: bool = False) -> None:
@@ -122,27 +114,14 @@ class TestOldOwnTable:
 
 
 @pytest.fixture(params=BACKENDS)
-def server(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each backend's database URL (without credkeeper's options)."""
-    return database_url(request, request.param, tmp_path)
-
-
-@pytest.fixture
-def backend(request: pytest.FixtureRequest) -> str:
-    """The backend ``server`` is on."""
-    name: str = request.node.callspec.params["server"]
-    return name
-
-
-@pytest.fixture
-def mapped(server: str, backend: str) -> Iterator[AppTable]:
-    """A ``claude_tokens`` table with an epoch-ms ``refreshed_at`` column of its own, mapped."""
+def mapped(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AppTable]:
+    """A ``claude_tokens`` table with an epoch-ms ``refreshed_at`` column of its own, mapped,
+    on each backend."""
+    backend: str = request.param
+    server = database_url(request, backend, tmp_path)
     columns = claude_tokens(backend, extra=", refreshed_at BIGINT")
-    table = create_table(server, backend, columns, options=MAPPED, prefix="tokens")
-    try:
+    with create_table(server, backend, columns, options=MAPPED, prefix="tokens") as table:
         yield table
-    finally:
-        table.drop()
 
 
 class TestMappedColumn:
@@ -151,9 +130,8 @@ class TestMappedColumn:
         with opened(mapped.url) as store:
             store.put(new_record("42"))
 
-        assert [(1_936_744_199_999,)] == select(
-            mapped,
-            f"SELECT refreshed_at FROM {mapped.name}",  # noqa: S608 - our names
+        assert [(1_936_744_199_999,)] == mapped.select(
+            f"SELECT refreshed_at FROM {mapped.name}"  # noqa: S608 - our names
         )
 
     def test_a_value_the_application_wrote_is_read(self, mapped: AppTable) -> None:
@@ -187,14 +165,13 @@ class TestMappedColumn:
 def test_a_timestamptz_column_holds_the_instant(postgres_url: str) -> None:
     """On PostgreSQL a timestamptz refreshed_at column gets the very instant, to the ms."""
     columns = claude_tokens("postgresql", extra=", refreshed_at TIMESTAMPTZ")
-    table = create_table(postgres_url, "postgresql", columns, options=MAPPED, prefix="tokens")
-    try:
+    with create_table(
+        postgres_url, "postgresql", columns, options=MAPPED, prefix="tokens"
+    ) as table:
         with opened(table.url) as store:
             store.put(new_record("42"))
             record = store.get("42")
-        [(stored,)] = select(table, f"SELECT refreshed_at FROM {table.name}")  # noqa: S608
-    finally:
-        table.drop()
+        [(stored,)] = table.select(f"SELECT refreshed_at FROM {table.name}")  # noqa: S608
 
     assert (REFRESHED_AT, REFRESHED_AT) == (stored, record and record.refreshed_at)
 
@@ -202,13 +179,10 @@ def test_a_timestamptz_column_holds_the_instant(postgres_url: str) -> None:
 def test_an_iso_text_column_is_written_as_javascript_does(sqlite_url: str) -> None:
     """A TEXT refreshed_at column with no value yet gets toISOString()'s spelling."""
     columns = claude_tokens("sqlite", extra=", refreshed_at TEXT")
-    table = create_table(sqlite_url, "sqlite", columns, options=MAPPED, prefix="tokens")
-    try:
+    with create_table(sqlite_url, "sqlite", columns, options=MAPPED, prefix="tokens") as table:
         with opened(table.url) as store:
             store.put(new_record("42"))
-        rows = select(table, f"SELECT refreshed_at FROM {table.name}")  # noqa: S608
-    finally:
-        table.drop()
+        rows = table.select(f"SELECT refreshed_at FROM {table.name}")  # noqa: S608
 
     assert [("2031-05-17T00:29:59.999Z",)] == rows
 
@@ -216,105 +190,63 @@ def test_an_iso_text_column_is_written_as_javascript_does(sqlite_url: str) -> No
 def test_a_column_of_another_type_is_refused_naming_it(postgres_url: str) -> None:
     """A BOOLEAN refreshed_at column: ConfigurationError naming the column and its type."""
     columns = claude_tokens("postgresql", extra=", refreshed_at BOOLEAN")
-    table = create_table(postgres_url, "postgresql", columns, options=MAPPING, prefix="tokens")
-    try:
-        with (
-            opened(f"{table.url}&refreshed_at_column=refreshed_at") as store,
-            pytest.raises(ConfigurationError) as raised,
-        ):
-            store.get("42")
-    finally:
-        table.drop()
+    with (
+        create_table(
+            postgres_url, "postgresql", columns, options=TOKENS_MAPPING, prefix="tokens"
+        ) as table,
+        opened(f"{table.url}&refreshed_at_column=refreshed_at") as store,
+        pytest.raises(ConfigurationError) as raised,
+    ):
+        store.get("42")
 
     assert f"last-refresh column {table.name}.refreshed_at is BOOLEAN" in str(raised.value)
 
 
 def test_an_old_side_table_works_without_the_column(sqlite_url: str) -> None:
     """A side table from before refreshed_at: the store works, the last refresh reads None."""
-    columns = claude_tokens("sqlite", key="TEXT NOT NULL PRIMARY KEY")
-    table = create_table(sqlite_url, "sqlite", columns, options=INSERT_AND_DELETE, init=False)
-    old_table(sqlite_url, table.leases, leases=True)
-    try:
+    columns = claude_tokens("sqlite", key=TEXT_KEY["sqlite"])
+    with create_table(
+        sqlite_url, "sqlite", columns, options=TOKENS_INSERT_AND_DELETE, init=False
+    ) as table:
+        old_table(sqlite_url, table.leases, leases=True)
         with opened(table.url) as store:
             store.put(new_record("alice"))
             record = store.get("alice")
-    finally:
-        table.drop()
 
     assert (True, None) == (record is not None, record and record.refreshed_at)
 
 
 def test_the_side_table_keeps_it_without_a_mapped_column(sqlite_url: str) -> None:
     """Without refreshed_at_column the side row keeps the last refresh; the table is untouched."""
-    columns = claude_tokens("sqlite", key="TEXT NOT NULL PRIMARY KEY")
-    table = create_table(sqlite_url, "sqlite", columns, options=INSERT_AND_DELETE)
-    try:
+    columns = claude_tokens("sqlite", key=TEXT_KEY["sqlite"])
+    with create_table(sqlite_url, "sqlite", columns, options=TOKENS_INSERT_AND_DELETE) as table:
         with opened(table.url) as store:
             store.put(new_record("alice"))
             record = store.get("alice")
         names = table.column_names()
-    finally:
-        table.drop()
 
     assert (REFRESHED_AT, False) == (record and record.refreshed_at, "refreshed_at" in names)
 
 
 def test_a_relogin_by_the_application_voids_the_side_rows_last_refresh(sqlite_url: str) -> None:
     """New tokens the application wrote itself: the side row's refreshed_at reads as None."""
-    columns = claude_tokens("sqlite", key="TEXT NOT NULL PRIMARY KEY")
-    table = create_table(sqlite_url, "sqlite", columns, options=INSERT_AND_DELETE)
-    try:
+    columns = claude_tokens("sqlite", key=TEXT_KEY["sqlite"])
+    with create_table(sqlite_url, "sqlite", columns, options=TOKENS_INSERT_AND_DELETE) as table:
         with opened(table.url) as store:
             store.put(new_record("alice"))
         table.execute(f"UPDATE {table.name} SET refresh_token = 'a new login'")  # noqa: S608
         with opened(table.url) as store:
             record = store.get("alice")
-    finally:
-        table.drop()
 
     assert (True, None) == (record is not None, record and record.refreshed_at)
 
 
-@pytest.fixture(scope="module")
-def mapped_tables(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, str]]:
-    """One claude_tokens table per backend with a mapped refreshed_at column; each store URL."""
-    made: dict[str, AppTable] = {}
-    try:
-        for backend in BACKENDS:
-            directory = tmp_path_factory.mktemp("refreshed")
-            server = database_url(request, backend, directory)
-            columns = conformance_columns(backend) + ", refreshed_at BIGINT"
-            made[backend] = create_table(server, backend, columns, options=MAPPED, prefix="rt")
-        yield {backend: table.url for backend, table in made.items()}
-    finally:
-        for table in made.values():
-            table.drop()
+class TestMappedConformance(MappedTableConformance):
+    """The whole store contract with refreshed_at in the application's column, every backend."""
 
+    options = MAPPED
 
-class _MappedConformance(_Sync):
-    backend: str
-
-    @pytest.fixture(autouse=True)
-    def table(self, mapped_tables: dict[str, str]) -> None:
-        """This backend's table with its own refreshed_at column."""
-        self.url = mapped_tables[self.backend]
-
-
-class TestMappedConformanceSQLite(_MappedConformance):
-    """The whole store contract with refreshed_at in the application's column, on SQLite."""
-
-    backend = "sqlite"
-
-
-class TestMappedConformancePostgres(_MappedConformance):
-    """The whole store contract with refreshed_at in the application's column, on PostgreSQL."""
-
-    backend = "postgresql"
-
-
-class TestMappedConformanceMariaDB(_MappedConformance):
-    """The whole store contract with refreshed_at in the application's column, on MariaDB."""
-
-    backend = "mariadb"
+    @classmethod
+    def columns(cls, backend: str) -> str:
+        """A claude_tokens table with a text key and an epoch-ms refreshed_at column."""
+        return claude_tokens(backend, key=TEXT_KEY[backend], extra=", refreshed_at BIGINT")
