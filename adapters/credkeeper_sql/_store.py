@@ -6,6 +6,7 @@ module adds engines, options, and the translation of driver errors into credkeep
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import re
@@ -33,6 +34,7 @@ from credkeeper import (
 )
 from credkeeper import storekit as kit
 
+from ._listen import Listener, channel_for, notify_statement
 from ._schema import (
     DEFAULT_LEASE_TABLE,
     DEFAULT_TABLE,
@@ -102,6 +104,7 @@ _OPTIONS: dict[str, kit.Option[Any]] = {
     "page_size": kit.COUNT,
     "create": kit.FLAG,
     "plaintext": kit.FLAG,
+    "notify": kit.FLAG,
     "expires_at_unit": kit.Option(_one_of(EXPIRES_AT_UNITS), EXPIRES_AT_UNITS_TEXT),
     "scopes_format": kit.Option(_one_of(SCOPES_FORMATS), SCOPES_FORMATS_TEXT),
     "insert": kit.FLAG,
@@ -332,6 +335,7 @@ class _StoreOptions:
     page_size: int = 500
     create: bool = False
     plaintext: bool = False
+    notify: bool = True
 
     @classmethod
     def read(cls, given: Mapping[str, Any]) -> _StoreOptions:
@@ -916,6 +920,7 @@ class _SQLStoreBase(Generic[EngineT]):
         page_size: int = 500,
         create: bool = False,
         plaintext: bool = False,
+        notify: bool = True,
     ) -> None:
         options = _StoreOptions.read(
             {
@@ -926,6 +931,7 @@ class _SQLStoreBase(Generic[EngineT]):
                 "page_size": page_size,
                 "create": create,
                 "plaintext": plaintext,
+                "notify": notify,
             }
         )
         kind = self._engine_kind
@@ -944,6 +950,11 @@ class _SQLStoreBase(Generic[EngineT]):
         self._options = options
         self._own_engine = owned
         self._layout: Layout | None = None
+        self._listener: Listener | None = None
+        self._channel: str | None = None
+        if options.notify and engine.dialect.name == "postgresql":
+            self._channel = channel_for(options.schema, options.table)
+            self._listener = Listener(engine.url, self._channel)
 
     @classmethod
     def _with(cls, engine: EngineT, options: _StoreOptions) -> Self:
@@ -958,7 +969,8 @@ class _SQLStoreBase(Generic[EngineT]):
         :class:`SQLStore`, whichever class is asked.
 
         Options go as keywords or in the query string, which is otherwise the driver's:
-        ``table``, ``schema``, ``lease_table``, ``page_size``, ``create``, ``plaintext``, and
+        ``table``, ``schema``, ``lease_table``, ``page_size``, ``create``, ``plaintext``,
+        ``notify``, and
         for an existing table ``key_column``, ``access_token_column``,
         ``refresh_token_column``, ``expires_at_column``, ``scopes_column``,
         ``subscription_type_column``, ``refreshed_at_column``, ``expires_at_unit``,
@@ -987,6 +999,21 @@ class _SQLStoreBase(Generic[EngineT]):
         """Translate what the driver raises inside the block (:func:`_boundary_at`)."""
         return _boundary_at(self.engine.url, key, writing=writing)
 
+    def changes(self) -> kit.ChangeNotices | None:
+        """The store's change notices (see :class:`~credkeeper.storekit.ChangeNotices`): on
+        PostgreSQL, every write is announced with ``NOTIFY`` and the first call starts
+        listening, on a connection of its own; ``None`` on other databases, with option
+        ``notify`` off, or without psycopg installed."""
+        return None if self._listener is None else self._listener.notices()
+
+    def _announce(self, key: str, result: object) -> tuple[sa.TextClause, dict[str, str]] | None:
+        """The statement a write of ``key`` ends with, so that its waiters hear of it: the
+        record's new version, for a put."""
+        if self._channel is None:
+            return None
+        version = result.version if isinstance(result, Record) else None
+        return notify_statement(self._channel, key, version)
+
 
 # -- sync --------------------------------------------------------------------------------
 
@@ -1003,7 +1030,9 @@ class SQLStore(kit.ClosingStore, _SQLStoreBase[sa.Engine]):
     ``create=True`` creates missing credkeeper tables on first use. ``plaintext=True`` declares
     that the application keeps its tokens in plain text, so the engine must neither seal what it
     writes nor expect sealed values; the store itself stores whatever it is given either way,
-    and shows the declaration as :attr:`plaintext`.
+    and shows the declaration as :attr:`plaintext`. On PostgreSQL every write also sends a
+    ``NOTIFY`` so that callers waiting on a peer's refresh wake at once (:meth:`changes`);
+    ``notify=False`` turns that off.
     """
 
     _engine_kind = sa.Engine
@@ -1030,7 +1059,10 @@ class SQLStore(kit.ClosingStore, _SQLStoreBase[sa.Engine]):
             layout = self._get_layout()
             with self.engine.begin() as connection:
                 _bound_lock_waits(connection)
-                return _execute(connection, plan_of(layout))
+                result = _execute(connection, plan_of(layout))
+                if (announce := self._announce(key, result)) is not None:
+                    connection.execute(*announce)
+                return result
 
     def get(self, key: str) -> Record | None:
         """See :meth:`credkeeper.CredentialStore.get`."""
@@ -1085,7 +1117,10 @@ class SQLStore(kit.ClosingStore, _SQLStoreBase[sa.Engine]):
         return _clock_value(value, dialect)
 
     def close(self) -> None:
-        """Dispose of the engine's connections, if the store made the engine."""
+        """Stop listening for changes; dispose of the engine's connections, if the store made
+        the engine."""
+        if self._listener is not None:
+            self._listener.close()
         if self._own_engine:
             self.engine.dispose()
 
@@ -1113,7 +1148,10 @@ class AsyncSQLStore(kit.AsyncClosingStore, _SQLStoreBase[AsyncEngine]):
             layout = await self._get_layout()
             async with self.engine.begin() as connection:
                 await _bound_lock_waits_async(connection)
-                return await _execute_async(connection, plan_of(layout))
+                result = await _execute_async(connection, plan_of(layout))
+                if (announce := self._announce(key, result)) is not None:
+                    await connection.execute(*announce)
+                return result
 
     async def get(self, key: str) -> Record | None:
         """See :meth:`credkeeper.AsyncCredentialStore.get`."""
@@ -1164,7 +1202,9 @@ class AsyncSQLStore(kit.AsyncClosingStore, _SQLStoreBase[AsyncEngine]):
         return _clock_value(value, dialect)
 
     async def close(self) -> None:
-        """Dispose of the engine's connections, if the store made the engine."""
+        """See :meth:`SQLStore.close`."""
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.close)
         if self._own_engine:
             await self.engine.dispose()
 

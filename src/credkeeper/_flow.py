@@ -108,9 +108,13 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Sleep:
-    """Wait ``seconds`` on the manager's clock."""
+    """Wait ``seconds`` on the manager's clock; with ``key``, for a peer's refresh of that key,
+    which a store that posts changes (:class:`~credkeeper.storekit.ChangeNotices`) ends early
+    once the record moves on from version ``seen``, the one the last read found."""
 
     seconds: float
+    key: str | None = None
+    seen: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -609,7 +613,7 @@ def _ensure_fresh(
             began = lease_until - policy.lease_ttl
             elapsed = max(0.0, (now + skew - began).total_seconds())
             waited = (began, elapsed)
-            yield Sleep(policy.wait_delay(elapsed))
+            yield Sleep(policy.wait_delay(elapsed), key, record.version)
             record = yield Load(key)
             continue
         # Only a read right after one that found a peer's lease held times that peer's refresh.

@@ -53,6 +53,7 @@ from ._flow import (
 )
 from ._journal import RescueJournal, default_journal_dir
 from ._keyring import KeyRing
+from ._notices import ChangeNotices
 from ._provider import Provider
 from ._record import check_key
 from ._secret import Secret
@@ -241,6 +242,15 @@ class _Base(Generic[S, H]):
         if not policy.fresh(credentials):
             return None
         return credentials
+
+    def _notices(self) -> ChangeNotices | None:
+        """The store's change notices, which end a wait for a peer's refresh early; ``None``
+        when the store posts none, or when waits are a test clock's (which must stay its own).
+        """
+        if type(self.policy.clock) is not SystemClock:
+            return None
+        changes = getattr(self.store, "changes", None)
+        return None if changes is None else changes()
 
     def _budget(self, until: datetime | None) -> contextlib.AbstractContextManager[None]:
         """The budget the store's own retries share with the flow, up to ``until``."""
@@ -455,6 +465,8 @@ class TokenManager(Closing, _Base[CredentialStore, httpx.Client]):
         value: Any = None
         error: BaseException | None = None
         until: datetime | None = None
+        # When this flow last read the store: a change posted since then ends a peer's wait.
+        loaded = time.monotonic()
         try:
             while True:
                 try:
@@ -465,16 +477,18 @@ class TokenManager(Closing, _Base[CredentialStore, httpx.Client]):
                 if isinstance(effect, Deadline):
                     until = effect.at
                     continue
+                if isinstance(effect, Load):
+                    loaded = time.monotonic()
                 try:
                     with self._budget(until):
-                        value = self._perform(effect)
+                        value = self._perform(effect, loaded)
                 except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
                     error = exc
         finally:
             # Interrupted (KeyboardInterrupt, a cancelled task): the flow ends here, not at GC.
             flow.close()
 
-    def _perform(self, effect: Effect) -> Any:
+    def _perform(self, effect: Effect, loaded: float) -> Any:
         match effect:
             case Load(key):
                 with _store_errors(key):
@@ -497,6 +511,8 @@ class TokenManager(Closing, _Base[CredentialStore, httpx.Client]):
                     return self._read_store_clock(clock(), asked)
             case Send(request):
                 return self._http.send(request)
+            case Sleep(seconds, key, seen) if key is not None and (notices := self._notices()):
+                return notices.wait(key, since=loaded, seconds=seconds, seen=seen)
             case Sleep(seconds):
                 return self.policy.clock.sleep(seconds)
             case JournalPending(key, rescan) if rescan or self.journal.has_pending(key):
@@ -631,6 +647,8 @@ class AsyncTokenManager(
         value: Any = None
         error: BaseException | None = None
         until: datetime | None = None
+        # When this flow last read the store: a change posted since then ends a peer's wait.
+        loaded = time.monotonic()
         try:
             while True:
                 try:
@@ -641,16 +659,18 @@ class AsyncTokenManager(
                 if isinstance(effect, Deadline):
                     until = effect.at
                     continue
+                if isinstance(effect, Load):
+                    loaded = time.monotonic()
                 try:
                     with self._budget(until):
-                        value = await self._perform(effect)
+                        value = await self._perform(effect, loaded)
                 except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
                     error = exc
         finally:
             # Interrupted (KeyboardInterrupt, a cancelled task): the flow ends here, not at GC.
             flow.close()
 
-    async def _perform(self, effect: Effect) -> Any:
+    async def _perform(self, effect: Effect, loaded: float) -> Any:
         match effect:
             case Load(key):
                 with _store_errors(key):
@@ -673,6 +693,8 @@ class AsyncTokenManager(
                     return self._read_store_clock(await clock(), asked)
             case Send(request):
                 return await self._http.send(request)
+            case Sleep(seconds, key, seen) if key is not None and (notices := self._notices()):
+                return await notices.wait_async(key, since=loaded, seconds=seconds, seen=seen)
             case Sleep(seconds):
                 return await self.policy.clock.asleep(seconds)
             case JournalPending(key, rescan) if rescan or self.journal.has_pending(key):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ._record import Record
+
+if TYPE_CHECKING:
+    from ._notices import ChangeNotices
 
 __all__ = [
     "AsyncCredentialStore",
@@ -37,6 +40,11 @@ class CredentialStore(Protocol):
     Optional: a store whose ``scan_due`` skips records it cannot read offers
     ``damaged_records() -> dict[str, str]`` (key to reason), so that ``status`` and ``rekey``
     can name them instead of passing over them in silence.
+
+    Optional: a store whose database announces changes offers ``changes()``, returning a
+    :class:`~credkeeper.storekit.ChangeNotices` its listener posts each changed key to (or
+    ``None`` when it cannot listen now); it must not raise, nor block for long. Callers waiting
+    on a peer's refresh then read the record again as soon as it changes.
     """
 
     def get(self, key: str) -> Record | None:
@@ -69,7 +77,8 @@ class CredentialStore(Protocol):
 class AsyncCredentialStore(Protocol):
     """**Protocol:** the asynchronous twin of :class:`CredentialStore`, with the same contract.
 
-    Optional, as for the sync protocol: ``async def now()``, the store's own clock.
+    Optional, as for the sync protocol: ``async def now()``, the store's own clock, and
+    ``changes()`` (a plain method: it does no I/O), its change notices.
     """
 
     async def get(self, key: str) -> Record | None:
@@ -133,6 +142,11 @@ class ThreadOffloadStore:
         """The sync store's own clock, or ``None`` when it has none."""
         clock = getattr(self.sync_store, "now", None)
         return None if clock is None else await asyncio.to_thread(clock)
+
+    def changes(self) -> ChangeNotices | None:
+        """The sync store's change notices, or ``None`` when it posts none."""
+        changes = getattr(self.sync_store, "changes", None)
+        return None if changes is None else changes()
 
 
 def as_async_store(store: CredentialStore | AsyncCredentialStore) -> AsyncCredentialStore:

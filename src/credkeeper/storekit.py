@@ -21,7 +21,11 @@ stores alike:
   exceptions into credkeeper's;
 - **context managers**: :class:`ClosingStore` and :class:`AsyncClosingStore`, optional bases
   that make ``with store:`` and ``async with store:`` close the store;
-- **async**: :func:`as_async_store` gives a sync-only store the async interface.
+- **async**: :func:`as_async_store` gives a sync-only store the async interface;
+- **change notices**: :class:`ChangeNotices`, for a store whose database announces changes
+  (``LISTEN``/``NOTIFY``, change streams, pub/sub): its ``changes()`` method returns one, its
+  listener posts each changed key there, and callers waiting on a peer's refresh of that key
+  read it again at once instead of on a schedule.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from urllib.parse import parse_qsl
 from ._closing import Closing
 from ._credentials import from_epoch_ms, to_epoch_ms
 from ._exceptions import ConfigurationError, CredkeeperError
+from ._notices import ChangeNotices
 from ._record import (
     MAX_KEY_LENGTH,
     Record,
@@ -55,6 +60,7 @@ __all__ = [
     "NAME",
     "SECONDS",
     "AsyncClosingStore",
+    "ChangeNotices",
     "ClosingStore",
     "Option",
     "as_async_store",

@@ -499,7 +499,7 @@ class TestPeerLease:
         flow = get_flow(policy, KEY)
         assert StoreNow() == opened(flow, record(lease_owner="peer", lease_until=began + TTL))
 
-        assert Sleep(pytest.approx(0.2)) == flow.send(None)
+        assert Sleep(pytest.approx(0.2), KEY, "1") == flow.send(None)
 
     def test_a_refresh_far_slower_than_the_estimate_at_most_doubles_it(
         self, policy: Policy
@@ -540,7 +540,7 @@ class TestPeerLease:
         flow = get_flow(policy, KEY)
         assert StoreNow() == opened(flow, record(lease_owner="peer", lease_until=START + TTL))
 
-        assert Sleep(1.0) == flow.send(None)
+        assert Sleep(1.0, KEY, "1") == flow.send(None)
 
     def test_a_peer_refresh_seen_ending_teaches_its_duration(
         self, policy: Policy, clock: FakeClock

@@ -61,6 +61,7 @@ from typing import Any, ClassVar, ParamSpec, TypeVar, cast
 import pytest
 
 from credkeeper._exceptions import ConfigurationError, ConflictError, StoreError
+from credkeeper._notices import ChangeNotices
 from credkeeper._record import MAX_KEY_LENGTH, Record, Status
 from credkeeper._store import AsyncCredentialStore, CredentialStore
 
@@ -408,6 +409,11 @@ class BlockingStore:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None and not self._loop.is_closed():
                 self.run(aclose)
+
+    def changes(self) -> ChangeNotices | None:
+        """The async store's change notices, or ``None`` when it gives none."""
+        changes = getattr(self.async_store, "changes", None)
+        return None if changes is None else changes()
 
     def close(self) -> None:
         """Await the async store's ``close``, then stop the event loop."""
@@ -797,6 +803,34 @@ class StoreConformance:
             pytest.skip(f"{type(store).__name__}.now() returned None: the store has no clock")
         report = _clock_report(readings, before, after, self.clock_tolerance)
         assert dict.fromkeys(report, True) == report
+
+    # -- change notices ---------------------------------------------------------------------
+
+    def test_changes_post_every_write_and_delete(
+        self, store: CredentialStore, keys: KeySpace
+    ) -> None:
+        """A store's changes(), if it gives notices, posts the key of each put and delete."""
+        changes = getattr(store, "changes", None)
+        notices: ChangeNotices | None = None if changes is None else changes()
+        if notices is None:
+            pytest.skip(f"{type(store).__name__} posts no change notices")
+        deadline = time.monotonic() + self.concurrency_timeout
+        for attempt in itertools.count():  # until the listener hears: it may start late
+            since, probe = time.monotonic(), keys(f"probe-{attempt}")
+            store.put(_record(probe))
+            if notices.wait(probe, since=since, seconds=0.1):
+                break
+            assert time.monotonic() < deadline, "changes() never posted a write"
+        heard = []
+        stored = None
+        for write in ("create", "update", "delete"):
+            since = time.monotonic()
+            if write == "delete":
+                store.delete(keys())
+            else:
+                stored = store.put(stored or _record(keys()))
+            heard.append(notices.wait(keys(), since=since, seconds=self.concurrency_timeout))
+        assert [True, True, True] == heard
 
     # -- misuse ---------------------------------------------------------------------------
     # What every store refuses alike, with ConfigurationError (credkeeper.storekit's checks),

@@ -251,7 +251,7 @@ class TestURLs:
         assert (
             "unknown SQL store option(s) tabel; the options are access_token_column, create, "
             "delete_rows, expires_at_column, expires_at_unit, insert, key_column, lease_table, "
-            "page_size, plaintext, refresh_token_column, refreshed_at_column, schema, "
+            "notify, page_size, plaintext, refresh_token_column, refreshed_at_column, schema, "
             "scopes_column, scopes_format, subscription_type_column, table"
         ) == str(caught.value)
 
