@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, Self, TypeAlias, TypeVar, cast
@@ -86,6 +86,19 @@ _NOW_PIPELINE: list[Mapping[str, Any]] = [
 ]
 
 _READ_OPTIONS: CodecOptions[dict[str, Any]] = CodecOptions(tz_aware=True, tzinfo=UTC)
+
+# The change stream of credkeeper's own collection: each write's key (documentKey) and the
+# version it wrote, nothing else (the event's _id is its resume token, and stays).
+_WATCH: list[Mapping[str, Any]] = [
+    {"$match": {"operationType": {"$in": ["insert", "update", "replace", "delete"]}}},
+    {
+        "$project": {
+            "documentKey": 1,
+            "fullDocument.version": 1,
+            "updateDescription.updatedFields.version": 1,
+        }
+    },
+]
 
 Client: TypeAlias = "MongoClient[dict[str, Any]] | AsyncMongoClient[dict[str, Any]]"
 
@@ -163,6 +176,7 @@ _URL_OPTIONS: dict[str, kit.Option[Any]] = {
     "create_index": kit.FLAG,
     "async": kit.FLAG,
     "plaintext": kit.FLAG,
+    "notify": kit.FLAG,
     **_LAYOUT_OPTIONS,
 }
 _OPTIONS: dict[str, kit.Option[Any]] = {
@@ -188,6 +202,7 @@ class _StoreOptions:
     create_index: bool
     asynchronous: bool | None
     plaintext: bool
+    notify: bool
 
     @classmethod
     def read(cls, given: Mapping[str, object]) -> _StoreOptions:
@@ -227,6 +242,8 @@ class _StoreOptions:
             create_index=values.get("create_index", layout is None),
             asynchronous=values.get("async"),
             plaintext=values.get("plaintext", False),
+            # Off by default: a change stream is a cursor each process keeps polling.
+            notify=values.get("notify", False),
         )
 
 
@@ -339,6 +356,7 @@ class _Parts:
     indexed: bool
     shown: str
     plaintext: bool
+    notify: bool
     now_by_hello: bool = False
 
     @contextlib.contextmanager
@@ -390,6 +408,7 @@ def _assemble(
         not options.create_index,
         shown,
         options.plaintext,
+        options.notify,
     )
 
 
@@ -497,6 +516,16 @@ def _unless_exists() -> Iterator[None]:
     except mongo_errors.OperationFailure as exc:
         if exc.code not in _INDEX_EXISTS_CODES:
             raise
+
+
+def _notice(change: Mapping[str, Any]) -> tuple[str, str | None] | None:
+    """The key and the version a change event of credkeeper's own collection announces."""
+    key = (change.get("documentKey") or {}).get("_id")
+    if not isinstance(key, str):
+        return None
+    updated = (change.get("updateDescription") or {}).get("updatedFields") or {}
+    version = (change.get("fullDocument") or {}).get("version") or updated.get("version")
+    return key, version if isinstance(version, str) else None
 
 
 def _key_of(layout: Layout, document: Mapping[str, Any]) -> str | None:
@@ -620,6 +649,7 @@ class _MongoStoreBase(Generic[ClientT]):
         batch_size: int | None = None,
         create_index: bool | None = None,
         plaintext: bool | None = None,
+        notify: bool | None = None,
     ) -> None:
         options = _given(
             database=database,
@@ -629,6 +659,7 @@ class _MongoStoreBase(Generic[ClientT]):
             batch_size=batch_size,
             create_index=create_index,
             plaintext=plaintext,
+            notify=notify,
         )
         self._setup(_from_target(client, options, asynchronous=self._asynchronous))
 
@@ -650,7 +681,7 @@ class _MongoStoreBase(Generic[ClientT]):
         Options go as keywords or in the query string, which is otherwise pymongo's (``w``,
         ``replicaSet``, ``tls``, ``serverSelectionTimeoutMS``, ...): ``database``,
         ``collection``, ``write_concern``, ``batch_size``, ``create_index``, ``plaintext``,
-        ``async`` (``true`` gives an :class:`AsyncMongoStore`, ``false`` a
+        ``notify``, ``async`` (``true`` gives an :class:`AsyncMongoStore`, ``false`` a
         :class:`MongoStore`; without it, the class's own kind), and for credentials embedded
         in existing documents ``field_path`` with ``match_field``, ``field_naming``,
         ``key_type``, ``expires_at_unit``, ``scopes_format``, ``upsert`` and ``state_field``
@@ -711,6 +742,27 @@ class MongoStore(kit.ClosingStore, _MongoStoreBase[MongoClient[dict[str, Any]]])
     def _setup(self, parts: _Parts) -> None:
         super()._setup(parts)
         self._index_lock = threading.Lock()
+        self._listener: kit.ChangeListener | None = None
+        if parts.notify and isinstance(parts.layout, OwnCollection):
+            name = f"MongoDB collection {self.collection.full_name}"
+            self._listener = kit.ChangeListener(name, self._feed)
+
+    def changes(self) -> kit.ChangeNotices | None:
+        """The store's change notices (see :class:`~credkeeper.storekit.ChangeNotices`) with
+        option ``notify`` (off by default): a change stream on credkeeper's own collection,
+        opened by the first call and polled every half second from then on; ``None`` without
+        the option or for credentials embedded in the application's documents. A server
+        without change streams (a standalone ``mongod``) logs a warning once and posts
+        nothing: waiters keep their schedule."""
+        return None if self._listener is None else self._listener.notices()
+
+    def _feed(self) -> Generator[tuple[str, str | None] | None, None, None]:
+        with self.collection.watch(_WATCH, max_await_time_ms=500) as stream:
+            while True:
+                yield None
+                change = stream.try_next()
+                if change is not None:
+                    yield _notice(change)
 
     def _ensure_indexes(self) -> None:
         if self._parts.indexed:
@@ -782,7 +834,9 @@ class MongoStore(kit.ClosingStore, _MongoStoreBase[MongoClient[dict[str, Any]]])
             return _server_time(hello, "localTime")
 
     def close(self) -> None:
-        """Close the client, if the store made it."""
+        """Stop listening for changes; close the client, if the store made it."""
+        if self._listener is not None:
+            self._listener.close()
         if self._parts.owned:
             with _boundary(None):
                 self.client.close()

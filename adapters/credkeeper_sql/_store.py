@@ -34,7 +34,7 @@ from credkeeper import (
 )
 from credkeeper import storekit as kit
 
-from ._listen import Listener, channel_for, notify_statement
+from ._listen import channel_for, listener, notify_statement
 from ._schema import (
     DEFAULT_LEASE_TABLE,
     DEFAULT_TABLE,
@@ -950,11 +950,11 @@ class _SQLStoreBase(Generic[EngineT]):
         self._options = options
         self._own_engine = owned
         self._layout: Layout | None = None
-        self._listener: Listener | None = None
+        self._listener: kit.ChangeListener | None = None
         self._channel: str | None = None
         if options.notify and engine.dialect.name == "postgresql":
             self._channel = channel_for(options.schema, options.table)
-            self._listener = Listener(engine.url, self._channel)
+            self._listener = listener(engine.url, self._channel)
 
     @classmethod
     def _with(cls, engine: EngineT, options: _StoreOptions) -> Self:

@@ -18,11 +18,17 @@ before the read, whose notice arrived just after it), which would only cost a re
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
 import threading
 import time
+from collections.abc import Callable, Generator
 from typing import Any
 
-__all__ = ["ChangeNotices"]
+__all__ = ["ChangeListener", "ChangeNotices", "Feed"]
+
+logger = logging.getLogger("credkeeper")
 
 # Notices older than this are forgotten: no waiter's last read is that old.
 _MEMORY = 60.0
@@ -138,3 +144,95 @@ class _Wakeup:
 def _resolve(future: asyncio.Future[Any]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+#: A store's change feed, for :class:`ChangeListener`: a generator function, called in the
+#: listener's thread, that connects, yields ``None`` once it listens, then each
+#: ``(key, version)`` it hears (``None`` as the version when the store cannot tell) and
+#: ``None`` at least every second so that a stop is seen; it raises when the connection fails,
+#: and is closed when the listener stops.
+Feed = Callable[[], Generator[tuple[str, str | None] | None, None, None]]
+
+_MAX_BACKOFF = 30.0
+# Listeners a forked child inherited, kept referenced and never closed: closing a connection
+# the parent still uses would end the parent's session on the shared socket.
+_INHERITED: list[ChangeListener] = []
+
+
+class ChangeListener:
+    """One thread per process that feeds a :class:`ChangeNotices` from a store's ``feed``.
+
+    Started by the first :meth:`notices` in a process (so a store that never has a caller
+    waiting holds no connection for it), and started again in a forked child. A feed that
+    fails is logged once as a warning (its exception's type, never its text, which may quote a
+    connection string) and opened again with backoff up to 30 s; meanwhile waiters keep their
+    schedule. ``name`` shows in the thread's name and the log.
+    """
+
+    def __init__(self, name: str, feed: Feed) -> None:
+        self.name = name
+        self._feed = feed
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._notices = ChangeNotices()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"ChangeListener({self.name!r})"
+
+    def notices(self) -> ChangeNotices:
+        """The board this process's thread posts to, starting the thread if need be."""
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    if self._pid is not None:
+                        _INHERITED.append(self._leave_to_parent())
+                    self._start()
+        return self._notices
+
+    def close(self) -> None:
+        """Stop listening: the thread closes the feed at its next yield, within about a
+        second, without holding up the caller."""
+        self._stop.set()
+
+    def _leave_to_parent(self) -> ChangeListener:
+        orphan = ChangeListener.__new__(ChangeListener)
+        orphan.__dict__.update(self.__dict__)
+        self._lock = threading.Lock()
+        self._notices, self._stop, self._thread = ChangeNotices(), threading.Event(), None
+        return orphan
+
+    def _start(self) -> None:
+        self._pid = os.getpid()
+        self._thread = threading.Thread(
+            target=self._run, name=f"credkeeper-listen:{self.name}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        backoff, failing = 0.5, False
+        while not self._stop.is_set():
+            try:
+                with contextlib.closing(self._feed()) as feed:
+                    for notice in feed:
+                        if failing:
+                            logger.info("change notices of %s resumed", self.name)
+                            backoff, failing = 0.5, False
+                        if self._stop.is_set():
+                            return
+                        if notice is not None:
+                            self._notices.post(*notice)
+            except Exception as exc:  # noqa: BLE001 - any driver's failure: listen again later
+                if self._stop.is_set():
+                    return  # the store closed what the feed was reading
+                if not failing:
+                    logger.warning(
+                        "change notices of %s stopped (%s); waiting callers read on their "
+                        "schedule until they resume",
+                        self.name,
+                        type(exc).__name__,
+                    )
+                failing = True
+            self._stop.wait(backoff)
+            backoff = min(_MAX_BACKOFF, backoff * 2)

@@ -25,7 +25,8 @@ stores alike:
 - **change notices**: :class:`ChangeNotices`, for a store whose database announces changes
   (``LISTEN``/``NOTIFY``, change streams, pub/sub): its ``changes()`` method returns one, its
   listener posts each changed key there, and callers waiting on a peer's refresh of that key
-  read it again at once instead of on a schedule.
+  read it again at once instead of on a schedule; :class:`ChangeListener` runs that listener
+  (a thread per process, reconnecting with backoff) around the store's own feed.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from urllib.parse import parse_qsl
 from ._closing import Closing
 from ._credentials import from_epoch_ms, to_epoch_ms
 from ._exceptions import ConfigurationError, CredkeeperError
-from ._notices import ChangeNotices
+from ._notices import ChangeListener, ChangeNotices
 from ._record import (
     MAX_KEY_LENGTH,
     Record,
@@ -60,6 +61,7 @@ __all__ = [
     "NAME",
     "SECONDS",
     "AsyncClosingStore",
+    "ChangeListener",
     "ChangeNotices",
     "ClosingStore",
     "Option",

@@ -7,12 +7,16 @@ the test takes, so a wait that ended by its timeout shows as ``False``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import queue
 import threading
 import time
+from collections.abc import Generator
 
 import pytest
 
-from credkeeper.storekit import ChangeNotices
+from credkeeper.storekit import ChangeListener, ChangeNotices
 
 LONG = 30.0
 
@@ -152,3 +156,77 @@ def test_a_delete_wakes_every_waiter() -> None:
     notices.post("alice")
 
     assert notices.wait("alice", since=since, seconds=LONG, seen="v1")
+
+
+# -- ChangeListener -------------------------------------------------------------------------
+
+
+class Feed:
+    """A change feed that fails ``failures`` times, then listens: it posts each key put in
+    ``heard`` and notes when it is closed."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.opened = 0
+        self.heard: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        self.closed = threading.Event()
+
+    def __call__(self) -> Generator[tuple[str, str | None] | None, None, None]:
+        self.opened += 1
+        if self.opened <= self.failures:
+            raise ConnectionError("the server went away")
+        try:
+            while True:
+                yield None
+                with contextlib.suppress(queue.Empty):
+                    yield self.heard.get(timeout=0.05)
+        finally:
+            self.closed.set()
+
+
+def test_a_listener_posts_what_its_feed_hears() -> None:
+    """A key the feed hears reaches the waiters of the listener's notices."""
+    feed = Feed()
+    listener = ChangeListener("test feed", feed)
+    notices = listener.notices()
+    since = time.monotonic()
+    feed.heard.put(("alice", "v2"))
+    try:
+        assert notices.wait("alice", since=since, seconds=LONG, seen="v1")
+    finally:
+        listener.close()
+
+
+def test_close_stops_the_thread_and_closes_the_feed() -> None:
+    """After close() the feed is closed: nothing is left listening."""
+    feed = Feed()
+    listener = ChangeListener("test feed", feed)
+    listener.notices()
+    while not feed.opened:
+        time.sleep(0.001)
+    listener.close()
+
+    assert feed.closed.wait(LONG)
+
+
+def test_a_failing_feed_is_opened_again_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Two failures in a row: one warning naming the error's type, then 'resumed' once it
+    listens, and what it hears is posted."""
+    feed = Feed(failures=2)
+    listener = ChangeListener("test feed", feed)
+    with caplog.at_level(logging.INFO, logger="credkeeper"):
+        notices = listener.notices()
+        since = time.monotonic()
+        feed.heard.put(("alice", None))
+        try:
+            heard = notices.wait("alice", since=since, seconds=LONG)
+        finally:
+            listener.close()
+    messages = [record.getMessage() for record in caplog.records]
+
+    assert (True, 3) == (heard, feed.opened)
+    assert [
+        "change notices of test feed stopped (ConnectionError); waiting callers read on their "
+        "schedule until they resume",
+        "change notices of test feed resumed",
+    ] == messages

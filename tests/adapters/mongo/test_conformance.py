@@ -21,8 +21,8 @@ class TestMongoStore(StoreConformance):
 
     @pytest.fixture(autouse=True)
     def backend(self, mongodb_store_url: str) -> None:
-        """This session's database, credkeeper's own collection."""
-        self.url = f"{mongodb_store_url}?collection=conformance"
+        """This session's database, credkeeper's own collection, with change notices."""
+        self.url = f"{mongodb_store_url}?collection=conformance&notify=true"
 
     def make_store(self) -> CredentialStore:
         store = open_store(self.url)

@@ -9,36 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import closing
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from credkeeper import (
-    AsyncTokenManager,
-    ConflictError,
-    Credentials,
-    KeyRing,
-    Record,
-    TokenManager,
-    open_store,
-)
-from credkeeper.testing import FakeProvider
+from credkeeper import open_store
 from credkeeper_sql import AsyncSQLStore, SQLStore
 from tests.adapters.conftest import record
+from tests.adapters.notices import (
+    LONG,
+    AsyncSeesPeer,
+    SeesPeer,
+    connected,
+    heard_after_a_lost_swap,
+    wait_for_peer,
+)
 
 from .conftest import _with_table, async_url
-
-LONG = 30.0
-# The lease a peer took 20 s ago: a waiter with no news re-reads every 0.9-1 s.
-PEER = "peer-host"
-LEASE_AGE = timedelta(seconds=20)
 
 
 @pytest.fixture
@@ -51,25 +43,8 @@ def listening(url: str, **options: Any) -> SQLStore:
     """A store on ``url`` whose listener is connected: a write made now is heard."""
     store = open_store(url, **options)
     assert isinstance(store, SQLStore)
-    return connected(store, url)
-
-
-S = TypeVar("S", SQLStore, AsyncSQLStore)
-
-
-def connected(store: S, url: str) -> S:
-    """``store``, once its listener hears writes to ``url``'s table."""
-    notices = store.changes()
-    assert notices is not None
-    probe = f"probe-{uuid.uuid4().hex}"
     with closing(open_store(url)) as writer:
-        deadline = time.monotonic() + LONG
-        while time.monotonic() < deadline:
-            since = time.monotonic()
-            writer.delete(probe)
-            if notices.wait(probe, since=since, seconds=0.1):
-                return store
-    raise AssertionError("the store's listener never heard a write")
+        return connected(store, writer)  # type: ignore[no-any-return]
 
 
 class TestAnnouncements:
@@ -96,18 +71,7 @@ class TestAnnouncements:
 
     def test_a_lost_compare_and_swap_is_not_heard(self, notify_url: str) -> None:
         """A put refused for a stale version is rolled back, its notice with it."""
-        with closing(open_store(notify_url)) as writer:
-            stale = writer.put(record("alice"))
-            writer.put(stale)
-            # Listening only now: the notices of the writes above are heard before it returns.
-            with closing(listening(notify_url)) as listener:
-                notices = listener.changes()
-                assert notices is not None
-                since = time.monotonic()
-                with pytest.raises(ConflictError):
-                    writer.put(stale)
-
-                assert not notices.wait("alice", since=since, seconds=0.3)
+        assert not heard_after_a_lost_swap(notify_url, open_store(notify_url))
 
     def test_notify_off_announces_nothing(self, notify_url: str) -> None:
         """A store opened with notify=false neither listens nor announces its writes."""
@@ -157,140 +121,22 @@ def test_other_databases_have_no_change_notices(
 # -- callers waiting on a peer's refresh ----------------------------------------------------
 
 
-class SeesPeer(SQLStore):
-    """A SQL store that notes when a read finds the peer's lease (the waiter's last read)."""
-
-    found: threading.Event
-    at: float
-
-    def get(self, key: str) -> Record | None:
-        current = super().get(key)
-        if current is not None and current.lease_owner == PEER:
-            self.at = time.monotonic()
-            self.found.set()
-        return current
-
-
-class AsyncSeesPeer(AsyncSQLStore):
-    """:class:`SeesPeer` for the async store."""
-
-    found: threading.Event
-    at: float
-
-    async def get(self, key: str) -> Record | None:
-        current = await super().get(key)
-        if current is not None and current.lease_owner == PEER:
-            self.at = time.monotonic()
-            self.found.set()
-        return current
-
-
-def _table(url: str) -> tuple[str, str]:
-    base, _, table = url.partition("?table=")
-    return base, table
-
-
-def peer_holds_the_lease(url: str, manager: TokenManager, fake: FakeProvider, key: str) -> None:
-    """``key`` expired, its lease taken by a peer 20 s ago (so not yet run out)."""
-    manager.put(key, fake.issue(expires_in=-60))
-    with closing(open_store(url)) as store:
-        current = store.get(key)
-        assert current is not None
-        ttl = manager.policy.lease_ttl
-        store.put(
-            current.replace(lease_owner=PEER, lease_until=datetime.now(UTC) - LEASE_AGE + ttl)
-        )
-
-
-def wait_for_peer(
-    url: str, tmp_path: Path, call: Callable[[str, Any, KeyRing, FakeProvider], Credentials]
-) -> tuple[float, bool]:
-    """How long after its last read a caller waiting on a peer got the peer's tokens, and
-    whether they were the peer's."""
-    keyring = KeyRing.generate()
-    with (
-        FakeProvider() as fake,
-        TokenManager(
-            open_store(url), fake.provider(), keyring=keyring, journal=tmp_path / "peer"
-        ) as peer,
-    ):
-        peer_holds_the_lease(url, peer, fake, "alice")
-        found = threading.Event()
-        result: list[tuple[float, Credentials]] = []
-        holder: dict[str, Any] = {}
-
-        def caller() -> None:
-            credentials = call(url, holder, keyring, fake)
-            result.append((time.monotonic(), credentials))
-
-        holder["found"], holder["journal"] = found, tmp_path / "caller"
-        thread = threading.Thread(target=caller, daemon=True)
-        thread.start()
-        assert found.wait(LONG), "the caller never found the peer's lease"
-        fresh = fake.issue()
-        peer.put("alice", fresh)
-        thread.join(LONG)
-        assert result, "the caller never returned"
-        done, credentials = result[0]
-        return done - holder["store"].at, credentials.access_token == fresh.access_token
-
-
-def sync_caller(
-    url: str, holder: dict[str, Any], keyring: KeyRing, fake: FakeProvider, **options: Any
-) -> Credentials:
-    base, table = _table(url)
-    store = SeesPeer(base, table=table, **options)
-    if store.changes() is not None:
-        connected(store, url)
-    store.found = holder["found"]
-    holder["store"] = store
-    journal = holder["journal"]
-    with TokenManager(store, fake.provider(), keyring=keyring, journal=journal) as manager:
-        return manager.get("alice")
-
-
-def _async_call(
-    store: SeesPeer | AsyncSeesPeer,
-    url: str,
-    holder: dict[str, Any],
-    keyring: KeyRing,
-    fake: FakeProvider,
-) -> Credentials:
-    """An AsyncTokenManager's get() on ``store``, once its listener hears the table."""
-
-    async def main() -> Credentials:
-        connected(store, url)
-        store.found = holder["found"]
-        holder["store"] = store
-        async with AsyncTokenManager(
-            store, fake.provider(), keyring=keyring, journal=holder["journal"]
-        ) as manager:
-            return await manager.get("alice")
-
-    return asyncio.run(main())
-
-
-def async_caller(url: str, holder: dict[str, Any], keyring: KeyRing, fake: FakeProvider) -> Any:
-    base, table = _table(url)
-    return _async_call(AsyncSeesPeer(async_url(base), table=table), url, holder, keyring, fake)
-
-
-def offloaded_caller(url: str, holder: dict[str, Any], keyring: KeyRing, fake: FakeProvider) -> Any:
-    base, table = _table(url)
-    return _async_call(SeesPeer(base, table=table), url, holder, keyring, fake)
-
-
 @pytest.mark.parametrize(
-    "call",
-    [sync_caller, async_caller, offloaded_caller],
+    ("asynchronous", "store"),
+    [(False, "sync"), (True, "async"), (True, "sync")],
     ids=["TokenManager", "AsyncTokenManager", "AsyncTokenManager-over-sync-store"],
 )
 def test_a_waiter_wakes_when_the_peer_stores_its_tokens(
-    call: Callable[..., Credentials], notify_url: str, tmp_path: Path
+    asynchronous: bool, store: str, notify_url: str, tmp_path: Path
 ) -> None:
     """A caller waiting on a peer's lease returns the peer's tokens well before its next
     scheduled read (0.9-1 s after its last), woken by the peer's write."""
-    waited, the_peers = wait_for_peer(notify_url, tmp_path, call)
+    with closing(open_store(notify_url)) as writer:
+        if store == "async":
+            waiter: SeesPeer = connected(AsyncSeesPeer(open_store(async_url(notify_url))), writer)
+        else:
+            waiter = connected(SeesPeer(open_store(notify_url)), writer)
+    waited, the_peers = wait_for_peer(notify_url, waiter, tmp_path, asynchronous=asynchronous)
 
     assert (True, True) == (the_peers, waited < 0.5)
 
@@ -298,11 +144,9 @@ def test_a_waiter_wakes_when_the_peer_stores_its_tokens(
 def test_without_notices_a_waiter_keeps_its_schedule(notify_url: str, tmp_path: Path) -> None:
     """The same wait on a store with notify off ends at the scheduled read, 0.9 s or more
     after the last: what the notices save."""
+    waiter = SeesPeer(open_store(f"{notify_url}&notify=false"))
 
-    def call(url: str, holder: dict[str, Any], keyring: KeyRing, fake: FakeProvider) -> Any:
-        return sync_caller(url, holder, keyring, fake, notify=False)
-
-    waited, the_peers = wait_for_peer(notify_url, tmp_path, call)
+    waited, the_peers = wait_for_peer(notify_url, waiter, tmp_path)
 
     assert (True, True) == (the_peers, waited >= 0.9)
 
