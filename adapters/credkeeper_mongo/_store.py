@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import weakref
 from collections.abc import AsyncIterator, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -227,6 +228,11 @@ class _StoreOptions:
                     "e.g. field_path=claudeCredentials"
                 )
             layout = EmbeddedLayout(**mapped)
+        if values.get("notify") and layout is not None:
+            raise ConfigurationError(
+                "notify=true needs credkeeper's own collection: credentials embedded in the "
+                "application's documents have no change notices"
+            )
         if layout is not None and "collection" not in values:
             raise ConfigurationError(
                 "embedding credentials needs collection=<the collection holding the documents>, "
@@ -440,6 +446,7 @@ def _from_url(
     if fixed and asynchronous != default_async:
         wanted = "AsyncMongoStore" if asynchronous else "MongoStore"
         raise ConfigurationError(f"this URL asks for {wanted}; open it with that class")
+    _check_notify(store_options, asynchronous=asynchronous)
     database = _database(store_options, None)
     client = _make_client(parsed, asynchronous=asynchronous)
     parts = _assemble(client, store_options, database, owned=True, shown=parsed.shown)
@@ -457,8 +464,18 @@ def _from_target(target: object, options: Mapping[str, Any], *, asynchronous: bo
             f"not {type(target).__name__}"
         )
     store_options = _StoreOptions.read(options)
+    _check_notify(store_options, asynchronous=asynchronous)
     database = _database(store_options, _default_database(target))
     return _assemble(target, store_options, database, owned=False, shown=f"<{kind.__name__}>")
+
+
+def _check_notify(options: _StoreOptions, *, asynchronous: bool) -> None:
+    """Refuse change notices where the store has none rather than ignore the option."""
+    if options.notify and asynchronous:
+        raise ConfigurationError(
+            "notify=true is MongoStore's: AsyncMongoStore has no change notices (its callers "
+            "wait on their schedule); drop the option or open a MongoStore"
+        )
 
 
 def _default_database(client: Client) -> str | None:
@@ -516,6 +533,21 @@ def _unless_exists() -> Iterator[None]:
     except mongo_errors.OperationFailure as exc:
         if exc.code not in _INDEX_EXISTS_CODES:
             raise
+
+
+def _feed(collection: Collection[dict[str, Any]]) -> kit.Feed:
+    """The change feed of credkeeper's own ``collection``; it ends when the stream does (the
+    collection dropped or renamed), and the listener opens it again."""
+
+    def feed() -> Generator[tuple[str, str | None] | None, None, None]:
+        with collection.watch(_WATCH, max_await_time_ms=500) as stream:
+            while stream.alive:
+                yield None
+                change = stream.try_next()
+                if change is not None:
+                    yield _notice(change)
+
+    return feed
 
 
 def _notice(change: Mapping[str, Any]) -> tuple[str, str | None] | None:
@@ -743,9 +775,11 @@ class MongoStore(kit.ClosingStore, _MongoStoreBase[MongoClient[dict[str, Any]]])
         super()._setup(parts)
         self._index_lock = threading.Lock()
         self._listener: kit.ChangeListener | None = None
-        if parts.notify and isinstance(parts.layout, OwnCollection):
+        if parts.notify:
             name = f"MongoDB collection {self.collection.full_name}"
-            self._listener = kit.ChangeListener(name, self._feed)
+            self._listener = kit.ChangeListener(name, _feed(self.collection))
+            # A store dropped without close() stops listening too.
+            weakref.finalize(self, self._listener.close)
 
     def changes(self) -> kit.ChangeNotices | None:
         """The store's change notices (see :class:`~credkeeper.storekit.ChangeNotices`) with
@@ -755,14 +789,6 @@ class MongoStore(kit.ClosingStore, _MongoStoreBase[MongoClient[dict[str, Any]]])
         without change streams (a standalone ``mongod``) logs a warning once and posts
         nothing: waiters keep their schedule."""
         return None if self._listener is None else self._listener.notices()
-
-    def _feed(self) -> Generator[tuple[str, str | None] | None, None, None]:
-        with self.collection.watch(_WATCH, max_await_time_ms=500) as stream:
-            while True:
-                yield None
-                change = stream.try_next()
-                if change is not None:
-                    yield _notice(change)
 
     def _ensure_indexes(self) -> None:
         if self._parts.indexed:

@@ -14,8 +14,8 @@ psycopg installed, or on another database, a store posts no notices.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from collections.abc import Generator
+from importlib import metadata
 from typing import Any
 
 import sqlalchemy as sa
@@ -45,8 +45,13 @@ def notify_statement(
 
 
 def listener(url: URL, channel: str) -> kit.ChangeListener | None:
-    """The listener of ``channel`` on the database at ``url``; ``None`` without psycopg."""
-    if importlib.util.find_spec("psycopg") is None:
+    """The listener of ``channel`` on the database at ``url``; ``None`` without psycopg 3.2 or
+    newer (``Connection.notifies(timeout=)``)."""
+    try:
+        major, minor = (int(part) for part in metadata.version("psycopg").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
+    if (major, minor) < (3, 2):
         return None
     conninfo = _conninfo(url)
 
@@ -66,10 +71,28 @@ def listener(url: URL, channel: str) -> kit.ChangeListener | None:
 
 
 def _conninfo(url: URL) -> dict[str, Any]:
-    """psycopg's connection arguments for the engine's URL, the driver's query included."""
+    """psycopg's connection arguments for the engine's URL, the driver's query included.
+
+    Only the URL: an engine's ``connect_args`` or ``creator`` are not the listener's (open the
+    store with ``notify=false`` when the URL alone does not connect). TCP keepalives notice a
+    connection a firewall dropped while it idled within about a minute, not the system's two
+    hours; ``application_name`` shows the connection for what it is.
+    """
     arguments: dict[str, Any] = url.translate_connect_args(username="user", database="dbname")
     for name, value in url.query.items():
         if isinstance(value, str):
-            arguments.setdefault(name, value)
-    arguments.setdefault("connect_timeout", 5)
+            # asyncpg's spelling of libpq's sslmode.
+            arguments.setdefault("sslmode" if name == "ssl" else name, value)
+    for name, default in _LISTENING.items():
+        arguments.setdefault(name, default)
     return arguments
+
+
+_LISTENING: dict[str, object] = {
+    "application_name": "credkeeper-listen",
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}

@@ -6,12 +6,12 @@ module adds engines, options, and the translation of driver errors into credkeep
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import re
 import threading
 import warnings
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -955,6 +955,9 @@ class _SQLStoreBase(Generic[EngineT]):
         if options.notify and engine.dialect.name == "postgresql":
             self._channel = channel_for(options.schema, options.table)
             self._listener = listener(engine.url, self._channel)
+        if self._listener is not None:
+            # A store dropped without close() stops listening too.
+            weakref.finalize(self, self._listener.close)
 
     @classmethod
     def _with(cls, engine: EngineT, options: _StoreOptions) -> Self:
@@ -1204,7 +1207,7 @@ class AsyncSQLStore(kit.AsyncClosingStore, _SQLStoreBase[AsyncEngine]):
     async def close(self) -> None:
         """See :meth:`SQLStore.close`."""
         if self._listener is not None:
-            await asyncio.to_thread(self._listener.close)
+            self._listener.close()
         if self._own_engine:
             await self.engine.dispose()
 

@@ -53,7 +53,7 @@ from ._flow import (
 )
 from ._journal import RescueJournal, default_journal_dir
 from ._keyring import KeyRing
-from ._notices import ChangeNotices
+from ._notices import ChangeNotices, notices_of
 from ._provider import Provider
 from ._record import check_key
 from ._secret import Secret
@@ -249,8 +249,7 @@ class _Base(Generic[S, H]):
         """
         if type(self.policy.clock) is not SystemClock:
             return None
-        changes = getattr(self.store, "changes", None)
-        return None if changes is None else changes()
+        return notices_of(self.store)
 
     def _budget(self, until: datetime | None) -> contextlib.AbstractContextManager[None]:
         """The budget the store's own retries share with the flow, up to ``until``."""

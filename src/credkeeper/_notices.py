@@ -9,10 +9,11 @@ as the key it waits on changes, and its next read finds the tokens. The schedule
 the fallback: a notice that never comes (the listener down, a store that cannot listen)
 costs what waiting cost without notices, never correctness.
 
-A waiter passes ``since``, the ``time.monotonic()`` of its last read, and ``seen``, the
-version that read found: a notice posted after that read and before the wait began still ends
-the wait at once, unless it announces the very version the waiter has (a write committed just
-before the read, whose notice arrived just after it), which would only cost a read.
+A waiter passes ``since``, the ``time.monotonic()`` taken just before its last read began,
+and ``seen``, the version that read found: a notice posted after that moment and before the
+wait began still ends the wait at once, unless it announces the very version the waiter has
+(a write committed just before the read, whose notice arrived just after it), which would
+only cost a read.
 """
 
 from __future__ import annotations
@@ -26,12 +27,37 @@ import time
 from collections.abc import Callable, Generator
 from typing import Any
 
-__all__ = ["ChangeListener", "ChangeNotices", "Feed"]
+__all__ = ["ChangeListener", "ChangeNotices", "Feed", "notices_of"]
 
 logger = logging.getLogger("credkeeper")
 
 # Notices older than this are forgotten: no waiter's last read is that old.
 _MEMORY = 60.0
+
+
+def notices_of(store: object) -> ChangeNotices | None:
+    """``store``'s change notices: what its optional ``changes()`` returns, or ``None`` when it
+    has none. A ``changes()`` that raises, against its contract, is logged once per store type
+    and counts as ``None``: waiters keep their schedule."""
+    changes = getattr(store, "changes", None)
+    if changes is None:
+        return None
+    try:
+        notices: ChangeNotices | None = changes()
+    except Exception as exc:  # noqa: BLE001 - a store's bug must not fail its callers' waits
+        kind = type(store).__name__
+        if kind not in _FAILED_CHANGES:
+            _FAILED_CHANGES.add(kind)
+            logger.warning(
+                "%s.changes() raised %s; its callers wait on their schedule",
+                kind,
+                type(exc).__name__,
+            )
+        return None
+    return notices
+
+
+_FAILED_CHANGES: set[str] = set()
 
 
 class ChangeNotices:
@@ -63,7 +89,11 @@ class ChangeNotices:
             waiters = self._waiters.get(key, [])
             woken = [w for w in waiters if version is None or w.seen != version]
             if woken:
-                self._waiters[key] = [w for w in waiters if w not in woken]
+                left = [w for w in waiters if w not in woken]
+                if left:
+                    self._waiters[key] = left
+                else:
+                    del self._waiters[key]
             if now - self._pruned > _MEMORY:
                 self._posted = {
                     k: (at, v) for k, (at, v) in self._posted.items() if now - at < _MEMORY
@@ -154,9 +184,10 @@ def _resolve(future: asyncio.Future[Any]) -> None:
 Feed = Callable[[], Generator[tuple[str, str | None] | None, None, None]]
 
 _MAX_BACKOFF = 30.0
-# Listeners a forked child inherited, kept referenced and never closed: closing a connection
-# the parent still uses would end the parent's session on the shared socket.
-_INHERITED: list[ChangeListener] = []
+# What listeners a forked child inherited were feeding from, kept referenced so that nothing
+# ever closes them there: closing a connection the parent still uses would end the parent's
+# session on the shared socket.
+_INHERITED: list[object] = []
 
 
 class ChangeListener:
@@ -177,17 +208,20 @@ class ChangeListener:
         self._notices = ChangeNotices()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # The feed being read, if any: what a forked child must leave alone.
+        self._feeding: object = None
 
     def __repr__(self) -> str:
         return f"ChangeListener({self.name!r})"
 
     def notices(self) -> ChangeNotices:
-        """The board this process's thread posts to, starting the thread if need be."""
-        if self._pid != os.getpid():
+        """The board this process's thread posts to, starting the thread if need be (not once
+        the listener is closed: then nothing is posted, and waiters keep their schedule)."""
+        if self._pid != os.getpid() and not self._stop.is_set():
             with self._lock:
                 if self._pid != os.getpid():
                     if self._pid is not None:
-                        _INHERITED.append(self._leave_to_parent())
+                        self._leave_to_parent()
                     self._start()
         return self._notices
 
@@ -196,12 +230,10 @@ class ChangeListener:
         second, without holding up the caller."""
         self._stop.set()
 
-    def _leave_to_parent(self) -> ChangeListener:
-        orphan = ChangeListener.__new__(ChangeListener)
-        orphan.__dict__.update(self.__dict__)
-        self._lock = threading.Lock()
-        self._notices, self._stop, self._thread = ChangeNotices(), threading.Event(), None
-        return orphan
+    def _leave_to_parent(self) -> None:
+        """In a forked child: keep the parent's feed from ever being closed here, start anew."""
+        _INHERITED.append(self._feeding)
+        self._notices, self._thread, self._feeding = ChangeNotices(), None, None
 
     def _start(self) -> None:
         self._pid = os.getpid()
@@ -214,11 +246,12 @@ class ChangeListener:
         backoff, failing = 0.5, False
         while not self._stop.is_set():
             try:
-                with contextlib.closing(self._feed()) as feed:
+                self._feeding = feed = self._feed()
+                with contextlib.closing(feed):
                     for notice in feed:
                         if failing:
                             logger.info("change notices of %s resumed", self.name)
-                            backoff, failing = 0.5, False
+                        backoff, failing = 0.5, False
                         if self._stop.is_set():
                             return
                         if notice is not None:

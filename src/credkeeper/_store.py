@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
+from ._notices import ChangeNotices, notices_of
 from ._record import Record
-
-if TYPE_CHECKING:
-    from ._notices import ChangeNotices
 
 __all__ = [
     "AsyncCredentialStore",
@@ -145,8 +143,7 @@ class ThreadOffloadStore:
 
     def changes(self) -> ChangeNotices | None:
         """The sync store's change notices, or ``None`` when it posts none."""
-        changes = getattr(self.sync_store, "changes", None)
-        return None if changes is None else changes()
+        return notices_of(self.sync_store)
 
 
 def as_async_store(store: CredentialStore | AsyncCredentialStore) -> AsyncCredentialStore:

@@ -43,7 +43,7 @@ from urllib.parse import parse_qsl
 from ._closing import Closing
 from ._credentials import from_epoch_ms, to_epoch_ms
 from ._exceptions import ConfigurationError, CredkeeperError
-from ._notices import ChangeListener, ChangeNotices
+from ._notices import ChangeListener, ChangeNotices, Feed
 from ._record import (
     MAX_KEY_LENGTH,
     Record,
@@ -64,6 +64,7 @@ __all__ = [
     "ChangeListener",
     "ChangeNotices",
     "ClosingStore",
+    "Feed",
     "Option",
     "as_async_store",
     "check_key",

@@ -13,10 +13,14 @@ import queue
 import threading
 import time
 from collections.abc import Generator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
+from credkeeper import Credentials, MemoryStore, Record, TokenManager
 from credkeeper.storekit import ChangeListener, ChangeNotices
+from credkeeper.testing import FakeClock, FakeProvider
 
 LONG = 30.0
 
@@ -222,7 +226,7 @@ def test_a_failing_feed_is_opened_again_and_logged_once(caplog: pytest.LogCaptur
             heard = notices.wait("alice", since=since, seconds=LONG)
         finally:
             listener.close()
-    messages = [record.getMessage() for record in caplog.records]
+    messages = [r.getMessage() for r in caplog.records if "test feed" in r.getMessage()]
 
     assert (True, 3) == (heard, feed.opened)
     assert [
@@ -230,3 +234,95 @@ def test_a_failing_feed_is_opened_again_and_logged_once(caplog: pytest.LogCaptur
         "schedule until they resume",
         "change notices of test feed resumed",
     ] == messages
+
+
+# -- managers waiting on a peer ---------------------------------------------------------------
+
+PEER = "peer-host"
+
+
+class Announcing(MemoryStore):
+    """A memory store that posts each write, notes the read that finds the peer's lease, and
+    counts how often it is asked for its notices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notices = ChangeNotices()
+        self.asked = 0
+        self.found = threading.Event()
+        self.found_at = 0.0
+
+    def changes(self) -> ChangeNotices:
+        self.asked += 1
+        return self.notices
+
+    def get(self, key: str) -> Record | None:
+        current = super().get(key)
+        if current is not None and current.lease_owner == PEER:
+            self.found_at = time.monotonic()
+            self.found.set()
+        return current
+
+    def put(self, record: Record) -> Record:
+        stored = super().put(record)
+        self.notices.post(stored.key, stored.version)
+        return stored
+
+
+def peer_lease(
+    store: MemoryStore, key: str, now: datetime, ttl: timedelta, *, age: float = 20.0
+) -> None:
+    """``key``'s lease taken by a peer ``age`` seconds before ``now``, not yet run out."""
+    current = store.get(key)
+    assert current is not None
+    began = now - timedelta(seconds=age)
+    store.put(current.replace(lease_owner=PEER, lease_until=began + ttl))
+
+
+def test_a_manager_on_the_real_clock_wakes_when_the_peer_writes(tmp_path: Path) -> None:
+    """A caller waiting on a peer's lease returns the peer's tokens as soon as they are
+    stored, well before its next scheduled read (0.9-1 s after its last)."""
+    store = Announcing()
+    with (
+        FakeProvider() as fake,
+        TokenManager(store, fake.provider(), journal=tmp_path / "journal") as manager,
+    ):
+        manager.put("alice", fake.issue(expires_in=-60))
+        peer_lease(store, "alice", datetime.now(UTC), manager.policy.lease_ttl)
+        result: list[tuple[float, Credentials]] = []
+
+        def call() -> None:
+            credentials = manager.get("alice")
+            result.append((time.monotonic(), credentials))
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        assert store.found.wait(LONG)
+        fresh = fake.issue()
+        current = store.get("alice")
+        assert current is not None
+        store.put(manager.policy.record("alice", fresh, base=current))
+        caller.join(LONG)
+        done, credentials = result[0]
+
+        assert (fresh.access_token, True) == (
+            credentials.access_token,
+            done - store.found_at < 0.5,
+        )
+
+
+def test_a_manager_on_a_test_clock_never_asks_for_notices(clock: FakeClock, tmp_path: Path) -> None:
+    """Waits on a FakeClock stay the clock's: the store's notices are never asked for, and the
+    peer's lease, 5 s from its end, is waited out on the clock (then taken over)."""
+    store = Announcing()
+    with (
+        FakeProvider(clock=clock) as fake,
+        TokenManager(store, fake.provider(), journal=tmp_path / "journal", clock=clock) as manager,
+    ):
+        manager.put("alice", fake.issue(expires_in=-60))
+        ttl = manager.policy.lease_ttl
+        peer_lease(store, "alice", clock.now(), ttl, age=ttl.total_seconds() - 5)
+
+        manager.get("alice")
+
+        assert (0, 1) == (store.asked, fake.refresh_count)

@@ -809,7 +809,8 @@ class StoreConformance:
     def test_changes_post_every_write_and_delete(
         self, store: CredentialStore, keys: KeySpace
     ) -> None:
-        """A store's changes(), if it gives notices, posts the key of each put and delete."""
+        """A store's changes(), if it gives notices, posts the key of each put and delete, a
+        write's notice never naming the version the write replaced (that would wake no one)."""
         changes = getattr(store, "changes", None)
         notices: ChangeNotices | None = None if changes is None else changes()
         if notices is None:
@@ -822,14 +823,15 @@ class StoreConformance:
                 break
             assert time.monotonic() < deadline, "changes() never posted a write"
         heard = []
-        stored = None
+        stored: Record | None = None
         for write in ("create", "update", "delete"):
-            since = time.monotonic()
+            since, replaced = time.monotonic(), None if stored is None else stored.version
             if write == "delete":
                 store.delete(keys())
             else:
                 stored = store.put(stored or _record(keys()))
-            heard.append(notices.wait(keys(), since=since, seconds=self.concurrency_timeout))
+            seconds = self.concurrency_timeout
+            heard.append(notices.wait(keys(), since=since, seconds=seconds, seen=replaced))
         assert [True, True, True] == heard
 
     # -- misuse ---------------------------------------------------------------------------

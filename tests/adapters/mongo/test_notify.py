@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from credkeeper import open_store
-from credkeeper_mongo import AsyncMongoStore, MongoStore
+from credkeeper import ConfigurationError, open_store
+from credkeeper_mongo import MongoStore
 from tests.adapters.conftest import record
 from tests.adapters.notices import LONG, SeesPeer, connected, heard_after_a_lost_swap, wait_for_peer
 
@@ -60,18 +60,50 @@ def test_a_lost_compare_and_swap_is_not_heard(notify_url: str) -> None:
     assert not heard_after_a_lost_swap(notify_url, open_store(notify_url))
 
 
-@pytest.mark.parametrize(
-    "options",
-    ["", "notify=false", "notify=true&field_path=claudeCredentials", "notify=true&async=true"],
-    ids=["default", "notify-off", "embedded", "async"],
-)
-def test_stores_without_change_notices(mongodb_store_url: str, options: str) -> None:
-    """By default, with notify=false, for credentials embedded in the application's documents
-    and on the async store there are no notices: callers wait on their schedule."""
-    store = open_store(f"{mongodb_store_url}?collection=quiet&{options}")
+@pytest.mark.parametrize("options", ["", "notify=false"], ids=["default", "notify-off"])
+def test_without_notify_there_are_no_change_notices(mongodb_store_url: str, options: str) -> None:
+    """By default, and with notify=false, callers wait on their schedule."""
+    with closing(open_store(f"{mongodb_store_url}?collection=quiet&{options}")) as store:
+        assert isinstance(store, MongoStore)
 
-    assert None is getattr(store, "changes", lambda: None)()
-    assert isinstance(store, MongoStore | AsyncMongoStore)
+        assert None is store.changes()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("field_path=claudeCredentials", "needs credkeeper's own collection"),
+        ("async=true", "AsyncMongoStore has no change notices"),
+    ],
+    ids=["embedded", "async"],
+)
+def test_notify_where_there_are_no_notices_is_refused(
+    notify_url: str, options: str, message: str
+) -> None:
+    """notify=true with credentials embedded in the application's documents, or on the async
+    store, is a ConfigurationError naming why, not an option silently ignored."""
+    with pytest.raises(ConfigurationError, match=message):
+        open_store(f"{notify_url}&{options}")
+
+
+def test_a_dropped_collection_is_listened_to_again(notify_url: str) -> None:
+    """Dropping the collection ends the change stream; the listener opens it again and hears
+    the writes made after."""
+    with closing(listening(notify_url)) as listener, closing(open_store(notify_url)) as writer:
+        assert isinstance(writer, MongoStore)
+        writer.put(record("alice"))
+        writer.collection.drop()
+        notices = listener.changes()
+        assert notices is not None
+        heard = False
+        deadline = time.monotonic() + LONG
+        while not heard and time.monotonic() < deadline:
+            since = time.monotonic()
+            writer.delete("bob")
+            writer.put(record("bob"))
+            heard = notices.wait("bob", since=since, seconds=0.5)
+
+        assert heard
 
 
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["TokenManager", "AsyncTokenManager"])
