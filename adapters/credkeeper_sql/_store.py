@@ -6,6 +6,7 @@ module adds engines, options, and the translation of driver errors into credkeep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -415,7 +416,7 @@ class _StoreOptions:
         if self.create:
             for table in layout.tables:
                 if table.name != self.table or self.columns is None:
-                    table.create(connection, checkfirst=True)
+                    _create(connection, table)
         return layout
 
     def _reflect(self, connection: sa.Connection, columns: ColumnMap) -> tuple[sa.Table, Formats]:
@@ -568,6 +569,23 @@ class _StoreOptions:
                 f"once would insert two rows. Create it, e.g. CREATE UNIQUE INDEX "
                 f"{name}_{columns.key}_key ON {name} ({columns.key})"
             )
+
+
+def _create(connection: sa.Connection, table: sa.Table) -> None:
+    """Create ``table`` unless it exists, when other processes may be creating it too: the
+    loser of that race finds the table made and goes on, instead of failing its first call.
+
+    PostgreSQL aborts a transaction on any error, so there the attempt has a savepoint of its
+    own; MySQL commits DDL at once (a savepoint would not survive it) and SQLite's error leaves
+    the transaction usable.
+    """
+    postgresql = connection.dialect.name == "postgresql"
+    try:
+        with connection.begin_nested() if postgresql else contextlib.nullcontext():
+            table.create(connection, checkfirst=True)
+    except sa_exc.DBAPIError:
+        if not sa.inspect(connection).has_table(table.name, schema=table.schema):
+            raise
 
 
 def _missing_columns(

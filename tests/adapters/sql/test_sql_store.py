@@ -7,6 +7,7 @@ servers of ``tests/backends.py``. Tests that need a table of their own create it
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import secrets
 import socket
@@ -488,6 +489,31 @@ class TestCreate:
             [key async for key in store.scan_due(NOW)]
 
         assert True is has_table(database_url, fresh_table)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("repetition", range(3))
+    def test_processes_creating_the_table_at_once_all_succeed(
+        self, repetition: int, database_url: str, fresh_table: str
+    ) -> None:
+        """Six processes whose first put, with create=True, races to create one missing table:
+        every put succeeds (the losers of the CREATE find the table made)."""
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(6) as pool:
+            outcomes = pool.starmap(
+                _first_put, [(database_url, fresh_table, f"k{n}") for n in range(6)]
+            )
+
+        assert ["ok"] * 6 == outcomes
+
+
+def _first_put(url: str, table: str, key: str) -> str:
+    """One process's first call on a fresh store: a put; ``ok`` or the error it raised."""
+    try:
+        with opened(url, table=table, create=True) as store:
+            store.put(record(key))
+    except StoreError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"
 
 
 def has_table(url: str, name: str) -> bool:
