@@ -337,6 +337,19 @@ def setup_claude_code_login(
 
 
 @pytest.fixture
+def setup_claude_code_home(
+    sandbox: Path, claude_code_home: Path, claude_hosts: ClaudeHosts
+) -> Setup:
+    """The README's example: Claude Code's login in ``HOME`` for the block to store itself,
+    the public wrapper played by the fakes, the application's file store in the sandbox
+    instead of /var/lib/myapp."""
+    directory = sandbox / "myapp"
+    directory.mkdir()
+    url = (directory / "credentials.json").as_uri()
+    return Setup(stand_ins={"file:///var/lib/myapp/credentials.json": url})
+
+
+@pytest.fixture
 def setup_myapp_login(sandbox: Path, claude_code_home: Path, claude_hosts: ClaudeHosts) -> Setup:
     """wrapper.md's first call: alice's login in the application's file store, kept here in
     the sandbox instead of /var/lib/myapp."""

@@ -160,7 +160,11 @@ def _block(page: str, line: int, source: str, markers: list[re.Match[str]]) -> B
     return Block(page, line, source, mode, continues="continues" in runs, setups=setups)
 
 
-ALL = [block for path in pages() for block in blocks(path)]
+# The README is the project's front page, with examples of its own: run as a page too.
+README = DOCS.parent / "README.md"
+ALL = [block for path in pages() for block in blocks(path)] + list(
+    blocks(README, root=README.parent)
+)
 
 
 def chain(block: Block) -> list[Block]:
@@ -244,6 +248,12 @@ def test_every_page_is_scanned() -> None:
     found = {path.relative_to(DOCS).as_posix() for path in pages()}
     expected = {"index.md", "quickstart.md", "testing-your-app.md", "troubleshooting.md"}
     assert expected == expected & found
+
+
+def test_the_readmes_examples_run() -> None:
+    """The README's python blocks are found and none is marked not run."""
+    modes = [block.mode for block in ALL if block.page == "README.md"]
+    assert (True, []) == (len(modes) >= 2, [mode for mode in modes if mode != "exec"])
 
 
 def test_the_complete_example_runs_under_pytest() -> None:
