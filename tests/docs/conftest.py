@@ -63,10 +63,10 @@ from credkeeper.testing import FakeProvider, FakeWrapper
 # that it is one here too, since only the top-level conftest may name pytest_plugins.
 from tests.adapters.mongo.conftest import free_port, mongodb_url, with_database
 from tests.examples import APP_CIPHER, SECRET_KEY
+from tests.markdown import DOCS, stand_in
 
 __all__ = ["Setup", "close_opened", "mongodb_url"]
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
 # A key ring that is no one's: 32 zero bytes, base64url, under the id "docs".
 KEYS = "docs:" + base64.urlsafe_b64encode(bytes(32)).decode().rstrip("=")
 WRAPPER_HOST = "wrapper.claude.serenity-system.fr"
@@ -84,15 +84,7 @@ class Setup:
 
     def apply(self, source: str, where: str) -> str:
         """``source`` with every stand-in in place; each must appear, or the page has moved on."""
-        for shown, local in self.stand_ins.items():
-            if shown not in source:
-                pytest.fail(
-                    f"{where} no longer shows {shown!r}, which its setup stands in for: "
-                    "update the setup in tests/docs/conftest.py",
-                    pytrace=False,
-                )
-            source = source.replace(shown, local)
-        return source
+        return stand_in(source, self.stand_ins, where, "its setup in tests/docs/conftest.py")
 
 
 def close_opened(namespace: Mapping[str, object]) -> None:

@@ -51,12 +51,9 @@ import pytest
 from click.exceptions import NoSuchCommand
 
 from credkeeper.cli import cli
+from tests.markdown import README, ROOT, fenced, pages
 
-ROOT = Path(__file__).resolve().parents[2]
-# Installed drivers of the Node.js example, not documentation (mkdocs.yml excludes them too).
-IGNORED = ("docs/examples/app_cipher/node_modules/",)
 SHELLS = {"console", "bash", "sh", "shell"}
-FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)(?P<info>[^\n]*)$")
 MARKER = re.compile(r"^\s*<!--\s*cli:\s*not checked:\s*(?P<reason>.*?)\s*-->\s*$")
 COMMENT = re.compile(r"^\s*<!--.*-->\s*$")
 PROMPT = re.compile(r"^\s*\$ ")
@@ -108,36 +105,13 @@ Node: TypeAlias = "Word | Choices"
 Choices: TypeAlias = "tuple[list[Node], ...]"
 
 
-def pages(root: Path = ROOT) -> list[Path]:
-    """README.md and every markdown page under docs/, in a stable order."""
-    found = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
-    return [
-        path
-        for path in found
-        if path.exists() and not path.relative_to(root).as_posix().startswith(IGNORED)
-    ]
-
-
 def command_lines(path: Path, root: Path = ROOT) -> Iterator[CommandLine]:
     """The command lines of one page's shell blocks, continuations joined, output left out."""
     page = path.relative_to(root).as_posix()
     lines = path.read_text(encoding="utf-8").splitlines()
-    index = 0
-    while index < len(lines):
-        opening = FENCE.match(lines[index])
-        if opening is None:
-            index += 1
-            continue
-        fence, language = opening["fence"], opening["info"].strip().split(" ")[0].lower()
-        start = index + 1
-        index = start
-        while index < len(lines) and not (
-            lines[index].strip().startswith(fence) and lines[index].strip().strip(fence[0]) == ""
-        ):
-            index += 1
-        if language in SHELLS:
-            yield from _block_lines(page, start, lines[start:index], _reason(lines, start - 1))
-        index += 1
+    for block in fenced(lines):
+        if block.language in SHELLS:
+            yield from _block_lines(page, block.line, block.lines, _reason(lines, block.line - 1))
 
 
 def _reason(lines: list[str], fence: int) -> str:
@@ -151,7 +125,7 @@ def _reason(lines: list[str], fence: int) -> str:
     return ""
 
 
-def _block_lines(page: str, start: int, body: list[str], skip: str) -> Iterator[CommandLine]:
+def _block_lines(page: str, start: int, body: tuple[str, ...], skip: str) -> Iterator[CommandLine]:
     """The command lines of a block whose ``body`` starts on line ``start + 1`` of ``page``."""
     prompted = any(PROMPT.match(line) for line in body)
     index = 0
@@ -423,7 +397,7 @@ def runs_credkeeper(line: CommandLine) -> bool:
         return "credkeeper" in line.text
 
 
-ALL = [line for path in pages() for line in command_lines(path)]
+ALL = [line for path in [README, *pages()] for line in command_lines(path)]
 CHECKED = [line for line in ALL if runs_credkeeper(line)]
 
 

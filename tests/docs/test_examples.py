@@ -53,11 +53,8 @@ import pytest
 
 from tests.docs import conftest
 from tests.docs.conftest import close_opened
+from tests.markdown import DOCS, README, fenced, pages
 
-DOCS = conftest.DOCS
-# Installed drivers of the Node.js example, not documentation (mkdocs.yml excludes them too).
-IGNORED = ("examples/app_cipher/node_modules/",)
-FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)(?P<info>[^\n]*)$")
 MARKER = re.compile(r"^\s*<!--\s*(?P<verb>run|not run|setup):\s*(?P<detail>.*?)\s*-->\s*$")
 FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 
@@ -80,47 +77,19 @@ class Block:
         return f"{self.page}:{self.line}"
 
 
-def pages() -> list[Path]:
-    """Every markdown page of the site, in a stable order."""
-    found = []
-    for path in sorted(DOCS.rglob("*.md")):
-        relative = path.relative_to(DOCS).as_posix()
-        if not relative.startswith(IGNORED):
-            found.append(path)
-    return found
-
-
 def blocks(path: Path, root: Path = DOCS) -> Iterator[Block]:
     """The ```python blocks of one page, each with the mode its markers (or its shape) give."""
     page = path.relative_to(root).as_posix()
     lines = path.read_text(encoding="utf-8").splitlines()
     runs = False
-    index = 0
-    while index < len(lines):
-        opening = FENCE.match(lines[index])
-        if opening is None:
-            index += 1
+    for fence in fenced(lines):
+        if fence.language not in {"python", "py", "pycon"}:
             continue
-        indent, fence = opening["indent"], opening["fence"]
-        language = opening["info"].strip().split(" ")[0].lower()
-        body_start = index + 1
-        index = body_start
-        while index < len(lines) and not (
-            lines[index].strip().startswith(fence) and lines[index].strip().strip(fence[0]) == ""
-        ):
-            index += 1
-        if language in {"python", "py", "pycon"}:
-            body = [line.removeprefix(indent) for line in lines[body_start:index]]
-            block = _block(
-                page, body_start, "\n".join(body) + "\n", _markers(lines, index=body_start - 1)
-            )
-            if block.continues and not runs:
-                raise ValueError(
-                    f"{block.id}: 'run: continues', but no earlier block of the page runs"
-                )
-            runs = runs or block.mode == "exec"
-            yield block
-        index += 1
+        block = _block(page, fence.line, fence.body, _markers(lines, index=fence.line - 1))
+        if block.continues and not runs:
+            raise ValueError(f"{block.id}: 'run: continues', but no earlier block of the page runs")
+        runs = runs or block.mode == "exec"
+        yield block
 
 
 def _markers(lines: list[str], *, index: int) -> list[re.Match[str]]:
@@ -161,7 +130,6 @@ def _block(page: str, line: int, source: str, markers: list[re.Match[str]]) -> B
 
 
 # The README is the project's front page, with examples of its own: run as a page too.
-README = DOCS.parent / "README.md"
 ALL = [block for path in pages() for block in blocks(path)] + list(
     blocks(README, root=README.parent)
 )

@@ -28,12 +28,11 @@ import pytest
 from credkeeper import Credentials
 from credkeeper.testing import FakeProvider, FakeWrapper
 from tests.backends import require_service
-from tests.examples import EXAMPLES
+from tests.markdown import DOCS, Fenced, check_shown, fenced, stand_in, swapped
 
 from .conftest import Service
 from .test_clients import CLIENTS, REPLY, Outcome
 
-DOCS = EXAMPLES.parent
 # The pages whose code and console blocks use the clients of docs/examples/{node,php}.
 SNIPPET_PAGES = ("service.md", "examples/node/README.md", "examples/php/README.md")
 README_PAGES = ("examples/node/README.md", "examples/php/README.md")
@@ -47,55 +46,15 @@ WRAPPER_URL = "https://wrapper.example"
 API_KEY_PLACEHOLDER = "ck_..."
 # The user key the code blocks call the wrapper for.
 USER_KEY = "billing/alice"
-FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)(?P<info>[^\n]*)$")
+# Who replaces a page's deployment values, for the failure of a page that stops showing one.
+OWNER = "tests/server/test_client_snippets.py"
 # How the client programs print a failure on stderr (the READMEs: "code: detail").
 PROBLEM_LINE = re.compile(r"^[a-z][a-z0-9_]*: ")
 
 
-@dataclass(frozen=True)
-class Fenced:
-    """One fenced block of a page: its language, the line of its opening fence, its body."""
-
-    page: str
-    line: int
-    language: str
-    body: str
-
-
-def fenced_blocks(page: str) -> Iterator[Fenced]:
+def page_blocks(page: str) -> Iterator[Fenced]:
     """The fenced blocks of ``docs/<page>``, in page order."""
-    lines = (DOCS / page).read_text(encoding="utf-8").splitlines()
-    index = 0
-    while index < len(lines):
-        opening = FENCE.match(lines[index])
-        index += 1
-        if opening is None:
-            continue
-        indent, fence = opening["indent"], opening["fence"]
-        start = index
-        while index < len(lines) and not (
-            lines[index].strip().startswith(fence) and lines[index].strip().strip(fence[0]) == ""
-        ):
-            index += 1
-        body = [line.removeprefix(indent) for line in lines[start:index]]
-        language = opening["info"].strip().split(" ")[0].lower()
-        yield Fenced(page, start, language, "\n".join(body) + "\n")
-        index += 1
-
-
-def shown(text: str, where: str, swaps: dict[str, str]) -> None:
-    """Fail unless ``text`` shows every deployment value the test replaces: a page showing
-    another would run something the test does not stand in for."""
-    for literal in swaps:
-        if literal not in text:
-            pytest.fail(f"{where} no longer shows {literal!r}, which the test replaces by its own")
-
-
-def swapped(text: str, swaps: dict[str, str]) -> str:
-    """``text`` with each deployment value replaced by the test's."""
-    for literal, value in swaps.items():
-        text = text.replace(literal, value)
-    return text
+    return fenced((DOCS / page).read_text(encoding="utf-8").splitlines())
 
 
 def executable(language: str) -> str:
@@ -137,19 +96,20 @@ def run(command: list[str], cwd: Path, env: dict[str, str]) -> Outcome:
 class Snippet:
     """A code block of a page and the client that runs it."""
 
+    page: str
     block: Fenced
     client: str  # "node" or "php"
 
     @property
     def id(self) -> str:
         """``page:line``, the test id that points at the block."""
-        return f"{self.block.page}:{self.block.line}"
+        return f"{self.page}:{self.block.line}"
 
 
 SNIPPETS = [
-    Snippet(block, LANGUAGES[block.language])
+    Snippet(page, block, LANGUAGES[block.language])
     for page in SNIPPET_PAGES
-    for block in fenced_blocks(page)
+    for block in page_blocks(page)
     if block.language in LANGUAGES
 ]
 
@@ -173,8 +133,8 @@ def run_snippet(
     service = start_service("--no-sweep", "--api-keys", str(api_keys_file))
     swaps = {SERVICE_URL: service.url, WRAPPER_URL: wrapper.url}
     # The user key is not swapped, but the login the test stores must be the one it calls for.
-    shown(snippet.block.body, snippet.id, {**swaps, USER_KEY: USER_KEY})
-    source = swapped(snippet.block.body, swaps)
+    check_shown(snippet.block.body, {USER_KEY: USER_KEY}, snippet.id, OWNER)
+    source = stand_in(snippet.block.body, swaps, snippet.id, OWNER)
     directory = workspace(tmp_path / "app")
     script = directory / SCRIPT_NAMES[snippet.client]
     script.write_text(source, encoding="utf-8")
@@ -252,13 +212,13 @@ class Command:
 
 def console_commands(page: str) -> Iterator[Command]:
     """The commands of a page's console blocks, in page order."""
-    for block in fenced_blocks(page):
+    for block in page_blocks(page):
         if block.language != "console":
             continue
         text: list[str] = []
         output: list[str] = []
         line = 0
-        for offset, row in enumerate(block.body.splitlines()):
+        for offset, row in enumerate(block.lines):
             continued = bool(text) and text[-1].endswith("\\")
             if continued:
                 text.append(row)
@@ -347,7 +307,7 @@ def test_a_readme_command_prints_what_the_readme_shows(
         WRAPPER_URL: wrapper.url,
         API_KEY_PLACEHOLDER: shlex.quote(api_key),
     }
-    shown(" ".join(typed.text for typed in page.commands), page.page, swaps)
+    check_shown(" ".join(typed.text for typed in page.commands), swaps, page.page, OWNER)
     script = swapped("\n".join([*page.exports_before(command), command.text]), swaps)
     assert command.promised() == run(["bash", "-c", script], workspace(tmp_path / "app"), {})
 
@@ -364,6 +324,6 @@ def test_every_page_shows_the_blocks_the_tests_run() -> None:
         },
         {("examples/node/README.md", "node"), ("examples/php/README.md", "php")},
     ) == (
-        {(snippet.block.page, snippet.client) for snippet in SNIPPETS},
+        {(snippet.page, snippet.client) for snippet in SNIPPETS},
         {(command.page, command.client) for command in RUNS},
     )
