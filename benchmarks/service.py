@@ -113,7 +113,15 @@ def serve(
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_until_up(url, process, log)
-        yield url, process
+        try:
+            yield url, process
+        except Exception:
+            # What the service saw of a call that failed is in its own log, among the access
+            # lines (written through a buffer, so not the last ones).
+            lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+            told = [line for line in lines if not line.startswith('INFO:     127.0.0.1:')]
+            print("credkeeper serve's log, access lines left out:", *told[-40:], sep="\n", file=sys.stderr)
+            raise
     finally:
         process.terminate()
         try:

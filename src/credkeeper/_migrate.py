@@ -9,8 +9,10 @@ login or a refresh it got by itself, and is kept.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -73,6 +75,7 @@ def migrate(
     *,
     reseal: KeyRing | None = None,
     progress: Progress | None = None,
+    concurrency: int = 8,
 ) -> MigrateReport:
     """Copy every credential in ``source`` to ``destination``, with its state, by compare-and-swap.
 
@@ -100,8 +103,16 @@ def migrate(
     ``failed`` and the others are copied. Raises :class:`ConfigurationError` when the stores
     disagree on sealing (one declared plaintext) in a way the copy would carry over, and
     :class:`DecryptionError`, naming the record, when ``reseal`` cannot open a token.
-    ``progress(done, total)`` is called before the first key and after each one.
+    ``progress(done, total)`` is called before the first key and after each one, in the
+    calling thread. ``concurrency`` keys are copied at once, on as many threads (each key's
+    reads and write stay in order): against a store across a network, each call waits a round
+    trip. A store error other than a damaged record stops the run once the copies under way
+    have finished; running it again goes on from there.
     """
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigurationError(
+            f"concurrency must be a whole number of at least 1, got {concurrency!r}"
+        )
     _check_sealing(source, destination, reseal)
     # All keys before any write, as rekey does: a scan cursor held across writes can block
     # writers, and a key listed twice would be counted twice.
@@ -110,25 +121,52 @@ def migrate(
     failed: dict[str, str] = {}
     if progress is not None:
         progress(0, len(keys))
-    for done, key in enumerate(keys, 1):
-        try:
-            outcome = _migrate_one(source, destination, key, reseal)
-        except StoreCorrupted as exc:
-            # One damaged record must not keep the others from moving.
-            failed[key] = str(exc)
-        except ConflictError:
-            failed[key] = (
-                f"the destination's record under key {key!r} changed under each of "
-                f"{MAX_ATTEMPTS} attempts; run the migration again"
-            )
-        else:
-            if outcome is not None:
-                counts[outcome] += 1
-        if progress is not None:
-            progress(done, len(keys))
+    copies = _each(keys, lambda key: _migrate_one(source, destination, key, reseal), concurrency)
+    # Closed on the way out, so that a run stopped by an error has no copy left running.
+    with contextlib.closing(copies):
+        for done, (key, copy) in enumerate(copies, 1):
+            try:
+                outcome = copy.result()
+            except StoreCorrupted as exc:
+                # One damaged record must not keep the others from moving.
+                failed[key] = str(exc)
+            except ConflictError:
+                failed[key] = (
+                    f"the destination's record under key {key!r} changed under each of "
+                    f"{MAX_ATTEMPTS} attempts; run the migration again"
+                )
+            else:
+                if outcome is not None:
+                    counts[outcome] += 1
+            if progress is not None:
+                progress(done, len(keys))
     # A store whose scan skips damaged records (the file store) names them on request.
     failed.update(reported_damage(source))
     return MigrateReport(**counts, failed=dict(sorted(failed.items())))
+
+
+def _each(
+    keys: list[str], work: Callable[[str], _Outcome | None], concurrency: int
+) -> Generator[tuple[str, Future[_Outcome | None]], None, None]:
+    """``work(key)`` for every key, ``concurrency`` at once: each key with its finished future,
+    as they finish. Keys are handed to the threads as threads come free, not all at once, so a
+    run over many keys holds few futures; when the caller stops early (an error, an
+    interrupt), the copies under way finish and no other starts."""
+    # Leaving the block, on an early stop too (the generator closed), waits for the copies
+    # under way: no key is handed out beyond them.
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="credkeeper-migrate") as pool:
+        pending = iter(keys)
+        running: dict[Future[_Outcome | None], str] = {}
+        while True:
+            for key in pending:
+                running[pool.submit(work, key)] = key
+                if len(running) >= concurrency:
+                    break
+            if not running:
+                return
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                yield running.pop(future), future
 
 
 def _check_sealing(

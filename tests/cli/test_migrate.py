@@ -4,6 +4,8 @@ compare-and-swap, never over a newer one, resumable after an interruption."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +21,7 @@ from credkeeper import (
     MigrateReport,
     Record,
     Status,
+    StoreUnavailable,
     migrate,
     open_store,
 )
@@ -319,20 +322,78 @@ class Interrupt:
 
 
 class TestMigrateFunction:
+    @pytest.mark.parametrize("concurrency", [1, 4])
     def test_an_interrupted_run_is_finished_by_the_next(
-        self, file_store: CredentialStore, sqlite_store: CredentialStore
+        self, file_store: CredentialStore, sqlite_store: CredentialStore, concurrency: int
     ) -> None:
-        """Killed after 4 of 10 keys and run again: every key there once, all identical."""
+        """Interrupted after 4 of 10 keys and run again: every key there once, all identical.
+        The interrupted run stops handing out keys: those under way finish, no other starts."""
         for number in range(10):
             file_store.put(record(f"user-{number:02}", failures=number % 3))
         with pytest.raises(KeyboardInterrupt):
-            migrate(file_store, sqlite_store, progress=Interrupt(after=4))
-        assert 4 == len(contents(sqlite_store))
+            migrate(file_store, sqlite_store, progress=Interrupt(after=4), concurrency=concurrency)
+        copied = len(contents(sqlite_store))
+        assert 4 <= copied <= 4 + concurrency - 1
 
-        report = migrate(file_store, sqlite_store)
+        report = migrate(file_store, sqlite_store, concurrency=concurrency)
 
-        assert MigrateReport(copied=6, unchanged=4) == report
+        assert MigrateReport(copied=10 - copied, unchanged=copied) == report
         assert contents(file_store) == contents(sqlite_store)
+
+    def test_keys_are_copied_concurrency_at_once(self) -> None:
+        """Four copies are under way together with concurrency 4: each waits at a barrier the
+        four must reach at once (a sequential run would break it after its timeout)."""
+        source = MemoryStore()
+        for number in range(8):
+            source.put(record(f"user-{number}"))
+        together = threading.Barrier(4, timeout=10)
+
+        class Meeting(MemoryStore):
+            def get(self, key: str) -> Record | None:
+                if key < "user-4":
+                    together.wait()
+                return super().get(key)
+
+        destination = Meeting()
+
+        report = migrate(source, destination, concurrency=4)
+
+        assert (MigrateReport(copied=8), False) == (report, together.broken)
+
+    def test_a_store_error_stops_the_run_once_the_copies_under_way_end(self) -> None:
+        """A failing key stops the run: no key is handed out after it but those already under
+        way, and none is still being copied when migrate raises."""
+        read: list[str] = []
+        lock = threading.Lock()
+
+        class Failing(MemoryStore):
+            def get(self, key: str) -> Record | None:
+                with lock:
+                    read.append(key)
+                if key == "user-05":
+                    raise StoreUnavailable("the source is down")
+                time.sleep(0.01)
+                return super().get(key)
+
+        source = Failing()
+        for number in range(40):
+            source.put(record(f"user-{number:02}"))
+
+        with pytest.raises(StoreUnavailable):
+            migrate(source, MemoryStore(), concurrency=3)
+
+        running = [t for t in threading.enumerate() if t.name.startswith("credkeeper-migrate")]
+        assert (True, []) == (len(read) <= 6 + 3, running)
+
+    @pytest.mark.parametrize("concurrency", [0, -1, True, 2.0, "8"])
+    def test_a_bad_concurrency_is_refused_before_anything_is_copied(self, concurrency: Any) -> None:
+        """The error names the parameter and what it takes."""
+        source, destination = MemoryStore(), MemoryStore()
+        source.put(record("alice"))
+
+        with pytest.raises(ConfigurationError, match="concurrency must be a whole number"):
+            migrate(source, destination, concurrency=concurrency)
+        assert destination.get("alice") is None
 
     def test_progress_counts_every_key(self) -> None:
         """progress is called with 0 first, then after each key, with the total."""

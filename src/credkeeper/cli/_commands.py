@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -281,14 +281,18 @@ def _console(*, soft_wrap: bool = True) -> Console:
 # -- commands ------------------------------------------------------------------------------
 
 
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+
+
+def _how_many(name: str, default: int, help: str) -> Callable[[_Command], _Command]:
+    """An option counting things done at once: a whole number from 1 to 256."""
+    return click.option(
+        name, type=click.IntRange(1, 256), default=default, show_default=True, help=help
+    )
+
+
 @cli.command(short_help="Run many workers through several expiries, all local.")
-@click.option(
-    "--workers",
-    type=click.IntRange(1, 256),
-    default=32,
-    show_default=True,
-    help="Concurrent worker threads.",
-)
+@_how_many("--workers", 32, "Concurrent worker threads.")
 @click.option(
     "--seconds",
     type=click.FloatRange(1.0, 600.0),
@@ -475,13 +479,7 @@ DURATION = _Duration()
     type=DURATION,
     help="Refresh credentials expiring within this [default: the leeway (15m) plus 15m].",
 )
-@click.option(
-    "--concurrency",
-    type=click.IntRange(1, 256),
-    default=8,
-    show_default=True,
-    help="Refreshes at once.",
-)
+@_how_many("--concurrency", 8, "Refreshes at once.")
 @click.option("--watch", is_flag=True, help="Sweep again every --interval until SIGTERM/SIGINT.")
 @click.option(
     "--interval",
@@ -829,10 +827,11 @@ def export(options: GlobalOptions, output: Path | None, force: bool) -> None:
     help="Re-seal the tokens under this key ring's primary key, read as --keys is; --keys "
     "(or a --codec key ring) opens the source's tokens [default: copy tokens as stored].",
 )
+@_how_many("--concurrency", 8, "Credentials copied at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @pass_options
 def migrate_command(
-    options: GlobalOptions, to_url: str, to_keys: str | None, as_json: bool
+    options: GlobalOptions, to_url: str, to_keys: str | None, concurrency: int, as_json: bool
 ) -> None:
     """Copy every credential from --store to the store at URL, with its state.
 
@@ -854,7 +853,9 @@ def migrate_command(
         source, destination = options.store(), target.store()
         console = _console()
         with progress_bar(console, "migrating", enabled=not as_json) as progress:
-            report = migrate(source, destination, reseal=reseal, progress=progress)
+            report = migrate(
+                source, destination, reseal=reseal, progress=progress, concurrency=concurrency
+            )
     if as_json:
         click.echo(json.dumps(report.as_dict()))
     else:

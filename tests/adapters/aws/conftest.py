@@ -6,9 +6,9 @@ The endpoint is resolved once per session, in this order:
    not answer, the tests that need it fail.
 2. The ``moto`` service of ``docker/compose.yaml``, when ``CREDKEEPER_TEST_DOCKER=1`` and a
    Docker engine answers.
-3. moto's ``ThreadedMotoServer`` in this process, on a free port, for the session, made to
-   answer one Secrets Manager request at a time, as atomically as AWS answers each
-   (:func:`_one_request_at_a_time`).
+3. moto's ``ThreadedMotoServer`` in a process of its own, on a free port, for the session,
+   made to answer one Secrets Manager request at a time, as atomically as AWS answers each,
+   and to find a secret by name without scanning them all (``tests/adapters/aws/moto_server.py``).
 4. If none of them works: a failure on CI, a skip elsewhere (``tests.backends.require_service``).
 
 The store does what AWS needs and nothing for moto's sake, so an endpoint of 1 or 2 running
@@ -21,17 +21,19 @@ cases and the storm inherit the same credentials and nothing can reach a real ac
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
-import logging
 import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -113,79 +115,46 @@ def aws_credentials(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _cached_module_listing() -> Iterator[None]:
-    """Make moto's server list its own package directory once instead of on every request.
-
-    Routing a request calls ``moto.backends.list_of_moto_modules``, which lists moto's
-    directory and stats each entry: most of the server's time per request on a small machine.
-    The listing never changes while it runs; Secrets Manager's behaviour is untouched.
-    """
-    import moto.backends
-
-    original = moto.backends.list_of_moto_modules
-    listing = tuple(original())
-    moto.backends.list_of_moto_modules = lambda: listing
-    try:
-        yield
-    finally:
-        moto.backends.list_of_moto_modules = original
-
-
-@contextlib.contextmanager
-def _one_request_at_a_time() -> Iterator[None]:
-    """Make moto's server answer each Secrets Manager request whole, before the next one.
-
-    AWS performs each request as one step, and the store relies on it: ``CreateSecret`` of a
-    name succeeds once however many callers race, and ``UpdateSecretVersionStage`` checks and
-    moves ``AWSCURRENT`` at once, so a read always finds it on some version. moto's backend
-    changes plain dicts and lists from the server's threads, step by step: two racing creates
-    can both succeed, a read in the middle of a stage move finds no ``AWSCURRENT``, and a move
-    racing a ``PutSecretValue`` fails with an HTTP 500 after it happened (see
-    ``moto/secretsmanager/models.py``). One lock around each request closes those windows
-    without touching what a request does.
-    """
-    from moto.secretsmanager.responses import SecretsManagerResponse
-
-    original = SecretsManagerResponse.call_action
-    lock = threading.Lock()
-
-    def call_action(self: SecretsManagerResponse) -> Any:
-        with lock:
-            return original(self)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(SecretsManagerResponse, "call_action", call_action)
-        yield
-
-
-def _in_process() -> Iterator[str]:
-    """moto's threaded server on a free loopback port, stopped at the end."""
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError as exc:
-        require_service(
-            MOTO.name,
-            [f"{ENV_VAR} is not set", f"moto's server cannot be imported ({exc})"],
-            MOTO.how_to_start,
-        )
-    # One line per request otherwise.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    with _cached_module_listing(), _one_request_at_a_time():
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
+def _own_process() -> Iterator[str]:
+    """moto's threaded server in a process of its own (``tests.adapters.aws.moto_server``) on
+    a free loopback port, stopped at the end. In the tests' process it would share their
+    interpreter lock: the store's calls and moto's answers would take turns on one core."""
+    command = [sys.executable, "-m", "tests.adapters.aws.moto_server"]
+    root = Path(__file__).resolve().parents[3]
+    with (
+        tempfile.TemporaryFile() as errors,
+        subprocess.Popen(
+            command, cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors
+        ) as server,
+    ):
+        assert server.stdin is not None
+        assert server.stdout is not None
         try:
-            host, port = server.get_host_and_port()
-            yield f"http://{host}:{port}"
+            url = server.stdout.readline().decode().strip()
+            if not url.startswith("http://"):
+                server.wait(timeout=30)
+                errors.seek(0)
+                said = errors.read().decode(errors="replace").strip().splitlines()
+                require_service(
+                    MOTO.name,
+                    [f"{ENV_VAR} is not set", f"moto's server did not start ({said[-1:]})"],
+                    MOTO.how_to_start,
+                )
+            yield url
         finally:
-            server.stop()
+            # The server stops when its standard input closes.
+            server.stdin.close()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
 
 
 @pytest.fixture(scope="session")
 def aws_endpoint(request: pytest.FixtureRequest, aws_credentials: None) -> Iterator[str]:
     """The URL of a Secrets Manager endpoint (moto's server) the tests may create secrets in.
 
-    moto keeps its state per process, not per server: tests use unique name prefixes.
+    One server serves the whole session: tests use unique name prefixes.
     """
     explicit = os.environ.get(ENV_VAR, "")
     if explicit:
@@ -197,7 +166,7 @@ def aws_endpoint(request: pytest.FixtureRequest, aws_credentials: None) -> Itera
     if os.environ.get("CREDKEEPER_TEST_DOCKER") == "1" and docker_unavailable() is None:
         yield _start_in_docker(request, MOTO)
         return
-    yield from _in_process()
+    yield from _own_process()
 
 
 def store_url(endpoint: str, prefix: str) -> str:
