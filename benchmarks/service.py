@@ -80,6 +80,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# How uvicorn starts an access line for a loopback client.
+ACCESS_LINE = "INFO:     127.0.0.1:"
+
+
 @contextlib.contextmanager
 def serve(
     directory: Path, settings: Settings, keys_file: Path
@@ -119,8 +123,9 @@ def serve(
             # What the service saw of a call that failed is in its own log, among the access
             # lines (written through a buffer, so not the last ones).
             lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
-            told = [line for line in lines if not line.startswith('INFO:     127.0.0.1:')]
-            print("credkeeper serve's log, access lines left out:", *told[-40:], sep="\n", file=sys.stderr)
+            told = [line for line in lines if not line.startswith(ACCESS_LINE)]
+            print("credkeeper serve's log, access lines left out:", file=sys.stderr)
+            print(*told[-40:], sep="\n", file=sys.stderr)
             raise
     finally:
         process.terminate()
