@@ -20,12 +20,17 @@ demo: $(VENV)/.cli
 # minutes; the service's own process runs under `coverage run`), where the engine's branches
 # are; the adapters' and the integration tests (storms, crashes, chaos) run after it without
 # coverage, which would cost CI more minutes than it has.
+# The rest runs on $(WORKERS) pytest-xdist workers, a test class or module to each at a time:
+# most of its time is spent waiting (leases expiring, outages, a provider's latency, worker
+# processes starting), which two workers overlap. Each worker starts its own MongoDB and moto
+# servers; the chaos table is gathered from both.
 # --tb=native: CPython 3.11.7 can crash formatting pytest's long tracebacks under coverage.
 COVERED := tests/core tests/cli tests/server tests/test_backends.py
+WORKERS ?= 2
 test: $(VENV)/.dev lint docs-build $(NODE_MODULES) flow-coverage
 	$(BIN)/pytest $(COVERED) --tb=native --cov --cov-report=term-missing:skip-covered \
 		--cov-fail-under=$(COVERAGE_MIN)
-	$(BIN)/pytest $(addprefix --ignore=,$(COVERED))
+	$(BIN)/pytest $(addprefix --ignore=,$(COVERED)) -n $(WORKERS) --dist loadscope
 
 # The everyday loop: lint, types and every test but the slow storms and crash cases.
 fast: $(VENV)/.dev lint $(NODE_MODULES)

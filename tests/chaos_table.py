@@ -42,6 +42,16 @@ class Cell:
 _CELLS: dict[tuple[str, str], Cell] = {}
 
 
+def _merge(case: str, backend: str, other: Cell) -> None:
+    cell = _CELLS.setdefault((case, backend), Cell())
+    cell.runs += other.runs
+    cell.lost += other.lost
+    cell.needless_reauth += other.needless_reauth
+    cell.refreshes += other.refreshes
+    cell.refused += other.refused
+    cell.notes.update(other.notes)
+
+
 def record(
     backend: str,
     case: str,
@@ -53,14 +63,8 @@ def record(
     note: str | None = None,
 ) -> None:
     """Add one run of ``case`` on ``backend`` to the table; ``note`` says how it went."""
-    cell = _CELLS.setdefault((case, backend), Cell())
-    if note:
-        cell.notes[note] += 1
-    cell.runs += 1
-    cell.lost += lost
-    cell.needless_reauth += needless_reauth
-    cell.refreshes.append(refreshes)
-    cell.refused.append(refused)
+    notes = Counter([note] if note else [])
+    _merge(case, backend, Cell(1, lost, needless_reauth, [refreshes], [refused], notes))
 
 
 def table() -> list[str]:
@@ -94,3 +98,35 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.section("chaos table: lost / needless re-auth / provider calls per expiry")
     for line in lines:
         terminalreporter.write_line(line)
+
+
+# Under pytest-xdist (``-n``) each worker process runs some cases: a worker hands its cells to
+# the controlling process when it finishes, which prints the one table.
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """On an xdist worker, send this worker's cells to the controller."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["chaos_cells"] = [
+            [
+                case,
+                backend,
+                cell.runs,
+                cell.lost,
+                cell.needless_reauth,
+                cell.refreshes,
+                cell.refused,
+                dict(cell.notes),
+            ]
+            for (case, backend), cell in _CELLS.items()
+        ]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    """On the xdist controller, add a finished worker's cells to the table."""
+    for case, backend, runs, lost, needless, refreshes, refused, notes in getattr(
+        node, "workeroutput", {}
+    ).get("chaos_cells", []):
+        _merge(case, backend, Cell(runs, lost, needless, refreshes, refused, Counter(notes)))

@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -101,17 +101,38 @@ MOTO = Backend(
 )
 
 
+# Where boto3 finds no configuration file: nothing on the machine can point it elsewhere.
+NOWHERE = "/nonexistent/credkeeper-tests/aws-config"
+
+
+def fake_aws_environment(environment: MutableMapping[str, str]) -> None:
+    """Put the fake credentials in ``environment`` and take out whatever could reach AWS."""
+    for name in CLEARED:
+        environment.pop(name, None)
+    environment.update(FAKE_CREDENTIALS)
+    environment["AWS_CONFIG_FILE"] = environment["AWS_SHARED_CREDENTIALS_FILE"] = NOWHERE
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The fake credentials in the environment from the start of the session, before any test
+    starts a process. The storms and chaos cases start theirs from one forkserver, started by
+    whichever test needs it first and keeping the environment it started with: set later (by
+    a fixture), the credentials would miss the processes of every Secrets Manager case that
+    runs after a case on another backend, as they do under ``pytest -n``."""
+    fake_aws_environment(os.environ)
+
+
 @pytest.fixture(scope="session")
-def aws_credentials(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Fake AWS credentials in this process's environment, inherited by spawned processes."""
-    nowhere = tmp_path_factory.mktemp("aws") / "absent"
+def aws_credentials() -> Iterator[None]:
+    """Fake AWS credentials in this process's environment, inherited by spawned processes (set
+    at the start of the session already when this conftest is loaded, see above)."""
+    wanted = dict(os.environ)
+    fake_aws_environment(wanted)
     with pytest.MonkeyPatch.context() as patch:
-        for name in CLEARED:
-            patch.delenv(name, raising=False)
-        for name, value in FAKE_CREDENTIALS.items():
+        for name in os.environ.keys() - wanted.keys():
+            patch.delenv(name)
+        for name, value in wanted.items():
             patch.setenv(name, value)
-        patch.setenv("AWS_CONFIG_FILE", str(nowhere))
-        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
         yield
 
 
