@@ -11,6 +11,7 @@ when runs differ; ``-`` where the case did not run on that backend.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -108,17 +109,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     """On an xdist worker, send this worker's cells to the controller."""
     output = getattr(session.config, "workeroutput", None)
     if output is not None:
+        # Plain dicts and lists only: what execnet carries between processes.
         output["chaos_cells"] = [
-            [
-                case,
-                backend,
-                cell.runs,
-                cell.lost,
-                cell.needless_reauth,
-                cell.refreshes,
-                cell.refused,
-                dict(cell.notes),
-            ]
+            [case, backend, {**dataclasses.asdict(cell), "notes": dict(cell.notes)}]
             for (case, backend), cell in _CELLS.items()
         ]
 
@@ -126,7 +119,5 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: object, error: object) -> None:
     """On the xdist controller, add a finished worker's cells to the table."""
-    for case, backend, runs, lost, needless, refreshes, refused, notes in getattr(
-        node, "workeroutput", {}
-    ).get("chaos_cells", []):
-        _merge(case, backend, Cell(runs, lost, needless, refreshes, refused, Counter(notes)))
+    for case, backend, fields in getattr(node, "workeroutput", {}).get("chaos_cells", []):
+        _merge(case, backend, Cell(**{**fields, "notes": Counter(fields["notes"])}))

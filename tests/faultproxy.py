@@ -4,7 +4,8 @@ Stores opened through :attr:`FaultProxy.port` reach the real server as long as t
 :meth:`FaultProxy.cut` makes the server unreachable the way a network partition or a server
 restart does: every open connection is torn down in both directions and the port stops
 listening, so new connections are refused. :meth:`FaultProxy.restore` listens again on the
-same port. The bytes in between are passed on untouched, whatever the protocol.
+same port. The bytes in between are passed on untouched, whatever the protocol, each read
+:attr:`FaultProxy.latency` seconds late (0 unless a test sets it: a slow network or server).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 # Bytes a pump moves per read; any size works, this one keeps a packet in one read.
@@ -27,6 +29,8 @@ class FaultProxy:
         self._connections: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
+        #: Seconds each read waits before it is passed on, in either direction.
+        self.latency = 0.0
         self.port = self._listen(0)
 
     def __enter__(self) -> FaultProxy:
@@ -116,6 +120,8 @@ class FaultProxy:
     def _pump(self, source: socket.socket, target: socket.socket) -> None:
         try:
             while data := source.recv(_CHUNK):
+                if self.latency:
+                    time.sleep(self.latency)
                 target.sendall(data)
         except OSError:
             pass

@@ -76,7 +76,7 @@ _CURSOR_NOT_FOUND = 43
 _PATH_NOT_VIABLE = 28
 
 # The least time pymongo gets for an operation inside a call whose budget is (nearly) spent.
-LAST_ATTEMPT = 0.5
+_LAST_ATTEMPT = 0.5
 _DRIVER_ERRORS = (mongo_errors.PyMongoError, BSONError, OSError, ValueError, OverflowError)
 
 # The server's clock, as MongoDB documents it: $$NOW, evaluated on the primary, over
@@ -526,7 +526,7 @@ def _within_budget() -> contextlib.AbstractContextManager[object]:
     # A budget nearly spent still allows one ordinary round trip, as the other stores let their
     # last statement finish: cut shorter, a healthy server answering slowly under load fails
     # the call as if it were down.
-    return pymongo.timeout(max(remaining, LAST_ATTEMPT))
+    return pymongo.timeout(max(remaining, _LAST_ATTEMPT))
 
 
 @contextlib.contextmanager

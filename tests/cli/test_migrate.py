@@ -282,6 +282,25 @@ class TestMigrateCommand:
 
         assert ExitCode.USAGE == result.exit_code
 
+    @pytest.mark.parametrize("value", ["0", "257", "two"])
+    def test_a_bad_concurrency_is_a_usage_error_naming_the_option(
+        self, run: Cli, three: dict[str, dict[str, Any]], sqlite_url: str, value: str
+    ) -> None:
+        """Refused before anything is copied, naming --concurrency and what it takes."""
+        result = run("migrate", "--to", sqlite_url, "--concurrency", value)
+
+        assert (ExitCode.USAGE, {}) == (result.exit_code, contents_at(sqlite_url))
+        assert "--concurrency" in result.stderr
+
+    def test_concurrency_one_copies_as_the_default_does(
+        self, run: Cli, three: dict[str, dict[str, Any]], sqlite_url: str
+    ) -> None:
+        """One at a time gives the same destination and summary."""
+        result = run("migrate", "--to", sqlite_url, "--concurrency", "1")
+
+        assert (0, three) == (result.exit_code, contents_at(sqlite_url)), result.stderr
+        assert summary(copied=3) in result.stdout
+
 
 def record(key: str, *, expires_in: float = 3600, origin: str = "s", **fields: Any) -> Record:
     """A record whose tokens name ``origin`` and the key, as a store keeps opaque values."""

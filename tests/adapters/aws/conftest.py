@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -103,14 +103,11 @@ MOTO = Backend(
 
 # Where boto3 finds no configuration file: nothing on the machine can point it elsewhere.
 NOWHERE = "/nonexistent/credkeeper-tests/aws-config"
-
-
-def fake_aws_environment(environment: MutableMapping[str, str]) -> None:
-    """Put the fake credentials in ``environment`` and take out whatever could reach AWS."""
-    for name in CLEARED:
-        environment.pop(name, None)
-    environment.update(FAKE_CREDENTIALS)
-    environment["AWS_CONFIG_FILE"] = environment["AWS_SHARED_CREDENTIALS_FILE"] = NOWHERE
+FAKE_ENVIRONMENT = {
+    **FAKE_CREDENTIALS,
+    "AWS_CONFIG_FILE": NOWHERE,
+    "AWS_SHARED_CREDENTIALS_FILE": NOWHERE,
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -119,19 +116,20 @@ def pytest_configure(config: pytest.Config) -> None:
     whichever test needs it first and keeping the environment it started with: set later (by
     a fixture), the credentials would miss the processes of every Secrets Manager case that
     runs after a case on another backend, as they do under ``pytest -n``."""
-    fake_aws_environment(os.environ)
+    for name in CLEARED:
+        os.environ.pop(name, None)
+    os.environ.update(FAKE_ENVIRONMENT)
 
 
 @pytest.fixture(scope="session")
 def aws_credentials() -> Iterator[None]:
-    """Fake AWS credentials in this process's environment, inherited by spawned processes (set
-    at the start of the session already when this conftest is loaded, see above)."""
-    wanted = dict(os.environ)
-    fake_aws_environment(wanted)
+    """Fake AWS credentials in this process's environment, inherited by spawned processes
+    (already there when this conftest is loaded, see above; the fixture serves the tests that
+    import it from elsewhere)."""
     with pytest.MonkeyPatch.context() as patch:
-        for name in os.environ.keys() - wanted.keys():
-            patch.delenv(name)
-        for name, value in wanted.items():
+        for name in CLEARED:
+            patch.delenv(name, raising=False)
+        for name, value in FAKE_ENVIRONMENT.items():
             patch.setenv(name, value)
         yield
 

@@ -13,6 +13,7 @@ import pytest
 from credkeeper import StoreUnavailable, open_store
 from credkeeper._budget import budget
 from credkeeper_mongo import AsyncMongoStore, MongoStore
+from tests.chaos import ProxyOutage
 
 from .conftest import free_port
 
@@ -62,3 +63,20 @@ class TestCallBudget:
                 store.now()
 
             assert time.monotonic() - start < 5
+
+    def test_a_spent_budget_still_allows_one_ordinary_round_trip(
+        self, mongodb_store_url: str
+    ) -> None:
+        """With nothing left of the call's budget, a live server answering in about 100 ms
+        still answers: the last operation gets a round trip's time, as the other stores let
+        their last statement finish, instead of failing the call as if the server were down."""
+        with ProxyOutage.in_front_of(mongodb_store_url) as slow:
+            # directConnection: the server names its own address as a replica set member, and
+            # the driver would otherwise move its connections there, past the proxy.
+            url = f"{slow.url}?directConnection=true"
+            with contextlib.closing(open_store(url)) as store:
+                assert isinstance(store, MongoStore)
+                assert store.get("warm-up") is None  # connected outside the budget
+                slow.proxy.latency = 0.05
+                with budget(0.0):
+                    assert store.get("alice") is None
