@@ -50,8 +50,8 @@ logger = logging.getLogger("credkeeper.journal")
 _FORMAT = "credkeeper.rescue"
 _FIELD = "rescue"
 _KEY_FILE = "journal.key"
-# An entry whose consumed token is not in the store after this long belongs to another store
-# or a credential replaced since; it cannot help anyone any more.
+# An entry offered to a store that does not hold the token it replaces, and this old, belongs
+# to another store or to a credential replaced since; it cannot help anyone any more.
 _RETENTION = timedelta(days=30)
 # The key id of a sealed value (``ck1:<key id>:<body>``), to name it in a warning.
 _SEALED_KEY_ID = re.compile(r"ck1:([A-Za-z0-9_-]{1,32}):")
@@ -158,10 +158,23 @@ class RescueJournal:
         with contextlib.suppress(FileNotFoundError):
             (self.directory / f"{entry.id}.json").unlink()
         fsync_directory(self.directory)
-        self.forget(entry)
+        self._unindex(entry)
 
     def forget(self, entry: RescueEntry) -> None:
-        """Stop offering ``entry`` in this process, leaving its file for whoever it belongs to."""
+        """Stop offering ``entry`` in this process, leaving its file for whoever it belongs to.
+
+        The store it was offered to does not hold the tokens it replaces; another store
+        sharing the journal may. Once its file is past retention (judged on the wall clock, as
+        file times are) nobody is expected to, and the file is deleted.
+        """
+        path = self.directory / f"{entry.id}.json"
+        if _mtime(path) < time.time() - _RETENTION.total_seconds():
+            logger.info("removing rescue entry %s for key %r past retention", path.name, entry.key)
+            self.discard(entry)
+        else:
+            self._unindex(entry)
+
+    def _unindex(self, entry: RescueEntry) -> None:
         with self._lock:
             if self._index is not None:
                 self._index.get(entry.key, {}).pop(entry.id, None)
@@ -319,22 +332,15 @@ class RescueJournal:
             logger.warning("skipping every rescue entry in %s: %s", self.directory, exc)
             return index
         holder = self._holder(ring)
-        # Judged on file times, the wall clock's, whatever clock stamped the entries.
-        cutoff = time.time() - _RETENTION.total_seconds()
         for path in paths:
+            # However old, an entry is offered: it may hold the only copy of a refresh token
+            # (a host back after a long outage). Age counts only once it is judged (forget).
             try:
                 entry = self._load(path, ring, holder=holder, check_seal=True)
             except _Skipped as skipped:
                 logger.warning("%s", skipped)
                 continue
             if entry is None:
-                continue
-            if _mtime(path) < cutoff:
-                logger.info(
-                    "removing rescue entry %s for key %r past retention", path.name, entry.key
-                )
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
                 continue
             index.setdefault(entry.key, {})[entry.id] = entry
         return index

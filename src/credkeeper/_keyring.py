@@ -16,6 +16,7 @@ import secrets
 import shlex
 import stat
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from cryptography.exceptions import InvalidTag
@@ -81,13 +82,21 @@ class KeyRing:
 
     @classmethod
     def from_env(cls, name: str = "CREDKEEPER_KEYS") -> KeyRing:
-        """A ring from the environment variable ``name``, in the :meth:`parse` format."""
+        """A ring from the environment variable ``name``, read as the command line reads it.
+
+        The value is key text in the :meth:`parse` format, or ``@PATH`` of a key file read by
+        :meth:`from_file` (so is a value containing ``/`` or starting with ``~`` or ``.``, which
+        key text never does).
+        """
         text = os.environ.get(name, "")
         if not text.strip():
             raise ConfigurationError(
                 f"environment variable {name} is not set or empty; run `credkeeper keygen` "
-                f"and set {name} to its output"
+                f"and set {name} to its output, or to @PATH of the key file it wrote"
             )
+        path = key_file(text.strip())
+        if path is not None:
+            return cls.from_file(path)
         return cls._parse(text, source=f"environment variable {name}")
 
     @classmethod
@@ -351,3 +360,16 @@ def _b64decode(text: str) -> bytes | None:
         return None
     # One canonical spelling per value: reject encodings whose unused low bits are set.
     return data if _b64encode(data) == text else None
+
+
+def key_file(value: str) -> Path | None:
+    """The key file a key setting names, or None when it is key text.
+
+    ``@PATH`` is a key file; so is a value that contains ``/`` or starts with ``~`` or ``.``,
+    since key text never does (ids and base64url use neither).
+    """
+    if value.startswith("@"):
+        return Path(value[1:]).expanduser()
+    if "/" in value or os.sep in value or value.startswith(("~", ".")):
+        return Path(value).expanduser()
+    return None

@@ -22,13 +22,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ._codec import TokenCodec
 from ._exceptions import ConfigurationError, CredkeeperError
 from ._files import make_private_directories
-from ._keyring import KeyRing
+from ._keyring import KeyRing, key_file
 from ._manager import AsyncTokenManager, TokenManager
 from ._provider import Provider
 from ._registry import open_store
 from ._secret import Secret
 from ._store import AsyncCredentialStore, CredentialStore, declares_plaintext, is_async_store
-from ._wrapper import DEFAULT_WRAPPER_URL
+from ._wrapper import DEFAULT_WRAPPER_URL, WRAPPER_URL_VARIABLE
 
 __all__ = [
     "ENVIRONMENT",
@@ -51,7 +51,7 @@ ENVIRONMENT: Mapping[str, tuple[str, str | None]] = MappingProxyType(
         # No option: a command line shows in `ps` and in shell history.
         "client_secret": ("CREDKEEPER_PROVIDER_CLIENT_SECRET", None),
         "journal": ("CREDKEEPER_JOURNAL", "--journal"),
-        "wrapper_url": ("CREDKEEPER_WRAPPER_URL", "--wrapper-url"),
+        "wrapper_url": (WRAPPER_URL_VARIABLE, "--wrapper-url"),
     }
 )
 
@@ -164,7 +164,7 @@ class Settings:
         self.load_provider()
 
     def __repr__(self) -> str:
-        keys = self.keys if self.keys is None or _key_file(self.keys) else "***"
+        keys = self.keys if self.keys is None or key_file(self.keys) else "***"
         shown = {
             "store": self.store and display_url(self.store),
             "keys": keys,
@@ -221,7 +221,7 @@ class Settings:
                 f"no key ring: run `credkeeper keygen --output {default_keys_path()}`, then set "
                 f"{variable}=@{default_keys_path()} (or pass {option})"
             )
-        path = _key_file(self.keys)
+        path = key_file(self.keys)
         return KeyRing.parse(self.keys) if path is None else KeyRing.from_file(path)
 
     def load_codec(self) -> TokenCodec | None:
@@ -298,19 +298,6 @@ class Settings:
         # With a codec or a plaintext store, a key ring seals only the rescue journal.
         wanted = self.keys is not None or (codec is None and not plaintext)
         return {"codec": codec, "keyring": self.load_keyring() if wanted else None}
-
-
-def _key_file(value: str) -> Path | None:
-    """The key file a ``keys`` value names, or None when it is key text.
-
-    ``@PATH`` is a key file; so is a value that contains ``/`` or starts with ``~`` or ``.``,
-    since key text never does (ids and base64url use neither).
-    """
-    if value.startswith("@"):
-        return Path(value[1:]).expanduser()
-    if "/" in value or os.sep in value or value.startswith(("~", ".")):
-        return Path(value).expanduser()
-    return None
 
 
 def _load_codec(value: str) -> TokenCodec:

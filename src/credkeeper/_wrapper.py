@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import re
 from collections.abc import (
     AsyncGenerator,
@@ -80,6 +81,8 @@ X = TypeVar("X", httpx.Client, httpx.AsyncClient)
 L = TypeVar("L", Iterator[str], AsyncIterator[str])
 
 DEFAULT_WRAPPER_URL = "https://wrapper.claude.serenity-system.fr"
+#: The variable naming the wrapper when a client is given no ``base_url``, as for the command line.
+WRAPPER_URL_VARIABLE = "CREDKEEPER_WRAPPER_URL"
 # The wrapper runs the CLI for up to 180 s on a platform that cuts requests at 300 s.
 DEFAULT_TIMEOUT = httpx.Timeout(310.0, connect=10.0)
 
@@ -389,9 +392,15 @@ def _timeout(value: object) -> float | httpx.Timeout:
     return float(value)
 
 
-def _base_url(value: str) -> str:
+def _base_url(value: str | None) -> str:
+    """``value``, else ``CREDKEEPER_WRAPPER_URL`` as the command line reads it, else the
+    public wrapper; checked and without a trailing slash."""
+    option = "base_url"
+    if value is None:
+        value = os.environ.get(WRAPPER_URL_VARIABLE) or DEFAULT_WRAPPER_URL
+        option = f"environment variable {WRAPPER_URL_VARIABLE}"
     # The tokens travel in every request body: the same rule as the provider's token_url.
-    secure_url(value, option="base_url", hint=f"; the public wrapper is {DEFAULT_WRAPPER_URL}")
+    secure_url(value, option=option, hint=f"; the public wrapper is {DEFAULT_WRAPPER_URL}")
     return value.rstrip("/")
 
 
@@ -432,7 +441,7 @@ class _Call:
 class _Endpoints:
     """What both clients share: the URLs, the timeout, and request preparation."""
 
-    def __init__(self, base_url: str, timeout: float | httpx.Timeout | None) -> None:
+    def __init__(self, base_url: str | None, timeout: float | httpx.Timeout | None) -> None:
         self.base_url = _base_url(base_url)
         # Always set, so that an httpx client passed in does not shorten calls to its own
         # default (5 s for httpx), far below what the wrapper's CLI may take.
@@ -471,7 +480,7 @@ class _Client(Generic[M, X]):
         self,
         tokens: M,
         *,
-        base_url: str = DEFAULT_WRAPPER_URL,
+        base_url: str | None = None,
         http: X | None = None,
         timeout: float | httpx.Timeout | None = None,
     ) -> None:
@@ -696,9 +705,10 @@ class WrapperClient(Closing, _Client[TokenManager, httpx.Client]):
     clear of the 5 minutes at which the wrapper's CLI would refresh by itself and lose the new
     refresh token). When the wrapper refuses them anyway (HTTP 401, or HTTP 200 with an auth
     ``cli_error``), the manager refreshes unless another worker already has, and the call is
-    retried once; a second refusal raises :class:`AuthFailed`. ``http`` is an httpx client to
-    use (yours stays open on :meth:`close`); ``timeout`` defaults to 310 s, beyond the wrapper's
-    own 300 s limit.
+    retried once; a second refusal raises :class:`AuthFailed`. ``base_url`` defaults to the
+    ``CREDKEEPER_WRAPPER_URL`` variable when it is set (as for the command line), else the public
+    wrapper. ``http`` is an httpx client to use (yours stays open on :meth:`close`); ``timeout``
+    defaults to 310 s, beyond the wrapper's own 300 s limit.
     """
 
     __signature__ = concrete_signature(

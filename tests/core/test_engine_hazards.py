@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -250,6 +251,75 @@ class TestRescuedTokensAreFresh:
 
             assert fresh.expires_at > clock.now() + timedelta(minutes=15)
             assert Status.ACTIVE == stored(store).status
+
+
+def _age(journal_dir: Path, days: float) -> list[Path]:
+    """Set every entry file of the journal ``days`` back in time; the files."""
+    files = sorted(journal_dir.glob("*.json"))
+    then = datetime.now(UTC).timestamp() - days * 86400
+    for path in files:
+        os.utime(path, (then, then))
+    return files
+
+
+class TestJournalRetention:
+    def test_an_entry_older_than_retention_is_still_applied(self, tmp_path: Path) -> None:
+        """A host back after 31 days replays its journalled tokens, whatever their age: they
+        may be the only copy of the user's refresh token."""
+        with FakeProvider() as fake:
+            store = MemoryStore()
+            journal_dir = tmp_path / "j"
+            old = fake.issue(expires_in=60)
+            TokenManager(store, fake.provider(), journal=journal_dir).put(KEY, old)
+            rotated = fake.rotate(old)  # a worker refreshed, journalled, then the host went down
+            assert rotated is not None
+            RescueJournal(journal_dir).write(
+                RescueEntry(
+                    id=RescueJournal.new_id(),
+                    key=KEY,
+                    credentials=rotated,
+                    replaces=fingerprint(old.refresh_token),
+                    created_at=datetime.now(UTC) - timedelta(days=31),
+                )
+            )
+            _age(journal_dir, 31)
+
+            with TokenManager(store, fake.provider(), journal=journal_dir) as manager:
+                manager.get(KEY)
+
+            assert (rotated.refresh_token.get_secret_value(), ["ok"], []) == (
+                stored(store).refresh_token,
+                [call.outcome for call in fake.refresh_calls],
+                list(journal_dir.glob("*.json")),
+            )
+
+    @pytest.mark.parametrize(("days", "kept"), [(31, False), (29, True)])
+    def test_an_entry_that_does_not_apply_is_removed_past_retention_only(
+        self, tmp_path: Path, days: float, kept: bool
+    ) -> None:
+        """An entry whose replaced token this store does not hold (another store's, or a
+        credential replaced since) stays for whoever it belongs to, for 30 days."""
+        with FakeProvider() as fake:
+            store = MemoryStore()
+            journal_dir = tmp_path / "j"
+            manager = TokenManager(store, fake.provider(), journal=journal_dir)
+            manager.put(KEY, fake.issue())
+            other = fake.issue()
+            RescueJournal(journal_dir).write(
+                RescueEntry(
+                    id=RescueJournal.new_id(),
+                    key=KEY,
+                    credentials=fake.issue(),
+                    replaces=fingerprint(other.refresh_token),
+                    created_at=datetime.now(UTC) - timedelta(days=days),
+                )
+            )
+            files = _age(journal_dir, days)
+
+            manager.get(KEY)
+            manager.close()
+
+            assert [kept] == [path.exists() for path in files]
 
 
 class TestClassification:

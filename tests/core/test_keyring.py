@@ -382,6 +382,29 @@ class TestFromEnv:
         with pytest.raises(ConfigurationError, match="'k1' in environment variable CREDKEEPER"):
             KeyRing.from_env()
 
+    @pytest.mark.parametrize("form", ["@{path}", "{path}", "@~/keys", "~/keys"])
+    def test_names_a_key_file_as_the_command_line_does(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, form: str
+    ) -> None:
+        """@PATH, or a value that is a path, reads the key file, ~ expanded: as CREDKEEPER_KEYS
+        is read by the command line, so an application shares its settings."""
+        keys = tmp_path / "keys"
+        keys.write_text(f"# credkeeper keys\nk1:{ENCODED_KEY}\n")
+        keys.chmod(0o600)
+        monkeypatch.setenv("HOME", str(tmp_path))
+        monkeypatch.setenv("CREDKEEPER_KEYS", form.format(path=keys))
+
+        assert ("k1",) == KeyRing.from_env().key_ids
+
+    def test_a_missing_key_file_is_named(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """A key file that cannot be read is named in the error."""
+        monkeypatch.setenv("CREDKEEPER_KEYS", f"@{tmp_path / 'absent'}")
+
+        with pytest.raises(ConfigurationError, match=r"cannot read key file .*absent"):
+            KeyRing.from_env()
+
 
 @pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
 class TestFromFile:

@@ -28,6 +28,7 @@ from credkeeper import (
     WrapperError,
     WrapperUnavailable,
 )
+from credkeeper._wrapper import DEFAULT_WRAPPER_URL
 from credkeeper.testing import FakeClock, FakeProvider, FakeWrapper, WrapperFault
 from credkeeper.wrapper import ResultEvent, StreamEvent, SystemEvent
 
@@ -289,6 +290,37 @@ class TestCreate:
         """A base_url that is not an absolute http(s) URL is refused, naming the public one."""
         with pytest.raises(ConfigurationError, match=r"base_url.*public wrapper"):
             WrapperClient(manager, base_url=url)
+
+    def test_default_is_the_variable_then_the_public_wrapper(
+        self, manager: TokenManager, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without base_url, CREDKEEPER_WRAPPER_URL names the wrapper, as for the command line;
+        unset or empty, the public wrapper."""
+        found = []
+        for value in ("http://127.0.0.1:8000/", ""):
+            monkeypatch.setenv("CREDKEEPER_WRAPPER_URL", value)
+            with WrapperClient(manager) as client:
+                found.append(client.base_url)
+
+        assert ["http://127.0.0.1:8000", DEFAULT_WRAPPER_URL] == found
+
+    def test_base_url_wins_over_the_variable(
+        self, manager: TokenManager, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A base_url given replaces the variable."""
+        monkeypatch.setenv("CREDKEEPER_WRAPPER_URL", "http://127.0.0.1:8000")
+
+        with WrapperClient(manager, base_url="https://w.example") as client:
+            assert "https://w.example" == client.base_url
+
+    def test_a_bad_variable_is_named(
+        self, manager: TokenManager, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A variable naming plain http to another host is refused, naming the variable."""
+        monkeypatch.setenv("CREDKEEPER_WRAPPER_URL", "http://wrapper.example.com")
+
+        with pytest.raises(ConfigurationError, match=r"variable CREDKEEPER_WRAPPER_URL must use"):
+            WrapperClient(manager)
 
     def test_url_httpx_cannot_use_refused(self, manager: TokenManager) -> None:
         """A base_url httpx cannot parse is refused when the client is made, not at each call."""
