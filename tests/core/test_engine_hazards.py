@@ -18,6 +18,7 @@ import pytest
 from credkeeper import (
     AsyncTokenManager,
     CredentialNotFound,
+    Credentials,
     MemoryStore,
     ProviderError,
     ProviderUnavailable,
@@ -37,6 +38,28 @@ def stored(store: MemoryStore, key: str = KEY) -> Record:
     record = store.get(key)
     assert record is not None
     return record
+
+
+def journal(
+    directory: Path, credentials: Credentials, replaces: Credentials, *, days_old: float = 0
+) -> Path:
+    """Leave in the rescue journal at ``directory`` what a worker on this host journalled
+    ``days_old`` days ago (the file's time too) and never wrote: ``credentials``, replacing
+    ``replaces``. The entry's file."""
+    created = datetime.now(UTC) - timedelta(days=days_old)
+    entry_id = RescueJournal.new_id()
+    RescueJournal(directory).write(
+        RescueEntry(
+            id=entry_id,
+            key=KEY,
+            credentials=credentials,
+            replaces=fingerprint(replaces.refresh_token),
+            created_at=created,
+        )
+    )
+    path = directory / f"{entry_id}.json"
+    os.utime(path, (created.timestamp(), created.timestamp()))
+    return path
 
 
 # Races are staged with events, never with sleeps: a request to the provider is held until the
@@ -236,30 +259,13 @@ class TestRescuedTokensAreFresh:
             # A sibling process on this host refreshed, journalled the answer, and crashed.
             rotated = fake.rotate(old)
             assert rotated is not None
-            RescueJournal(journal_dir).write(
-                RescueEntry(
-                    id=RescueJournal.new_id(),
-                    key=KEY,
-                    credentials=rotated,
-                    replaces=fingerprint(old.refresh_token),
-                    created_at=clock.now(),
-                )
-            )
+            journal(journal_dir, rotated, old)
             clock.advance(timedelta(hours=9))
 
             fresh = manager.get(KEY)
 
             assert fresh.expires_at > clock.now() + timedelta(minutes=15)
             assert Status.ACTIVE == stored(store).status
-
-
-def _age(journal_dir: Path, days: float) -> list[Path]:
-    """Set every entry file of the journal ``days`` back in time; the files."""
-    files = sorted(journal_dir.glob("*.json"))
-    then = datetime.now(UTC).timestamp() - days * 86400
-    for path in files:
-        os.utime(path, (then, then))
-    return files
 
 
 class TestJournalRetention:
@@ -273,16 +279,7 @@ class TestJournalRetention:
             TokenManager(store, fake.provider(), journal=journal_dir).put(KEY, old)
             rotated = fake.rotate(old)  # a worker refreshed, journalled, then the host went down
             assert rotated is not None
-            RescueJournal(journal_dir).write(
-                RescueEntry(
-                    id=RescueJournal.new_id(),
-                    key=KEY,
-                    credentials=rotated,
-                    replaces=fingerprint(old.refresh_token),
-                    created_at=datetime.now(UTC) - timedelta(days=31),
-                )
-            )
-            _age(journal_dir, 31)
+            journal(journal_dir, rotated, old, days_old=31)
 
             with TokenManager(store, fake.provider(), journal=journal_dir) as manager:
                 manager.get(KEY)
@@ -304,22 +301,12 @@ class TestJournalRetention:
             journal_dir = tmp_path / "j"
             manager = TokenManager(store, fake.provider(), journal=journal_dir)
             manager.put(KEY, fake.issue())
-            other = fake.issue()
-            RescueJournal(journal_dir).write(
-                RescueEntry(
-                    id=RescueJournal.new_id(),
-                    key=KEY,
-                    credentials=fake.issue(),
-                    replaces=fingerprint(other.refresh_token),
-                    created_at=datetime.now(UTC) - timedelta(days=days),
-                )
-            )
-            files = _age(journal_dir, days)
+            entry = journal(journal_dir, fake.issue(), replaces=fake.issue(), days_old=days)
 
             manager.get(KEY)
             manager.close()
 
-            assert [kept] == [path.exists() for path in files]
+            assert kept == entry.exists()
 
 
 class TestClassification:
