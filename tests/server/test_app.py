@@ -41,13 +41,39 @@ def test_readyz_answers_200_when_the_store_and_journal_are_usable(service: Servi
 
 
 def test_readyz_answers_503_when_the_journal_is_unusable(service: Service, tmp_path: Path) -> None:
-    """GET /readyz answers 503 not_ready, naming the journal, when others can write to it."""
+    """GET /readyz answers 503 not_ready when others can write to the journal, saying when to
+    retry as every 503 does."""
     journal = tmp_path / "journal"
     journal.mkdir(exist_ok=True)
     journal.chmod(0o777)
     with service.client() as client:
         response = client.get("/readyz")
-    assert (503, "not_ready") == (response.status_code, response.json()["code"])
+    assert (503, "not_ready", "5") == (
+        response.status_code,
+        response.json()["code"],
+        response.headers.get("Retry-After"),
+    )
+
+
+def test_a_misconfigured_store_is_the_services_failure_told_in_its_log(
+    start_service: Callable[..., Service], tmp_path: Path
+) -> None:
+    """A store whose table is missing answers 500 configuration_error, not a 422 blaming the
+    caller; neither the answer nor /readyz (open to anyone) names the database, the log does."""
+    database = tmp_path / "no-table.db"
+    service = start_service("--no-sweep", store=f"sqlite:///{database}")
+    with service.client() as client:
+        answer = client.get("/v1/users/alice/credentials")
+        ready = client.get("/readyz")
+    assert (
+        (500, "configuration_error", 503),
+        [False, False],
+        True,
+    ) == (
+        (answer.status_code, answer.json()["code"], ready.status_code),
+        [str(database) in response.text for response in (answer, ready)],
+        str(database) in service.output(),
+    )
 
 
 # -- credentials -------------------------------------------------------------------------
@@ -276,6 +302,20 @@ def test_users_are_listed_in_pages(service: Service, login: Callable[..., Creden
                 break
             params["cursor"] = page["next_cursor"]
     assert ["a", "b", "c"] == seen
+
+
+@pytest.mark.parametrize("cursor", ["@@", "!!", "~", "YQ=="])
+def test_a_cursor_the_service_did_not_make_is_refused(
+    service: Service, login: Callable[..., Credentials], cursor: str
+) -> None:
+    """A cursor with characters no cursor has is a 422 naming it, not page one again."""
+    login("a")
+    with service.client() as client:
+        response = client.get("/v1/users", params={"cursor": cursor})
+    assert (422, ["cursor"]) == (
+        response.status_code,
+        [error["field"] for error in response.json()["errors"]],
+    )
 
 
 def test_users_filter_by_status(

@@ -227,3 +227,26 @@ def test_a_refused_forced_refresh_is_audited_as_one(
         client.get("/v1/users/alice/credentials", params={"force": "true"})
     (line,) = audit_lines(audit)
     assert ("forced_refresh", "writer", 403) == (line["action"], line["api_key"], line["status"])
+
+
+def test_every_spelling_of_force_is_audited_as_a_forced_refresh(
+    start_service: Callable[..., Service], login: Callable[..., Credentials], tmp_path: Path
+) -> None:
+    """force=yes, on, t, 1 refresh as force=true does, and are audited so; force=no reads."""
+    audit = tmp_path / "audit.jsonl"
+    login("alice")
+    service = start_service("--no-sweep", "--audit-log", str(audit))
+    spellings = ["true", "yes", "on", "t", "1", "no"]
+    with service.client() as client:
+        for force in spellings:
+            client.get("/v1/users/alice/credentials", params={"force": force})
+    assert ["forced_refresh"] * 5 + ["read"] == [line["action"] for line in audit_lines(audit)]
+
+
+def test_a_validation_message_naming_a_token_field_is_not_masked(service: Service) -> None:
+    """failed_access_token's problem reads whole: the field's name is not taken for a token."""
+    with service.client() as client:
+        body = client.post(
+            "/v1/users/alice/credentials/refresh", json={"failed_access_token": ""}
+        ).json()
+    assert "invalid request: failed_access_token (must be a non-empty string)" == body["detail"]

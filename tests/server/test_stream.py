@@ -7,6 +7,7 @@ service buffering the reply would be seen doing it.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,6 +21,7 @@ from credkeeper.testing import FakeProvider, FakeWrapper, WrapperFault
 from .conftest import Service
 
 GAP = 0.1
+HELLO = {"messages": [{"role": "user", "content": "Hello"}]}
 STREAM = {"messages": [{"role": "user", "content": "one two three four"}], "stream": True}
 
 
@@ -132,3 +134,37 @@ def test_no_token_is_in_any_line(
         _, arrivals = stream(client)
     text = json.dumps([document for _, document in arrivals])
     assert [] == [token for token in fake.all_tokens() if token in text]
+
+
+def test_sigterm_cuts_a_call_still_running_after_the_shutdown_timeout(
+    start_service: Callable[..., Service],
+    login: Callable[..., Credentials],
+    wrapper: FakeWrapper,
+) -> None:
+    """A wrapper call still running at SIGTERM gets --shutdown-timeout, then is cut and the
+    process exits; without the cut it would wait out the wrapper's whole minute."""
+    login("alice")
+    wrapper.fail_next(WrapperFault.delay(60))
+    service = start_service("--no-sweep", "--shutdown-timeout", "1")
+    answers: list[int | str] = []
+
+    def call() -> None:
+        with service.client() as client:
+            try:
+                answers.append(client.post("/v1/users/alice/messages", json=HELLO).status_code)
+            except httpx.HTTPError as exc:
+                answers.append(type(exc).__name__)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.monotonic() + 30
+    while wrapper.pending_faults and time.monotonic() < deadline:  # the call holds the delay
+        time.sleep(0.01)
+    started = time.monotonic()
+    service.process.terminate()
+    service.process.wait(timeout=30)  # uvicorn exits by the signal it caught, once shut down
+    stopped = time.monotonic() - started
+    caller.join(30)
+    # The wrapper's answer was a minute away: the process did not wait for it, and the caller
+    # got an answer (the connection closed) rather than hanging.
+    assert (True, 1) == (stopped < 30, len(answers)), (stopped, answers)

@@ -99,6 +99,15 @@ def is_loopback(host: str) -> bool:
     show_default=True,
     help="The largest request body accepted; larger ones get 413.",
 )
+@click.option(
+    "--shutdown-timeout",
+    type=click.IntRange(0),
+    default=10,
+    show_default=True,
+    metavar="SECONDS",
+    help="On SIGTERM, how long requests still running (a wrapper call can take minutes) may "
+    "finish before they are cut; refreshes they started finish and are stored regardless.",
+)
 @pass_options
 def serve(
     options: GlobalOptions,
@@ -109,13 +118,15 @@ def serve(
     webhook_secret: str | None,
     audit_log: Path | None,
     max_body_bytes: int,
+    shutdown_timeout: int,
 ) -> None:
     """Serve credentials and Claude Wrapper API calls over HTTP, from the global options' store,
     key ring, provider, journal and wrapper URL.
 
     Listening beyond loopback needs --api-keys: every route but /healthz, /readyz and the API
-    document then asks for 'Authorization: Bearer <key>'. Stops on SIGTERM or Ctrl-C after the
-    refreshes in flight finish and the webhooks pending are delivered (for at most 10 s).
+    document then asks for 'Authorization: Bearer <key>'. Stops on SIGTERM or Ctrl-C: requests
+    still running get --shutdown-timeout to finish, then the refreshes in flight finish and the
+    webhooks pending are delivered (for at most 10 s).
     """
     host, port = parse_listen(listen)
     if api_keys_file is None and not is_loopback(host):
@@ -161,7 +172,12 @@ def serve(
                 webhooks=webhooks,
             )
             config: Any = uvicorn.Config(
-                app, host=host, port=port, log_level="info", server_header=False
+                app,
+                host=host,
+                port=port,
+                log_level="info",
+                server_header=False,
+                timeout_graceful_shutdown=shutdown_timeout,
             )
             await uvicorn.Server(config).serve()
 

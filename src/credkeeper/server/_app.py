@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -43,7 +44,6 @@ from credkeeper._exceptions import (
 from credkeeper._manager import AsyncTokenManager
 from credkeeper._messages import OPTIONS, Event
 from credkeeper._record import END_OF_TIME, Record, Status, check_key
-from credkeeper._redact import Redactor
 from credkeeper._sweeper import AsyncSweeper
 from credkeeper._wrapper import AsyncMessageStream, AsyncWrapperClient
 
@@ -53,6 +53,7 @@ from ._audit import audit
 from ._metrics import CONTENT_TYPE_LATEST, MeasureRequests, ServiceMetrics, read_records
 from ._problems import (
     BODY_TOO_LARGE,
+    DEFAULT_RETRY_AFTER,
     FORBIDDEN_SCOPE,
     FORBIDDEN_TENANT,
     INTERNAL,
@@ -70,6 +71,7 @@ from ._problems import (
     problem_body,
     problem_of,
     problem_responses,
+    redact,
 )
 from ._webhooks import Webhooks
 
@@ -94,7 +96,6 @@ _READY_PROBE = "credkeeper:readyz"
 # How long /readyz waits for the store before calling it unavailable.
 _READY_TIMEOUT = 5.0
 _NO_STORE = {"Cache-Control": "no-store"}
-_REDACTOR = Redactor()
 
 _bearer = HTTPBearer(auto_error=False, description="An API key made by `credkeeper apikey`.")
 
@@ -190,6 +191,8 @@ def _problem_response(problem: Problem) -> JSONResponse:
     headers = dict(problem.headers)
     if problem.kind is UNAUTHENTICATED:
         headers["WWW-Authenticate"] = "Bearer"
+    if problem.kind.status == 503:
+        headers.setdefault("Retry-After", str(DEFAULT_RETRY_AFTER))
     return JSONResponse(
         problem_body(problem),
         status_code=problem.kind.status,
@@ -208,7 +211,21 @@ def _handle_errors(app: FastAPI, *, who: Callable[[Request], ApiKey | None]) -> 
 
     async def on_credkeeper(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, CredkeeperError)
-        return _problem_response(problem_of(exc))
+        problem = problem_of(exc)
+        if problem.kind.status >= 500:
+            # The client's detail says little on purpose (see problem_of): the log says what.
+            _logger.log(
+                logging.ERROR if problem.kind.status == 500 else logging.WARNING,
+                "%s %s answered %s %s: %s: %s",
+                request.method,
+                _template(request),
+                problem.kind.status,
+                problem.kind.code,
+                type(exc).__name__,
+                redact(str(exc)),
+                exc_info=exc if problem.kind.status == 500 else None,
+            )
+        return _problem_response(problem)
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -217,8 +234,7 @@ def _handle_errors(app: FastAPI, *, who: Callable[[Request], ApiKey | None]) -> 
             FieldViolation(_field(error.get("loc", ())), str(error.get("msg", "invalid")))
             for error in exc.errors()
         ]
-        listed = "; ".join(str(error) for error in errors)
-        problem = Problem(VALIDATION_FAILED, f"invalid request: {listed}", errors=errors)
+        problem = _invalid(errors)
         _audit_line(request, who(request), problem.kind.status, problem.kind.code)
         return _problem_response(problem)
 
@@ -296,6 +312,13 @@ class _BodyLimit(HTTPMiddleware):
 
 
 # -- the routes --------------------------------------------------------------------------
+
+
+def _invalid(errors: list[FieldViolation]) -> Problem:
+    """The 422 listing ``errors``. Each reads ``field (message)``: ``field: message`` would
+    look like a token's field to the redactor when the field's name holds ``access_token``."""
+    listed = "; ".join(f"{error.field} ({error.message})" for error in errors)
+    return Problem(VALIDATION_FAILED, f"invalid request: {listed}", errors=errors)
 
 
 def _decode_key(raw: str) -> str:
@@ -537,7 +560,7 @@ class _Service:
             "next_refresh_at": _iso(due) if record.status is Status.ACTIVE else None,
             "failures": record.failures,
             "cooldown_until": _iso(record.cooldown_until),
-            "last_error": record.last_error and _REDACTOR.redact(record.last_error),
+            "last_error": record.last_error and redact(record.last_error),
             "scopes": list(record.scopes),
             "subscription_type": record.subscription_type,
         }
@@ -601,7 +624,11 @@ class _Service:
             try:
                 await asyncio.wait_for(manager.store.get(_READY_PROBE), _READY_TIMEOUT)
             except (TimeoutError, CredkeeperError) as exc:
-                reason = "did not answer in time" if isinstance(exc, TimeoutError) else str(exc)
+                reason = "did not answer in time"
+                if not isinstance(exc, TimeoutError):
+                    # Answered to anyone: what failed where (hosts, databases, users) is logged.
+                    _logger.warning("readiness: the store failed: %s", redact(str(exc)))
+                    reason = f"it failed ({type(exc).__name__}); see the service's log"
                 raise Problem(
                     STORE_UNAVAILABLE,
                     f"the store is not ready: {reason}",
@@ -686,11 +713,7 @@ class _Service:
                         FieldViolation("failed_access_token", "must be a non-empty string")
                     )
                 if problems:
-                    raise Problem(
-                        VALIDATION_FAILED,
-                        "invalid request: " + "; ".join(str(p) for p in problems),
-                        errors=problems,
-                    )
+                    raise _invalid(problems)
                 handed.credentials = await manager.refresh(name, failed=failed)
             return self.credentials_answer(handed.credentials)
 
@@ -856,12 +879,7 @@ class _Service:
             conversation = body.pop("messages", None)
             unknown = sorted(body.keys() - MESSAGE_OPTIONS)
             if unknown:
-                errors = [FieldViolation(field, "unknown field") for field in unknown]
-                raise Problem(
-                    VALIDATION_FAILED,
-                    "invalid request: " + "; ".join(str(error) for error in errors),
-                    errors=errors,
-                )
+                raise _invalid([FieldViolation(field, "unknown field") for field in unknown])
             if not stream:
                 message = await self.wrapper.messages.create(name, conversation, **body)
                 return JSONResponse(message.raw)
@@ -885,6 +903,9 @@ class _Handed:
         self.status = 200
 
 
+# What a bool query parameter takes for true (pydantic's lax mode, which FastAPI uses).
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+
 # The credential routes the audit log records, by method and route template.
 _AUDITED = {
     ("GET", "/v1/users/{key}/credentials"): "read",
@@ -907,7 +928,8 @@ def _audit_line(
     raw = request.path_params.get("key")
     if action is None or not isinstance(raw, str):
         return
-    if action == "read" and request.query_params.get("force", "").lower() in ("true", "1"):
+    if action == "read" and request.query_params.get("force", "").lower() in _TRUE:
+        # Read as the route reads it, for a request refused before the route ran too.
         action = "forced_refresh"
     audit(
         action=action,
@@ -953,6 +975,9 @@ async def _relay(events: AsyncMessageStream, first: Event) -> AsyncIterator[byte
         yield json.dumps({"type": "error", "error": error}, separators=(",", ":")).encode() + b"\n"
 
 
+_CURSOR = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _make_cursor(key: str) -> str:
     return base64.urlsafe_b64encode(key.encode("utf-8")).decode("ascii").rstrip("=")
 
@@ -962,6 +987,9 @@ def _read_cursor(cursor: str | None) -> str | None:
     if cursor is None:
         return None
     try:
+        if not _CURSOR.fullmatch(cursor):
+            # urlsafe_b64decode would drop the other characters, and read "@@" as page one.
+            raise ValueError(cursor)
         padded = cursor + "=" * (-len(cursor) % 4)
         return base64.urlsafe_b64decode(padded.encode("ascii")).decode("utf-8")
     except (ValueError, binascii.Error, UnicodeError):

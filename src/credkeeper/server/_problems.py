@@ -48,6 +48,7 @@ __all__ = [
     "problem_body",
     "problem_of",
     "problem_responses",
+    "redact",
 ]
 
 MEDIA_TYPE = "application/problem+json"
@@ -108,7 +109,9 @@ TABLE: tuple[tuple[type[CredkeeperError], Kind], ...] = (
     (WrapperUnavailable, Kind(502, "wrapper_unavailable", "The wrapper is unavailable")),
     (WrapperError, WRAPPER_ERROR),
     (CredentialsError, VALIDATION_FAILED),
-    (ConfigurationError, VALIDATION_FAILED),
+    # The request's own input is checked by the service before the library sees it: a
+    # ConfigurationError from the library is the deployment's (a table missing, a privilege).
+    (ConfigurationError, Kind(500, "configuration_error", "The service is misconfigured")),
     (CredkeeperError, INTERNAL),
 )
 
@@ -158,6 +161,11 @@ _HEADERS: dict[int, dict[str, Any]] = {
 }
 
 _REDACTOR = Redactor()
+
+
+def redact(text: str) -> str:
+    """``text`` without anything token-shaped, for a problem's detail or the service's log."""
+    return _REDACTOR.redact(text)
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -228,8 +236,9 @@ def problem_of(exc: CredkeeperError) -> Problem:
             f"no credential is stored under key {exc.key!r}; "
             "store one with PUT /v1/users/{key}/credentials"
         )
-    if kind is INTERNAL:
-        # An unexpected failure's text is for the operator's log, not the client.
+    if kind.status == 500:
+        # The text is for the operator's log, not the client: it can name hosts, databases
+        # and users, and the client can do nothing about it.
         detail = f"the service failed ({type(exc).__name__}); see the service's log"
     return Problem(kind, detail, errors=errors, headers=headers)
 
