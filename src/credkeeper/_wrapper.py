@@ -436,6 +436,9 @@ class _Call:
     body: dict[str, Any] = field(repr=False)
     model: str
     extensions: dict[str, Any]
+    #: Whether the answer is read past its result: the /v1/messages stream is sent in one piece
+    #: and ends there; keepalive's may never end (its CLI is left running).
+    drained: bool = True
 
 
 class _Endpoints:
@@ -467,7 +470,7 @@ class _Endpoints:
         endpoint = self.keepalive if keepalive else self.messages
         timeout = options.get("timeout")
         extensions = self.extensions if timeout is None else _extensions(_timeout(timeout))
-        return _Call(key, endpoint, body, body["model"], extensions)
+        return _Call(key, endpoint, body, body["model"], extensions, drained=not keepalive)
 
 
 class _Client(Generic[M, X]):
@@ -619,7 +622,7 @@ class MessageStream(Closing, _StreamBase):
                         return
             raise _stream_truncated(self._key)
         finally:
-            if self.result is not None:
+            if self.result is not None and self._call.drained:
                 _drain(opened.lines)
             response.close()
 
@@ -812,7 +815,7 @@ class AsyncMessageStream(AsyncClosing, _StreamBase):
                         return
             raise _stream_truncated(self._key)
         finally:
-            if self.result is not None:
+            if self.result is not None and self._call.drained:
                 await _adrain(opened.lines)
             await response.aclose()
 
@@ -940,7 +943,9 @@ class AsyncWrapperClient(AsyncClosing, _Client[AsyncTokenManager, httpx.AsyncCli
 
 def _drain(lines: Iterator[str]) -> None:
     """Read what follows a stream's result (its end, or a few stray lines): a response read to
-    its end gives its connection back to the pool; one closed early throws it away."""
+    its end gives its connection back to the pool; one closed early throws it away. Only for
+    an answer known to end (see ``_Call.drained``): reading one that does not would wait out
+    the read timeout."""
     with contextlib.suppress(httpx.HTTPError):
         for _ in itertools.islice(lines, _DRAIN_LINES):
             pass

@@ -827,6 +827,26 @@ class TestKeepalive:
             (created["path"], created["content"], created["encoding"], created["size"]),
         )
 
+    def test_hang_after_result_leaves_the_stream_open_without_done(
+        self, make_wrapper: MakeWrapper, credentials: Credentials
+    ) -> None:
+        """hang_after_result: the keepalive stream stops after its result, sends no [DONE] and
+        never ends, as the real endpoint's can; reading on waits for the read timeout."""
+        wrapper = make_wrapper(hang_after_result=True)
+        lines: list[str] = []
+        with (
+            httpx.Client(timeout=httpx.Timeout(5.0, read=0.5)) as http,
+            http.stream(
+                "POST", wrapper.url + "/v1/messages/keepalive", json=body(credentials)
+            ) as response,
+            pytest.raises(httpx.ReadTimeout),
+        ):
+            lines.extend(line for line in response.iter_lines() if line)
+        assert ("result", False) == (
+            json.loads(lines[-1].removeprefix("data: "))["type"],
+            "data: [DONE]" in lines,
+        )
+
     def test_auth_failure_is_in_band(
         self, wrapper: FakeWrapper, client: httpx.Client, credentials: Credentials
     ) -> None:

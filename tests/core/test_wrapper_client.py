@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -463,11 +464,11 @@ class TestStream:
 
             assert REPLY == client.messages.create(KEY, HELLO).text
 
-    @pytest.mark.parametrize("keepalive", [False, True], ids=["ndjson", "sse"])
     def test_a_stream_read_to_its_result_keeps_its_connection(
-        self, manager: TokenManager, wrapper: FakeWrapper, alice: Credentials, keepalive: bool
+        self, manager: TokenManager, wrapper: FakeWrapper, alice: Credentials
     ) -> None:
-        """Streams read to the result are read to their end: the next call reuses the connection."""
+        """A /v1/messages stream (sent in one piece) read to its result is read to its end: the
+        next call reuses the connection."""
         connections: list[object] = []
 
         def note(response: httpx.Response) -> None:
@@ -478,10 +479,30 @@ class TestStream:
             WrapperClient(manager, base_url=wrapper.url, http=http) as client,
         ):
             for _ in range(3):
-                with client.messages.stream(KEY, HELLO, keepalive=keepalive) as stream:
+                with client.messages.stream(KEY, HELLO) as stream:
                     list(stream)
 
         assert 1 == len({id(connection) for connection in connections})
+
+    @pytest.mark.parametrize("stop", ["at-the-end", "break-at-result"])
+    def test_a_keepalive_stream_left_open_ends_at_its_result(
+        self, manager: TokenManager, wrapper: FakeWrapper, alice: Credentials, stop: str
+    ) -> None:
+        """The real keepalive endpoint can stay open after its result: the stream ends there
+        and is closed, read to its end or left at the result, not held to the read timeout."""
+        wrapper.hang_after_result = True
+        started = time.monotonic()
+        with (
+            WrapperClient(manager, base_url=wrapper.url, timeout=30) as client,
+            client.messages.stream(KEY, HELLO, keepalive=True) as stream,
+        ):
+            for event in stream:
+                if stop == "break-at-result" and isinstance(event, ResultEvent):
+                    break
+        assert (REPLY, True) == (
+            stream.result and stream.result.result,
+            time.monotonic() - started < 15,  # the read timeout would be 30 s
+        )
 
     def test_injected_client_keeps_the_long_default_timeout(
         self, manager: TokenManager, wrapper: FakeWrapper, alice: Credentials
@@ -655,6 +676,23 @@ class TestSecrets:
 
 
 class TestAsync:
+    @pytest.mark.anyio
+    async def test_a_keepalive_stream_left_open_ends_at_its_result(
+        self, aclient: AsyncWrapperClient, wrapper: FakeWrapper
+    ) -> None:
+        """The async stream ends at a keepalive result too, without waiting for more."""
+        wrapper.hang_after_result = True
+        started = time.monotonic()
+        async with (
+            AsyncWrapperClient(aclient.tokens, base_url=aclient.base_url, timeout=30) as client,
+            client.messages.stream(KEY, HELLO, keepalive=True) as stream,
+        ):
+            events = [event async for event in stream]
+        assert (ResultEvent, True) == (
+            type(events[-1]),
+            time.monotonic() - started < 15,  # the read timeout would be 30 s
+        )
+
     @pytest.mark.anyio
     async def test_plain_http_elsewhere_refused(
         self, store: MemoryStore, fake: FakeProvider, tmp_path: Path

@@ -57,6 +57,8 @@ class Reply:
     close: bool = False
     #: Real seconds between chunks; 0 sends them all in one write.
     gap: float = 0.0
+    #: Keep a chunked body open after its last chunk, never ending it, until the server stops.
+    hold: bool = False
 
 
 def phrase(code: int) -> str:
@@ -415,18 +417,23 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
+            end = b"" if reply.hold else b"0\r\n\r\n"
             if not reply.gap:
                 # Sent in one go, as the buffered /v1/messages stream is.
                 framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in reply.chunks)
-                self.wfile.write(framed + b"0\r\n\r\n")
-                return
-            for index, chunk in enumerate(reply.chunks):
-                if index and self.server.stopping.wait(reply.gap):
-                    self.close_connection = True
-                    return
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.write(framed + end)
+            else:
+                for index, chunk in enumerate(reply.chunks):
+                    if index and self.server.stopping.wait(reply.gap):
+                        self.close_connection = True
+                        return
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+                self.wfile.write(end)
+            if reply.hold:
                 self.wfile.flush()
-            self.wfile.write(b"0\r\n\r\n")
+                self.server.stopping.wait()
+                self.close_connection = True
         except OSError:
             # The client gave up (a timeout or delay fault) and closed its end.
             self.close_connection = True

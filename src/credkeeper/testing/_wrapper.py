@@ -14,6 +14,7 @@ delays and mid-stream errors.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import math
@@ -536,7 +537,9 @@ class FakeWrapper(FakeServer[WrapperFault, WrapperCall]):
     builds to the model's answer (default ``"You said: <last user message>"``); ``latency``
     real seconds pass before each message request is handled, and ``stream_gap`` between the
     lines of a streamed answer (the real wrapper sends them in one go: 0, the default, does
-    too). Token validity is the
+    too). With ``hang_after_result`` a keepalive stream never ends after its ``result``, as the
+    real endpoint's can (its CLI is left running): no ``[DONE]``, the connection held open until
+    the fake stops. Token validity is the
     provider's verdict. Tokens are never printed, logged or shown in ``repr``. :meth:`handler`
     answers the same requests in-process, for ``httpx.MockTransport``.
     """
@@ -567,6 +570,7 @@ class FakeWrapper(FakeServer[WrapperFault, WrapperCall]):
         latency: float = 0.0,
         reply: Callable[[str], str] | None = None,
         stream_gap: float = 0.0,
+        hang_after_result: bool = False,
     ) -> None:
         if not isinstance(provider, FakeProvider):
             raise TypeError(f"provider must be a FakeProvider, not {type(provider).__name__}")
@@ -582,6 +586,7 @@ class FakeWrapper(FakeServer[WrapperFault, WrapperCall]):
         self.clock: Clock = clock if clock is not None else provider.clock
         self.latency = float(latency)
         self.stream_gap = float(stream_gap)
+        self.hang_after_result = hang_after_result
         self.reply = reply
         super().__init__()
         self._files: dict[str, bytes] = {}
@@ -656,6 +661,9 @@ class FakeWrapper(FakeServer[WrapperFault, WrapperCall]):
         if fault is not None and fault.kind == "delay" and raw.wait(fault.seconds):
             return None
         outcome, self_refreshed, reply = self._answer(request, fault, keepalive=keepalive)
+        if keepalive and self.hang_after_result and reply.chunks is not None:
+            # The real endpoint never closes its CLI's stdin: no [DONE], no end.
+            reply = dataclasses.replace(reply, chunks=reply.chunks[:-1], hold=True)
         credentials = request["oauth_credentials"]
         call = WrapperCall(
             at=arrived,
