@@ -84,12 +84,13 @@ def _retry_after(response: httpx.Response, now: datetime) -> float | None:
 
 
 class SalvagedAnswer(ProviderError):
-    """A 2xx answer whose access token is unusable but whose new refresh token must be kept.
+    """A 2xx answer that cannot be used whole but whose new tokens must be kept.
 
-    ``credentials`` hold the new refresh token beside the previous access token, due at once
-    (``expires_at`` is the time of the answer), so the next call refreshes with the new refresh
-    token. Private: the engine stores them like any answer, then raises a plain
-    :class:`ProviderError` to its caller.
+    ``credentials`` hold the answer's tokens (or, when its access token is unusable, the
+    previous one), due at once (``expires_at`` is the time of the answer), so the next call
+    refreshes with the new refresh token. Private: the engine stores them like any answer, then
+    raises a plain :class:`ProviderError` to its caller, since it cannot say how long they live
+    (a caller handing the wrapper an ``expires_at`` of now would have its CLI refresh by itself).
     """
 
     def __init__(
@@ -321,8 +322,8 @@ class Provider:
             if outcome.kept is not None:
                 raise SalvagedAnswer(
                     f"{self.name} answered {status} with an unusable {outcome.field} "
-                    f"({outcome.reason}); the new refresh token was kept, so the next refresh "
-                    f"uses it: {quoted}",
+                    f"({outcome.reason}); the tokens it holds were kept, due at once, so the next "
+                    f"call refreshes with its refresh token: {quoted}",
                     status=status,
                     excerpt=quoted,
                     credentials=outcome.kept,
@@ -497,8 +498,8 @@ def _keep_refresh_token(
 
 def _salvage(
     document: Mapping[str, Any], *, previous: Credentials, now: datetime, error: _Unusable
-) -> Credentials | _Unusable:
-    """The tokens of an answer whose other fields are unreadable, treated as already due.
+) -> _Unusable:
+    """The tokens of an answer whose other fields are unreadable, to keep, already due.
 
     The provider has rotated the refresh token by the time it answers 200: refusing the whole
     answer over an unreadable ``expires_in`` or ``scope`` would drop the only copy of the new
@@ -506,8 +507,9 @@ def _salvage(
     """
     tokens = {name: document.get(name) for name in ("access_token", "refresh_token")}
     try:
-        return Credentials.from_token_response(
+        kept = Credentials.from_token_response(
             {**tokens, "expires_in": 0}, previous=previous, now=now
         )
     except CredentialsError:
         return error
+    return _Unusable(error.reason, error.field, kept)

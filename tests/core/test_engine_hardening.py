@@ -162,6 +162,40 @@ class TestSalvagedAnswer:
         assert "valid" == fake.access_token_state(credentials.access_token)
         await manager.aclose()
 
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [("expires_in", None), ("expires_in", "soon"), ("expires_in", 1e400), ("scope", 42)],
+    )
+    def test_an_answer_of_unknown_lifetime_is_stored_and_not_handed_out(
+        self, field: str, value: object, fake: FakeProvider, clock: FakeClock, tmp_path: Path
+    ) -> None:
+        """An answer whose expiry (or scope) is unreadable: its tokens are stored, due at once,
+        and get() fails typed instead of handing out an access token said to expire now (sent
+        to the wrapper, its CLI would refresh by itself and spend the stored refresh token)."""
+        store = MemoryStore()
+        manager = TokenManager(store, fake.provider(), journal=tmp_path / "j", clock=clock)
+        manager.put(KEY, fake.issue(expires_in=0))
+        fake.fail_next(
+            Fault.reshape(
+                lambda answer: (
+                    {k: v for k, v in answer.items() if k != field}
+                    if value is None
+                    else {**answer, field: value}
+                )
+            )
+        )
+
+        with pytest.raises(ProviderError, match=field):
+            manager.get(KEY)
+        kept = stored(store, KEY)
+        kept_state = fake.refresh_token_state(Secret(kept.refresh_token))
+        credentials = manager.get(KEY)
+
+        assert ("current", True) == (kept_state, kept.expires_at <= clock.now())
+        assert ("fault:reshape", "ok") == tuple(call.outcome for call in fake.refresh_calls)
+        assert credentials.expires_at > clock.now() + timedelta(minutes=15)
+        manager.close()
+
 
 class TestDeadlines:
     def manager(
