@@ -3,8 +3,8 @@
 Each key is copied on its own, judged against what the destination holds at that moment, so a
 run cut off anywhere is finished by running it again: what was copied counts as unchanged, and
 a key is never written twice (stores keep one record per key). The destination is never made
-older: a credential it holds with a later expiry, or other tokens at the same expiry, is a
-login or a refresh it got by itself, and is kept.
+older: a credential it holds whose tokens are newer (obtained later, or without that to go by,
+expiring later), or other tokens as new, is a login or a refresh it got by itself, and is kept.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ class MigrateReport:
     ``copied``: created at the destination. ``updated``: overwritten there, the source holding
     a later credential, or the same one in another state (status, failures, cooldown).
     ``unchanged``: the destination already held the same credential in the same state.
-    ``kept_newer``: the destination's own credential was kept, having a later expiry, or other
-    tokens at the same expiry. ``failed`` maps each key that was not copied to the reason: a
+    ``kept_newer``: the destination's own credential was kept, its tokens being newer, or other
+    tokens as new. ``failed`` maps each key that was not copied to the reason: a
     damaged record on either side, or one that kept changing at the destination. Keys deleted
     from the source during the run count in none.
     """
@@ -82,9 +82,10 @@ def migrate(
     For each key the destination's record is read and the copy decided against it:
 
     - absent: created;
-    - the destination's credential is newer (a later ``expires_at``, or other tokens at the same
-      expiry): kept, since it is a login or a refresh the destination got by itself, and
-      overwriting it could lose the only valid refresh token;
+    - the destination's credential is newer (a later ``refreshed_at`` when both records have
+      one, else a later ``expires_at``; or other tokens as new): kept, since it is a login or
+      a refresh the destination got by itself, and overwriting it could lose the only valid
+      refresh token;
     - the same credential in the same state: left as it is;
     - otherwise (an older credential, or the same one in another state): overwritten, by
       compare-and-swap on the version just read; when another writer got there first, the
@@ -231,15 +232,23 @@ def _judge(wanted: Record, present: Record | None, reseal: KeyRing | None) -> _O
         return "copied"
     ours, theirs = _state(wanted), _state(present)
     same_tokens = _tokens(wanted, reseal) == _tokens(present, reseal)
-    # Compared in whole milliseconds, as every store keeps them, so that a store finer than
-    # another never makes its copy look older.
-    if theirs["expires_at"] > ours["expires_at"] or (
-        theirs["expires_at"] == ours["expires_at"] and not same_tokens
+    if _age(theirs, ours) > _age(ours, theirs) or (
+        _age(theirs, ours) == _age(ours, theirs) and not same_tokens
     ):
         return "kept_newer"
     if same_tokens and ours == theirs and not _needs_reseal(present, reseal):
         return "unchanged"
     return "updated"
+
+
+def _age(state: Mapping[str, Any], other: Mapping[str, Any]) -> tuple[int, ...]:
+    """How recent ``state``'s tokens are, to compare with ``other``'s: when they were obtained
+    if both say, then when they expire. A salvaged answer expires at once though it is the
+    newest; a login stored by an application says nothing of when. Whole milliseconds, as every
+    store keeps them, so that a store finer than another never makes its copy look older."""
+    if state["refreshed_at"] is not None and other["refreshed_at"] is not None:
+        return (state["refreshed_at"], state["expires_at"])
+    return (state["expires_at"],)
 
 
 def _state(record: Record) -> Mapping[str, Any]:

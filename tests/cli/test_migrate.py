@@ -435,6 +435,34 @@ class TestMigrateFunction:
 
         assert (MigrateReport(kept_newer=1), theirs) == (report, destination.get("alice"))
 
+    def test_tokens_obtained_later_win_though_they_expire_sooner(self) -> None:
+        """When both copies say when their tokens were obtained, the later ones are copied over
+        the destination's, whatever the expiries: a provider answer of unknown lifetime is
+        stored expiring at once, and its refresh token is the only live one."""
+        source, destination = MemoryStore(), MemoryStore()
+        destination.put(record("alice", origin="old", expires_in=1800, refreshed_at=NOW))
+        later = NOW + timedelta(minutes=5)
+        source.put(record("alice", origin="new", expires_in=300, refreshed_at=later))
+
+        report = migrate(source, destination)
+        copied = destination.get("alice")
+
+        assert (MigrateReport(updated=1), "refresh-new-alice") == (
+            report,
+            copied and copied.refresh_token,
+        )
+
+    def test_tokens_obtained_earlier_are_not_copied_over_later_ones(self) -> None:
+        """And the other way round: the destination's later tokens stay."""
+        source, destination = MemoryStore(), MemoryStore()
+        source.put(record("alice", origin="old", expires_in=1800, refreshed_at=NOW))
+        later = NOW + timedelta(minutes=5)
+        theirs = destination.put(record("alice", origin="new", expires_in=300, refreshed_at=later))
+
+        report = migrate(source, destination)
+
+        assert (MigrateReport(kept_newer=1), theirs) == (report, destination.get("alice"))
+
     def test_an_older_destination_is_overwritten_keeping_its_lease(self) -> None:
         """A later credential at the source replaces an older one; the destination's lease
         stays, the source's is not copied."""
