@@ -225,15 +225,18 @@ class TestDelete:
     def test_without_a_key_ring_deletes_the_record(
         self, run: Cli, fake: FakeProvider, store_url: str
     ) -> None:
-        """With no key ring, the store's record is deleted, and the message says only that."""
+        """With no key ring, the store's record is deleted, and the message says only that,
+        the journal's entries kept with the fix on stderr."""
         import_credentials(run, "alice", fake.issue())
 
         result = store_only(store_url)("delete", "alice", "--yes")
 
-        assert (0, f"deleted the credential under key 'alice' from {store_url}\n") == (
-            result.exit_code,
-            result.stdout,
-        )
+        assert (
+            0,
+            f"deleted the credential under key 'alice' from {store_url}\n",
+            "credkeeper: warning: rescue-journal entries for the key are kept: pass --keys or "
+            "--codec to drop them too\n",
+        ) == (result.exit_code, result.stdout, result.stderr)
         assert not is_stored(store_url, "alice")
 
     def test_a_damaged_record_can_be_deleted(

@@ -764,6 +764,10 @@ def delete(options: GlobalOptions, key: str, yes: bool) -> None:
     what = "damaged record" if damaged else "credential"
     journal = " and its rescue-journal entries" if through_manager else ""
     click.echo(f"deleted the {what} under key {key!r}{journal} from {options.store_display}")
+    if not through_manager:
+        # Without the record's tokens open, its entries cannot be told from another store's.
+        fix = "" if damaged else ": pass --keys or --codec to drop them too"
+        click.echo(f"{_WARNING}rescue-journal entries for the key are kept{fix}", err=True)
 
 
 @cli.command(short_help="Write every record as JSON lines, tokens as stored, for backup.")
