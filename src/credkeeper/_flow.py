@@ -476,14 +476,15 @@ def _get(
     return (yield from _ensure_fresh(policy, key, record, failed, deadline, stale))
 
 
-def put_flow(policy: Policy, key: str, credentials: Credentials) -> Flow[Record]:
-    """Store ``credentials`` under ``key``, replacing what is there and making it active."""
+def put_flow(policy: Policy, key: str, credentials: Credentials) -> Flow[bool]:
+    """Store ``credentials`` under ``key``, replacing what is there and making it active;
+    whether this write created the record (decided by the compare-and-swap that won)."""
     deadline = yield from _start(policy)
     attempt = 0
     while True:
         current = yield Load(key)
         try:
-            stored: Record = yield Save(policy.record(key, credentials, base=current))
+            yield Save(policy.record(key, credentials, base=current))
         except ConflictError:
             yield from _backoff(policy, key, attempt, deadline, "storing the credentials")
             attempt += 1
@@ -491,7 +492,7 @@ def put_flow(policy: Policy, key: str, credentials: Credentials) -> Flow[Record]
         if current is not None and current.status is Status.NEEDS_REAUTH:
             # This write replaced the marked record: no other writer can report it too.
             policy.emit(EventKind.RECOVERED, key)
-        return stored
+        return current is None
 
 
 def delete_flow(policy: Policy, key: str) -> Flow[bool]:

@@ -399,13 +399,15 @@ class TokenManager(Closing, _Base[CredentialStore, httpx.Client]):
             lambda: self._run_cached(key, refresh_flow(self._policy(), key, failed=bad)),
         )
 
-    def put(self, key: str, credentials: Credentials) -> None:
-        """Store ``credentials`` under ``key`` (a login or re-login), replacing what is there."""
+    def put(self, key: str, credentials: Credentials) -> bool:
+        """Store ``credentials`` under ``key`` (a login or re-login), replacing what is there;
+        whether there was nothing to replace (of writers racing to create a key, one is told
+        so)."""
         check_key(key)
         if not isinstance(credentials, Credentials):
             raise ConfigurationError("credentials must be a credkeeper.Credentials")
         self._remember(key, None)
-        self._drive(put_flow(self._policy(), key, credentials))
+        return self._drive(put_flow(self._policy(), key, credentials))
 
     def delete(self, key: str) -> bool:
         """Remove the credential under ``key``; whether there was one."""
@@ -590,13 +592,14 @@ class AsyncTokenManager(
             lambda: self._run_cached(key, refresh_flow(self._policy(), key, failed=bad)),
         )
 
-    async def put(self, key: str, credentials: Credentials) -> None:
-        """Store ``credentials`` under ``key``, replacing what is there."""
+    async def put(self, key: str, credentials: Credentials) -> bool:
+        """Store ``credentials`` under ``key``, replacing what is there; whether there was
+        nothing to replace."""
         check_key(key)
         if not isinstance(credentials, Credentials):
             raise ConfigurationError("credentials must be a credkeeper.Credentials")
         self._remember(key, None)
-        await self._drive(put_flow(self._policy(), key, credentials))
+        return await self._drive(put_flow(self._policy(), key, credentials))
 
     async def delete(self, key: str) -> bool:
         """Remove the credential under ``key``; whether there was one."""

@@ -178,6 +178,15 @@ class TestAsyncDriver:
 
             assert expected == repr(manager)
 
+    async def test_put_says_whether_it_created_the_credential(
+        self, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """put() returns True when the key was new, False when it replaced a credential."""
+        async with AsyncTokenManager(
+            MemoryStore(), fake.provider(), journal=tmp_path / "j"
+        ) as manager:
+            assert [True, False] == [await manager.put(KEY, fake.issue()) for _ in range(2)]
+
     async def test_put_of_something_not_credentials_is_refused(
         self, fake: FakeProvider, tmp_path: Path
     ) -> None:

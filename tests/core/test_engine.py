@@ -373,6 +373,12 @@ class TestOptions:
                 keyring=KeyRing.generate().export(),  # type: ignore[arg-type]
             )
 
+    def test_put_says_whether_it_created_the_credential(
+        self, manager: TokenManager, fake: FakeProvider
+    ) -> None:
+        """put() returns True when the key was new, False when it replaced a credential."""
+        assert [True, False] == [manager.put(KEY, fake.issue()) for _ in range(2)]
+
     def test_put_of_something_not_credentials_is_refused(self, manager: TokenManager) -> None:
         """put() takes Credentials, not the wrapper's JSON of them."""
         with pytest.raises(ConfigurationError, match=r"must be a credkeeper\.Credentials"):

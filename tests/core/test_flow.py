@@ -1068,7 +1068,7 @@ class TestPut:
         save = flow.send(None)
         assert Save(obtained("at-2", "rt-2", expires_at=login.expires_at, version=None)) == save
 
-        assert stored_as(save) == finish(flow, stored_as(save))
+        assert True is finish(flow, stored_as(save))
 
     def test_a_condemned_record_is_replaced_and_made_active(self, policy: Policy) -> None:
         """put_flow over a needs_reauth record writes an active one on its version."""
@@ -1080,6 +1080,26 @@ class TestPut:
         save = flow.send(record(status=Status.NEEDS_REAUTH, version="4", failures=2))
 
         assert Save(obtained("at-2", "rt-2", expires_at=login.expires_at, version="4")) == save
+
+    def test_a_replaced_record_is_not_reported_created(self, policy: Policy) -> None:
+        """put_flow over a stored record returns False: it replaced, it did not create."""
+        flow = put_flow(policy, KEY, rotated())
+        next(flow)
+        flow.send(None)
+        save = flow.send(record(version="4"))
+
+        assert False is finish(flow, stored_as(save))
+
+    def test_a_lost_create_is_a_replace(self, policy: Policy) -> None:
+        """A create that lost to another writer's rereads, and its write is no create."""
+        flow = put_flow(policy, KEY, rotated())
+        next(flow)
+        flow.send(None)
+        flow.send(None)
+        flow.throw(ConflictError("created meanwhile", key=KEY))
+        save = flow.send(record(version="1"))
+
+        assert False is finish(flow, stored_as(save))
 
     def test_a_conflict_rereads_at_once_then_backs_off(self, policy: Policy) -> None:
         """The first conflict re-reads with no wait; the second sleeps first."""

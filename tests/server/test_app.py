@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -160,6 +162,22 @@ def test_put_answers_200_when_it_replaces_one(
     with service.client() as client:
         response = client.put("/v1/users/bob/credentials", json=fake.issue().to_claude_code())
     assert 200 == response.status_code
+
+
+def test_puts_racing_to_create_a_key_answer_one_201(service: Service, fake: FakeProvider) -> None:
+    """Eight PUTs of logins under one new key at once: the one whose write created it answers
+    201, the others 200, as the compare-and-swap decided."""
+    logins = [fake.issue().to_wrapper() for _ in range(8)]
+    start = threading.Barrier(len(logins))
+
+    def put(body: dict[str, object]) -> int:
+        with service.client() as client:
+            start.wait(30)
+            return client.put("/v1/users/racer/credentials", json=body).status_code
+
+    with ThreadPoolExecutor(len(logins)) as pool:
+        statuses = sorted(pool.map(put, logins))
+    assert [200] * 7 + [201] == statuses
 
 
 def test_put_answers_the_state_without_a_token(service: Service, fake: FakeProvider) -> None:

@@ -740,10 +740,9 @@ class _Service:
                     credentials = Credentials.from_claude_code(body)
                 else:
                     credentials = Credentials.from_wrapper(body)
-                existed = await manager.store.get(name) is not None
-                await manager.put(name, credentials)
+                created = await manager.put(name, credentials)
                 state = self.state(await self.record(name))
-                handed.status = 200 if existed else 201
+                handed.status = 201 if created else 200
             return JSONResponse(state, status_code=handed.status)
 
         @app.delete(
