@@ -40,6 +40,7 @@ from credkeeper import (
     StoreError,
 )
 from credkeeper.storekit import (
+    InvalidKey,
     new_version,
     read_epoch_ms,
     stored_record,
@@ -905,7 +906,7 @@ class ExistingTable:
         return str(value)
 
     def _value(self, key: str) -> Any:
-        """``key`` as a value of the key column's type; ConfigurationError unless canonical."""
+        """``key`` as a value of the key column's type; InvalidKey unless canonical."""
         if self.kind == "text":
             return key
         value: Any = None
@@ -914,20 +915,20 @@ class ExistingTable:
             # uppercase, braces and URNs: each names a value whose str() is the one spelling.
             value = int(key) if self.kind == "integer" else uuid.UUID(key)
         except ValueError:
-            raise ConfigurationError(
+            raise InvalidKey(
                 f"key {key!r} cannot name a row of column {self._key_name()} "
                 f"({_type_name(self.key)}): keys there are its values in canonical form, "
                 f"e.g. {_EXAMPLES[self.kind]}"
             ) from None
         canonical = str(value)
         if canonical != key:
-            raise ConfigurationError(
+            raise InvalidKey(
                 f"key {key!r} is not how column {self._key_name()} ({_type_name(self.key)}) "
                 f"spells it: use {canonical!r}, its canonical form, so that a row and its lease "
                 "are reached under one key"
             )
         if isinstance(value, int) and value not in _INTEGER_RANGE:
-            raise ConfigurationError(
+            raise InvalidKey(
                 f"key {key!r} cannot name a row of column {self._key_name()} "
                 f"({_type_name(self.key)}): it is beyond the range of any integer column"
             )

@@ -4,7 +4,8 @@ The tree::
 
     CredkeeperError
     ├── ConfigurationError (ValueError)      an option, URL or scheme is wrong; the message names it
-    │   └── UnknownSchemeError                no store is registered for a URL scheme
+    │   ├── UnknownSchemeError                no store is registered for a URL scheme
+    │   └── InvalidKey                        a key no store, or not this one, can hold
     ├── CredentialsError (ValueError)         a credential document is malformed; names the field
     ├── DecryptionError                       a sealed value failed to open
     ├── StoreError                            a credential store failed
@@ -46,6 +47,7 @@ __all__ = [
     "DecryptionError",
     "FieldViolation",
     "InvalidGrant",
+    "InvalidKey",
     "InvalidRequest",
     "ProviderError",
     "ProviderUnavailable",
@@ -79,6 +81,12 @@ class UnknownSchemeError(ConfigurationError):
     def __init__(self, message: str, *, scheme: str) -> None:
         super().__init__(message)
         self.scheme = scheme
+
+
+class InvalidKey(ConfigurationError):
+    """A key no store can hold (not a str, empty, too long, unprintable), or one this store
+    cannot (not a value of its key column); the message names the rule. The caller's input,
+    unlike other configuration errors: the service answers it with 422."""
 
 
 class CredentialsError(CredkeeperError, ValueError):

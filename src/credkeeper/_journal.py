@@ -155,10 +155,13 @@ class RescueJournal:
 
     def discard(self, entry: RescueEntry) -> None:
         """Delete ``entry``: the store holds its tokens, or they can no longer matter."""
-        with contextlib.suppress(FileNotFoundError):
-            (self.directory / f"{entry.id}.json").unlink()
-        fsync_directory(self.directory)
-        self._unindex(entry)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / f"{entry.id}.json").unlink()
+            fsync_directory(self.directory)
+        finally:
+            # Judged either way: a file that would not go is not offered again in this process.
+            self._unindex(entry)
 
     def forget(self, entry: RescueEntry) -> None:
         """Stop offering ``entry`` in this process, leaving its file for whoever it belongs to.

@@ -365,11 +365,15 @@ def _b64decode(text: str) -> bytes | None:
 def key_file(value: str) -> Path | None:
     """The key file a key setting names, or None when it is key text.
 
-    ``@PATH`` is a key file; so is a value that contains ``/`` or starts with ``~`` or ``.``,
-    since key text never does (ids and base64url use neither).
+    ``@PATH`` is a key file; so is one line without ``:`` that contains ``/`` or starts with
+    ``~`` or ``.``. Key text always has ``id:key`` entries, and may carry ``#`` comments with
+    anything in them: taken for a path, it would be echoed, keys and all, by the error saying
+    the file cannot be read.
     """
     if value.startswith("@"):
         return Path(value[1:]).expanduser()
+    if ":" in value or "\n" in value:
+        return None
     if "/" in value or os.sep in value or value.startswith(("~", ".")):
         return Path(value).expanduser()
     return None

@@ -708,7 +708,8 @@ class AsyncTokenManager(
             case JournalDiscard(entry):
                 return await asyncio.to_thread(self.journal.discard, entry)
             case JournalForget(entry):
-                return self.journal.forget(entry)
+                # A file past retention is deleted: disk work, off the loop like a discard.
+                return await asyncio.to_thread(self.journal.forget, entry)
         raise AssertionError(f"unknown effect {effect!r}")  # pragma: no cover
 
 

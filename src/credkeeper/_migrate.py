@@ -244,8 +244,9 @@ def _judge(wanted: Record, present: Record | None, reseal: KeyRing | None) -> _O
 def _age(state: Mapping[str, Any], other: Mapping[str, Any]) -> tuple[int, ...]:
     """How recent ``state``'s tokens are, to compare with ``other``'s: when they were obtained
     if both say, then when they expire. A salvaged answer expires at once though it is the
-    newest; a login stored by an application says nothing of when. Whole milliseconds, as every
-    store keeps them, so that a store finer than another never makes its copy look older."""
+    newest; a row the application wrote itself (a mapped table) says nothing of when. Whole
+    milliseconds, as every store keeps them, so that a store finer than another never makes
+    its copy look older."""
     if state["refreshed_at"] is not None and other["refreshed_at"] is not None:
         return (state["refreshed_at"], state["expires_at"])
     return (state["expires_at"],)

@@ -454,7 +454,12 @@ def _read_answer(text: str, *, previous: Credentials, now: datetime) -> Credenti
         return error
     if error.field == "access_token":
         return _keep_refresh_token(document, previous=previous, now=now, error=error)
-    return _salvage(document, previous=previous, now=now, error=error)
+    salvaged = _salvage(document, previous=previous, now=now, error=error)
+    if salvaged.kept is not None and not {"expires_in", "expires_at"} & document.keys():
+        # RFC 6749 only recommends expires_in: an answer without any expiry is well formed,
+        # its tokens served as due (each call refreshes), not refused.
+        return salvaged.kept
+    return salvaged
 
 
 def _object(text: str) -> Mapping[str, Any]:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ._credentials import from_epoch_ms, to_epoch_ms
-from ._exceptions import ConfigurationError, StoreCorrupted
+from ._exceptions import ConfigurationError, InvalidKey, StoreCorrupted
 
 __all__ = [
     "MAX_KEY_LENGTH",
@@ -60,15 +60,13 @@ def check_moment(name: str, value: object) -> datetime:
 
 
 def check_key(key: object) -> str:
-    """Return ``key`` if it can name a credential in every store, else raise ConfigurationError."""
+    """Return ``key`` if it can name a credential in every store, else raise InvalidKey."""
     if not isinstance(key, str):
-        raise ConfigurationError(f"key must be a str, not {type(key).__name__}")
+        raise InvalidKey(f"key must be a str, not {type(key).__name__}")
     if not key or len(key) > MAX_KEY_LENGTH:
-        raise ConfigurationError(f"key must be 1 to {MAX_KEY_LENGTH} characters long")
+        raise InvalidKey(f"key must be 1 to {MAX_KEY_LENGTH} characters long")
     if not key.isprintable() or key != key.strip():
-        raise ConfigurationError(
-            "key must be printable, without control characters or surrounding spaces"
-        )
+        raise InvalidKey("key must be printable, without control characters or surrounding spaces")
     return key
 
 

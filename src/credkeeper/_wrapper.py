@@ -331,12 +331,12 @@ class _Endpoint:
     shown: str
 
     @classmethod
-    def of(cls, base_url: str, path: str) -> _Endpoint:
+    def of(cls, base_url: str, path: str, *, option: str = "base_url") -> _Endpoint:
         shown = shown_url(base_url + path)
         try:
             url = httpx.URL(base_url + path)
         except httpx.InvalidURL as exc:
-            raise ConfigurationError(f"base_url is not a valid URL ({exc}): {shown!r}") from None
+            raise ConfigurationError(f"{option} is not a valid URL ({exc}): {shown!r}") from None
         return cls(url, shown)
 
 
@@ -392,16 +392,16 @@ def _timeout(value: object) -> float | httpx.Timeout:
     return float(value)
 
 
-def _base_url(value: str | None) -> str:
+def _base_url(value: str | None) -> tuple[str, str]:
     """``value``, else ``CREDKEEPER_WRAPPER_URL`` as the command line reads it, else the
-    public wrapper; checked and without a trailing slash."""
+    public wrapper; checked and without a trailing slash, and how errors name it."""
     option = "base_url"
     if value is None:
         value = os.environ.get(WRAPPER_URL_VARIABLE) or DEFAULT_WRAPPER_URL
         option = f"environment variable {WRAPPER_URL_VARIABLE}"
     # The tokens travel in every request body: the same rule as the provider's token_url.
     secure_url(value, option=option, hint=f"; the public wrapper is {DEFAULT_WRAPPER_URL}")
-    return value.rstrip("/")
+    return value.rstrip("/"), option
 
 
 def _request(
@@ -445,14 +445,14 @@ class _Endpoints:
     """What both clients share: the URLs, the timeout, and request preparation."""
 
     def __init__(self, base_url: str | None, timeout: float | httpx.Timeout | None) -> None:
-        self.base_url = _base_url(base_url)
+        self.base_url, option = _base_url(base_url)
         # Always set, so that an httpx client passed in does not shorten calls to its own
         # default (5 s for httpx), far below what the wrapper's CLI may take.
         self.timeout = DEFAULT_TIMEOUT if timeout is None else _timeout(timeout)
         self.extensions = _extensions(self.timeout)
-        self.messages = _Endpoint.of(self.base_url, "/v1/messages")
-        self.keepalive = _Endpoint.of(self.base_url, "/v1/messages/keepalive")
-        self.health = _Endpoint.of(self.base_url, "/health")
+        self.messages = _Endpoint.of(self.base_url, "/v1/messages", option=option)
+        self.keepalive = _Endpoint.of(self.base_url, "/v1/messages/keepalive", option=option)
+        self.health = _Endpoint.of(self.base_url, "/health", option=option)
 
     def call(
         self,

@@ -42,7 +42,7 @@ from urllib.parse import parse_qsl
 
 from ._closing import Closing
 from ._credentials import from_epoch_ms, to_epoch_ms
-from ._exceptions import ConfigurationError, CredkeeperError
+from ._exceptions import ConfigurationError, CredkeeperError, InvalidKey
 from ._notices import ChangeListener, ChangeNotices, Feed
 from ._record import (
     MAX_KEY_LENGTH,
@@ -65,6 +65,7 @@ __all__ = [
     "ChangeNotices",
     "ClosingStore",
     "Feed",
+    "InvalidKey",
     "Option",
     "as_async_store",
     "check_key",

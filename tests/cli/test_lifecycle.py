@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from credkeeper import KeyRing, Status, open_store
-from credkeeper._journal import RescueEntry, RescueJournal, fingerprint
+from credkeeper._journal import RescueEntry, RescueJournal, default_journal_dir, fingerprint
 from credkeeper._store import CredentialStore, reported_damage
 from credkeeper.cli._errors import ExitCode
 from credkeeper.cli._output import FAR_FUTURE
@@ -225,19 +225,43 @@ class TestDelete:
     def test_without_a_key_ring_deletes_the_record(
         self, run: Cli, fake: FakeProvider, store_url: str
     ) -> None:
-        """With no key ring, the store's record is deleted, and the message says only that,
-        the journal's entries kept with the fix on stderr."""
+        """With no key ring, the store's record is deleted, and the message says only that."""
         import_credentials(run, "alice", fake.issue())
 
         result = store_only(store_url)("delete", "alice", "--yes")
 
-        assert (
-            0,
-            f"deleted the credential under key 'alice' from {store_url}\n",
-            "credkeeper: warning: rescue-journal entries for the key are kept: pass --keys or "
-            "--codec to drop them too\n",
-        ) == (result.exit_code, result.stdout, result.stderr)
+        assert (0, f"deleted the credential under key 'alice' from {store_url}\n", "") == (
+            result.exit_code,
+            result.stdout,
+            result.stderr,
+        )
         assert not is_stored(store_url, "alice")
+
+    def test_without_a_key_ring_the_journal_is_left_and_said_so(
+        self, run: Cli, fake: FakeProvider, store_url: str
+    ) -> None:
+        """With no key ring and entries in the journal, stderr says they were left alone: they
+        cannot be matched to the record without its tokens."""
+        credentials = fake.issue()
+        import_credentials(run, "alice", credentials)
+        journal = default_journal_dir()
+        RescueJournal(journal).write(
+            RescueEntry(
+                id=RescueJournal.new_id(),
+                key="alice",
+                credentials=fake.issue(),
+                replaces=fingerprint(credentials.refresh_token),
+                created_at=datetime.now(UTC),
+            )
+        )
+
+        result = store_only(store_url)("delete", "alice", "--yes")
+
+        assert (0, True, 1) == (
+            result.exit_code,
+            f"the rescue journal in {journal} was left as it is" in result.stderr,
+            len(list(journal.glob("*.json"))),
+        )
 
     def test_a_damaged_record_can_be_deleted(
         self, run: Cli, fake: FakeProvider, store_url: str

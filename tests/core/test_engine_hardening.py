@@ -169,21 +169,14 @@ class TestSalvagedAnswer:
     def test_an_answer_of_unknown_lifetime_is_stored_and_not_handed_out(
         self, field: str, value: object, fake: FakeProvider, clock: FakeClock, tmp_path: Path
     ) -> None:
-        """An answer whose expiry (or scope) is unreadable: its tokens are stored, due at once,
+        """An answer whose expiry (or scope) is there but unreadable (null included): its
+        tokens are stored, due at once,
         and get() fails typed instead of handing out an access token said to expire now (sent
         to the wrapper, its CLI would refresh by itself and spend the stored refresh token)."""
         store = MemoryStore()
         manager = TokenManager(store, fake.provider(), journal=tmp_path / "j", clock=clock)
         manager.put(KEY, fake.issue(expires_in=0))
-        fake.fail_next(
-            Fault.reshape(
-                lambda answer: (
-                    {k: v for k, v in answer.items() if k != field}
-                    if value is None
-                    else {**answer, field: value}
-                )
-            )
-        )
+        fake.fail_next(Fault.reshape(lambda answer: {**answer, field: value}))
 
         with pytest.raises(ProviderError, match=field):
             manager.get(KEY)

@@ -396,6 +396,15 @@ class TestFromEnv:
 
         assert ("k1",) == KeyRing.from_env().key_ids
 
+    def test_key_text_with_a_slash_in_a_comment_is_key_text(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A comment mentioning a date or a path does not make key text a file name (whose
+        error would echo the keys)."""
+        monkeypatch.setenv("CREDKEEPER_KEYS", f"# prod keys, rotated 2024/05/01\nk1:{ENCODED_KEY}")
+
+        assert ("k1",) == KeyRing.from_env().key_ids
+
     def test_a_missing_key_file_is_named(
         self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     ) -> None:

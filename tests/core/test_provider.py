@@ -433,11 +433,11 @@ class TestParseSuccess:
         )
 
     def test_answer_without_expiry_is_kept_as_already_due(self) -> None:
-        """A 200 whose only fault is a missing expiry keeps its tokens, due at once, and is an
-        error all the same: how long the access token lives is unknown."""
+        """A 200 without any expiry (RFC 6749 only recommends one) gives its tokens, due at
+        once."""
         reply = response(200, {"access_token": "new-access", "refresh_token": "new-refresh"})
 
-        credentials = salvaged(generic(), reply).credentials
+        credentials = parse(generic(), reply)
 
         assert ("new-access", "new-refresh", NOW) == (
             credentials.access_token.get_secret_value(),

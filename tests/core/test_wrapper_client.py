@@ -323,6 +323,15 @@ class TestCreate:
         with pytest.raises(ConfigurationError, match=r"variable CREDKEEPER_WRAPPER_URL must use"):
             WrapperClient(manager)
 
+    def test_a_variable_httpx_cannot_use_is_named(
+        self, manager: TokenManager, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A variable httpx cannot parse is refused naming the variable, not base_url."""
+        monkeypatch.setenv("CREDKEEPER_WRAPPER_URL", "https://wrapper.example:8x0")
+
+        with pytest.raises(ConfigurationError, match=r"variable CREDKEEPER_WRAPPER_URL is not a"):
+            WrapperClient(manager)
+
     def test_url_httpx_cannot_use_refused(self, manager: TokenManager) -> None:
         """A base_url httpx cannot parse is refused when the client is made, not at each call."""
         with pytest.raises(ConfigurationError, match=r"base_url is not a valid URL \(Invalid port"):

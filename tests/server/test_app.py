@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -44,16 +46,17 @@ def test_readyz_answers_200_when_the_store_and_journal_are_usable(service: Servi
 
 def test_readyz_answers_503_when_the_journal_is_unusable(service: Service, tmp_path: Path) -> None:
     """GET /readyz answers 503 not_ready when others can write to the journal, saying when to
-    retry as every 503 does."""
+    retry as every 503 does, and logs it as every 5xx."""
     journal = tmp_path / "journal"
     journal.mkdir(exist_ok=True)
     journal.chmod(0o777)
     with service.client() as client:
         response = client.get("/readyz")
-    assert (503, "not_ready", "5") == (
+    assert (503, "not_ready", "5", True) == (
         response.status_code,
         response.json()["code"],
         response.headers.get("Retry-After"),
+        "GET /readyz answered 503 not_ready" in service.output(),
     )
 
 
@@ -75,6 +78,32 @@ def test_a_misconfigured_store_is_the_services_failure_told_in_its_log(
         (answer.status_code, answer.json()["code"], ready.status_code),
         [str(database) in response.text for response in (answer, ready)],
         str(database) in service.output(),
+    )
+
+
+def test_a_key_the_store_cannot_hold_is_the_callers_422(
+    start_service: Callable[..., Service], tmp_path: Path
+) -> None:
+    """A key that is no value of the application's key column (an INTEGER here) is the caller's
+    mistake: 422 naming the key, not the 500 of a misconfigured store."""
+    database = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        connection.execute(
+            "CREATE TABLE claude_tokens (user_id INTEGER PRIMARY KEY, access_token TEXT, "
+            "refresh_token TEXT, expires_at BIGINT)"
+        )
+        connection.commit()
+    columns = "&".join(
+        f"{field}_column={field}" for field in ("access_token", "refresh_token", "expires_at")
+    )
+    store = f"sqlite:///{database}?table=claude_tokens&key_column=user_id&{columns}"
+    service = start_service("--no-sweep", store=store)
+    with service.client() as client:
+        response = client.get("/v1/users/alice/credentials")
+    assert (422, "validation_failed", True) == (
+        response.status_code,
+        response.json()["code"],
+        "user_id" in response.json()["detail"],
     )
 
 

@@ -165,6 +165,6 @@ def test_sigterm_cuts_a_call_still_running_after_the_shutdown_timeout(
     service.process.wait(timeout=30)  # uvicorn exits by the signal it caught, once shut down
     stopped = time.monotonic() - started
     caller.join(30)
-    # The wrapper's answer was a minute away: the process did not wait for it, and the caller
-    # got an answer (the connection closed) rather than hanging.
-    assert (True, 1) == (stopped < 30, len(answers)), (stopped, answers)
+    # The wrapper's answer was a minute away and the default timeout is 10 s: the process
+    # waited about the 1 s asked, and the caller got an answer (the connection closed).
+    assert (True, 1) == (stopped < 8, len(answers)), (stopped, answers)

@@ -762,12 +762,16 @@ def delete(options: GlobalOptions, key: str, yes: bool) -> None:
     if not deleted:  # deleted by someone else while we asked
         raise CredentialNotFound(key)
     what = "damaged record" if damaged else "credential"
-    journal = " and its rescue-journal entries" if through_manager else ""
-    click.echo(f"deleted the {what} under key {key!r}{journal} from {options.store_display}")
-    if not through_manager:
+    entries = " and its rescue-journal entries" if through_manager else ""
+    click.echo(f"deleted the {what} under key {key!r}{entries} from {options.store_display}")
+    journal = RescueJournal(options.journal or default_journal_dir())
+    if not through_manager and journal.count_pending():
         # Without the record's tokens open, its entries cannot be told from another store's.
-        fix = "" if damaged else ": pass --keys or --codec to drop them too"
-        click.echo(f"{_WARNING}rescue-journal entries for the key are kept{fix}", err=True)
+        click.echo(
+            f"{_WARNING}the rescue journal in {journal.directory} was left as it is: without "
+            "the record's tokens (--keys or --codec) its entries cannot be matched to it",
+            err=True,
+        )
 
 
 @cli.command(short_help="Write every record as JSON lines, tokens as stored, for backup.")

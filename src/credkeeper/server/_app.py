@@ -207,24 +207,14 @@ def _handle_errors(app: FastAPI, *, who: Callable[[Request], ApiKey | None]) -> 
 
     async def on_problem(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, Problem)
+        _log_failure(request, exc, exc.detail)
         return _problem_response(exc)
 
     async def on_credkeeper(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, CredkeeperError)
         problem = problem_of(exc)
-        if problem.kind.status >= 500:
-            # The client's detail says little on purpose (see problem_of): the log says what.
-            _logger.log(
-                logging.ERROR if problem.kind.status == 500 else logging.WARNING,
-                "%s %s answered %s %s: %s: %s",
-                request.method,
-                _template(request),
-                problem.kind.status,
-                problem.kind.code,
-                type(exc).__name__,
-                redact(str(exc)),
-                exc_info=exc if problem.kind.status == 500 else None,
-            )
+        # The client's detail says little on purpose (see problem_of): the log says what.
+        _log_failure(request, problem, f"{type(exc).__name__}: {exc}", exc)
         return _problem_response(problem)
 
     async def on_validation(request: Request, exc: Exception) -> Response:
@@ -248,6 +238,26 @@ def _handle_errors(app: FastAPI, *, who: Callable[[Request], ApiKey | None]) -> 
     app.add_exception_handler(CredkeeperError, on_credkeeper)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+
+
+def _log_failure(
+    request: Request, problem: Problem, what: str, exc: BaseException | None = None
+) -> None:
+    """Log an answer of 500 or more, redacted: a 500 at ERROR with ``exc``'s traceback, a 502
+    or 503 at WARNING."""
+    status = problem.kind.status
+    if status < 500:
+        return
+    _logger.log(
+        logging.ERROR if status == 500 else logging.WARNING,
+        "%s %s answered %s %s: %s",
+        request.method,
+        _template(request),
+        status,
+        problem.kind.code,
+        redact(what),
+        exc_info=exc if status == 500 else None,
+    )
 
 
 def _field(location: object) -> str:

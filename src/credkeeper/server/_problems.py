@@ -23,6 +23,7 @@ from credkeeper._exceptions import (
     DecryptionError,
     FieldViolation,
     InvalidGrant,
+    InvalidKey,
     InvalidRequest,
     ProviderError,
     ProviderUnavailable,
@@ -109,8 +110,9 @@ TABLE: tuple[tuple[type[CredkeeperError], Kind], ...] = (
     (WrapperUnavailable, Kind(502, "wrapper_unavailable", "The wrapper is unavailable")),
     (WrapperError, WRAPPER_ERROR),
     (CredentialsError, VALIDATION_FAILED),
-    # The request's own input is checked by the service before the library sees it: a
-    # ConfigurationError from the library is the deployment's (a table missing, a privilege).
+    # A key the store cannot hold is the caller's; any other ConfigurationError is the
+    # deployment's (a table missing, a privilege revoked).
+    (InvalidKey, VALIDATION_FAILED),
     (ConfigurationError, Kind(500, "configuration_error", "The service is misconfigured")),
     (CredkeeperError, INTERNAL),
 )

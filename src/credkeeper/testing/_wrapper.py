@@ -538,8 +538,8 @@ class FakeWrapper(FakeServer[WrapperFault, WrapperCall]):
     real seconds pass before each message request is handled, and ``stream_gap`` between the
     lines of a streamed answer (the real wrapper sends them in one go: 0, the default, does
     too). With ``hang_after_result`` a keepalive stream never ends after its ``result``, as the
-    real endpoint's can (its CLI is left running): no ``[DONE]``, the connection held open until
-    the fake stops. Token validity is the
+    real endpoint's can (its CLI is left running): no ``[DONE]``, and over HTTP the connection
+    held open until the fake stops (in-process, the body just ends). Token validity is the
     provider's verdict. Tokens are never printed, logged or shown in ``repr``. :meth:`handler`
     answers the same requests in-process, for ``httpx.MockTransport``.
     """
