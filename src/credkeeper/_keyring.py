@@ -85,8 +85,8 @@ class KeyRing:
         """A ring from the environment variable ``name``, read as the command line reads it.
 
         The value is key text in the :meth:`parse` format, or ``@PATH`` of a key file read by
-        :meth:`from_file` (so is a value containing ``/`` or starting with ``~`` or ``.``, which
-        key text never does).
+        :meth:`from_file` (so is one line without ``:`` containing ``/`` or starting with ``~``
+        or ``.``, since key text always has ``id:key`` entries).
         """
         text = os.environ.get(name, "")
         if not text.strip():

@@ -116,8 +116,8 @@ class Settings:
     - ``store``: a store URL, any that :func:`open_store` takes; None is the default, an
       encrypted file store at :func:`default_store_path` (its directory made with mode 0700).
     - ``keys``: the key ring sealing token fields: key text as ``credkeeper keygen`` prints
-      it, or ``@PATH`` of a key file (so is a value containing ``/`` or starting with ``~``
-      or ``.``, since key text never does).
+      it, or ``@PATH`` of a key file (so is one line without ``:`` containing ``/`` or
+      starting with ``~`` or ``.``, since key text always has ``id:key`` entries).
     - ``codec``: ``MODULE:FACTORY``, the application's own cipher instead of the key ring.
     - ``provider``: the token endpoint, in the form :meth:`Provider.from_setting` reads
       (``claude-code``, ``wrapper-guide``, ``oauth2+https://...?client_id=ID``, a bare URL).

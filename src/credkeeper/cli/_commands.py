@@ -764,8 +764,10 @@ def delete(options: GlobalOptions, key: str, yes: bool) -> None:
     what = "damaged record" if damaged else "credential"
     entries = " and its rescue-journal entries" if through_manager else ""
     click.echo(f"deleted the {what} under key {key!r}{entries} from {options.store_display}")
+    if through_manager:
+        return
     journal = RescueJournal(options.journal or default_journal_dir())
-    if not through_manager and journal.count_pending():
+    if journal.count_pending():
         # Without the record's tokens open, its entries cannot be told from another store's.
         click.echo(
             f"{_WARNING}the rescue journal in {journal.directory} was left as it is: without "
